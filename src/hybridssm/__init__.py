@@ -1,0 +1,45 @@
+"""hybridssm: hybrid state-space + attention sequence backbones for PyTorch.
+
+``import hybridssm as hs``; see the README for the API tour and DESIGN for the contract.
+"""
+
+from hybridssm import models as _models  # noqa: F401  (registers the models)
+from hybridssm.blocks import ParallelBlock, ParallelState, ResidualBlock
+from hybridssm.config import ModelConfig
+from hybridssm.mixers import GatedSSMMixer, Mixer
+from hybridssm.models import GatedSSM, GatedSSMConfig, SequenceModel
+from hybridssm.ops._kernels import kernels, use_kernels
+from hybridssm.registry import (
+    build,
+    list_models,
+    load,
+    output_size,
+    param_count,
+    recommended_defaults,
+    register_model,
+)
+from hybridssm.state import ModelState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GatedSSM",
+    "GatedSSMConfig",
+    "GatedSSMMixer",
+    "Mixer",
+    "ModelConfig",
+    "ModelState",
+    "ParallelBlock",
+    "ParallelState",
+    "ResidualBlock",
+    "SequenceModel",
+    "build",
+    "kernels",
+    "list_models",
+    "load",
+    "output_size",
+    "param_count",
+    "recommended_defaults",
+    "register_model",
+    "use_kernels",
+]

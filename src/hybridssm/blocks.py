@@ -1,0 +1,171 @@
+"""Blocks: a residual block around one mixer, and a parallel block fusing two mixers.
+
+A block is ``x + mixer(norm(x))``, then ``x + ffn(norm(x))`` where the model's reference has an
+FFN. With ``pre_norm=False`` the norms come after the residual adds (post-norm). Mixers, the FFN and
+the fusion are passed in; nothing is switched on by type inside ``forward``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from hybridssm.layers import LayerNorm
+from hybridssm.mixers.base import check_mixer_state, finish_state
+
+__all__ = ["ResidualBlock", "ParallelBlock", "ParallelState", "GateFusion", "MeanFusion"]
+
+
+def _accepts_inplace(mixer: nn.Module) -> bool:
+    try:
+        return "inplace" in inspect.signature(mixer.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without signatures
+        return False
+
+
+def call_mixer(
+    mixer: nn.Module, accepts_inplace: bool, x: Tensor, state: Any, lengths, inplace: bool
+) -> tuple[Tensor, Any]:
+    """Call a mixer; a custom one without ``inplace`` gets its new state copied back instead."""
+    if accepts_inplace:
+        return mixer(x, state, lengths=lengths, inplace=inplace)
+    y, new = mixer(x, state, lengths=lengths)
+    return y, finish_state(state, new, inplace)
+
+
+class _FFNSublayer(nn.Module):
+    def __init__(self, ffn: nn.Module, dim: int, pre_norm: bool) -> None:
+        super().__init__()
+        self.norm, self.ffn, self.pre_norm = LayerNorm(dim), ffn, pre_norm
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pre_norm:
+            return x + self.ffn(self.norm(x))
+        return self.norm(x + self.ffn(x))
+
+
+class ResidualBlock(nn.Module):
+    """``x + mixer(norm(x))`` (+ ``x + ffn(norm(x))`` when ``ffn`` is given)."""
+
+    def __init__(
+        self, mixer: nn.Module, dim: int, *, ffn: nn.Module | None = None, pre_norm: bool = True
+    ) -> None:
+        super().__init__()
+        self.norm = LayerNorm(dim)
+        self.mixer = mixer
+        self.pre_norm = pre_norm
+        self.ffn = _FFNSublayer(ffn, dim, pre_norm) if ffn is not None else None
+        self._inplace_ok = _accepts_inplace(mixer)
+
+    def forward(
+        self, x: Tensor, state: Any = None, *, lengths: Tensor | None = None, inplace: bool = False
+    ) -> tuple[Tensor, Any]:
+        h = self.norm(x) if self.pre_norm else x
+        y, state = call_mixer(self.mixer, self._inplace_ok, h, state, lengths, inplace)
+        x = x + y if self.pre_norm else self.norm(x + y)
+        if self.ffn is not None:
+            x = self.ffn(x)
+        return x, state
+
+    def init_state(self, batch_size: int, **kw: Any) -> Any:
+        return self.mixer.init_state(batch_size, **kw)
+
+    def check_state(self, state: Any, batch_size: int, where: str) -> None:
+        check_mixer_state(self.mixer, state, batch_size, where)
+
+    def state_max_len(self, state: Any) -> int | None:
+        fn = getattr(self.mixer, "state_max_len", None)
+        return fn(state) if fn is not None else None
+
+
+class ParallelState(NamedTuple):
+    ssm: Any
+    attn: Any
+
+
+class GateFusion(nn.Module):
+    """The seeds' fusion: ``g * ssm + (1 - g) * attn`` with ``g = sigmoid(W h + b)`` per channel,
+    ``h`` the block's normed input."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(dim, dim)
+
+    def forward(self, h: Tensor, ssm: Tensor, attn: Tensor) -> Tensor:
+        g = torch.sigmoid(self.gate(h))
+        return g * ssm + (1.0 - g) * attn
+
+
+class MeanFusion(nn.Module):
+    """Hymba's fusion: ``(norm_a(attn) + norm_s(ssm)) / 2`` with learnable norm gains."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        from hybridssm.layers import RMSNorm
+
+        self.attn_norm, self.ssm_norm = RMSNorm(dim), RMSNorm(dim)
+
+    def forward(self, h: Tensor, ssm: Tensor, attn: Tensor) -> Tensor:
+        return 0.5 * (self.attn_norm(attn) + self.ssm_norm(ssm))
+
+
+FUSIONS = {"gate": GateFusion, "mean": MeanFusion}
+
+
+class ParallelBlock(nn.Module):
+    """Two mixers on the same normed input, fused, with a residual, then a pre-norm FFN."""
+
+    def __init__(
+        self,
+        ssm: nn.Module,
+        attn: nn.Module,
+        dim: int,
+        *,
+        fusion: nn.Module,
+        ffn: nn.Module | None = None,
+        pre_norm: bool = True,
+    ) -> None:
+        super().__init__()
+        self.norm = LayerNorm(dim)
+        self.ssm, self.attn, self.fusion = ssm, attn, fusion
+        self.pre_norm = pre_norm
+        self.ffn = _FFNSublayer(ffn, dim, pre_norm) if ffn is not None else None
+        self._inplace_ok = (_accepts_inplace(ssm), _accepts_inplace(attn))
+
+    def forward(
+        self, x: Tensor, state: ParallelState | None = None, *, lengths=None, inplace: bool = False
+    ) -> tuple[Tensor, ParallelState]:
+        h = self.norm(x) if self.pre_norm else x
+        s_state, a_state = (None, None) if state is None else state
+        ys, s_state = call_mixer(self.ssm, self._inplace_ok[0], h, s_state, lengths, inplace)
+        ya, a_state = call_mixer(self.attn, self._inplace_ok[1], h, a_state, lengths, inplace)
+        y = self.fusion(h, ys, ya)
+        x = x + y if self.pre_norm else self.norm(x + y)
+        if self.ffn is not None:
+            x = self.ffn(x)
+        return x, ParallelState(s_state, a_state)
+
+    def init_state(self, batch_size: int, **kw: Any) -> ParallelState:
+        return ParallelState(
+            self.ssm.init_state(batch_size, **kw), self.attn.init_state(batch_size, **kw)
+        )
+
+    def check_state(self, state: Any, batch_size: int, where: str) -> None:
+        if not isinstance(state, ParallelState):
+            raise ValueError(
+                f"state {where}: expected a ParallelState, got {type(state).__name__} "
+                "(a state from another model?)"
+            )
+        check_mixer_state(self.ssm, state.ssm, batch_size, f"{where}.ssm")
+        check_mixer_state(self.attn, state.attn, batch_size, f"{where}.attn")
+
+    def state_max_len(self, state: ParallelState) -> int | None:
+        for mixer, s in ((self.attn, state.attn), (self.ssm, state.ssm)):
+            fn = getattr(mixer, "state_max_len", None)
+            cap = fn(s) if fn is not None else None
+            if cap is not None:
+                return cap
+        return None

@@ -1,0 +1,376 @@
+"""The skeleton every model shares: input projection -> blocks -> final norm -> last timestep.
+
+A model subclass only says which blocks it stacks (:meth:`SequenceModel.build_blocks`); the
+forward, the streaming ``step``, states, padding, checkpointing, checks and save/load live here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from hybridssm.config import ModelConfig
+from hybridssm.layers import LayerNorm, is_fp32_no_decay
+from hybridssm.mixers.base import valid_mask
+from hybridssm.state import ModelState
+
+__all__ = ["SequenceModel", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # pragma: no cover - torch < 2.4 signature
+        return torch.is_autocast_enabled()
+
+
+class SequenceModel(nn.Module):
+    """Maps ``x [B, T, embed_dim]`` to ``[B, hidden_size]`` (the last timestep) or, with
+    ``return_sequence=True``, to ``[B, T, hidden_size]``; streams with ``init_state`` + ``step``.
+
+    Subclasses set ``config_class`` (through :func:`hybridssm.registry.register_model`) and
+    implement :meth:`build_blocks`. Dropout (``config.dropout``) applies between blocks, as in the
+    seeds; ``checkpoint_every=N`` recomputes each segment of N blocks in the backward pass.
+    """
+
+    config_class: ClassVar[type[ModelConfig]] = ModelConfig
+    model_name: ClassVar[str] = ""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(
+                f"{type(self).__name__} takes a {self.config_class.__name__}, "
+                f"got {type(config).__name__}"
+            )
+        self.config = config
+        d = config.hidden_size
+        # The seeds project the input only when its width differs from the hidden size.
+        self.input_proj = (
+            nn.Linear(config.embed_dim, d) if config.embed_dim != d else nn.Identity()
+        )
+        self.blocks = nn.ModuleList(self.build_blocks(config))
+        self.final_norm = LayerNorm(d)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def build_blocks(self, config: ModelConfig) -> list[nn.Module]:  # pragma: no cover
+        raise NotImplementedError
+
+    # -- sizes ----------------------------------------------------------------------------------
+    @property
+    def output_size(self) -> int:
+        """Width of the output features (always ``hidden_size``)."""
+        return self.config.hidden_size
+
+    def _ref_param(self) -> Tensor:
+        return self.final_norm.weight
+
+    # -- dtype casts keep the marked parameters at least fp32 ------------------------------------
+    def _apply(self, fn, recurse: bool = True):  # noqa: D401 - nn.Module hook
+        super()._apply(fn, recurse)
+        for p in self.parameters():
+            if is_fp32_no_decay(p) and p.is_floating_point():
+                wide = torch.promote_types(p.dtype, torch.float32)
+                if p.dtype != wide:
+                    p.data = p.data.to(wide)
+        return self
+
+    # -- states ---------------------------------------------------------------------------------
+    def init_state(
+        self,
+        batch_size: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        max_len: int | None = None,
+    ) -> ModelState:
+        """The state before the first input. Device and dtype follow the parameters unless given;
+        ``max_len`` is the capacity of full-attention caches (input positions, default 4096)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if max_len is not None and (
+            isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1
+        ):
+            raise ValueError(f"max_len must be a positive integer or None, got {max_len!r}")
+        p = self._ref_param()
+        device = torch.device(device) if device is not None else p.device
+        dtype = dtype or self._compute_dtype()
+        layers = tuple(
+            b.init_state(batch_size, device=device, dtype=dtype, max_len=max_len)
+            for b in self.blocks
+        )
+        return ModelState(layers, torch.zeros(batch_size, dtype=torch.long, device=device))
+
+    def _compute_dtype(self) -> torch.dtype:
+        # The first non-marked parameter tells the dtype the model computes in.
+        for p in self.parameters():
+            if not is_fp32_no_decay(p):
+                return p.dtype
+        return self._ref_param().dtype
+
+    def state_max_len(self, state: ModelState) -> int | None:
+        """The attention capacity a state was built with (None when it has no full attention)."""
+        for block, s in zip(self.blocks, state.layers):
+            cap = block.state_max_len(s) if hasattr(block, "state_max_len") else None
+            if cap is not None:
+                return cap
+        return None
+
+    def reset_rows(self, state: ModelState, done: Tensor, inplace: bool = False) -> ModelState:
+        """Rows where ``done`` is True restart from :meth:`init_state`."""
+        fresh = self.init_state(
+            state.batch_size, device=state.pos.device, max_len=self.state_max_len(state)
+        )
+
+        def pick(cur: Tensor, new: Tensor) -> Tensor:
+            m = done.view(-1, *([1] * (cur.dim() - 1)))
+            out = torch.where(m, new.to(cur.dtype), cur)
+            return cur.copy_(out) if inplace else out
+
+        return torch.utils._pytree.tree_map(pick, state, fresh)
+
+    # -- checks ---------------------------------------------------------------------------------
+    def _check_input(self, x: Any, name: str, *, step: bool = False) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        E = self.config.embed_dim
+        if step:
+            if x.dim() == 3 and x.shape[1] != 1:
+                raise ValueError(
+                    f"{name}: step takes one frame, [batch, embed_dim] or [batch, 1, embed_dim]; "
+                    f"got shape {tuple(x.shape)} (use forward(x, state=...) for a chunk)"
+                )
+            if x.dim() not in (2, 3):
+                raise ValueError(
+                    f"{name}: expected [batch, {E}] or [batch, 1, {E}], got shape {tuple(x.shape)}"
+                )
+            x = x if x.dim() == 3 else x.unsqueeze(1)
+        elif x.dim() != 3:
+            raise ValueError(
+                f"{name}: expected a 3-D tensor [batch, seq, {E}], got shape {tuple(x.shape)}"
+            )
+        if x.shape[-1] != E:
+            raise ValueError(
+                f"{name}: expected feature size embed_dim={E} in the last dimension, "
+                f"got shape {tuple(x.shape)}"
+            )
+        if x.shape[0] == 0:
+            raise ValueError(f"{name}: empty batch (shape {tuple(x.shape)})")
+        if x.shape[1] == 0:
+            raise ValueError(f"{name}: empty sequence (shape {tuple(x.shape)}); need seq >= 1")
+        if not x.is_floating_point():
+            raise ValueError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
+        p = self._ref_param()
+        if x.device != p.device:
+            raise ValueError(f"{name}: expected device {p.device} (the model's), got {x.device}")
+        want = self._compute_dtype()
+        if x.dtype != want and not _autocast_on(x.device.type):
+            raise ValueError(
+                f"{name}: expected dtype {want} (the model's), got {x.dtype}; cast the input "
+                "or run under torch.autocast"
+            )
+        return x
+
+    def _check_lengths(self, lengths: Any, B: int, T: int, device: torch.device) -> Tensor | None:
+        if lengths is None:
+            return None
+        if isinstance(lengths, (list, tuple)):
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in lengths):
+                raise ValueError(f"lengths: expected integers, got {list(lengths)!r}")
+            lengths = torch.tensor(lengths, dtype=torch.long, device=device)
+        elif not isinstance(lengths, Tensor):
+            raise TypeError(f"lengths must be a tensor or a list of ints, got {type(lengths).__name__}")
+        if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+            raise ValueError(f"lengths: expected an integer tensor, got dtype {lengths.dtype}")
+        if tuple(lengths.shape) != (B,):
+            raise ValueError(f"lengths: expected shape ({B},) (one per row), got {tuple(lengths.shape)}")
+        lengths = lengths.to(device=device, dtype=torch.long)
+        if not _compiling():
+            lo, hi = int(lengths.min()), int(lengths.max())
+            if lo < 1 or hi > T:
+                raise ValueError(
+                    f"lengths: values must be in 1..{T} (the sequence length), got min {lo}, max {hi}"
+                )
+        return lengths
+
+    def _check_state(self, state: Any, B: int, name: str = "state") -> None:
+        if not isinstance(state, ModelState):
+            raise ValueError(
+                f"{name}: expected a ModelState from init_state() or forward(return_state=True) "
+                f"of this model, got {type(state).__name__}"
+            )
+        if len(state.layers) != len(self.blocks):
+            raise ValueError(
+                f"{name}: expected {len(self.blocks)} layer states (this model's num_layers), got "
+                f"{len(state.layers)} (a state from another model?)"
+            )
+        if not isinstance(state.pos, Tensor) or tuple(state.pos.shape) != (B,):
+            got = tuple(state.pos.shape) if isinstance(state.pos, Tensor) else type(state.pos)
+            raise ValueError(f"{name}.pos: expected shape ({B},) for batch size {B}, got {got}")
+        if _compiling():
+            return
+        for i, (block, s) in enumerate(zip(self.blocks, state.layers)):
+            block.check_state(s, B, f"{name}.layers[{i}]")
+
+    # -- running --------------------------------------------------------------------------------
+    def _run_blocks(
+        self, h: Tensor, layer_states: tuple | None, lengths: Tensor | None, inplace: bool
+    ) -> tuple[Tensor, list]:
+        """Run every block; returns the features and the list of new layer states."""
+        n = len(self.blocks)
+        states = list(layer_states) if layer_states is not None else [None] * n
+        seg = self.config.checkpoint_every
+        use_ckpt = seg > 0 and self.training and torch.is_grad_enabled()
+
+        def run(i0: int, i1: int, h: Tensor, *sts: Any) -> tuple[Tensor, list]:
+            out = []
+            for i in range(i0, i1):
+                h, s = self.blocks[i](h, sts[i - i0], lengths=lengths, inplace=inplace)
+                if i < n - 1:
+                    h = self.dropout(h)
+                out.append(s)
+            return h, out
+
+        if not use_ckpt:
+            return run(0, n, h, *states)
+        new_states: list = []
+        for i0 in range(0, n, seg):
+            i1 = min(n, i0 + seg)
+            h, out = checkpoint(run, i0, i1, h, *states[i0:i1], use_reentrant=False)
+            new_states.extend(out)
+        return h, new_states
+
+    def forward(
+        self,
+        x: Tensor,
+        state: ModelState | None = None,
+        *,
+        lengths: Tensor | list[int] | None = None,
+        return_sequence: bool = False,
+        return_state: bool = False,
+        max_len: int | None = None,
+    ) -> Tensor | tuple[Tensor, ModelState]:
+        """Run a sequence (or a chunk of one, from ``state``).
+
+        Args:
+            x: ``[B, T, embed_dim]``, any ``T >= 1``.
+            state: continue from this state (chunked prefill, truncated BPTT); never modified.
+            lengths: ``[B]`` ints in ``1..T`` for a right-padded batch: each row's output is taken
+                at its own last valid step, padded positions of a returned sequence are zeros, and
+                the returned state is each row's state after its own last valid step.
+            return_sequence: return ``[B, T, hidden_size]`` instead of the last timestep.
+            return_state: also return the state after the last (valid) step.
+            max_len: capacity of full-attention caches when a state is started here.
+        """
+        x = self._check_input(x, "x")
+        B, T, _ = x.shape
+        lengths = self._check_lengths(lengths, B, T, x.device)
+        if state is not None:
+            self._check_state(state, B)
+        elif return_state:
+            state = self.init_state(B, device=x.device, max_len=max_len)
+        h = self.input_proj(x)
+        h, layers = self._run_blocks(h, None if state is None else state.layers, lengths, False)
+        h = self.final_norm(h)
+        if return_sequence:
+            mask = valid_mask(lengths, T, x.device)
+            out = h if mask is None else h * mask.unsqueeze(-1).to(h.dtype)
+        elif lengths is None:
+            out = h[:, -1]
+        else:
+            idx = (lengths - 1).view(B, 1, 1).expand(B, 1, h.shape[-1])
+            out = h.gather(1, idx).squeeze(1)
+        if not return_state:
+            return out
+        pos = state.pos + (lengths if lengths is not None else T)
+        return out, ModelState(tuple(layers), pos)
+
+    def step(
+        self,
+        x_t: Tensor,
+        state: ModelState,
+        *,
+        reset: Tensor | None = None,
+        inplace: bool = False,
+    ) -> tuple[Tensor, ModelState]:
+        """One frame: ``x_t [B, embed_dim]`` or ``[B, 1, embed_dim]`` -> ``([B, hidden], state)``.
+
+        ``reset [B]`` bool restarts those rows from :meth:`init_state` before the frame.
+        ``inplace=True`` writes the new state into ``state``'s buffers (the streaming fast path);
+        otherwise ``state`` is left unchanged. Equals ``forward`` on the whole stream.
+        """
+        x = self._check_input(x_t, "x_t", step=True)
+        B = x.shape[0]
+        self._check_state(state, B)
+        if reset is not None:
+            if not isinstance(reset, Tensor):
+                raise TypeError(f"reset must be a bool tensor [batch], got {type(reset).__name__}")
+            if reset.dtype != torch.bool or tuple(reset.shape) != (B,):
+                raise ValueError(
+                    f"reset: expected a bool tensor of shape ({B},), got {reset.dtype} "
+                    f"{tuple(reset.shape)}"
+                )
+            state = self.reset_rows(state, reset.to(state.pos.device), inplace)
+        h = self.input_proj(x)
+        h, layers = self._run_blocks(h, state.layers, None, inplace)
+        h = self.final_norm(h)[:, 0]
+        pos = state.pos.add_(1) if inplace else state.pos + 1
+        return h, ModelState(tuple(layers), pos)
+
+    # -- save / load ----------------------------------------------------------------------------
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into the directory ``path``."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "model": self.model_name,
+            "dtype": str(self._compute_dtype()).removeprefix("torch."),
+            "config": self.config.to_dict(),
+        }
+        text = json.dumps(meta, indent=2)  # fails here (before writing) on unsavable options
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        _atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
+        _atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+        return path
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW groups: marked parameters (SSM decays, ``D``, norms) and biases get no decay."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if is_fp32_no_decay(p) or name.endswith("bias") else decay).append(p)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+
+def _atomic_write(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+

@@ -1,0 +1,46 @@
+"""The one comparison helper and its tolerance classes (DESIGN §4). No per-test tolerances."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["assert_close", "assert_tree_close", "assert_bitwise"]
+
+# precision class -> relative tolerance; atol scales with the expected values' magnitude.
+#   fp32: CPU fp32 against fp32 (fast form vs reference, stream vs forward)
+#   fp64: gradcheck-sized fp64 runs
+#   bf16: a bf16-autocast run against the fp32 run of the same model
+_RTOL = {"fp32": 1e-5, "fp64": 1e-10, "bf16": 5e-2}
+
+
+def assert_close(actual: Tensor, expected: Tensor, cls: str = "fp32", msg: str = "") -> None:
+    """``assert_close(actual, expected, rtol=r, atol=r * |expected|.max() + 1e-6)``."""
+    rtol = _RTOL[cls]
+    expected = expected.detach()
+    actual = actual.detach()
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    atol = rtol * scale + (1e-6 if cls != "fp64" else 1e-12)
+    torch.testing.assert_close(
+        actual.to(expected.dtype), expected, rtol=rtol, atol=atol, msg=lambda m: f"{msg}\n{m}"
+    )
+
+
+def assert_tree_close(actual, expected, cls: str = "fp32", msg: str = "") -> None:
+    """:func:`assert_close` over two pytrees of tensors (states)."""
+    from torch.utils import _pytree as pytree
+
+    a, spec_a = pytree.tree_flatten(actual)
+    e, spec_e = pytree.tree_flatten(expected)
+    assert spec_a == spec_e, f"{msg}: structures differ\n{spec_a}\n{spec_e}"
+    for i, (x, y) in enumerate(zip(a, e)):
+        if isinstance(y, Tensor) and y.is_floating_point():
+            assert_close(x, y, cls, f"{msg} (leaf {i})")
+        elif isinstance(y, Tensor):
+            assert torch.equal(x, y), f"{msg} (leaf {i}): {x} != {y}"
+        else:
+            assert x == y, f"{msg} (leaf {i})"
+
+
+def assert_bitwise(actual: Tensor, expected: Tensor, msg: str = "") -> None:
+    assert torch.equal(actual, expected), msg or "tensors differ bitwise"
