@@ -64,12 +64,26 @@ class SequenceModel(nn.Module):
         self.input_proj = (
             nn.Linear(config.embed_dim, d) if config.embed_dim != d else nn.Identity()
         )
+        self.positional = self.build_positional(config)
         self.blocks = nn.ModuleList(self.build_blocks(config))
         self.final_norm = LayerNorm(d)
         self.dropout = nn.Dropout(config.dropout)
 
     def build_blocks(self, config: ModelConfig) -> list[nn.Module]:  # pragma: no cover
         raise NotImplementedError
+
+    def build_positional(self, config: ModelConfig) -> nn.Module | None:
+        """An additive position encoding ``pe(h [B, T, d], start [B]) -> h`` applied after the input
+        projection (``start`` = each row's input position), or None (the default)."""
+        return None
+
+    def _embed(self, x: Tensor, start: Tensor | None) -> Tensor:
+        h = self.input_proj(x)
+        if self.positional is not None:
+            if start is None:
+                start = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+            h = self.positional(h, start)
+        return h
 
     # -- sizes ----------------------------------------------------------------------------------
     @property
@@ -284,7 +298,7 @@ class SequenceModel(nn.Module):
             self._check_state(state, B)
         elif return_state:
             state = self.init_state(B, device=x.device, max_len=max_len)
-        h = self.input_proj(x)
+        h = self._embed(x, None if state is None else state.pos)
         h, layers = self._run_blocks(h, None if state is None else state.layers, lengths, False)
         h = self.final_norm(h)
         if return_sequence:
@@ -326,7 +340,7 @@ class SequenceModel(nn.Module):
                     f"{tuple(reset.shape)}"
                 )
             state = self.reset_rows(state, reset.to(state.pos.device), inplace)
-        h = self.input_proj(x)
+        h = self._embed(x, state.pos)
         h, layers = self._run_blocks(h, state.layers, None, inplace)
         h = self.final_norm(h)[:, 0]
         pos = state.pos.add_(1) if inplace else state.pos + 1

@@ -1,0 +1,130 @@
+"""Hybrid backbones: name -> mixer factory, with the options each one takes.
+
+A backbone factory is called as ``factory(hidden_size, **options)`` and returns a mixer that follows
+the contract of :mod:`hybridssm.mixers.base`. The seed's Mamba options (``state_size``,
+``expand_factor``, ``conv_size``) go to every backbone whose factory takes them; every other option
+comes from ``backbone_options`` and is validated against the factory's keyword arguments.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from hybridssm.config import suggest, unknown_option_error
+
+__all__ = [
+    "Backbone",
+    "SEED_OPTIONS",
+    "register_backbone",
+    "get_backbone",
+    "list_backbones",
+    "build_backbone_mixer",
+]
+
+SEED_OPTIONS = ("state_size", "expand_factor", "conv_size")
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str
+    factory: Callable[..., nn.Module]
+    options: Mapping[str, Any] = field(default_factory=dict)  # backbone_options and defaults
+    seed_options: tuple[str, ...] = ()  # which of SEED_OPTIONS the factory takes
+    builtin: bool = False
+
+
+_BACKBONES: dict[str, Backbone] = {}
+
+
+def _describe(factory: Callable[..., nn.Module]) -> tuple[dict[str, Any], tuple[str, ...]]:
+    params = list(inspect.signature(factory).parameters.values())
+    if not params:
+        raise TypeError("a backbone factory must take hidden_size as its first argument")
+    options, seed = {}, []
+    for p in params[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.name in SEED_OPTIONS:
+            seed.append(p.name)
+        else:
+            options[p.name] = None if p.default is p.empty else p.default
+    return options, tuple(seed)
+
+
+def register_backbone(name: str, factory: Callable[..., nn.Module], *, builtin: bool = False) -> Backbone:
+    """Make ``hybrid(backbone=name)`` buildable, savable and loadable by name.
+
+    ``factory(hidden_size, **options)`` returns a mixer (``forward(x, state=None, *, lengths=None)
+    -> (y, state)`` and ``init_state(batch_size, *, device, dtype, max_len)``). Its keyword
+    arguments are the options ``backbone_options`` may set.
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"backbone name must be an identifier string, got {name!r}")
+    if name == "attention":
+        raise ValueError("backbone name 'attention' is reserved for the attention layers")
+    if not callable(factory):
+        raise TypeError(f"backbone factory must be callable, got {type(factory).__name__}")
+    existing = _BACKBONES.get(name)
+    if existing is not None and existing.builtin:
+        raise ValueError(f"backbone {name!r} is built in and cannot be replaced")
+    options, seed = _describe(factory)
+    spec = Backbone(name, factory, options, seed, builtin)
+    _BACKBONES[name] = spec
+    return spec
+
+
+def list_backbones() -> list[str]:
+    return sorted(_BACKBONES)
+
+
+def get_backbone(backbone: str | Callable[..., nn.Module]) -> Backbone:
+    """The spec of a registered backbone, or an unregistered spec for a factory passed directly."""
+    if callable(backbone) and not isinstance(backbone, str):
+        for spec in _BACKBONES.values():
+            if spec.factory is backbone:
+                return spec
+        options, seed = _describe(backbone)
+        return Backbone(getattr(backbone, "__name__", "custom"), backbone, options, seed)
+    if backbone not in _BACKBONES:
+        raise ValueError(
+            f"option 'backbone' must be one of {', '.join(map(repr, list_backbones()))} or a "
+            f"factory; got {backbone!r}{suggest(str(backbone), _BACKBONES)} "
+            "(register your own with hybridssm.register_backbone)"
+        )
+    return _BACKBONES[backbone]
+
+
+def validate_backbone_options(spec: Backbone, options: Mapping[str, Any]) -> None:
+    if not isinstance(options, Mapping):
+        raise ValueError(f"option 'backbone_options' must be a mapping, got {type(options).__name__}")
+    for key in options:
+        if key in SEED_OPTIONS:
+            raise ValueError(
+                f"backbone_options: {key!r} is a model option (set {key}= on the model itself)"
+            )
+        if key not in spec.options:
+            raise unknown_option_error(f"backbone {spec.name!r}", key, spec.options)
+
+
+def build_backbone_mixer(
+    spec: Backbone, hidden_size: int, seed_values: Mapping[str, Any], options: Mapping[str, Any]
+) -> nn.Module:
+    """Call the factory with the seed options it takes and the validated ``backbone_options``."""
+    validate_backbone_options(spec, options)
+    kwargs = {k: seed_values[k] for k in spec.seed_options}
+    kwargs.update(options)
+    return spec.factory(hidden_size, **kwargs)
+
+
+def _register_builtins() -> None:
+    from hybridssm.mixers.gated_ssm import GatedSSMMixer
+
+    register_backbone("gated_ssm", GatedSSMMixer, builtin=True)
+
+
+_register_builtins()
