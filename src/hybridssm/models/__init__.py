@@ -2,5 +2,6 @@
 
 from hybridssm.models.base import SequenceModel
 from hybridssm.models.gated_ssm import GatedSSM, GatedSSMConfig
+from hybridssm.models.transformer import Transformer, TransformerConfig
 
-__all__ = ["SequenceModel", "GatedSSM", "GatedSSMConfig"]
+__all__ = ["SequenceModel", "GatedSSM", "GatedSSMConfig", "Transformer", "TransformerConfig"]
