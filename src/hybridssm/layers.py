@@ -18,6 +18,7 @@ __all__ = [
     "LearnedPositions",
     "sinusoidal_encoding",
     "apply_rope",
+    "rope_cos_sin",
 ]
 
 _MARK = "_hybridssm_fp32_no_decay"
@@ -137,20 +138,30 @@ class LearnedPositions(nn.Module):
         return h + F.embedding(pos, self.weight).to(h.dtype)
 
 
-def apply_rope(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
+def rope_cos_sin(positions: Tensor, dim: int, base: float = 10000.0, dtype=torch.float32):
+    """``cos, sin [B, T, 1, dim // 2]`` of RoPE's angles ``p * base^(-2i/dim)`` (computed once and
+    shared by q and k)."""
+    half = dim // 2
+    inv_freq = base ** (-torch.arange(half, device=positions.device, dtype=dtype) * 2.0 / dim)
+    angle = positions.to(dtype).unsqueeze(-1) * inv_freq  # [B, T, half]
+    return angle.cos().unsqueeze(2), angle.sin().unsqueeze(2)
+
+
+def apply_rope(
+    x: Tensor, positions: Tensor, base: float = 10000.0, cos_sin: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
     """Rotary position embedding (Su et al. 2021, RoFormer), "rotate half" pairing
     ``(x_i, x_{i + Dh/2})`` as in GPT-NeoX / LLaMA.
 
     ``x [B, T, H, Dh]``, ``positions [B, T]`` int -> ``[B, T, H, Dh]``; angles in fp32 (at least).
-    With an odd ``Dh`` the last channel is left unrotated."""
+    With an odd ``Dh`` the last channel is left unrotated. ``cos_sin`` (from :func:`rope_cos_sin`)
+    skips recomputing the angles."""
     Dh = x.shape[-1]
     half = Dh // 2
     if half == 0:
         return x
     acc = torch.promote_types(x.dtype, torch.float32)
-    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=acc) * 2.0 / Dh)
-    angle = positions.to(acc).unsqueeze(-1) * inv_freq  # [B, T, half]
-    cos, sin = angle.cos().unsqueeze(2), angle.sin().unsqueeze(2)  # [B, T, 1, half]
+    cos, sin = cos_sin if cos_sin is not None else rope_cos_sin(positions, Dh, base, acc)
     xf = x.to(acc)
     x1, x2, rest = xf[..., :half], xf[..., half : 2 * half], xf[..., 2 * half :]
     out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)

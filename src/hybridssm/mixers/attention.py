@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from hybridssm.layers import LayerNorm, apply_rope
+from hybridssm.layers import LayerNorm, apply_rope, rope_cos_sin
 from hybridssm.mixers.base import Mixer, finish_state
 from hybridssm.ops.attention import IMPLS, attention, attention_cached
 
@@ -101,9 +101,7 @@ class AttentionMixer(Mixer):
         self.window_size, self.num_prefix = window_size, num_prefix
         self.impl, self.chunk_size = impl, chunk_size
         self.positional, self.rope_base = positional, rope_base
-        self.q_proj = nn.Linear(hidden_size, H * Dh)
-        self.k_proj = nn.Linear(hidden_size, H * Dh)
-        self.v_proj = nn.Linear(hidden_size, H * Dh)
+        self.qkv_proj = nn.Linear(hidden_size, 3 * H * Dh)  # q, k, v in one GEMM
         self.o_proj = nn.Linear(H * Dh, hidden_size)
         self.q_norm = LayerNorm(Dh) if qk_layernorm else None
         self.k_norm = LayerNorm(Dh) if qk_layernorm else None
@@ -157,14 +155,14 @@ class AttentionMixer(Mixer):
     def _qkv(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B, T, _ = x.shape
         H, Dh = self.num_heads, self.head_dim
-        q = self.q_proj(x).view(B, T, H, Dh)
-        k = self.k_proj(x).view(B, T, H, Dh)
-        v = self.v_proj(x).view(B, T, H, Dh)
+        q, k, v = self.qkv_proj(x).view(B, T, 3, H, Dh).unbind(2)  # [B, T, H, Dh] each
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.positional == "rope":
-            q = apply_rope(q, positions, self.rope_base)
-            k = apply_rope(k, positions, self.rope_base)
+            acc = torch.promote_types(q.dtype, torch.float32)
+            cs = rope_cos_sin(positions, Dh, self.rope_base, acc)
+            q = apply_rope(q, positions, cos_sin=cs)
+            k = apply_rope(k, positions, cos_sin=cs)
         return q, k, v
 
     def forward(

@@ -374,6 +374,17 @@ def _cache_write(
     ``inplace``); deterministic and differentiable (each slot's gradient flows once)."""
     B, H, T, D = k.shape
     N, P = ck.shape[2], num_prefix
+    if T == 1:  # a step: its one token is valid (lengths are in 1..T) and owns its slot
+        p = pos
+        if window is None:
+            target = p.clamp(max=N - 1)
+        else:
+            target = torch.where(p < P, p, P + (p - P).remainder(window))
+        idx = target.view(B, 1, 1, 1).expand(B, H, 1, D)
+        return tuple(
+            buf.scatter_(2, idx, new.to(buf.dtype)) if inplace else buf.scatter(2, idx, new.to(buf.dtype))
+            for buf, new in ((ck, k), (cv, v))
+        )
     t = torch.arange(T, device=pos.device)
     p = pos.unsqueeze(1) + t  # (B, T) positions of the new tokens
     if window is None:
@@ -412,9 +423,12 @@ def _cached_masks(
     slot_pos, filled = cache_slot_positions(pos, N, num_prefix, window)
     t = torch.arange(T, device=pos.device)
     qpos = pos.view(-1, 1, 1) + t.view(1, T, 1)  # (B, T, 1)
-    old = filled.unsqueeze(1) & _visible(qpos, slot_pos.unsqueeze(1), window, num_prefix)
+    if window is None:  # every filled slot holds an earlier position
+        old = filled.unsqueeze(1)
+    else:
+        old = filled.unsqueeze(1) & _visible(qpos, slot_pos.unsqueeze(1), window, num_prefix)
     new = _visible(qpos, (pos.view(-1, 1) + t).unsqueeze(1), window, num_prefix)
-    return old.expand(-1, T, -1), new
+    return old, new
 
 
 def _cached_attend_ref(q, k, v, ck, cv, pos, window, num_prefix, mem_k, mem_v) -> Tensor:
@@ -429,6 +443,7 @@ def _cached_attend_ref(q, k, v, ck, cv, pos, window, num_prefix, mem_k, mem_v) -
         vals.insert(0, _mem_bhmd(mem_v, B, acc))
         masks.insert(0, old.new_ones(B, T, mem_k.shape[0]))
     s = (q.to(acc).transpose(1, 2) @ torch.cat(keys, 2).transpose(-1, -2)) / math.sqrt(D)
+    masks = [m.expand(B, T, -1) for m in masks]
     s = s.masked_fill(~torch.cat(masks, -1).unsqueeze(1), _NEG_INF)
     return (torch.softmax(s, dim=-1) @ torch.cat(vals, 2)).transpose(1, 2)
 
@@ -471,7 +486,9 @@ def _cached_attend(q, k, v, ck, cv, pos, window, num_prefix, mk, mv) -> Tensor:
     scale = q.shape[-1] ** -0.5
     qc = q.to(ck.dtype)
     s_old = (qc @ ck.transpose(-1, -2)).masked_fill(~old.unsqueeze(1), _NEG_INF)
-    s_new = (q @ k.transpose(-1, -2)).masked_fill(~new.unsqueeze(1), _NEG_INF)
+    s_new = q @ k.transpose(-1, -2)
+    if T > 1:  # a single new token always sees itself
+        s_new = s_new.masked_fill(~new.unsqueeze(1), _NEG_INF)
     parts = [s_old, s_new.to(s_old.dtype)]
     if mk is not None:
         parts.insert(0, (qc @ mk.to(ck.dtype).transpose(-1, -2)))
