@@ -123,8 +123,14 @@ def build_backbone_mixer(
 
 def _register_builtins() -> None:
     from hybridssm.mixers.gated_ssm import GatedSSMMixer
+    from hybridssm.mixers.gru import GRUMixer
+    from hybridssm.mixers.rglru import RGLRUMixer
+    from hybridssm.mixers.rwkv import RWKVMixer
 
     register_backbone("gated_ssm", GatedSSMMixer, builtin=True)
+    register_backbone("gru", GRUMixer, builtin=True)
+    register_backbone("rwkv", RWKVMixer, builtin=True)
+    register_backbone("griffin_lru", RGLRUMixer, builtin=True)
 
 
 _register_builtins()

@@ -2,10 +2,19 @@
 
 from hybridssm.mixers.base import Mixer, check_mixer_state, finish_state, valid_mask
 from hybridssm.mixers.gated_ssm import GatedSSMMixer, GatedSSMState
+from hybridssm.mixers.gru import GRUMixer, GRUState
+from hybridssm.mixers.rglru import RGLRUMixer, RGLRUState
+from hybridssm.mixers.rwkv import RWKVMixer, RWKVState
 
 __all__ = [
     "GatedSSMMixer",
     "GatedSSMState",
+    "GRUMixer",
+    "GRUState",
+    "RGLRUMixer",
+    "RGLRUState",
+    "RWKVMixer",
+    "RWKVState",
     "Mixer",
     "check_mixer_state",
     "finish_state",
