@@ -76,7 +76,12 @@ class GRUMixer(Mixer):
         return n + z * (h - n)
 
     def forward(
-        self, x: Tensor, state: GRUState | None = None, *, lengths: Tensor | None = None, inplace: bool = False
+        self,
+        x: Tensor,
+        state: GRUState | None = None,
+        *,
+        lengths: Tensor | None = None,
+        inplace: bool = False,
     ) -> tuple[Tensor, GRUState]:
         """``x [B, T, hidden]`` -> ``(y [B, T, hidden], GRUState)``."""
         B, T, _ = x.shape

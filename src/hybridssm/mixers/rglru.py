@@ -109,7 +109,8 @@ class RGLRUMixer(Mixer):
         self.linear_y = nn.Linear(d, W)
         self.linear_x = nn.Linear(d, W)
         self.linear_out = nn.Linear(W, d)
-        for lin, var in ((self.linear_y, 1.0 / d), (self.linear_x, 1.0 / d), (self.linear_out, FINAL_INIT_VARIANCE / W)):
+        inits = ((self.linear_y, 1 / d), (self.linear_x, 1 / d), (self.linear_out, FINAL_INIT_VARIANCE / W))
+        for lin, var in inits:
             nn.init.normal_(lin.weight, std=math.sqrt(var))
             nn.init.zeros_(lin.bias)
         # Conv1D: N(0, 0.01 / K) weights (weight[:, K-1] multiplies the current input), zero bias.
@@ -143,7 +144,12 @@ class RGLRUMixer(Mixer):
         return torch.sigmoid(z).reshape(B, T, self.lru_width)
 
     def forward(
-        self, x: Tensor, state: RGLRUState | None = None, *, lengths: Tensor | None = None, inplace: bool = False
+        self,
+        x: Tensor,
+        state: RGLRUState | None = None,
+        *,
+        lengths: Tensor | None = None,
+        inplace: bool = False,
     ) -> tuple[Tensor, RGLRUState]:
         """``x [B, T, d]`` -> ``(y [B, T, d], RGLRUState)``."""
         B, T, _ = x.shape

@@ -229,7 +229,9 @@ class RWKVMixer(Mixer):
         D = hidden_size
         K = default_head_dim(D) if head_dim is None else head_dim
         if not isinstance(K, int) or K < 1 or D % K:
-            raise ValueError(f"option 'head_dim' must be a positive divisor of hidden_size={D}, got {head_dim!r}")
+            raise ValueError(
+                f"option 'head_dim' must be a positive divisor of hidden_size={D}, got {head_dim!r}"
+            )
         for name, val in (("mix_lora_rank", mix_lora_rank), ("decay_lora_rank", decay_lora_rank),
                           ("scan_chunk_size", scan_chunk_size)):
             if not isinstance(val, int) or val < 1:
@@ -238,12 +240,15 @@ class RWKVMixer(Mixer):
         if not isinstance(F_, int) or F_ < 1:
             raise ValueError(f"option 'ffn_size' must be a positive integer or None, got {ffn_size!r}")
         if not isinstance(init_layer_ratio, (int, float)) or not 0.0 <= init_layer_ratio <= 1.0:
-            raise ValueError(f"option 'init_layer_ratio' must be a number in [0, 1], got {init_layer_ratio!r}")
+            raise ValueError(
+                f"option 'init_layer_ratio' must be a number in [0, 1], got {init_layer_ratio!r}"
+            )
         self.hidden_size, self.head_dim, self.num_heads = D, K, D // K
         self.ln_time = LayerNorm(D)
-        self.time_mix = RWKVTimeMix(D, K, mix_lora_rank, decay_lora_rank, float(init_layer_ratio), scan_chunk_size)
+        ratio = float(init_layer_ratio)
+        self.time_mix = RWKVTimeMix(D, K, mix_lora_rank, decay_lora_rank, ratio, scan_chunk_size)
         self.ln_channel = LayerNorm(D)
-        self.channel_mix = RWKVChannelMix(D, F_, float(init_layer_ratio))
+        self.channel_mix = RWKVChannelMix(D, F_, ratio)
 
     def init_state(self, batch_size, *, device=None, dtype=None, max_len=None) -> RWKVState:
         device, dtype = self._device_dtype(device, dtype)
@@ -255,7 +260,12 @@ class RWKVMixer(Mixer):
         )
 
     def forward(
-        self, x: Tensor, state: RWKVState | None = None, *, lengths: Tensor | None = None, inplace: bool = False
+        self,
+        x: Tensor,
+        state: RWKVState | None = None,
+        *,
+        lengths: Tensor | None = None,
+        inplace: bool = False,
     ) -> tuple[Tensor, RWKVState]:
         """``x [B, T, D]`` (the residual stream) -> ``(layer(x) - x, RWKVState)``."""
         B, T, _ = x.shape
