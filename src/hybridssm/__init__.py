@@ -11,6 +11,7 @@ from hybridssm.models import GatedSSM, GatedSSMConfig, SequenceModel
 from hybridssm.ops._kernels import kernels, use_kernels
 from hybridssm.registry import (
     build,
+    get_config_class,
     list_models,
     load,
     output_size,
@@ -34,6 +35,7 @@ __all__ = [
     "ResidualBlock",
     "SequenceModel",
     "build",
+    "get_config_class",
     "kernels",
     "list_models",
     "load",
