@@ -74,6 +74,12 @@ def wkv6_chunked(
     B, T, H, K = r.shape
     V = v.shape[-1]
     acc = _acc_dtype(r)
+    if T == 1:  # the streaming step: the recurrence itself, without chunk bookkeeping
+        r1, k1, v1, w1 = (x[:, 0].to(acc) for x in (r, k, v, w))  # [B, H, K]
+        S0 = state.to(acc)
+        kv = k1.unsqueeze(-1) * v1.unsqueeze(-2)  # [B, H, K, V]
+        o = torch.matmul(r1.unsqueeze(-2), S0 + u.to(acc).unsqueeze(-1) * kv)  # [B, H, 1, V]
+        return o.transpose(1, 2), torch.exp(w1).unsqueeze(-1) * S0 + kv
     Q = max(1, min(chunk_size, T))
     N = math.ceil(T / Q)
     pad = N * Q - T
