@@ -2,13 +2,22 @@
 
 from hybridssm.mixers.base import Mixer, check_mixer_state, finish_state, valid_mask
 from hybridssm.mixers.gated_ssm import GatedSSMMixer, GatedSSMState
+from hybridssm.mixers.gru import GRUMixer, GRUState
 from hybridssm.mixers.mamba2 import Mamba2Mixer, Mamba2State
+from hybridssm.mixers.rglru import RGLRUMixer, RGLRUState
+from hybridssm.mixers.rwkv import RWKVMixer, RWKVState
 
 __all__ = [
     "GatedSSMMixer",
     "GatedSSMState",
     "Mamba2Mixer",
     "Mamba2State",
+    "GRUMixer",
+    "GRUState",
+    "RGLRUMixer",
+    "RGLRUState",
+    "RWKVMixer",
+    "RWKVState",
     "Mixer",
     "check_mixer_state",
     "finish_state",
