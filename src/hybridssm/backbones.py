@@ -122,9 +122,13 @@ def build_backbone_mixer(
 
 
 def _register_builtins() -> None:
+    from hybridssm.mixers.delta_net import DeltaNetMixer
+    from hybridssm.mixers.gated_delta_net import GatedDeltaNetMixer
     from hybridssm.mixers.gated_ssm import GatedSSMMixer
 
     register_backbone("gated_ssm", GatedSSMMixer, builtin=True)
+    register_backbone("delta_net", DeltaNetMixer, builtin=True)
+    register_backbone("gated_delta_net", GatedDeltaNetMixer, builtin=True)
 
 
 _register_builtins()
