@@ -6,9 +6,9 @@
 from hybridssm import models as _models  # noqa: F401  (registers the models)
 from hybridssm.blocks import ParallelBlock, ParallelState, ResidualBlock
 from hybridssm.config import ModelConfig
-from hybridssm.mixers import GatedSSMMixer, Mixer
+from hybridssm.mixers import GatedSSMMixer, Mamba2Mixer, Mixer
 from hybridssm.mixers.attention import AttentionMixer
-from hybridssm.models import GatedSSM, GatedSSMConfig, SequenceModel
+from hybridssm.models import GatedSSM, GatedSSMConfig, Mamba2, Mamba2Config, SequenceModel
 from hybridssm.models.transformer import Transformer, TransformerConfig
 from hybridssm.ops._kernels import kernels, use_kernels
 from hybridssm.registry import (
@@ -30,6 +30,9 @@ __all__ = [
     "GatedSSM",
     "GatedSSMConfig",
     "GatedSSMMixer",
+    "Mamba2",
+    "Mamba2Config",
+    "Mamba2Mixer",
     "Mixer",
     "ModelConfig",
     "ModelState",

@@ -2,6 +2,15 @@
 
 from hybridssm.models.base import SequenceModel
 from hybridssm.models.gated_ssm import GatedSSM, GatedSSMConfig
+from hybridssm.models.mamba2 import Mamba2, Mamba2Config
 from hybridssm.models.transformer import Transformer, TransformerConfig
 
-__all__ = ["SequenceModel", "GatedSSM", "GatedSSMConfig", "Transformer", "TransformerConfig"]
+__all__ = [
+    "SequenceModel",
+    "GatedSSM",
+    "GatedSSMConfig",
+    "Mamba2",
+    "Mamba2Config",
+    "Transformer",
+    "TransformerConfig",
+]
