@@ -11,11 +11,11 @@ from hybridssm.mixers.rglru import RGLRUMixer, RGLRUState
 from hybridssm.mixers.rwkv import RWKVMixer, RWKVState
 
 __all__ = [
-    "AttentionMixer",
-    "AttentionState",
     "DeltaNetMixer",
     "DeltaNetState",
     "GatedDeltaNetMixer",
+    "AttentionMixer",
+    "AttentionState",
     "GatedSSMMixer",
     "GatedSSMState",
     "Mamba2Mixer",

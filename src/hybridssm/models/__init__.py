@@ -6,11 +6,11 @@ from hybridssm.models.mamba2 import Mamba2, Mamba2Config
 from hybridssm.models.transformer import Transformer, TransformerConfig
 
 __all__ = [
-    "SequenceModel",
     "GatedSSM",
     "GatedSSMConfig",
     "Mamba2",
     "Mamba2Config",
+    "SequenceModel",
     "Transformer",
     "TransformerConfig",
 ]
