@@ -169,9 +169,11 @@ def _cache(B, H, D, N, dtype=torch.float32, seed=3):
 @pytest.mark.parametrize("window", [None, W])
 @pytest.mark.parametrize("num_prefix", [0, P])
 @pytest.mark.parametrize("T", [1, 7, 63])
-def test_cached_form_matches_reference_with_gradients(window, num_prefix, T):
+def test_cached_form_matches_reference_with_gradients(window, num_prefix, T, monkeypatch):
     """From a filled cache with rows at different positions, with lengths and memory keys: the fast
-    form equals the reference on outputs, the new cache and every gradient (the cache's too)."""
+    form (long chunks in pieces) equals the reference on outputs, the new cache and every gradient
+    (the cache's too)."""
+    monkeypatch.setattr("hybridssm.ops.attention._FULL_PIECE", 16)
     B, H, D = 3, 2, 8
     N = num_prefix + (window or 80)
     q, k, v = qkv(B, T, H=H, D=D)
@@ -196,9 +198,10 @@ def test_cached_form_matches_reference_with_gradients(window, num_prefix, T):
 
 
 @pytest.mark.parametrize("window", [None, W])
-def test_cached_chunks_equal_training_form(window):
-    """Any split of a stream into cached chunks (long ones too: the ring is fed in pieces) equals
+def test_cached_chunks_equal_training_form(window, monkeypatch):
+    """Any split of a stream into cached chunks (long ones too: they are fed in pieces) equals
     the training form, and the inplace writes equal the functional ones."""
+    monkeypatch.setattr("hybridssm.ops.attention._FULL_PIECE", 32)
     T, B, H, D = 90, 2, 2, 8
     q, k, v = qkv(B, T, H=H, D=D)
     mk, mv = memory(H=H, D=D)

@@ -45,6 +45,7 @@ __all__ = [
 
 IMPLS = ("sdpa", "chunked", "memory_efficient")
 _NEG_INF = float("-inf")
+_FULL_PIECE = 256  # queries per piece of a long prefill into a full-attention cache
 
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
@@ -518,14 +519,15 @@ def attention_cached_torch(
     mem_v: Tensor | None = None,
     inplace: bool = False,
 ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
-    """Fast streaming form. A ring (sliding window) takes a long chunk in pieces of
-    ``max(W, 32)`` tokens, so a prefill costs O(T * (W + P)) rather than O(T^2)."""
+    """Fast streaming form. A long chunk goes in pieces (each attends to the cache, then is
+    written into it): ``max(W, 32)`` tokens for a ring, so a prefill costs O(T * (W + P)) rather
+    than O(T^2); 256 for a full cache, so a long prefill keeps its scores to 256 x (N + 256)."""
     _check(window, num_prefix)
     B, T, H, D = q.shape
     L = _lengths_or_full(lengths, pos, T)
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, T, D)
     mk, mv = _mem_bhmd(mem_k, B), _mem_bhmd(mem_v, B)
-    piece = T if window is None else max(window, 32)
+    piece = _FULL_PIECE if window is None else max(window, 32)
     outs, ck, cv, p = [], cache_k, cache_v, pos
     for a in range(0, T, piece):  # a loop over pieces of a chunk, not timesteps
         b = min(a + piece, T)
