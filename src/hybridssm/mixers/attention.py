@@ -14,7 +14,10 @@ State ``AttentionState(k, v, pos)``: ``k, v [B, H, P + S, Dh]``, ``pos [B]`` int
 layer has consumed (prefix included). S = W with a window (a ring: position p >= P lives in slot
 ``P + (p - P) % W``), else ``max_len`` (default 4096; slot ``p``). ``forward(x)`` without a state is
 the training path (no cache, the ``impl`` form); with a state it is the cached path, which returns
-the updated cache and is differentiable (truncated BPTT continues through it).
+the updated cache and is differentiable (truncated BPTT continues through it). A full cache
+raises ``ValueError`` (naming ``max_len``) when an input would go past it, in eager mode only: a
+compiled step past capacity is not checked (its writes clamp to the last slot). ``inplace=True``
+is the streaming path (O(1) writes); use the functional path when backpropagating.
 """
 
 from __future__ import annotations
