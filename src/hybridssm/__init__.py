@@ -6,8 +6,8 @@
 from hybridssm import models as _models  # noqa: F401  (registers the models)
 from hybridssm.blocks import ParallelBlock, ParallelState, ResidualBlock
 from hybridssm.config import ModelConfig
-from hybridssm.mixers import GatedSSMMixer, Mixer
-from hybridssm.models import GatedSSM, GatedSSMConfig, SequenceModel
+from hybridssm.mixers import CausalConv1d, GatedSSMMixer, MambaMixer, Mixer, SelectiveSSM
+from hybridssm.models import GatedSSM, GatedSSMConfig, Mamba, MambaBlock, MambaConfig, SequenceModel
 from hybridssm.ops._kernels import kernels, use_kernels
 from hybridssm.registry import (
     build,
@@ -23,6 +23,12 @@ from hybridssm.state import ModelState
 __version__ = "0.1.0"
 
 __all__ = [
+    "CausalConv1d",
+    "Mamba",
+    "MambaBlock",
+    "MambaConfig",
+    "MambaMixer",
+    "SelectiveSSM",
     "GatedSSM",
     "GatedSSMConfig",
     "GatedSSMMixer",

@@ -123,8 +123,10 @@ def build_backbone_mixer(
 
 def _register_builtins() -> None:
     from hybridssm.mixers.gated_ssm import GatedSSMMixer
+    from hybridssm.mixers.mamba import MambaMixer
 
     register_backbone("gated_ssm", GatedSSMMixer, builtin=True)
+    register_backbone("mamba", MambaMixer, builtin=True)
 
 
 _register_builtins()
