@@ -51,6 +51,7 @@ __all__ = [
     "CheckpointError",
     "train",
     "build_task_model",
+    "with_embed_dim",
     "evaluate",
     "lr_factor",
     "CHECKPOINT_FILE",
@@ -154,14 +155,19 @@ class TrainConfig:
 
     def full_model_options(self) -> dict[str, Any]:
         """``model_options`` with ``embed_dim`` filled in (= ``hidden_size``) when absent."""
-        opts = dict(self.model_options)
-        if "embed_dim" not in opts:
-            hidden = opts.get("hidden_size")
-            if hidden is None:
-                f = {f.name: f for f in dataclasses.fields(get_config_class(self.model))}
-                hidden = f["hidden_size"].default
-            opts["embed_dim"] = hidden
-        return opts
+        return with_embed_dim(self.model, self.model_options)
+
+
+def with_embed_dim(model: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` with ``embed_dim`` = ``hidden_size`` (given or default) when absent, so that an
+    embedding of that width feeds the backbone without an input projection. An invalid
+    ``hidden_size`` is left for the config to report under its own name."""
+    opts = dict(options)
+    if "embed_dim" not in opts:
+        default = {f.name: f.default for f in dataclasses.fields(get_config_class(model))}["hidden_size"]
+        hidden = opts.get("hidden_size", default)
+        opts["embed_dim"] = hidden if _is_int(hidden) and hidden >= 1 else default
+    return opts
 
 
 RUN_ONLY = frozenset({"log_every", "checkpoint_every", "device", "progress"})

@@ -1,5 +1,6 @@
-"""Multi-query associative recall (MQAR), as defined by Zoology (Arora et al. 2023,
-"Zoology: Measuring and Improving Recall in Efficient Language Models", arXiv:2312.04927).
+"""Multi-query associative recall (MQAR), as defined by Zoology (Arora et al. 2023).
+
+Reference: "Zoology: Measuring and Improving Recall in Efficient Language Models", arXiv:2312.04927.
 
 Layout of one example (``N = num_kv_pairs``, ``V = vocab_size``, ``T = seq_len``)::
 
