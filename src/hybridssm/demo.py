@@ -198,14 +198,16 @@ def report(payload: dict[str, Any], table: str, plot_note: str | None) -> str:
     rows = payload["results"]
     chance = 1.0 / (s["task_options"]["vocab_size"] // 2)
     lines = [
-        "# hybridssm demo: multi-query associative recall (MQAR)" + (" — quick run" if payload["quick"] else ""),
+        "# hybridssm demo: multi-query associative recall (MQAR)"
+        + (" — quick run" if payload["quick"] else ""),
         "",
         "## Settings (fixed before looking at any result, identical for every model)",
         "",
         f"- Task: MQAR (Zoology), {s['task_options']}, power-law query gaps (alpha 0.01); only query "
         f"positions are scored; chance ≈ {chance:.3f} (1 / number of values).",
         f"- Models: {s['model_options']}, embedding width = hidden size, linear head; hybrid entries "
-        "use attention_every=2 (one backbone layer + one attention layer); every other option at its default.",
+        "use attention_every=2 (one backbone layer + one attention layer); every other option at its "
+        "default.",
         f"- Training: {s['steps']} steps, global batch {s['batch_size']}, AdamW lr {s['lr']} "
         f"(warm-up {s['warmup_steps']}, cosine to 10%), weight decay {s['weight_decay']}, "
         f"clip {s['grad_clip']}, seed {s['seed']}; test accuracy on {s['eval_size']} held-out sequences "
