@@ -224,9 +224,11 @@ def cmd_info(args: argparse.Namespace, extras: list[str]) -> int:
         pattern = pattern()
     if pattern:
         print(f"layer pattern: {list(pattern)}")
-    total, parts = _state_bytes(model.init_state(1))
-    print(f"state at batch 1: {total:,} bytes ({len(parts)} tensors; full attention at the default "
-          "max_len=4096)")
+    state = model.init_state(1)
+    total, parts = _state_bytes(state)
+    cap = model.state_max_len(state)
+    print(f"state at batch 1: {total:,} bytes ({len(parts)} tensors"
+          + (f"; full attention sized for max_len={cap})" if cap is not None else ")"))
     return 0
 
 

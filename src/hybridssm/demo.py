@@ -38,6 +38,7 @@ class Entry:
 ZOO = (
     Entry("transformer", "transformer"),
     Entry("mamba", "mamba"),
+    Entry("mamba2", "mamba2"),
     Entry("hybrid (mamba)", "hybrid", {"backbone": "mamba", "attention_every": 2}, "mamba"),
     Entry("hybrid (gated_delta_net)", "hybrid", {"backbone": "gated_delta_net", "attention_every": 2},
           "gated_delta_net"),
