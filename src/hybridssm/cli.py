@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -250,9 +251,13 @@ def cmd_train(args: argparse.Namespace, extras: list[str]) -> int:
     )
     model, _ = build_task_model(config)  # validates model and task options before any training
     n = sum(p.numel() for p in model.backbone.parameters())
-    print(f"training {args.model} ({n:,} backbone parameters) on {args.task} {task_opts or ''} "
-          f"for {config.steps} steps" + (f", files in {args.out}" if args.out else ""), file=sys.stderr)
+    lead = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 reports and saves
+    if lead:
+        print(f"training {args.model} ({n:,} backbone parameters) on {args.task} {task_opts or ''} "
+              f"for {config.steps} steps" + (f", files in {args.out}" if args.out else ""), file=sys.stderr)
     res = train(config, out=args.out, resume=args.resume, stop_after=args.stop_after)
+    if not lead:
+        return 0
     if args.out is not None and res.final:
         res.model.backbone.save_pretrained(f"{args.out}/model")
     final = {k: round(v, 4) if isinstance(v, float) else v for k, v in res.final.items()}
