@@ -220,9 +220,7 @@ def cmd_info(args: argparse.Namespace, extras: list[str]) -> int:
         print(f"recommended defaults (the seeds'): {rec}")
     print(f"parameters: {hs.param_count(args.model, **opts):,}")
     model = hs.build(args.model, **opts)
-    pattern = getattr(model, "layer_pattern", None) or getattr(config, "layer_pattern", None)
-    if callable(pattern):
-        pattern = pattern()
+    pattern = _layer_pattern(model, config)
     if pattern:
         print(f"layer pattern: {list(pattern)}")
     state = model.init_state(1)
@@ -231,6 +229,21 @@ def cmd_info(args: argparse.Namespace, extras: list[str]) -> int:
     print(f"state at batch 1: {total:,} bytes ({len(parts)} tensors"
           + (f"; full attention sized for max_len={cap})" if cap is not None else ")"))
     return 0
+
+
+def _layer_pattern(model: Any, config: Any) -> list | None:
+    """The model's layer kinds, when it exposes them (hybrids: data, DESIGN §2)."""
+    import hybridssm as hs
+
+    for obj in (model, config):
+        for attr in ("layer_pattern", "layer_kinds", "block_types"):
+            value = getattr(obj, attr, None)
+            value = value() if callable(value) else value
+            if isinstance(value, (list, tuple)) and value:
+                return list(value)
+    if hasattr(config, "attention_every") and callable(getattr(hs, "layer_pattern", None)):
+        return list(hs.layer_pattern(num_layers=config.num_layers, attention_every=config.attention_every))
+    return None
 
 
 def cmd_train(args: argparse.Namespace, extras: list[str]) -> int:
