@@ -7,7 +7,9 @@ from hybridssm import models as _models  # noqa: F401  (registers the models)
 from hybridssm.blocks import ParallelBlock, ParallelState, ResidualBlock
 from hybridssm.config import ModelConfig
 from hybridssm.mixers import GatedSSMMixer, Mamba2Mixer, Mixer
+from hybridssm.mixers.attention import AttentionMixer
 from hybridssm.models import GatedSSM, GatedSSMConfig, Mamba2, Mamba2Config, SequenceModel
+from hybridssm.models.transformer import Transformer, TransformerConfig
 from hybridssm.ops._kernels import kernels, use_kernels
 from hybridssm.registry import (
     build,
@@ -24,6 +26,7 @@ from hybridssm.state import ModelState
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionMixer",
     "GatedSSM",
     "GatedSSMConfig",
     "GatedSSMMixer",
@@ -37,6 +40,8 @@ __all__ = [
     "ParallelState",
     "ResidualBlock",
     "SequenceModel",
+    "Transformer",
+    "TransformerConfig",
     "build",
     "get_config_class",
     "kernels",

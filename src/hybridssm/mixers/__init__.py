@@ -1,5 +1,6 @@
 """Sequence mixers: modules that own parameters and a streaming state (DESIGN §3)."""
 
+from hybridssm.mixers.attention import AttentionMixer, AttentionState
 from hybridssm.mixers.base import Mixer, check_mixer_state, finish_state, valid_mask
 from hybridssm.mixers.delta_net import DeltaNetMixer, DeltaNetState
 from hybridssm.mixers.gated_delta_net import GatedDeltaNetMixer
@@ -13,6 +14,8 @@ __all__ = [
     "DeltaNetMixer",
     "DeltaNetState",
     "GatedDeltaNetMixer",
+    "AttentionMixer",
+    "AttentionState",
     "GatedSSMMixer",
     "GatedSSMState",
     "Mamba2Mixer",

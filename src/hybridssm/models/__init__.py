@@ -3,5 +3,14 @@
 from hybridssm.models.base import SequenceModel
 from hybridssm.models.gated_ssm import GatedSSM, GatedSSMConfig
 from hybridssm.models.mamba2 import Mamba2, Mamba2Config
+from hybridssm.models.transformer import Transformer, TransformerConfig
 
-__all__ = ["SequenceModel", "GatedSSM", "GatedSSMConfig", "Mamba2", "Mamba2Config"]
+__all__ = [
+    "GatedSSM",
+    "GatedSSMConfig",
+    "Mamba2",
+    "Mamba2Config",
+    "SequenceModel",
+    "Transformer",
+    "TransformerConfig",
+]
