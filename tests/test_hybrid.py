@@ -114,7 +114,7 @@ def test_learned_positions_past_capacity_name_the_option():
 
 
 def test_backbone_options_are_validated():
-    with pytest.raises(TypeError, match="backbone 'rwkv' got an unknown option 'head_dm'.*did you mean 'head_dim'"):
+    with pytest.raises(TypeError, match="unknown option 'head_dm'.*did you mean 'head_dim'"):
         hs.build("hybrid", embed_dim=4, backbone="rwkv", backbone_options={"head_dm": 8})
     with pytest.raises(ValueError, match="'state_size' is a model option"):
         hs.build("hybrid", embed_dim=4, backbone="mamba", backbone_options={"state_size": 8})
