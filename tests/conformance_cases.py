@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+import custom_backbone  # noqa: F401  (registers the README's "ema" backbone: held to the rules too)
 import hybridssm as hs
 from hybridssm.backbones import list_backbones
 

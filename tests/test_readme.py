@@ -17,3 +17,8 @@ def test_readme_python_blocks_run():
             exec(compile(code, f"README.md block {i}", "exec"), namespace)
         except Exception as exc:  # pragma: no cover - the message is what matters
             raise AssertionError(f"README python block {i} failed: {exc!r}\n{code}") from exc
+
+
+def test_readme_quotes_the_tested_custom_backbone():
+    example = (Path(__file__).parent / "custom_backbone.py").read_text().split("\n", 2)[2]
+    assert example.strip() in README.read_text(), "README's custom backbone differs from the tested one"

@@ -139,13 +139,7 @@ def _register_builtins() -> None:
 
     for name, target in _BUILTINS.items():
         module, attr = target.split(":")
-        try:
-            factory = getattr(importlib.import_module(module), attr)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:  # a real import error inside the mixer
-                raise
-            continue  # not built yet on this branch
-        register_backbone(name, factory, builtin=True)
+        register_backbone(name, getattr(importlib.import_module(module), attr), builtin=True)
 
 
 _register_builtins()
