@@ -73,8 +73,10 @@ def ssd_ref(
 
 def _tril_masks(Q: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """(strictly lower, lower) triangular bool masks ``[Q, Q]``."""
-    ones = torch.ones(Q, Q, dtype=torch.bool, device=device)
-    return torch.tril(ones, diagonal=-1), torch.tril(ones)
+    # Comparisons of aranges, not torch.tril: tril always forks the thread pool, which costs
+    # milliseconds per call on a busy machine.
+    i = torch.arange(Q, device=device)
+    return i[:, None] > i[None, :], i[:, None] >= i[None, :]
 
 
 def _decay_matrix(a: Tensor) -> Tensor:
