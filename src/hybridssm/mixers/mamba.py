@@ -1,0 +1,163 @@
+"""Mamba-1 mixer (Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces").
+
+``x [B, T, d] -> y [B, T, d]``, ``E = d_inner = expand_factor * d``, ``N = state_size``::
+
+    x, z   = in_proj(x)                                   # [B, T, E] each (no bias)
+    u      = silu(conv(x))                                # depthwise causal conv, kernel K, bias
+    dt, B, C = x_proj(u)                                  # [B, T, R], [B, T, N], [B, T, N]; R = ceil(d/16)
+    delta  = softplus(dt_proj(dt) + dt_bias)              # [B, T, E]
+    y      = selective_scan(u, delta, A = -exp(A_log), B, C, D) * silu(z)
+    out    = out_proj(y)                                  # (no bias)
+
+State ``MambaState(conv [B, E, K-1], ssm [B, E, N] fp32)``. Padded steps (``lengths``) get
+``delta = 0``: identity steps of the recurrence. A single step (T = 1) without autograd takes a fused
+C++ update (conv + x_proj + dt + state update + gate in one call) when the fused kernels are in use.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hybridssm.layers import mark_fp32_no_decay
+from hybridssm.mixers.base import Mixer, finish_state, state_dtype, valid_mask
+from hybridssm.mixers.conv import CausalConv1d
+from hybridssm.ops import mamba_step as _step_op
+from hybridssm.ops.scan import selective_scan
+
+__all__ = ["MambaMixer", "MambaState", "SelectiveSSM"]
+
+
+class MambaState(NamedTuple):
+    conv: Tensor  # [B, E, K-1] last raw (pre-conv) inputs
+    ssm: Tensor  # [B, E, N] SSM state, fp32 (at least)
+
+
+class SelectiveSSM(nn.Module):
+    """The S6 layer: input-dependent ``delta, B, C`` from ``u``, then the selective scan.
+
+    ``forward(u [B, T, E], z [B, T, E] | None, state [B, E, N] | None, *, lengths=None)
+    -> (y [B, T, E] in the state dtype, h_T [B, E, N])``.
+
+    Init (Mamba reference): ``A_log[e, n] = log(n + 1)`` (S4D-real), ``D = 1``, ``dt_proj`` weight
+    U(+-R^-0.5), ``dt_bias`` = inverse softplus of ``dt ~ exp(U(log 1e-3, log 1e-1))`` (>= 1e-4).
+    """
+
+    def __init__(
+        self,
+        d_inner: int,
+        *,
+        state_size: int = 16,
+        dt_rank: int,
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        dt_floor: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        E, N, R = d_inner, state_size, dt_rank
+        self.d_inner, self.state_size, self.dt_rank = E, N, R
+        self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
+        self.dt_proj = nn.Linear(R, E, bias=False)
+        nn.init.uniform_(self.dt_proj.weight, -(R**-0.5), R**-0.5)
+        # dt_bias = softplus^-1(dt) so that softplus(dt_bias) starts in [dt_min, dt_max] (log-uniform).
+        log_dt = torch.empty(E).uniform_(math.log(dt_min), math.log(dt_max))
+        dt = torch.exp(log_dt).clamp(min=dt_floor)
+        self.dt_bias = mark_fp32_no_decay(nn.Parameter(dt + torch.log(-torch.expm1(-dt))))
+        # S4D-real: A = -(1, 2, ..., N) for every channel, stored as its log.
+        A = torch.arange(1, N + 1, dtype=torch.float32).repeat(E, 1)
+        self.A_log = mark_fp32_no_decay(nn.Parameter(torch.log(A)))
+        self.D = mark_fp32_no_decay(nn.Parameter(torch.ones(E)))
+
+    def project(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``u [B, T, E]`` -> ``(delta [B, T, E] fp32, B [B, T, N], C [B, T, N])``."""
+        dt, Bm, Cm = self.x_proj(u).split([self.dt_rank, self.state_size, self.state_size], dim=-1)
+        acc = state_dtype(self.A_log.dtype)
+        delta = F.softplus(self.dt_proj(dt).to(acc) + self.dt_bias.to(acc))
+        return delta, Bm, Cm
+
+    def forward(
+        self, u: Tensor, z: Tensor | None = None, state: Tensor | None = None, *, lengths=None
+    ) -> tuple[Tensor, Tensor]:
+        delta, Bm, Cm = self.project(u)
+        mask = valid_mask(lengths, u.shape[1], u.device)
+        if mask is not None:  # identity steps on the padding: exp(0 * A) = 1, input 0
+            delta = delta * mask.unsqueeze(-1).to(delta.dtype)
+        A = -torch.exp(self.A_log.to(delta.dtype))
+        return selective_scan(u, delta, A, Bm, Cm, self.D, z, state=state)
+
+
+class MambaMixer(Mixer):
+    """Mamba-1 mixer ``[B, T, d] -> [B, T, d]`` (see the module docstring).
+
+    Args:
+        hidden_size: d.
+        state_size: N (16).
+        expand_factor: E = expand_factor * d (2).
+        conv_size: K, the causal conv width (4).
+        dt_rank: R, the rank of the delta projection (default ``ceil(d / 16)``).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        *,
+        state_size: int = 16,
+        expand_factor: int = 2,
+        conv_size: int = 4,
+        dt_rank: int | None = None,
+    ) -> None:
+        super().__init__()
+        for name, v in (("hidden_size", hidden_size), ("state_size", state_size),
+                        ("expand_factor", expand_factor), ("conv_size", conv_size)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"option {name!r} must be a positive integer (>= 1), got {v!r}")
+        d, E = hidden_size, expand_factor * hidden_size
+        self.hidden_size, self.d_inner, self.state_size, self.conv_size = d, E, state_size, conv_size
+        self.in_proj = nn.Linear(d, 2 * E, bias=False)
+        self.conv = CausalConv1d(E, conv_size)
+        self.ssm = SelectiveSSM(E, state_size=state_size, dt_rank=dt_rank or math.ceil(d / 16))
+        self.out_proj = nn.Linear(E, d, bias=False)
+
+    def init_state(self, batch_size, *, device=None, dtype=None, max_len=None) -> MambaState:
+        device, dtype = self._device_dtype(device, dtype)
+        E, N = self.d_inner, self.state_size
+        return MambaState(
+            conv=self.conv.init_state(batch_size, device=device, dtype=dtype),
+            ssm=torch.zeros(batch_size, E, N, device=device, dtype=state_dtype(dtype)),
+        )
+
+    def forward(
+        self, x: Tensor, state: MambaState | None = None, *, lengths: Tensor | None = None, inplace=False
+    ) -> tuple[Tensor, MambaState]:
+        B, T, _ = x.shape
+        if state is None:
+            state = self.init_state(B, device=x.device, dtype=x.dtype)
+        if T == 1 and state.conv.dtype == state.ssm.dtype and _step_op.use_fused_step(
+            x, state.ssm.dtype, self.parameters()
+        ):
+            return self._fused_step(x, state, inplace)
+        xi, z = self.in_proj(x).chunk(2, dim=-1)  # [B, T, E] each
+        xc, conv_state = self.conv(xi, state.conv, lengths)
+        u = F.silu(xc)
+        y, h = self.ssm(u, z, state.ssm, lengths=lengths)  # y [B, T, E] fp32
+        new = MambaState(conv=conv_state, ssm=h.to(state.ssm.dtype))
+        return self.out_proj(y.to(x.dtype)), finish_state(state, new, inplace)
+
+    def _fused_step(self, x: Tensor, state: MambaState, inplace: bool) -> tuple[Tensor, MambaState]:
+        """T = 1 without autograd: one fused kernel between the two projections."""
+        # the kernel updates contiguous buffers in place: the caller's own when allowed, else copies
+        conv, h = (
+            t if inplace and t.is_contiguous() else t.clone(memory_format=torch.contiguous_format)
+            for t in state
+        )
+        ssm = self.ssm
+        y = _step_op.mamba_step(
+            self.in_proj(x[:, 0]), conv, h, self.conv.weight, self.conv.bias,
+            ssm.x_proj.weight, ssm.dt_proj.weight, ssm.dt_bias, -torch.exp(ssm.A_log), ssm.D,
+        )
+        out = self.out_proj(y.to(x.dtype)).unsqueeze(1)  # [B, 1, d]
+        return out, finish_state(state, MambaState(conv, h), inplace)

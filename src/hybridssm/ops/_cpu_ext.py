@@ -1,0 +1,57 @@
+"""Build (once, cached) the fused CPU kernels in ``ops/csrc`` with ``torch.utils.cpp_extension``.
+
+The build defines ``CPU_CAPABILITY`` from :func:`torch.backends.cpu.get_cpu_capability`: without it
+``at::vec::Vectorized`` silently compiles to its generic scalar code (REFERENCES, Mamba-1 speed).
+The extension name carries the capability, so machines with different SIMD never share a build.
+Builds go to torch's extension cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+__all__ = ["load_extension", "cpu_capability_flags"]
+
+CSRC = Path(__file__).parent / "csrc"
+
+
+def cpu_capability_flags() -> tuple[str, list[str]]:
+    """``(capability, compiler flags)`` for the SIMD level torch itself dispatches to here."""
+    cap = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ...
+    if cap == "AVX512":
+        return cap, ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw",
+                     "-mavx512vl", "-mavx512dq", "-mfma"]
+    if cap == "AVX2":
+        return cap, ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"]
+    return "DEFAULT", ["-DCPU_CAPABILITY=DEFAULT"]
+
+
+def load_extension(source: str) -> ModuleType:
+    """Compile ``csrc/<source>.cpp`` for this CPU (first call per process; later runs hit the cache).
+
+    A failed build is remembered: every later call in the process raises the same error at once."""
+    result = _load(source)
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+@functools.cache
+def _load(source: str) -> ModuleType | Exception:
+    from torch.utils.cpp_extension import load
+
+    cap, flags = cpu_capability_flags()
+    try:
+        return load(
+            name=f"hybridssm_{source}_{cap.lower()}",
+            sources=[str(CSRC / f"{source}.cpp")],
+            extra_cflags=["-O3", "-fopenmp", *flags],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as exc:  # reported by the kernel probes, which fall back to the PyTorch form
+        return exc

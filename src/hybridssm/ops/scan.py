@@ -1,0 +1,245 @@
+"""Selective scan (Mamba-1, S6; Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective
+State Spaces", Algorithm 2).
+
+Layout: ``u, delta, z [B, T, Dn]`` (Dn = d_inner), ``A [Dn, N]``, ``B, C [B, T, N]``, ``D [Dn]``,
+``delta_bias [Dn]``, ``state [B, Dn, N]`` (the reference layout). With
+``delta <- softplus(delta + delta_bias)`` when asked::
+
+    h_t = exp(delta_t A) * h_{t-1} + delta_t B_t u_t        # [B, Dn, N]
+    y_t = C_t . h_t + D * u_t                               # [B, Dn]
+    y   = y * silu(z)                                       # when z is given
+
+Returns ``(y [B, T, Dn], h_T [B, Dn, N])``, both in the wider of fp32 and the input dtype. A row whose
+padding must not move its state passes ``delta = 0`` there (after the softplus): an identity step.
+
+Backends (``hybridssm.ops._kernels``, op name ``selective_scan``):
+
+* ``ref``: the recurrence, one timestep at a time.
+* ``torch``: chunks of ``TORCH_CHUNK`` steps, each a log-depth (Hillis-Steele) scan of the
+  discretised pairs; only one chunk's ``[B, Q, Dn, N]`` tensors live at a time in the forward.
+* ``fused``: a C++ kernel (``csrc/selective_scan.cpp``), a ``torch.library`` custom op with a fake
+  implementation and autograd. One exp per (t, d, n), the state in registers; its backward recomputes
+  each chunk from per-chunk checkpoints instead of storing ``[B, T, Dn, N]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hybridssm.ops import _kernels
+from hybridssm.ops.linear_rnn import linear_rnn_torch
+
+__all__ = ["selective_scan", "selective_scan_ref", "selective_scan_torch", "selective_scan_fused"]
+
+TORCH_CHUNK = 64  # chunk length of the pure-PyTorch form
+FUSED_CHECKPOINT = 32  # must equal kChunk in csrc/selective_scan.cpp
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _discretise_delta(delta: Tensor, delta_bias: Tensor | None, softplus: bool, acc) -> Tensor:
+    delta = delta.to(acc)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(acc)
+    return F.softplus(delta) if softplus else delta
+
+
+def _gate(y: Tensor, z: Tensor | None) -> Tensor:
+    return y if z is None else y * F.silu(z.to(y.dtype))
+
+
+def selective_scan_ref(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    state: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Reference: the recurrence in the wider of fp32 and the input dtype, one step at a time."""
+    acc = _acc_dtype(u)
+    Bsz, T, Dn = u.shape
+    N = A.shape[1]
+    delta = _discretise_delta(delta, delta_bias, delta_softplus, acc)
+    u, A, B, C = u.to(acc), A.to(acc), B.to(acc), C.to(acc)
+    h = state.to(acc) if state is not None else u.new_zeros(Bsz, Dn, N)
+    ys = []
+    for t in range(T):
+        dA = torch.exp(delta[:, t, :, None] * A)  # [B, Dn, N]
+        dBu = (delta[:, t] * u[:, t])[:, :, None] * B[:, t, None, :]  # [B, Dn, N]
+        h = dA * h + dBu
+        ys.append((h * C[:, t, None, :]).sum(-1))  # [B, Dn]
+    y = torch.stack(ys, dim=1)
+    if D is not None:
+        y = y + D.to(acc) * u
+    return _gate(y, z), h
+
+
+def selective_scan_torch(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    state: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Pure PyTorch: a loop over chunks of ``TORCH_CHUNK`` steps, a log-depth scan inside each.
+
+    Never divides by cumulative decays (strong decay underflows towards the true zero); works on
+    any device. Slower than the fused kernel on CPU, which ``auto`` prefers there.
+    """
+    acc = _acc_dtype(u)
+    Bsz, T, Dn = u.shape
+    N = A.shape[1]
+    delta = _discretise_delta(delta, delta_bias, delta_softplus, acc)
+    u, A, B, C = u.to(acc), A.to(acc), B.to(acc), C.to(acc)
+    h = state.to(acc) if state is not None else u.new_zeros(Bsz, Dn, N)
+    du = delta * u
+    ys = []
+    for t0 in range(0, T, TORCH_CHUNK):
+        sl = slice(t0, min(T, t0 + TORCH_CHUNK))
+        dA = torch.exp(delta[:, sl, :, None] * A)  # [B, Q, Dn, N]
+        dBu = du[:, sl, :, None] * B[:, sl, None, :]  # [B, Q, Dn, N]
+        hs, h = linear_rnn_torch(dA, dBu, h)  # hs [B, Q, Dn, N]
+        ys.append(torch.einsum("bqdn,bqn->bqd", hs, C[:, sl]))
+    y = torch.cat(ys, dim=1) if len(ys) > 1 else ys[0]
+    if D is not None:
+        y = y + D.to(acc) * u
+    return _gate(y, z), h
+
+
+# -- fused C++ kernel ------------------------------------------------------------------------------
+
+
+def _ext():
+    from hybridssm.ops._cpu_ext import load_extension
+
+    return load_extension("selective_scan")
+
+
+@torch.library.custom_op("hybridssm::selective_scan_fwd", mutates_args=())
+def _scan_fwd(
+    u: Tensor, delta: Tensor, At: Tensor, B: Tensor, C: Tensor, D: Tensor, h0: Tensor, save: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``y = scan + D u``, ``h_T`` and (when ``save``) the per-chunk checkpoints for the backward.
+    ``At`` is ``A`` transposed, ``[N, Dn]``; every tensor contiguous, fp32 or fp64."""
+    y, hT, ckpt = _ext().scan_fwd(u, delta, At, B, C, D, h0, save)
+    return y, hT, ckpt
+
+
+@_scan_fwd.register_fake
+def _scan_fwd_fake(u, delta, At, B, C, D, h0, save):
+    Bsz, T, Dn = u.shape
+    N = At.shape[0]
+    nchunks = math.ceil(T / FUSED_CHECKPOINT)
+    ckpt = u.new_empty((Bsz, nchunks, N, Dn) if save else (0,))
+    return torch.empty_like(u), torch.empty_like(h0), ckpt
+
+
+@torch.library.custom_op("hybridssm::selective_scan_bwd", mutates_args=())
+def _scan_bwd(
+    dy: Tensor, dhT: Tensor, u: Tensor, delta: Tensor, At: Tensor, B: Tensor, C: Tensor, D: Tensor,
+    ckpt: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients ``(du, ddelta, dAt, dB, dC, dD, dh0)`` of :func:`_scan_fwd`."""
+    return tuple(_ext().scan_bwd(dy, dhT, u, delta, At, B, C, D, ckpt))
+
+
+@_scan_bwd.register_fake
+def _scan_bwd_fake(dy, dhT, u, delta, At, B, C, D, ckpt):
+    Bsz, T, Dn = u.shape
+    e = torch.empty_like
+    return e(u), e(u), e(At), e(B), e(C), e(D), u.new_empty((Bsz, Dn, At.shape[0]))
+
+
+def _scan_setup_context(ctx, inputs, output) -> None:
+    u, delta, At, B, C, D, h0, save = inputs
+    ctx.save_for_backward(u, delta, At, B, C, D, output[2])
+
+
+def _scan_backward(ctx, dy, dhT, _dckpt):
+    u, delta, At, B, C, D, ckpt = ctx.saved_tensors
+    if ckpt.numel() == 0:
+        raise RuntimeError("selective_scan_fwd ran with save=False; it cannot be differentiated")
+    Bsz, _, Dn = u.shape
+    dy = torch.zeros_like(u) if dy is None else dy.contiguous()
+    dhT = u.new_zeros(Bsz, Dn, At.shape[0]) if dhT is None else dhT.contiguous()
+    du, ddelta, dAt, dB, dC, dD, dh0 = _scan_bwd(dy, dhT, u, delta, At, B, C, D, ckpt)
+    return du, ddelta, dAt, dB, dC, dD, dh0, None
+
+
+_scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup_context)
+
+
+def selective_scan_fused(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    state: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The fused CPU kernel; the bias, softplus and gate stay in PyTorch around it."""
+    acc = _acc_dtype(u)
+    Bsz, T, Dn = u.shape
+    N = A.shape[1]
+    delta = _discretise_delta(delta, delta_bias, delta_softplus, acc)
+    Dv = D.to(acc) if D is not None else u.new_zeros(Dn, dtype=acc)
+    h0 = state.to(acc) if state is not None else u.new_zeros(Bsz, Dn, N, dtype=acc)
+    args = [u.to(acc), delta, A.to(acc).t(), B.to(acc), C.to(acc), Dv, h0]
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in args)
+    y, hT, _ = torch.ops.hybridssm.selective_scan_fwd(*[t.contiguous() for t in args], save)
+    return _gate(y, z), hT
+
+
+def _fused_probe(device_type: str) -> tuple[bool, str]:
+    if device_type != "cpu":
+        return False, "the fused selective scan is a CPU kernel"
+    from hybridssm.ops._cpu_ext import cpu_capability_flags
+
+    _ext()  # builds on first use (cached across processes)
+    return True, f"fused C++ kernel ({cpu_capability_flags()[0]})"
+
+
+_kernels.register(
+    "selective_scan",
+    ref=selective_scan_ref,
+    torch_impl=selective_scan_torch,
+    fused=selective_scan_fused,
+    fused_probe=_fused_probe,
+)
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    state: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The selective scan; see the module docstring for the layout."""
+    impl = _kernels.get("selective_scan", u.device)
+    return impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, state)
