@@ -184,11 +184,16 @@ def test_model_step_equals_forward_and_padding():
         assert_tree_close(st.index(b), st_b)
 
 
-def test_compile_fullgraph_forward_and_step():
+@pytest.mark.slow  # the conformance suite compiles every model in the fast run
+def test_compile_fullgraph_forward_backward_and_step():
     model = hs.build("mamba2", embed_dim=5, hidden_size=16, scan_chunk_size=4).eval()
     x = torch.randn(2, 9, 5)
     fwd = torch.compile(model, fullgraph=True, backend="aot_eager")
     assert_close(fwd(x, return_sequence=True), model(x, return_sequence=True))
+    xg = x.clone().requires_grad_()
+    (g_c,) = torch.autograd.grad(fwd(xg, return_sequence=True).square().sum(), xg)
+    (g_e,) = torch.autograd.grad(model(xg, return_sequence=True).square().sum(), xg)
+    assert_close(g_c, g_e)
     state = model.init_state(2)
     step = torch.compile(model.step, fullgraph=True, backend="aot_eager")
     y, s = step(x[:, 0], state)

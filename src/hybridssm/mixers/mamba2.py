@@ -158,7 +158,8 @@ class Mamba2Mixer(Mixer):
         """``x [B, T, d]`` -> ``(y [B, T, d], state)``; see the module docstring."""
         Bsz, T, _ = x.shape
         E, H, P, G, N = self.d_inner, self.num_heads, self.head_dim, self.num_groups, self.state_size
-        if state is None:
+        fresh = state is None  # the scan can skip reading a zero initial state
+        if fresh:
             state = self.init_state(Bsz, device=x.device, dtype=x.dtype)
         z, xBC, dt = self.in_proj(x).split([E, self.conv_dim, H], dim=-1)
         xBC, conv_state = causal_conv1d(
@@ -179,7 +180,7 @@ class Mamba2Mixer(Mixer):
             Bm.reshape(Bsz, T, G, N),
             Cm.reshape(Bsz, T, G, N),
             D=self.D.to(acc),
-            state=state.ssm,
+            state=None if fresh else state.ssm,
             chunk_size=self.scan_chunk_size,
         )
         y = self.norm(y.reshape(Bsz, T, E), z)  # fp32 at least

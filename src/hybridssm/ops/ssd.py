@@ -71,18 +71,58 @@ def ssd_ref(
     return torch.stack(ys, dim=1), h
 
 
-def _segsum(a: Tensor) -> Tensor:
-    """``[..., Q] -> [..., Q, Q]``: ``out[i, j] = sum_{j < k <= i} a_k`` for ``i >= j``, ``-inf`` above.
+def _tril_masks(Q: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(strictly lower, lower) triangular bool masks ``[Q, Q]``."""
+    # Comparisons of aranges, not torch.tril: tril always forks the thread pool, which costs
+    # milliseconds per call on a busy machine.
+    i = torch.arange(Q, device=device)
+    return i[:, None] > i[None, :], i[:, None] >= i[None, :]
 
-    Summing the masked terms (instead of differencing a cumulative sum) keeps long strong decays
-    exact; the upper triangle is masked before the caller's ``exp`` so no ``exp(+large)`` appears
-    in the forward or the backward."""
+
+def _decay_matrix(a: Tensor) -> Tensor:
+    """``[..., Q] -> [..., Q, Q]``: ``L[i, j] = exp(sum_{j < k <= i} a_k)`` for ``i >= j``, 0 above.
+
+    The stable segment sum: the terms are summed directly (no difference of cumulative sums, which
+    loses the small exponents next to the diagonal after a long strong decay) and the upper
+    triangle is masked to ``-inf`` before the ``exp``."""
     Q = a.shape[-1]
-    ones = torch.ones(Q, Q, dtype=torch.bool, device=a.device)
-    terms = a.unsqueeze(-1).expand(*a.shape, Q)  # [..., Q(k), Q(j)] = a_k
-    terms = terms.masked_fill(~torch.tril(ones, diagonal=-1), 0.0)  # keep k > j
-    out = torch.cumsum(terms, dim=-2)  # [..., i, j] = sum_{j < k <= i} a_k
-    return out.masked_fill(~torch.tril(ones), float("-inf"))
+    strict, lower = _tril_masks(Q, a.device)
+    terms = a.unsqueeze(-1).expand(*a.shape, Q).masked_fill(~strict, 0.0)  # [..., k, j] = a_k, k > j
+    seg = torch.cumsum(terms, dim=-2)  # [..., i, j] = sum_{j < k <= i} a_k
+    return seg.masked_fill_(~lower, float("-inf")).exp_()
+
+
+class _IntraChunk(torch.autograd.Function):
+    """The diagonal blocks ``Y = (L o C B^T) X`` of every chunk, with a hand-written backward.
+
+    ``X [Bz, nc, G, R, Q, P]``, ``a [Bz, nc, G, R, Q]`` (``dt A``), ``B, C [Bz, nc, G, Q, N]``.
+    The backward needs two passes over the ``[Q, Q]`` blocks where autograd through the segment
+    sum takes about ten: with ``Z = dL o L`` (zero diagonal), ``d acs = rowsum Z - colsum Z`` and
+    ``da`` is its reverse cumulative sum.
+    """
+
+    @staticmethod
+    def forward(ctx, X: Tensor, a: Tensor, B: Tensor, C: Tensor) -> Tensor:
+        L = _decay_matrix(a)  # [Bz, nc, G, R, Q, Q]
+        CB = torch.matmul(C, B.transpose(-1, -2)).unsqueeze(3)  # [Bz, nc, G, 1, Q, Q]
+        M = L * CB
+        ctx.save_for_backward(X, B, C, CB, L, M)
+        return torch.matmul(M, X)  # [Bz, nc, G, R, Q, P]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dY: Tensor):
+        X, B, C, CB, L, M = ctx.saved_tensors
+        dM = torch.matmul(dY, X.transpose(-1, -2))  # [Bz, nc, G, R, Q, Q]
+        dX = torch.matmul(M.transpose(-1, -2), dY)
+        Z = dM.mul_(L)  # dM o L
+        dCB = Z.sum(3)  # [Bz, nc, G, Q, Q], summed over the group's heads
+        Z.mul_(CB).diagonal(dim1=-2, dim2=-1).zero_()  # dL o L; the diagonal (exp(0)) has no input
+        dacs = Z.sum(-1) - Z.sum(-2)  # [..., Q]
+        da = dacs.flip(-1).cumsum(-1).flip(-1)  # acs = cumsum(a)
+        dB = torch.matmul(dCB.transpose(-1, -2), C)
+        dC = torch.matmul(dCB, B)
+        return dX, da, dB, dC
 
 
 def _ssd_step(
@@ -124,14 +164,15 @@ def ssd_chunked(
     with torch.autocast(x.device.type, enabled=False):
         x, dt, A, B, C = x.to(acc), dt.to(acc), A.to(acc), B.to(acc), C.to(acc)
         D = D.to(acc) if D is not None else None
-        h0 = _init_state(x, B.shape[-1], state, acc)
         if x.shape[1] == 1:
-            return _ssd_step(x, dt, A, B, C, D, h0)
+            return _ssd_step(x, dt, A, B, C, D, _init_state(x, B.shape[-1], state, acc))
+        h0 = state.to(acc) if state is not None else None
         return _ssd_chunks(x, dt, A, B, C, D, h0, chunk_size)
 
 
 def _ssd_chunks(
-    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, h0: Tensor, chunk_size: int
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, h0: Tensor | None,
+    chunk_size: int,
 ) -> tuple[Tensor, Tensor]:
     Bsz, T, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
@@ -139,48 +180,53 @@ def _ssd_chunks(
     nc = -(-T // chunk_size)
     Q = -(-T // nc)  # balanced chunks: the least padding for this number of chunks
     pad = nc * Q - T
+    F = torch.nn.functional
 
     # 1. Discretise, then pad the tail with identity steps (X = 0, dt A = 0, B = C = 0).
     X = x * dt.unsqueeze(-1)  # [B, T, H, P]
     a = dt * A  # [B, T, H]
     if pad:
-        X = torch.nn.functional.pad(X, (0, 0, 0, 0, 0, pad))
-        a = torch.nn.functional.pad(a, (0, 0, 0, pad))
-        B = torch.nn.functional.pad(B, (0, 0, 0, 0, 0, pad))
-        C = torch.nn.functional.pad(C, (0, 0, 0, 0, 0, pad))
+        X = F.pad(X, (0, 0, 0, 0, 0, pad))
+        a = F.pad(a, (0, 0, 0, pad))
+        B = F.pad(B, (0, 0, 0, 0, 0, pad))
+        C = F.pad(C, (0, 0, 0, 0, 0, pad))
     # Heads h = g * R + r; chunk layout [B, nc, G, ...] so a group's B and C serve its R heads.
-    X = X.view(Bsz, nc, Q, G, R, P).permute(0, 1, 3, 4, 2, 5)  # [B, nc, G, R, Q, P]
+    X = X.view(Bsz, nc, Q, G, R, P).permute(0, 1, 3, 4, 2, 5).contiguous()  # [B, nc, G, R, Q, P]
     a = a.view(Bsz, nc, Q, G, R).permute(0, 1, 3, 4, 2)  # [B, nc, G, R, Q]
     Bc = B.reshape(Bsz, nc, Q, G, N).transpose(2, 3)  # [B, nc, G, Q, N]
     Cc = C.reshape(Bsz, nc, Q, G, N).transpose(2, 3)  # [B, nc, G, Q, N]
 
     # 2. Intra-chunk (diagonal blocks): Y = (L o C B^T) X, L[i, j] = exp(sum_{j<k<=i} a_k).
-    L = torch.exp(_segsum(a))  # [B, nc, G, R, Q, Q]
-    CB = torch.matmul(Cc, Bc.transpose(-1, -2))  # [B, nc, G, Q, Q]
-    Y = torch.matmul(L * CB.unsqueeze(3), X)  # [B, nc, G, R, Q, P]
+    Y = _IntraChunk.apply(X, a, Bc, Cc)  # [B, nc, G, R, Q, P]
 
-    # 3. Each chunk's own end state: sum_l exp(sum_{k>l} a_k) X_l B_l^T (the last row of L).
-    Xd = X * L[..., -1, :].unsqueeze(-1)  # [B, nc, G, R, Q, P]
-    Xd = Xd.transpose(-1, -2).reshape(Bsz, nc, G, R * P, Q)
-    S = torch.matmul(Xd, Bc).view(Bsz, nc, H, P * N)  # [B, nc, H, P*N]
+    # 3. Each chunk's own end state: sum_l w_l X_l B_l^T with w_l = exp(sum_{k>l} a_k), the
+    #    suffix sums taken directly (exact, like the segment sum).
+    suffix = F.pad(a[..., 1:], (0, 1)).flip(-1).cumsum(-1).flip(-1)  # [B, nc, G, R, Q]
+    wB = torch.exp(suffix).unsqueeze(-1) * Bc.unsqueeze(3)  # [B, nc, G, R, Q, N]
+    S = torch.matmul(X.transpose(-1, -2), wB)  # [B, nc, G, R, P, N]
 
-    # 4. Scan over chunk boundaries from the initial state, as one matmul with the chunk segsum.
-    acs = torch.cumsum(a, dim=-1)  # [B, nc, G, R, Q], within-chunk decay exponents
-    tot = acs[..., -1].reshape(Bsz, nc, H).transpose(1, 2)  # [B, H, nc]
-    tot = torch.nn.functional.pad(tot, (1, 0))  # [B, H, nc + 1]
-    Lc = torch.exp(_segsum(tot))  # [B, H, nc + 1, nc + 1]
-    S = torch.cat([h0.reshape(Bsz, 1, H, P * N), S], dim=1).transpose(1, 2)  # [B, H, nc + 1, P*N]
-    starts = torch.matmul(Lc, S)  # [B, H, nc + 1, P*N]: state at each chunk start, then the final
-    h_final = starts[:, :, -1].view(Bsz, H, P, N)
+    if h0 is None and nc == 1:  # training from a zero state: no carried-in state to read
+        y, h_final = Y, S.view(Bsz, H, P, N)
+    else:
+        # 4. Scan over chunk boundaries from the initial state, as one matmul with the chunk
+        #    segment sum.
+        acs = torch.cumsum(a, dim=-1)  # [B, nc, G, R, Q], within-chunk decay exponents
+        tot = F.pad(acs[..., -1].reshape(Bsz, nc, H).transpose(1, 2), (1, 0))  # [B, H, nc + 1]
+        Lc = _decay_matrix(tot)  # [B, H, nc + 1, nc + 1]
+        S = S.reshape(Bsz, nc, H, P * N)
+        init = h0.reshape(Bsz, 1, H, P * N) if h0 is not None else torch.zeros_like(S[:, :1])
+        S = torch.cat([init, S], dim=1).transpose(1, 2)  # [B, H, nc + 1, P*N]
+        starts = torch.matmul(Lc, S)  # [B, H, nc + 1, P*N]: each chunk's start state, then the final
+        h_final = starts[:, :, -1].view(Bsz, H, P, N)
 
-    # 5. Off-diagonal blocks: the chunk's start state read by C, decayed to position l.
-    S0 = starts[:, :, :-1].view(Bsz, G, R, nc, P, N).permute(0, 3, 1, 5, 2, 4)  # [B, nc, G, N, R, P]
-    Yoff = torch.matmul(Cc, S0.reshape(Bsz, nc, G, N, R * P))  # [B, nc, G, Q, R*P]
-    Yoff = Yoff.view(Bsz, nc, G, Q, R, P).transpose(3, 4) * torch.exp(acs).unsqueeze(-1)
-    Y = (Y + Yoff).permute(0, 1, 4, 2, 3, 5).reshape(Bsz, nc * Q, H, P)[:, :T]
+        # 5. Off-diagonal blocks: the chunk's start state read by C, decayed to position l.
+        S0 = starts[:, :, :-1].reshape(Bsz, G, R, nc, P, N).permute(0, 3, 1, 2, 5, 4)  # [.., R, N, P]
+        eC = torch.exp(acs).unsqueeze(-1) * Cc.unsqueeze(3)  # [B, nc, G, R, Q, N]
+        y = Y + torch.matmul(eC, S0)  # [B, nc, G, R, Q, P]
+    y = y.permute(0, 1, 4, 2, 3, 5).reshape(Bsz, nc * Q, H, P)[:, :T]
     if D is not None:
-        Y = Y + D[:, None] * x
-    return Y, h_final
+        y = torch.addcmul(y, D[:, None], x)
+    return y, h_final
 
 
 _kernels.register("ssd", ref=ssd_ref, torch_impl=ssd_chunked)
