@@ -6,11 +6,12 @@
 from hybridssm import models as _models  # noqa: F401  (registers the models)
 from hybridssm.blocks import ParallelBlock, ParallelState, ResidualBlock
 from hybridssm.config import ModelConfig
-from hybridssm.mixers import GatedSSMMixer, Mixer
-from hybridssm.models import GatedSSM, GatedSSMConfig, SequenceModel
+from hybridssm.mixers import GatedSSMMixer, Mamba2Mixer, Mixer
+from hybridssm.models import GatedSSM, GatedSSMConfig, Mamba2, Mamba2Config, SequenceModel
 from hybridssm.ops._kernels import kernels, use_kernels
 from hybridssm.registry import (
     build,
+    get_config_class,
     list_models,
     load,
     output_size,
@@ -26,6 +27,9 @@ __all__ = [
     "GatedSSM",
     "GatedSSMConfig",
     "GatedSSMMixer",
+    "Mamba2",
+    "Mamba2Config",
+    "Mamba2Mixer",
     "Mixer",
     "ModelConfig",
     "ModelState",
@@ -34,6 +38,7 @@ __all__ = [
     "ResidualBlock",
     "SequenceModel",
     "build",
+    "get_config_class",
     "kernels",
     "list_models",
     "load",

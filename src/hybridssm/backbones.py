@@ -121,14 +121,31 @@ def build_backbone_mixer(
     return spec.factory(hidden_size, **kwargs)
 
 
-def _register_builtins() -> None:
-    from hybridssm.mixers.delta_net import DeltaNetMixer
-    from hybridssm.mixers.gated_delta_net import GatedDeltaNetMixer
-    from hybridssm.mixers.gated_ssm import GatedSSMMixer
+# Built-in backbones: name -> "module:factory" (imported here, once).
+_BUILTINS = {
+    "delta_net": "hybridssm.mixers.delta_net:DeltaNetMixer",
+    "gated_delta_net": "hybridssm.mixers.gated_delta_net:GatedDeltaNetMixer",
+    "gated_ssm": "hybridssm.mixers.gated_ssm:GatedSSMMixer",
+    "griffin_lru": "hybridssm.mixers.rglru:RGLRUMixer",
+    "gru": "hybridssm.mixers.gru:GRUMixer",
+    "mamba": "hybridssm.mixers.mamba:MambaMixer",
+    "mamba2": "hybridssm.mixers.mamba2:Mamba2Mixer",
+    "rwkv": "hybridssm.mixers.rwkv:RWKVMixer",
+}
 
-    register_backbone("gated_ssm", GatedSSMMixer, builtin=True)
-    register_backbone("delta_net", DeltaNetMixer, builtin=True)
-    register_backbone("gated_delta_net", GatedDeltaNetMixer, builtin=True)
+
+def _register_builtins() -> None:
+    import importlib
+
+    for name, target in _BUILTINS.items():
+        module, attr = target.split(":")
+        try:
+            factory = getattr(importlib.import_module(module), attr)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:  # a real import error inside the mixer
+                raise
+            continue  # not built yet on this branch
+        register_backbone(name, factory, builtin=True)
 
 
 _register_builtins()
