@@ -122,16 +122,15 @@ def delta_rule_chunked(
         kb = k * beta.unsqueeze(-1)  # [B, H, N, Q, K]
         A = (kb @ k.transpose(-1, -2) * L).tril(-1)  # strictly lower; the unit diagonal is implied
         rhs = torch.cat([v * beta.unsqueeze(-1), kb * G.exp().unsqueeze(-1)], dim=-1)
-        W = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
-        Wv, Wk = W.split([V, K], dim=-1)  # U = Wv - Wk S_0
+        W = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)  # [Wv, Wk]
 
         P = q @ k.transpose(-1, -2) * L  # [B, H, N, Q, Q], intra-chunk scores (diagonal included)
-        q_eff = q * G.exp().unsqueeze(-1) - P @ Wk  # [B, H, N, Q, K] reads the entering state
-        o_intra = P @ Wv  # [B, H, N, Q, V]
+        o_intra, PWk = (P @ W).split([V, K], dim=-1)  # one GEMM for both halves of W
+        q_eff = q * G.exp().unsqueeze(-1) - PWk  # [B, H, N, Q, K] reads the entering state
         k_end = (k * (G[..., -1:] - G).exp().unsqueeze(-1)).transpose(-1, -2)  # [B, H, N, K, Q]
+        C, kWk = (k_end @ W).split([V, K], dim=-1)  # [B, H, N, K, V], [B, H, N, K, K]
         eye = torch.eye(K, dtype=q.dtype, device=q.device)
-        M = G[..., -1, None, None].exp() * eye - k_end @ Wk  # [B, H, N, K, K] chunk transition
-        C = k_end @ Wv  # [B, H, N, K, V]
+        M = G[..., -1, None, None].exp() * eye - kWk  # [B, H, N, K, K] chunk transition
 
         starts = []
         for n in range(N):  # the only sequential part: one small matmul per chunk
