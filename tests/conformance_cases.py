@@ -11,7 +11,7 @@ import torch
 
 import custom_backbone  # noqa: F401  (registers the README's "ema" backbone: held to the rules too)
 import hybridssm as hs
-from hybridssm.backbones import list_backbones
+from hybridssm.backbones import get_backbone, list_backbones
 
 # Options of the tiny fixed config, applied where a model has the option. W = 4, chunk = 8.
 TINY = dict(
@@ -53,11 +53,18 @@ class Case:
 
     @property
     def id(self) -> str:
-        extra = ",".join(f"{k}={v}" for k, v in self.opts if k not in TINY)
+        extra = ",".join(
+            f"{k}={v}" if k != "backbone_options" else ",".join(f"{a}={b}" for a, b in v)
+            for k, v in self.opts
+            if k not in TINY
+        )
         return f"{self.name}[{'tiny' if self.tiny else 'default'}{',' + extra if extra else ''}]"
 
     def options(self) -> dict[str, Any]:
-        return dict(self.opts)
+        opts = dict(self.opts)
+        if "backbone_options" in opts:  # kept as pairs so that cases stay hashable
+            opts["backbone_options"] = dict(opts["backbone_options"])
+        return opts
 
     def build(self, **override: Any) -> torch.nn.Module:
         torch.manual_seed(1234)
@@ -87,7 +94,11 @@ def all_cases(include_default: bool = True) -> list[Case]:
         if name == "hybrid":
             extras = [dict(backbone=b) for b in list_backbones()]
         for extra in extras:
-            cases.append(Case(name, _freeze(_fit(name, {**TINY, **extra})), tiny=True))
+            tiny_extra = dict(extra)
+            if "backbone" in extra and "scan_chunk_size" in get_backbone(extra["backbone"]).options:
+                # the backbone's own chunk, small enough that the boundary lengths cross chunks
+                tiny_extra["backbone_options"] = (("scan_chunk_size", CHUNK),)
+            cases.append(Case(name, _freeze(_fit(name, {**TINY, **tiny_extra})), tiny=True))
             if include_default:
                 cases.append(Case(name, _freeze({"embed_dim": DEFAULT_EMBED, **extra}), tiny=False))
         for variant in VARIANTS.get(name, []):
