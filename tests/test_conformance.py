@@ -381,3 +381,21 @@ def test_random_configs_stream_causal_padding(cfg):
         assert_close(y_pad[b : b + 1, :n], ref, msg=f"{name} {opts}: row {b} with lengths")
         assert_tree_close(s_pad.index(b), ref_state, msg=f"{name} {opts}: row {b} state")
     assert hs.param_count(name, **opts) == sum(p.numel() for p in model.parameters())
+
+
+# -- dtypes: bf16 autocast tracks fp32, and recurrent states stay fp32 ---------------------------------
+@pytest.mark.parametrize("case", TINY_CASES, ids=tiny_ids)
+@torch.no_grad()
+def test_bf16_autocast_tracks_fp32(case: Case):
+    model = cached_model(case)
+    x = inputs(model, 2, 9, seed=9)
+    ref, ref_state = model(x, return_sequence=True, return_state=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, state = model(x, return_sequence=True, return_state=True)
+        y_step, _ = model.step(x[:, 0], model.init_state(2))
+    assert torch.isfinite(y).all()
+    assert_close(y.float(), ref, "bf16", msg=f"{case.id}: bf16 autocast vs fp32")
+    assert_close(y_step.float(), ref[:, 0], "bf16", msg=f"{case.id}: bf16 step vs fp32")
+    for leaf, ref_leaf in zip(torch.utils._pytree.tree_leaves(state),
+                              torch.utils._pytree.tree_leaves(ref_state)):
+        assert leaf.dtype == ref_leaf.dtype, f"{case.id}: autocast changed a state dtype"
