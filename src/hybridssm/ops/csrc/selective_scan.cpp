@@ -398,10 +398,22 @@ at::Tensor mamba_step(const at::Tensor& xz, at::Tensor& conv_state, at::Tensor& 
   return y;
 }
 
+// The whole mixer step: in_proj, the fused step, out_proj (one call from Python per layer).
+// x [B, d], in_w [2E, d], A_log [E, N], out_w [d, E]; returns [B, d].
+at::Tensor mamba_mixer_step(const at::Tensor& x, const at::Tensor& in_w, at::Tensor& conv_state,
+                            at::Tensor& ssm_state, const at::Tensor& conv_w, const at::Tensor& conv_b,
+                            const at::Tensor& xproj_w, const at::Tensor& dt_w, const at::Tensor& dt_bias,
+                            const at::Tensor& A_log, const at::Tensor& Dv, const at::Tensor& out_w) {
+  auto xz = at::mm(x, in_w.t()).contiguous();
+  auto A = at::exp(A_log).neg_();  // the same exp as torch.exp in the full forward
+  auto y = mamba_step(xz, conv_state, ssm_state, conv_w, conv_b, xproj_w, dt_w, dt_bias, A, Dv);
+  return at::mm(y, out_w.t());
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scan_fwd", &scan_fwd, "selective scan forward (CPU)");
   m.def("scan_bwd", &scan_bwd, "selective scan backward (CPU)");
-  m.def("mamba_step", &mamba_step, "fused Mamba-1 single step (CPU)");
+  m.def("mamba_mixer_step", &mamba_mixer_step, "fused Mamba-1 mixer step (CPU)");
 }
