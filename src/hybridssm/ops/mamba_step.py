@@ -45,7 +45,7 @@ def mamba_step_ref(
 
 @torch.library.custom_op("hybridssm::mamba_mixer_step", mutates_args=("conv_state", "ssm_state"))
 def _mamba_step_op(
-    x: Tensor, in_w: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_w: Tensor, conv_b: Tensor,
+    x: Tensor, in_w: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_w: Tensor, conv_b: Tensor | None,
     xproj_w: Tensor, dt_w: Tensor, dt_bias: Tensor, A_log: Tensor, D: Tensor, out_w: Tensor,
 ) -> Tensor:
     return _ext().mamba_mixer_step(
@@ -55,18 +55,15 @@ def _mamba_step_op(
 
 @_mamba_step_op.register_fake
 def _mamba_step_fake(x, in_w, conv_state, ssm_state, conv_w, conv_b, xproj_w, dt_w, dt_bias, A_log, D, out_w):
-    return x.new_empty((x.shape[0], out_w.shape[0]))
+    return x.new_empty((x.shape[0], out_w.shape[0]), dtype=ssm_state.dtype)
 
 
 def mamba_step_fused(
     x: Tensor, in_w: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_w: Tensor, conv_b: Tensor | None,
     xproj_w: Tensor, dt_w: Tensor, dt_bias: Tensor, A_log: Tensor, D: Tensor, out_w: Tensor,
 ) -> Tensor:
-    """The C++ kernel; every tensor in ``ssm_state``'s dtype, the states contiguous."""
-    dt = ssm_state.dtype
-    b = conv_b if conv_b is not None else conv_w.new_empty(0)
-    w = [t.to(dt).contiguous() for t in (x, in_w, conv_w, b, xproj_w, dt_w, dt_bias, A_log, D, out_w)]
-    args = (w[0], w[1], conv_state, ssm_state, *w[2:])
+    """The C++ kernel: computes in ``ssm_state``'s dtype; the states must be contiguous."""
+    args = (x, in_w, conv_state, ssm_state, conv_w, conv_b, xproj_w, dt_w, dt_bias, A_log, D, out_w)
     if torch.compiler.is_compiling():
         return _mamba_step_op(*args)
     # Eager: call the kernel directly. The Python custom-op dispatch (autograd and functionalisation
