@@ -100,19 +100,20 @@ def test_gradcheck_fp64(backend, monkeypatch):
 
 def test_fused_step_equals_eager_step():
     g = torch.Generator().manual_seed(0)
-    Bsz, E, K, R, N = 3, 20, 4, 2, 16
+    Bsz, d, E, K, R, N = 3, 12, 20, 4, 2, 16
 
     def r(*s):
         return torch.randn(*s, generator=g)
 
-    weights = (r(E, K), r(E), r(R + 2 * N, E) * 0.3, r(E, R), r(E), -torch.exp(r(E, N)), r(E))
+    in_w, out_w = r(2 * E, d) * 0.3, r(d, E) * 0.3
+    weights = (r(E, K), r(E), r(R + 2 * N, E) * 0.3, r(E, R), r(E), r(E, N), r(E), out_w)
     conv0, ssm0 = r(Bsz, E, K - 1), r(Bsz, E, N)
     conv_a, ssm_a, conv_b, ssm_b = conv0.clone(), ssm0.clone(), conv0.clone(), ssm0.clone()
     for t in range(3):
-        xz = r(Bsz, 2 * E)
+        x = r(Bsz, d)
         with use_kernels("fused"):
-            y = mamba_step(xz, conv_a, ssm_a, *weights)
-        y_ref = mamba_step_ref(xz, conv_b, ssm_b, *weights)
+            y = mamba_step(x, in_w, conv_a, ssm_a, *weights)
+        y_ref = mamba_step_ref(x, in_w, conv_b, ssm_b, *weights)
         assert_close(y, y_ref, msg=f"step {t}")
         assert_close(conv_a, conv_b)
         assert_close(ssm_a, ssm_b)

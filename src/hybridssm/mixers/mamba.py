@@ -148,16 +148,15 @@ class MambaMixer(Mixer):
         return self.out_proj(y.to(x.dtype)), finish_state(state, new, inplace)
 
     def _fused_step(self, x: Tensor, state: MambaState, inplace: bool) -> tuple[Tensor, MambaState]:
-        """T = 1 without autograd: one fused kernel between the two projections."""
+        """T = 1 without autograd: one fused call for the whole mixer."""
         # the kernel updates contiguous buffers in place: the caller's own when allowed, else copies
         conv, h = (
             t if inplace and t.is_contiguous() else t.clone(memory_format=torch.contiguous_format)
             for t in state
         )
         ssm = self.ssm
-        y = _step_op.mamba_step(
-            self.in_proj(x[:, 0]), conv, h, self.conv.weight, self.conv.bias,
-            ssm.x_proj.weight, ssm.dt_proj.weight, ssm.dt_bias, -torch.exp(ssm.A_log), ssm.D,
-        )
-        out = self.out_proj(y.to(x.dtype)).unsqueeze(1)  # [B, 1, d]
+        out = _step_op.mamba_step(
+            x[:, 0], self.in_proj.weight, conv, h, self.conv.weight, self.conv.bias, ssm.x_proj.weight,
+            ssm.dt_proj.weight, ssm.dt_bias, ssm.A_log, ssm.D, self.out_proj.weight,
+        ).unsqueeze(1)  # [B, 1, d]
         return out, finish_state(state, MambaState(conv, h), inplace)

@@ -317,8 +317,27 @@ inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
   return s;
 }
 
+// The formulas of torch's CPU kernels (x / (1 + exp(-x)); softplus threshold 20), vectorised the same
+// way, so that a step reproduces the full forward's values.
 template <typename scalar_t>
-inline scalar_t silu(scalar_t x) { return x / (scalar_t(1) + std::exp(-x)); }
+void silu_inplace(scalar_t* v, int64_t n) {
+  using Vec = Vectorized<scalar_t>;
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const int64_t cnt = std::min<int64_t>(Vec::size(), n - i);
+    const Vec x = load(v + i, cnt);
+    store(x / (Vec(1) + x.neg().exp()), v + i, cnt);
+  }
+}
+
+template <typename scalar_t>
+void softplus_inplace(scalar_t* v, int64_t n) {
+  using Vec = Vectorized<scalar_t>;
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const int64_t cnt = std::min<int64_t>(Vec::size(), n - i);
+    const Vec x = load(v + i, cnt);
+    store(Vec::blendv(x.exp().log1p(), x, x > Vec(20)), v + i, cnt);
+  }
+}
 
 template <typename scalar_t>
 void step_impl(const scalar_t* xz, scalar_t* conv_state, scalar_t* ssm_state, const scalar_t* conv_w,
@@ -328,7 +347,7 @@ void step_impl(const scalar_t* xz, scalar_t* conv_state, scalar_t* ssm_state, co
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t W = Vec::size();
   at::parallel_for(0, Bsz, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> u(E), dbc(R + 2 * N), dt(E);
+    std::vector<scalar_t> u(E), dbc(R + 2 * N), dt(E), gz(E);
     alignas(64) scalar_t tmp[W];
     for (int64_t b = begin; b < end; ++b) {
       const scalar_t* x = xz + b * 2 * E;
@@ -342,14 +361,15 @@ void step_impl(const scalar_t* xz, scalar_t* conv_state, scalar_t* ssm_state, co
         acc += w[K - 1] * x[e];
         for (int64_t k = 0; k + 1 < K - 1; ++k) cs[k] = cs[k + 1];
         if (K > 1) cs[K - 2] = x[e];
-        u[e] = silu(acc);
+        u[e] = acc;
       }
+      silu_inplace(u.data(), E);
       // 2. x_proj -> (dt_low [R], B [N], C [N]); delta = softplus(dt_proj(dt_low) + dt_bias)
       for (int64_t j = 0; j < R + 2 * N; ++j) dbc[j] = dot(xproj_w + j * E, u.data(), E);
-      for (int64_t e = 0; e < E; ++e) {
-        const scalar_t v = dot(dt_w + e * R, dbc.data(), R) + dt_bias[e];
-        dt[e] = v > scalar_t(20) ? v : std::log1p(std::exp(v));  // F.softplus (threshold 20)
-      }
+      for (int64_t e = 0; e < E; ++e) dt[e] = dot(dt_w + e * R, dbc.data(), R) + dt_bias[e];
+      softplus_inplace(dt.data(), E);
+      for (int64_t e = 0; e < E; ++e) gz[e] = z[e];
+      silu_inplace(gz.data(), E);
       const scalar_t* Bn = dbc.data() + R;
       const scalar_t* Cn = Bn + N;
       // 3. state update (the same decay exp as the scan) and gated output
@@ -367,7 +387,7 @@ void step_impl(const scalar_t* xz, scalar_t* conv_state, scalar_t* ssm_state, co
         acc.store(tmp);
         scalar_t s = 0;
         for (int64_t l = 0; l < W; ++l) s += tmp[l];
-        y[b * E + e] = (s + Dv[e] * u[e]) * silu(z[e]);
+        y[b * E + e] = (s + Dv[e] * u[e]) * gz[e];
       }
     }
   });
@@ -398,10 +418,26 @@ at::Tensor mamba_step(const at::Tensor& xz, at::Tensor& conv_state, at::Tensor& 
   return y;
 }
 
+// The whole mixer step: in_proj, the fused step, out_proj (one call from Python per layer).
+// x [B, d], in_w [2E, d], A_log [E, N], out_w [d, E]; returns [B, d].
+at::Tensor mamba_mixer_step(const at::Tensor& x, const at::Tensor& in_w, at::Tensor& conv_state,
+                            at::Tensor& ssm_state, const at::Tensor& conv_w,
+                            const std::optional<at::Tensor>& conv_b, const at::Tensor& xproj_w,
+                            const at::Tensor& dt_w, const at::Tensor& dt_bias, const at::Tensor& A_log,
+                            const at::Tensor& Dv, const at::Tensor& out_w) {
+  const auto dt = ssm_state.scalar_type();
+  auto c = [dt](const at::Tensor& t) { return t.to(dt).contiguous(); };
+  auto bias = conv_b.has_value() ? c(*conv_b) : at::empty({0}, x.options().dtype(dt));
+  auto xz = at::mm(c(x), c(in_w).t()).contiguous();
+  auto A = at::exp(c(A_log)).neg_();  // the same exp as torch.exp in the full forward
+  auto y = mamba_step(xz, conv_state, ssm_state, c(conv_w), bias, c(xproj_w), c(dt_w), c(dt_bias), A, c(Dv));
+  return at::mm(y, c(out_w).t());
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scan_fwd", &scan_fwd, "selective scan forward (CPU)");
   m.def("scan_bwd", &scan_bwd, "selective scan backward (CPU)");
-  m.def("mamba_step", &mamba_step, "fused Mamba-1 single step (CPU)");
+  m.def("mamba_mixer_step", &mamba_mixer_step, "fused Mamba-1 mixer step (CPU)");
 }
