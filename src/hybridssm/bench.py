@@ -44,6 +44,8 @@ __all__ = [
     "machine_rates",
     "bench_model",
     "format_table",
+    "workloads",
+    "matmul_flops",
     "SHAPES",
 ]
 
@@ -330,6 +332,26 @@ def _baseline_fwd_bwd(m: nn.Module, x: Tensor) -> None:
 @torch.no_grad()
 def _baseline_fwd(m: nn.Module, x: Tensor) -> None:
     m(x)
+
+
+def workloads(m: nn.Module, x: Tensor) -> tuple[Callable[[], None], Callable[[], None]]:
+    """``(forward+backward, forward)`` callables of a model (whole output sequence) or of a
+    :class:`BaselineTransformer`, as :func:`bench_model` times them."""
+    if isinstance(m, BaselineTransformer):
+        return (lambda: _baseline_fwd_bwd(m, x)), (lambda: _baseline_fwd(m, x))
+    return _fwd_bwd(m, x, True), _fwd(m, x, True)
+
+
+def matmul_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of the matrix products (mm, bmm, addmm, convolutions, SDPA) of one call of ``fn``,
+    forward and backward, counted by ``torch.utils.flop_counter.FlopCounterMode``: the work a GEMM
+    ceiling bounds (``flops / machine_rates()["gemm_gflops"]`` is the ideal time)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
 
 
 def _fmt(v: Any, spec: str) -> str:
