@@ -16,9 +16,9 @@ Tables (markdown):
    of the T=2048 rows, each in its own subprocess.
 3. Step latency at batch 1 (``inplace=True``) beside re-running the 60-frame window.
 
-Timing: 2 warm-up iterations (the first one counts matmul FLOPs), then repeat until 3 s or 20
+Timing: 2 warm-up iterations (the second counts matmul FLOPs), then repeat until 3 s or 20
 iterations, median; the rows of one table and shape are interleaved in one process. A row whose
-first (counted) iteration runs past ``--slow-limit`` (30 s) is stopped: "—*". GEMM ceiling:
+first iteration runs past ``--slow-limit`` (30 s) is stopped: "—*". GEMM ceiling:
 ``FlopCounterMode``'s fwd+bwd matmul FLOPs / the measured 512^3 fp32 GEMM rate, over the measured
 time. ``--only`` keeps rows by model name (``hybrid`` keeps every backbone) or label
 (``hybrid[gru]``); ``--profile LABEL`` prints ``torch.profiler``'s top ops of one forward+backward
@@ -150,8 +150,8 @@ def _with_limit(fn, seconds: float) -> bool:
 def measure(rows: list[Row], shape: tuple[int, int], plan: Plan, slow_limit: float,
             forward: bool) -> dict[str, dict[str, Any]]:
     """Tokens/s (fwd+bwd, and fwd when ``forward``) and matmul FLOPs of every row at ``shape``,
-    interleaved. A row whose first (FLOP-counted) iteration is still running after ``slow_limit``
-    seconds is stopped there and left out (``too_slow``; DESIGN §5 shows it as "—")."""
+    interleaved. Warm-up 1 is timed against ``slow_limit`` (a row still running then is stopped and
+    left out: ``too_slow``, DESIGN §5's "—"); warm-up 2 counts the matmul FLOPs."""
     B, T = shape
     torch.manual_seed(0)
     x = torch.randn(B, T, rows[0].module.embed_dim if rows[0].options is None
@@ -161,17 +161,16 @@ def measure(rows: list[Row], shape: tuple[int, int], plan: Plan, slow_limit: flo
     for r in rows:
         r.module.train()
         fb, fw = workloads(r.module, x)
-        counted: list[int] = []
         t0 = time.perf_counter()
-        ok = _with_limit(lambda fb=fb, counted=counted: counted.append(matmul_flops(fb)), slow_limit)
+        ok = _with_limit(fb, slow_limit)  # the first warm-up, uncounted: the counter slows small ops
         out[r.label] = {"first_s": time.perf_counter() - t0, "too_slow": not ok,
-                        "flops": counted[0] if ok else None, "fwd_bwd_s": None, "fwd_s": None}
-        if ok:  # the counted iteration is the first warm-up
+                        "flops": matmul_flops(fb) if ok else None, "fwd_bwd_s": None, "fwd_s": None}
+        if ok:  # the counted iteration is the second warm-up
             train_fns[r.label], fwd_fns[r.label] = fb, fw
         else:
             for p in r.module.parameters():
                 p.grad = None
-    one_less = BenchSettings(**{**plan.settings.__dict__, "warmup": max(0, plan.settings.warmup - 1)})
+    one_less = BenchSettings(**{**plan.settings.__dict__, "warmup": max(0, plan.settings.warmup - 2)})
     for label, t in time_interleaved(train_fns, one_less, torch.device("cpu")).items():
         out[label]["fwd_bwd_s"] = t
     if forward:
@@ -403,7 +402,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                f"load average at start {load0[0]:.1f}; fused kernels: "
                f"{', '.join(k for k, v in kernels.items() if v['backend'] == 'fused') or 'none'}")
     s = plan.settings
-    protocol = (f"Timing: {s.warmup} warm-up iterations (the first counts matmul FLOPs), then until "
+    protocol = (f"Timing: {s.warmup} warm-up iterations (the second counts matmul FLOPs), then until "
                 f"{s.max_time} s or {s.max_iters} iterations, median; rows of a table and shape "
                 f"interleaved in one process; dropout 0 in every model for timing; embed_dim = hidden_size "
                 f"= {plan.width}. Step latency: batch 1, inplace, median of {s.latency_steps} steps after "
