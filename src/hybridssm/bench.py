@@ -44,6 +44,8 @@ __all__ = [
     "machine_rates",
     "bench_model",
     "format_table",
+    "workloads",
+    "matmul_flops",
     "SHAPES",
 ]
 
@@ -330,6 +332,31 @@ def _baseline_fwd_bwd(m: nn.Module, x: Tensor) -> None:
 @torch.no_grad()
 def _baseline_fwd(m: nn.Module, x: Tensor) -> None:
     m(x)
+
+
+def workloads(m: nn.Module, x: Tensor) -> tuple[Callable[[], None], Callable[[], None]]:
+    """``(forward+backward, forward)`` callables of a model (whole output sequence) or of a
+    :class:`BaselineTransformer`, as :func:`bench_model` times them."""
+    if isinstance(m, BaselineTransformer):
+        return (lambda: _baseline_fwd_bwd(m, x)), (lambda: _baseline_fwd(m, x))
+    return _fwd_bwd(m, x, True), _fwd(m, x, True)
+
+
+def matmul_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of the matrix products (mm, bmm, addmm, baddbmm, SDPA, forward and backward) of one
+    call of ``fn``, counted by ``torch.utils.flop_counter.FlopCounterMode``: the work a GEMM ceiling
+    bounds (``flops / machine_rates()["gemm_gflops"]`` is the ideal time).
+
+    Convolutions are left out: the models' convolutions are depthwise (no GEMM), and torch 2.x
+    counts a grouped convolution's backward as if it were dense (``groups`` ignored), which would
+    add ~0.5 GFLOP per Mamba layer at (32, 60, 256) that is not there."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    per_op = counter.get_flop_counts().get("Global", {})
+    return int(sum(v for op, v in per_op.items() if "convolution" not in str(op)))
 
 
 def _fmt(v: Any, spec: str) -> str:
