@@ -29,7 +29,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
-	$(PY) benchmarks/bench_mamba.py
+	$(PY) benchmarks/bench_mamba.py --out results/bench_mamba.md
+	$(PY) benchmarks/bench_models.py --out results/bench_models.md
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis

@@ -121,12 +121,25 @@ def build_backbone_mixer(
     return spec.factory(hidden_size, **kwargs)
 
 
-def _register_builtins() -> None:
-    from hybridssm.mixers.gated_ssm import GatedSSMMixer
-    from hybridssm.mixers.mamba import MambaMixer
+# Built-in backbones: name -> "module:factory" (imported here, once).
+_BUILTINS = {
+    "delta_net": "hybridssm.mixers.delta_net:DeltaNetMixer",
+    "gated_delta_net": "hybridssm.mixers.gated_delta_net:GatedDeltaNetMixer",
+    "gated_ssm": "hybridssm.mixers.gated_ssm:GatedSSMMixer",
+    "griffin_lru": "hybridssm.mixers.rglru:RGLRUMixer",
+    "gru": "hybridssm.mixers.gru:GRUMixer",
+    "mamba": "hybridssm.mixers.mamba:MambaMixer",
+    "mamba2": "hybridssm.mixers.mamba2:Mamba2Mixer",
+    "rwkv": "hybridssm.mixers.rwkv:RWKVMixer",
+}
 
-    register_backbone("gated_ssm", GatedSSMMixer, builtin=True)
-    register_backbone("mamba", MambaMixer, builtin=True)
+
+def _register_builtins() -> None:
+    import importlib
+
+    for name, target in _BUILTINS.items():
+        module, attr = target.split(":")
+        register_backbone(name, getattr(importlib.import_module(module), attr), builtin=True)
 
 
 _register_builtins()

@@ -54,7 +54,10 @@ class ResidualBlock(nn.Module):
         self, mixer: nn.Module, dim: int, *, ffn: nn.Module | None = None, pre_norm: bool = True
     ) -> None:
         super().__init__()
-        self.norm = LayerNorm(dim)
+        # A mixer that normalises its own input (RWKV's layer holds both of its norms, since its
+        # channel-mix needs the raw stream) gets no second pre-norm.
+        owns_norm = pre_norm and getattr(mixer, "owns_norm", False)
+        self.norm = nn.Identity() if owns_norm else LayerNorm(dim)
         self.mixer = mixer
         self.pre_norm = pre_norm
         self.ffn = _FFNSublayer(ffn, dim, pre_norm) if ffn is not None else None

@@ -141,7 +141,8 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with ``changes`` applied (validated, unknown names rejected)."""
-        return type(self).from_options(**{**self.to_dict(), **changes})
+        current = {f.name: getattr(self, f.name) for f in fields(self)}
+        return type(self).from_options(**{**current, **changes})
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _to_jsonable(getattr(self, f.name)) for f in fields(self)}

@@ -88,18 +88,34 @@ def finish_state(old: NamedTuple | None, new: NamedTuple, inplace: bool) -> Name
 
 def check_mixer_state(mixer: nn.Module, state: Any, batch_size: int, where: str) -> None:
     """Raise ``ValueError`` unless ``state`` has the structure and shapes ``mixer`` produces."""
-    max_len = mixer.state_max_len(state) if hasattr(mixer, "state_max_len") else None
-    ref = mixer.init_state(batch_size, device="meta", max_len=max_len)
-    if type(state) is not type(ref):
+    state_type, shapes = _state_spec(mixer, state, batch_size)
+    if type(state) is not state_type:
         raise ValueError(
-            f"state {where}: expected a {type(ref).__name__} for {type(mixer).__name__}, "
+            f"state {where}: expected a {state_type.__name__} for {type(mixer).__name__}, "
             f"got {type(state).__name__} (a state from another model?)"
         )
-    for name, r, s in zip(ref._fields, ref, state):
+    for name, shape, s in zip(state_type._fields, shapes, state):
         if not isinstance(s, Tensor):
             raise ValueError(f"state {where}.{name}: expected a tensor, got {type(s).__name__}")
-        if tuple(s.shape) != tuple(r.shape):
+        if tuple(s.shape) != shape:
             raise ValueError(
-                f"state {where}.{name}: expected shape {tuple(r.shape)}, got {tuple(s.shape)} "
+                f"state {where}.{name}: expected shape {shape}, got {tuple(s.shape)} "
                 f"(a state from another model or batch size?)"
             )
+
+
+def _state_spec(mixer: nn.Module, state: Any, batch_size: int) -> tuple[type, tuple]:
+    """The state type and field shapes ``mixer`` makes for this batch size (and the capacity
+    ``state`` claims), from a meta-device ``init_state``; memoised, since steps check every call."""
+    max_len = None
+    if hasattr(mixer, "state_max_len") and hasattr(state, "_fields"):
+        try:
+            max_len = mixer.state_max_len(state)
+        except (AttributeError, IndexError, TypeError):
+            max_len = None  # a foreign state: the type check below reports it
+    cache = mixer.__dict__.setdefault("_hybridssm_state_specs", {})
+    key = (batch_size, max_len)
+    if key not in cache:
+        ref = mixer.init_state(batch_size, device="meta", max_len=max_len)
+        cache[key] = (type(ref), tuple(tuple(r.shape) for r in ref))
+    return cache[key]

@@ -131,11 +131,13 @@ class SequenceModel(nn.Module):
         return ModelState(layers, torch.zeros(batch_size, dtype=torch.long, device=device))
 
     def _compute_dtype(self) -> torch.dtype:
-        # The first non-marked parameter tells the dtype the model computes in.
-        for p in self.parameters():
-            if not is_fp32_no_decay(p):
-                return p.dtype
-        return self._ref_param().dtype
+        # The first non-marked parameter tells the dtype the model computes in (its name is found
+        # once: walking every parameter on each step costs more than a small step itself).
+        name = self.__dict__.get("_dtype_param")
+        if name is None:
+            name = next((n for n, p in self.named_parameters() if not is_fp32_no_decay(p)), "")
+            self.__dict__["_dtype_param"] = name
+        return self.get_parameter(name).dtype if name else self._ref_param().dtype
 
     def state_max_len(self, state: ModelState) -> int | None:
         """The attention capacity a state was built with (None when it has no full attention)."""

@@ -2,7 +2,8 @@
 
 The build defines ``CPU_CAPABILITY`` from :func:`torch.backends.cpu.get_cpu_capability`: without it
 ``at::vec::Vectorized`` silently compiles to its generic scalar code (REFERENCES, Mamba-1 speed).
-The extension name carries the capability, so machines with different SIMD never share a build.
+The extension name carries the capability and a hash of the source, so machines with different
+SIMD, and different versions of the library, never share (or race on) a build.
 Builds go to torch's extension cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``).
 """
 
@@ -42,13 +43,17 @@ def load_extension(source: str) -> ModuleType:
 
 @functools.cache
 def _load(source: str) -> ModuleType | Exception:
+    import hashlib
+
     from torch.utils.cpp_extension import load
 
     cap, flags = cpu_capability_flags()
+    path = CSRC / f"{source}.cpp"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
     try:
         return load(
-            name=f"hybridssm_{source}_{cap.lower()}",
-            sources=[str(CSRC / f"{source}.cpp")],
+            name=f"hybridssm_{source}_{cap.lower()}_{digest}",
+            sources=[str(path)],
             extra_cflags=["-O3", "-fopenmp", *flags],
             extra_ldflags=["-fopenmp"],
             verbose=False,

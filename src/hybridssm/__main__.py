@@ -1,0 +1,7 @@
+"""``python -m hybridssm``: the ``hybridssm`` command."""
+
+import sys
+
+from hybridssm.cli import main
+
+sys.exit(main())

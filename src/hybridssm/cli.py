@@ -1,0 +1,451 @@
+"""The ``hybridssm`` command: ``list``, ``info``, ``train``, ``bench``, ``demo``.
+
+Model options come from the model's config dataclass: every field ``name`` is ``--name-with-dashes
+VALUE`` (or ``--opt name=VALUE``); booleans also take ``--name`` / ``--no-name``. Values are read as
+JSON when they parse (``64``, ``0.1``, ``true``, ``[0, 3]``, ``{"num_heads": 2}``), else as text
+(``--backbone mamba``); the config validates them and its message is printed as is (exit code 2).
+``--import MODULE`` imports a module first (custom backbones registering themselves); backbones
+published in the entry-point group ``hybridssm.backbones`` are loaded automatically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["main"]
+
+PROG = "hybridssm"
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed without a traceback, exit code 2."""
+
+
+# -- model options from the config dataclass ------------------------------------------------------
+def _config_fields(model: str) -> dict[str, dataclasses.Field]:
+    from hybridssm.registry import get_config_class
+
+    return {f.name: f for f in dataclasses.fields(get_config_class(model))}
+
+
+def _type_name(f: dataclasses.Field) -> str:
+    return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _is_bool(f: dataclasses.Field) -> bool:
+    return _type_name(f) == "bool" or isinstance(_default(f), bool)
+
+
+def parse_value(text: str, f: dataclasses.Field) -> Any:
+    """Read one option value for field ``f`` (see the module docstring)."""
+    kind = _type_name(f)
+    low = text.strip().lower()
+    if low in ("none", "null") and "None" in kind:
+        return None
+    if _is_bool(f) and low in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+        return low in ("true", "yes", "on", "1")
+    if kind == "str":
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    return tuple(value) if isinstance(value, list) else value  # configs hold tuples
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def parse_model_options(model: str, extras: Sequence[str], opts: Sequence[str], own: Sequence[str]
+                        ) -> dict[str, Any]:
+    """Model options from the leftover arguments (``--name value``) and ``--opt name=value``.
+
+    ``own``: the sub-command's own flags, offered in "did you mean" suggestions too.
+    """
+    from hybridssm.config import suggest
+
+    fields = _config_fields(model)
+    flags = {_flag(n): n for n in fields}
+    result: dict[str, Any] = {}
+
+    def unknown(token: str) -> UsageError:
+        hint = suggest(token, [*flags, *own, *(f"--no-{n[2:]}" for n, k in flags.items()
+                                                 if _is_bool(fields[k]))])
+        return UsageError(
+            f"unknown option {token} for model {model!r}{hint}; its options are: "
+            f"{', '.join(sorted(flags))} (see `{PROG} info {model}`)"
+        )
+
+    i, extras = 0, list(extras)
+    while i < len(extras):
+        token = extras[i]
+        if not token.startswith("--"):
+            raise UsageError(f"unexpected argument {token!r} (options look like --hidden-size 64)")
+        name, eq, value = token.partition("=")
+        if name.startswith("--no-") and name not in flags and "--" + name[5:] in flags \
+                and _is_bool(fields[flags["--" + name[5:]]]) and not eq:
+            result[flags["--" + name[5:]]] = False
+            i += 1
+            continue
+        if name not in flags:
+            raise unknown(name)
+        field = fields[flags[name]]
+        if not eq:
+            nxt = extras[i + 1] if i + 1 < len(extras) else None
+            if nxt is None or (nxt.startswith("--") and _is_bool(field)):
+                if not _is_bool(field):
+                    raise UsageError(f"option {name} needs a value")
+                result[field.name] = True
+                i += 1
+                continue
+            value, i = nxt, i + 1
+        result[field.name] = parse_value(value, field)
+        i += 1
+    for item in opts:
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq:
+            raise UsageError(f"--opt takes name=value, got {item!r}")
+        if key not in fields:
+            raise unknown(_flag(key))
+        result[key] = parse_value(value, fields[key])
+    return result
+
+
+def parse_task_options(task: str, items: Sequence[str]) -> dict[str, Any]:
+    from hybridssm.tasks import TASKS, build_task
+
+    build_task(task)  # unknown task -> ValueError with a suggestion
+    fields = {f.name: f for f in dataclasses.fields(TASKS[task])}
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq:
+            raise UsageError(f"--task-opt takes name=value, got {item!r}")
+        out[key] = parse_value(value, fields[key]) if key in fields else value
+    return out  # unknown names are reported by the task's own from_options
+
+
+# -- plugins --------------------------------------------------------------------------------------
+def load_plugins(modules: Sequence[str]) -> None:
+    """Import ``--import`` modules and the ``hybridssm.backbones`` entry points."""
+    from importlib.metadata import entry_points
+
+    from hybridssm.backbones import register_backbone
+
+    for ep in entry_points(group="hybridssm.backbones"):
+        try:
+            obj = ep.load()
+            if callable(obj) and not isinstance(obj, type(sys)):
+                register_backbone(ep.name, obj)
+        except Exception as exc:  # a broken plugin must not break the command
+            print(f"{PROG}: warning: backbone entry point {ep.name!r} failed to load: {exc}",
+                  file=sys.stderr)
+    for mod in modules:
+        try:
+            importlib.import_module(mod)
+        except ImportError as exc:
+            raise UsageError(f"--import {mod}: {exc}") from exc
+
+
+# -- sub-commands ---------------------------------------------------------------------------------
+def cmd_list(args: argparse.Namespace, extras: list[str]) -> int:
+    from hybridssm.backbones import list_backbones
+    from hybridssm.registry import get_model_class, list_models
+    from hybridssm.tasks import TASKS
+
+    _no_extras(extras)
+    print("models (info MODEL for options):")
+    for name in list_models():
+        print(f"  {name:<16} {_first_line(sys.modules[get_model_class(name).__module__].__doc__)}")
+    print("backbones (hybrid --backbone NAME):")
+    print("  " + ", ".join(list_backbones()))
+    print("tasks (train --task NAME):")
+    for name, cls in sorted(TASKS.items()):
+        print(f"  {name:<16} {_first_line(sys.modules[cls.__module__].__doc__)}")
+    return 0
+
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().splitlines()[0] if doc and doc.strip() else ""
+
+
+def _state_bytes(state: Any) -> tuple[int, list[str]]:
+    from torch.utils import _pytree as pytree
+
+    leaves = [t for t in pytree.tree_leaves(state) if hasattr(t, "element_size")]
+    total = sum(t.numel() * t.element_size() for t in leaves)
+    return total, [f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in leaves]
+
+
+def cmd_info(args: argparse.Namespace, extras: list[str]) -> int:
+    import hybridssm as hs
+    from hybridssm.registry import get_config_class
+    from hybridssm.training import with_embed_dim
+
+    config_class = get_config_class(args.model)
+    opts = parse_model_options(args.model, extras, args.opt, [])
+    given_embed = "embed_dim" in opts
+    fields = _config_fields(args.model)
+    opts = with_embed_dim(args.model, opts)
+    config = config_class.from_options(**opts)  # validates (ValueError / TypeError)
+    print(f"{args.model}  ({config_class.__name__})")
+    print(f"options (--name value, or --opt name=value){'' if given_embed else '; embed_dim not given: '}"
+          f"{'' if given_embed else 'shown with embed_dim = hidden_size (no input projection)'}:")
+    for name, f in fields.items():
+        d = _default(f)
+        default = "required" if d is dataclasses.MISSING else repr(d)
+        now = getattr(config, name)
+        mark = "" if d is not dataclasses.MISSING and now == d else f"  -> {now!r}"
+        print(f"  {_flag(name):<28} {_type_name(f):<22} default {default}{mark}")
+    rec = hs.recommended_defaults(args.model)
+    if rec:
+        print(f"recommended defaults (the seeds'): {rec}")
+    print(f"parameters: {hs.param_count(args.model, **opts):,}")
+    model = hs.build(args.model, **opts)
+    pattern = _layer_pattern(model, config)
+    if pattern:
+        print(f"layer pattern: {list(pattern)}")
+    state = model.init_state(1)
+    total, parts = _state_bytes(state)
+    cap = model.state_max_len(state)
+    print(f"state at batch 1: {total:,} bytes ({len(parts)} tensors"
+          + (f"; full attention sized for max_len={cap})" if cap is not None else ")"))
+    return 0
+
+
+def _layer_pattern(model: Any, config: Any) -> list | None:
+    """The model's layer kinds, when it exposes them (hybrids: data, DESIGN §2)."""
+    import hybridssm as hs
+
+    for obj in (model, config):
+        for attr in ("layer_pattern", "layer_kinds", "block_types"):
+            value = getattr(obj, attr, None)
+            value = value() if callable(value) else value
+            if isinstance(value, (list, tuple)) and value:
+                return list(value)
+    if hasattr(config, "attention_every") and callable(getattr(hs, "layer_pattern", None)):
+        return list(hs.layer_pattern(num_layers=config.num_layers, attention_every=config.attention_every))
+    return None
+
+
+def cmd_train(args: argparse.Namespace, extras: list[str]) -> int:
+    from hybridssm.registry import get_config_class
+    from hybridssm.training import TrainConfig, build_task_model, train
+
+    get_config_class(args.model)
+    model_opts = parse_model_options(args.model, extras, args.opt, TRAIN_FLAGS)
+    task_opts = parse_task_options(args.task, args.task_opt)
+    config = TrainConfig(
+        model=args.model, model_options=model_opts, task=args.task, task_options=task_opts,
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps if args.warmup_steps is not None else min(100, args.steps // 10),
+        grad_clip=args.grad_clip, bf16=args.bf16, eval_every=args.eval_every or max(1, args.steps // 10),
+        eval_size=args.eval_size, seed=args.seed, log_every=args.log_every,
+        checkpoint_every=args.save_every, device=args.device,
+        progress=False if args.no_progress else None,
+    )
+    model, _ = build_task_model(config)  # validates model and task options before any training
+    n = sum(p.numel() for p in model.backbone.parameters())
+    lead = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 reports and saves
+    if lead:
+        print(f"training {args.model} ({n:,} backbone parameters) on {args.task} {task_opts or ''} "
+              f"for {config.steps} steps" + (f", files in {args.out}" if args.out else ""), file=sys.stderr)
+    res = train(config, out=args.out, resume=args.resume, stop_after=args.stop_after)
+    if not lead:
+        return 0
+    if args.out is not None and res.final:
+        res.model.backbone.save_pretrained(f"{args.out}/model")
+    final = {k: round(v, 4) if isinstance(v, float) else v for k, v in res.final.items()}
+    print(json.dumps({**final, "train_tok_s": round(res.train_tokens_per_s, 1)}))
+    return 0
+
+
+TRAIN_FLAGS = ["--task", "--task-opt", "--steps", "--batch-size", "--lr", "--weight-decay",
+               "--warmup-steps", "--grad-clip", "--bf16", "--eval-every", "--eval-size", "--seed",
+               "--log-every", "--save-every", "--device", "--out", "--resume", "--stop-after",
+               "--no-progress", "--opt"]
+
+
+def cmd_bench(args: argparse.Namespace, extras: list[str]) -> int:
+    import torch
+
+    from hybridssm.bench import SHAPES, BenchSettings, bench_model, format_table, machine_rates
+    from hybridssm.registry import get_config_class
+    from hybridssm.training import with_embed_dim
+
+    get_config_class(args.model)
+    opts = parse_model_options(args.model, extras, args.opt, BENCH_FLAGS)
+    opts = with_embed_dim(args.model, opts)
+    get_config_class(args.model).from_options(**opts)  # validate before measuring anything
+    if args.batch is not None or args.length is not None:
+        shapes = [(args.batch or 32, args.length or 60)]
+    else:
+        shapes = SHAPES[args.shape]
+    settings = BenchSettings(max_time=args.max_time, max_iters=args.max_iters,
+                             latency_steps=args.latency_steps, memory=not args.no_memory)
+    rates = machine_rates(args.device, seconds=0.3)
+    print(f"# {PROG} bench {args.model} {opts}")
+    print(f"threads {torch.get_num_threads()}, device {args.device}, torch {torch.__version__}; "
+          f"measured ceilings: GEMM {rates['gemm_gflops']:.1f} GFLOP/s, exp {rates['exp_gelems']:.2f} "
+          "G elem/s")
+    print(f"timing: {settings.warmup} warm-up, median of up to {settings.max_iters} iterations or "
+          f"{settings.max_time} s, model and baseline interleaved; step latency: batch 1, inplace, "
+          f"median of {settings.latency_steps}; peak memory: own subprocess\n")
+    rows = []
+    for shape in shapes:
+        rows += bench_model(args.model, opts, shape, settings=settings, device=args.device,
+                            baseline=not args.no_baseline, imports=args.imports)
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"model": args.model, "options": opts, "rates": rates,
+                       "threads": torch.get_num_threads(), "rows": rows}, fh, indent=2)
+    return 0
+
+
+BENCH_FLAGS = ["--shape", "--batch", "--length", "--latency-steps", "--max-time", "--max-iters",
+               "--no-memory", "--no-baseline", "--device", "--json", "--opt"]
+
+
+def cmd_demo(args: argparse.Namespace, extras: list[str]) -> int:
+    from hybridssm.demo import run_demo
+
+    _no_extras(extras)
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    run_demo(quick=args.quick, models=models, out=args.out,
+             progress=False if args.no_progress else None)
+    return 0
+
+
+def _no_extras(extras: list[str]) -> None:
+    if extras:
+        raise UsageError(f"unrecognized arguments: {' '.join(extras)}")
+
+
+# -- the parser -----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    def common_options(sub: bool) -> argparse.ArgumentParser:
+        # Accepted before and after the sub-command; a sub-parser's defaults are suppressed so
+        # that they never overwrite a value given before the sub-command.
+        c = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+        dflt = (lambda v: argparse.SUPPRESS) if sub else (lambda v: v)
+        c.add_argument("--import", dest="imports", action="append", default=dflt([]), metavar="MODULE",
+                       help="import MODULE first (e.g. one that registers a custom backbone)")
+        c.add_argument("--threads", type=int, default=dflt(None), help="torch CPU threads (default: torch's)")
+        c.add_argument("--traceback", action="store_true", default=dflt(False),
+                       help="show the traceback of an error")
+        return c
+
+    common, common_sub = common_options(False), common_options(True)
+
+    p = argparse.ArgumentParser(prog=PROG, description="Hybrid SSM + attention backbones: inspect, "
+                                "train on synthetic tasks, benchmark, demo.", parents=[common],
+                                allow_abbrev=False)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, parents=[common_sub], allow_abbrev=False)
+
+    s = add("list", "list the registered models, hybrid backbones and tasks")
+    s.set_defaults(func=cmd_list)
+
+    model_help = "model options: --name value for each field of the model's config (see `info`)"
+    s = add("info", "a model's options and defaults, parameter count, layer pattern, state size")
+    s.add_argument("model")
+    s.add_argument("--opt", action="append", default=[], metavar="NAME=VALUE", help=model_help)
+    s.set_defaults(func=cmd_info)
+
+    s = add("train", "train a model on a synthetic task (checkpoints, resume, torchrun for DDP)")
+    s.add_argument("model")
+    s.add_argument("--task", default="mqar", help="mqar | selective_copy | parity (default mqar)")
+    s.add_argument("--task-opt", action="append", default=[], metavar="NAME=VALUE",
+                   help="task option, e.g. --task-opt num_kv_pairs=8")
+    s.add_argument("--opt", action="append", default=[], metavar="NAME=VALUE", help=model_help)
+    s.add_argument("--steps", type=int, default=1000)
+    s.add_argument("--batch-size", type=int, default=32, help="global batch (split over processes)")
+    s.add_argument("--lr", type=float, default=3e-3)
+    s.add_argument("--weight-decay", type=float, default=0.1)
+    s.add_argument("--warmup-steps", type=int, default=None, help="default: steps / 10, at most 100")
+    s.add_argument("--grad-clip", type=float, default=1.0)
+    s.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    s.add_argument("--eval-every", type=int, default=None, help="default: steps / 10")
+    s.add_argument("--eval-size", type=int, default=512)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--log-every", type=int, default=10)
+    s.add_argument("--save-every", type=int, default=0, help="checkpoint period (0: at evaluations)")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--out", default=None, help="directory for metrics.jsonl, checkpoint.pt, model/")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out")
+    s.add_argument("--stop-after", type=int, default=None, help="stop at this step (resume later)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_train)
+
+    s = add("bench", "throughput, step latency and memory beside nn.TransformerEncoder (DESIGN §5)")
+    s.add_argument("model")
+    s.add_argument("--opt", action="append", default=[], metavar="NAME=VALUE", help=model_help)
+    s.add_argument("--shape", choices=["short", "long"], default="short",
+                   help="short = (32, 60); long = 8,192 tokens at T = 256, 2048, 4096")
+    s.add_argument("--batch", type=int, default=None, help="batch size (overrides --shape)")
+    s.add_argument("--length", type=int, default=None, help="sequence length (overrides --shape)")
+    s.add_argument("--latency-steps", type=int, default=1000)
+    s.add_argument("--max-time", type=float, default=3.0, help="seconds per candidate")
+    s.add_argument("--max-iters", type=int, default=20)
+    s.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    s.add_argument("--no-baseline", action="store_true")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
+    s.set_defaults(func=cmd_bench)
+
+    s = add("demo", "train the model zoo on MQAR, print a leaderboard, write results/demo.*")
+    s.add_argument("--quick", action="store_true", help="tiny sizes (seconds; for tests)")
+    s.add_argument("--models", default=None, help="comma-separated zoo entries (default: all registered)")
+    s.add_argument("--out", default="results")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args, extras = parser.parse_known_args(argv)
+    except SystemExit as exc:  # argparse's own usage errors (2) and --help (0)
+        return int(exc.code or 0)
+    try:
+        if args.threads is not None:
+            import torch
+
+            if args.threads < 1:
+                raise UsageError(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
+        load_plugins(args.imports)
+        return args.func(args, extras)
+    except (UsageError, ValueError, TypeError) as exc:
+        if args.traceback:
+            raise
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

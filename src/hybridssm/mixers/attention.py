@@ -1,0 +1,194 @@
+"""Causal multi-head self-attention as a mixer (Vaswani et al. 2017), with the seeds' options.
+
+``x [B, T, d] -> q, k, v [B, T, H, Dh]`` (linear projections) -> optional QK-LayerNorm over ``Dh``
+(Dehghani et al. 2023; the seeds' ``qk_layernorm``) -> optional RoPE at each token's absolute
+position -> causal attention (:mod:`hybridssm.ops.attention`) -> ``o_proj -> [B, T, d]``.
+
+* ``window_size=W``: sliding window, W keys including the current one; ``None`` = full attention.
+* ``num_prefix=P``: the first P tokens of the stream stay visible to every later token and keep
+  their own cache slots (Hymba's meta tokens).
+* ``num_memory_kv=M``: M learned key/value vectors per head seen by every query (no position,
+  not part of the state): Hymba's seed-compatible "kv" meta tokens.
+
+State ``AttentionState(k, v, pos)``: ``k, v [B, H, P + S, Dh]``, ``pos [B]`` int64 = tokens this
+layer has consumed (prefix included). S = W with a window (a ring: position p >= P lives in slot
+``P + (p - P) % W``), else ``max_len`` (default 4096; slot ``p``). ``forward(x)`` without a state is
+the training path (no cache, the ``impl`` form); with a state it is the cached path, which returns
+the updated cache and is differentiable (truncated BPTT continues through it). A full cache
+raises ``ValueError`` (naming ``max_len``) when an input would go past it, in eager mode only: a
+compiled step past capacity is not checked (its writes clamp to the last slot). ``inplace=True``
+is the streaming path (O(1) writes); use the functional path when backpropagating.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from hybridssm.layers import LayerNorm, apply_rope, rope_cos_sin
+from hybridssm.mixers.base import Mixer, finish_state
+from hybridssm.ops.attention import IMPLS, attention, attention_cached
+
+__all__ = ["AttentionMixer", "AttentionState", "DEFAULT_MAX_LEN", "POSITIONAL_IN_MIXER"]
+
+DEFAULT_MAX_LEN = 4096
+POSITIONAL_IN_MIXER = ("none", "rope")  # sinusoidal / learned are added at the model level
+
+
+class AttentionState(NamedTuple):
+    k: Tensor  # [B, H, P + S, Dh] keys (rotated when positional="rope")
+    v: Tensor  # [B, H, P + S, Dh] values
+    pos: Tensor  # [B] int64 tokens consumed by this layer (prefix tokens included)
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"option {name!r} must be an integer >= {minimum}, got {value!r}")
+
+
+class AttentionMixer(Mixer):
+    """Causal self-attention ``[B, T, d] -> [B, T, d]`` with a fixed-size streaming cache.
+
+    Args:
+        hidden_size: d, the width of the stream.
+        num_heads: H.
+        head_dim: Dh; the attention width is ``H * Dh`` (need not equal ``d``).
+        window_size: sliding window W (keys including self), or None for full attention.
+        qk_layernorm: LayerNorm over ``Dh`` of q and k (one norm each, shared by the heads).
+        positional: ``"none"`` or ``"rope"`` (rotary, applied here; additive encodings belong to
+            the model).
+        impl: training form, one of ``"sdpa"``, ``"chunked"``, ``"memory_efficient"``.
+        chunk_size: query / key chunk of the chunked and memory-efficient forms and the block of
+            the sliding-window forms.
+        num_prefix: P global prefix tokens (Hymba's meta tokens).
+        num_memory_kv: M learned always-visible key/value pairs per head.
+        rope_base: RoPE's frequency base.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        window_size: int | None = None,
+        qk_layernorm: bool = False,
+        positional: str = "none",
+        impl: str = "sdpa",
+        chunk_size: int = 32,
+        num_prefix: int = 0,
+        num_memory_kv: int = 0,
+        rope_base: float = 10000.0,
+    ) -> None:
+        super().__init__()
+        _check_int("hidden_size", hidden_size, 1)
+        _check_int("num_heads", num_heads, 1)
+        _check_int("head_dim", head_dim, 1)
+        if window_size is not None:
+            _check_int("window_size", window_size, 1)
+        _check_int("chunk_size", chunk_size, 1)
+        _check_int("num_prefix", num_prefix, 0)
+        _check_int("num_memory_kv", num_memory_kv, 0)
+        if positional not in POSITIONAL_IN_MIXER:
+            raise ValueError(
+                f"option 'positional' of AttentionMixer must be one of "
+                f"{', '.join(map(repr, POSITIONAL_IN_MIXER))}; got {positional!r} "
+                "(sinusoidal and learned positions are added by the model)"
+            )
+        if impl not in IMPLS:
+            raise ValueError(f"option 'impl' must be one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
+        H, Dh = num_heads, head_dim
+        self.num_heads, self.head_dim = H, Dh
+        self.window_size, self.num_prefix = window_size, num_prefix
+        self.impl, self.chunk_size = impl, chunk_size
+        self.positional, self.rope_base = positional, rope_base
+        self.qkv_proj = nn.Linear(hidden_size, 3 * H * Dh)  # q, k, v in one GEMM
+        self.o_proj = nn.Linear(H * Dh, hidden_size)
+        self.q_norm = LayerNorm(Dh) if qk_layernorm else None
+        self.k_norm = LayerNorm(Dh) if qk_layernorm else None
+        if num_memory_kv:
+            # small random init, as learned prefix / register tokens usually get (std 0.02)
+            self.mem_k = nn.Parameter(torch.empty(num_memory_kv, H, Dh))
+            self.mem_v = nn.Parameter(torch.empty(num_memory_kv, H, Dh))
+            nn.init.normal_(self.mem_k, std=0.02)
+            nn.init.normal_(self.mem_v, std=0.02)
+        else:
+            self.mem_k = self.mem_v = None
+
+    # -- state ----------------------------------------------------------------------------------
+    def init_state(self, batch_size, *, device=None, dtype=None, max_len=None) -> AttentionState:
+        """Empty cache: ``P + W`` slots with a window, else ``P + max_len`` (default 4096)."""
+        device, dtype = self._device_dtype(device, dtype)
+        if self.window_size is not None:
+            S = self.window_size
+        else:
+            S = DEFAULT_MAX_LEN if max_len is None else max_len
+            _check_int("max_len", S, 1)
+        shape = (batch_size, self.num_heads, self.num_prefix + S, self.head_dim)
+        return AttentionState(
+            k=torch.zeros(shape, device=device, dtype=dtype),
+            v=torch.zeros(shape, device=device, dtype=dtype),
+            pos=torch.zeros(batch_size, device=device, dtype=torch.long),
+        )
+
+    def state_max_len(self, state: AttentionState) -> int | None:
+        """S of a full-attention cache (None for a sliding-window ring)."""
+        if self.window_size is not None:
+            return None
+        return state.k.shape[2] - self.num_prefix
+
+    def _check_capacity(self, state: AttentionState, lengths: Tensor | None, T: int) -> None:
+        if self.window_size is not None or torch.compiler.is_compiling():
+            return
+        cap = state.k.shape[2]  # positions 0 .. P + S - 1
+        need = int((state.pos + (T if lengths is None else lengths)).max())
+        if need > cap:
+            S = cap - self.num_prefix
+            raise ValueError(
+                f"attention cache full: max_len={S} input positions"
+                f"{f' (+ {self.num_prefix} prefix slots)' if self.num_prefix else ''}, but this "
+                f"input needs {need - self.num_prefix}; raise it with init_state(max_len=...) or "
+                "forward(..., max_len=...), or use a sliding window (use_sliding_window=True / "
+                "window_size) for an unbounded stream"
+            )
+
+    # -- forward --------------------------------------------------------------------------------
+    def _qkv(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        B, T, _ = x.shape
+        H, Dh = self.num_heads, self.head_dim
+        q, k, v = self.qkv_proj(x).view(B, T, 3, H, Dh).unbind(2)  # [B, T, H, Dh] each
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.positional == "rope":
+            acc = torch.promote_types(q.dtype, torch.float32)
+            cs = rope_cos_sin(positions, Dh, self.rope_base, acc)
+            q = apply_rope(q, positions, cos_sin=cs)
+            k = apply_rope(k, positions, cos_sin=cs)
+        return q, k, v
+
+    def forward(
+        self, x: Tensor, state: AttentionState | None = None, *, lengths: Tensor | None = None,
+        inplace: bool = False,
+    ) -> tuple[Tensor, AttentionState | None]:
+        """``x [B, T, d]`` -> ``(y [B, T, d], state)``; without a state the training path (returns
+        None as the state), with one the cached path (returns the updated cache)."""
+        B, T, _ = x.shape
+        t = torch.arange(T, device=x.device)
+        if state is None:
+            q, k, v = self._qkv(x, t.unsqueeze(0).expand(B, T))
+            out = attention(
+                q, k, v, window=self.window_size, num_prefix=self.num_prefix, mem_k=self.mem_k,
+                mem_v=self.mem_v, impl=self.impl, chunk_size=self.chunk_size,
+            )
+            return self.o_proj(out.reshape(B, T, -1).to(x.dtype)), None
+        self._check_capacity(state, lengths, T)
+        q, k, v = self._qkv(x, state.pos.unsqueeze(1) + t)
+        out, (ck, cv, pos) = attention_cached(
+            q, k, v, state.k, state.v, state.pos, window=self.window_size,
+            num_prefix=self.num_prefix, lengths=lengths, mem_k=self.mem_k, mem_v=self.mem_v,
+            inplace=inplace,
+        )
+        y = self.o_proj(out.reshape(B, T, -1).to(x.dtype))
+        return y, finish_state(state, AttentionState(ck, cv, pos), inplace)

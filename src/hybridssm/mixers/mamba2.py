@@ -1,0 +1,188 @@
+"""Mamba-2 mixer (Dao & Gu, "Transformers are SSMs", ICML 2024): the SSD selective SSM.
+
+Per token (``E = d_inner = expand_factor * hidden``, ``H = E / P`` heads of width ``P``, ``G`` groups
+of ``N``-wide B/C, each shared by ``H / G`` consecutive heads)::
+
+    z, xBC, dt = in_proj(x)                      # [E], [E + 2GN], [H]   (no bias)
+    xBC        = silu(causal_conv_K(xBC))        # depthwise, with bias, over x, B and C together
+    x, B, C    = split(xBC)                      # [H, P], [G, N], [G, N]
+    dt         = softplus(dt + dt_bias)          # [H], not clamped (the reference's default limit)
+    y          = SSD(x, dt, A = -exp(A_log), B, C) + D x        # ops.ssd, state [H, P, N] in fp32
+    out        = out_proj(rmsnorm_G(y * silu(z)))              # norm per group, fp32 (no bias)
+
+The parameterisation and initialisations are the reference's (state-spaces/mamba ``Mamba2``): ``A``
+per head with ``A_log = log U(1, 16)``, ``D = 1``, ``dt_bias`` = inverse softplus of
+``dt ~ exp(U(log 1e-3, log 1e-1))`` clamped at 1e-4. Padded steps (``lengths``) get ``dt = 0``:
+identity steps for the scan.
+State: ``conv [B, E + 2GN, K-1]`` (raw pre-conv inputs) and ``ssm [B, H, P, N]`` (fp32 at least).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hybridssm.layers import mark_fp32_no_decay
+from hybridssm.mixers.base import Mixer, finish_state, state_dtype, valid_mask
+from hybridssm.ops.conv import causal_conv1d
+from hybridssm.ops.ssd import DEFAULT_CHUNK_SIZE, ssd
+
+__all__ = ["Mamba2Mixer", "Mamba2State", "GatedRMSNorm", "default_ssm_head_dim"]
+
+MAX_HEAD_DIM = 64  # the reference's head width
+
+
+def default_ssm_head_dim(d_inner: int) -> int:
+    """The largest divisor of ``d_inner`` that is at most 64 (64 whenever 64 divides it), so that
+    every width builds."""
+    return max(p for p in range(1, min(MAX_HEAD_DIM, d_inner) + 1) if d_inner % p == 0)
+
+
+def _check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"option {name!r} must be a positive integer (>= 1), got {value!r}")
+
+
+class Mamba2State(NamedTuple):
+    conv: Tensor  # [B, E + 2GN, K-1] last raw inputs of the conv over x, B, C
+    ssm: Tensor  # [B, H, P, N] SSD state, fp32 at least
+
+
+class GatedRMSNorm(nn.Module):
+    """``rmsnorm(y * silu(z))`` over groups of ``dim // groups`` channels, in fp32 at least."""
+
+    def __init__(self, dim: int, groups: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.groups, self.eps = groups, eps
+        self.weight = mark_fp32_no_decay(nn.Parameter(torch.ones(dim)))
+
+    def forward(self, y: Tensor, z: Tensor) -> Tensor:
+        acc = torch.promote_types(y.dtype, self.weight.dtype)
+        g = y.to(acc) * F.silu(z.to(acc))  # [..., E]
+        g = g.unflatten(-1, (self.groups, -1))  # [..., G, E/G]
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
+        return g.flatten(-2) * self.weight.to(acc)
+
+
+class Mamba2Mixer(Mixer):
+    """Mamba-2 (SSD) as a mixer ``[B, T, d] -> [B, T, d]``.
+
+    Args:
+        hidden_size: model width ``d``.
+        state_size: ``N``, the SSM state per head channel. Default 16 (the seeds' Mamba; the
+            Mamba-2 paper uses 64-256).
+        expand_factor: ``d_inner = expand_factor * hidden_size``.
+        conv_size: ``K``, width of the depthwise causal conv over x, B, C.
+        ssm_head_dim: ``P``, width of each SSD head; must divide ``d_inner``. Default: the largest
+            divisor of ``d_inner`` that is at most 64 (the reference's 64 at usual widths).
+        num_groups: ``G``, groups of heads sharing B and C; must divide the number of heads.
+        scan_chunk_size: chunk length of the chunked SSD scan (a speed knob; values do not depend
+            on it beyond fp32 rounding).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        *,
+        state_size: int = 16,
+        expand_factor: int = 2,
+        conv_size: int = 4,
+        ssm_head_dim: int | None = None,
+        num_groups: int = 1,
+        scan_chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("hidden_size", hidden_size), ("state_size", state_size), ("expand_factor", expand_factor),
+            ("conv_size", conv_size), ("num_groups", num_groups), ("scan_chunk_size", scan_chunk_size),
+        ):
+            _check_positive(name, value)
+        E = expand_factor * hidden_size
+        if ssm_head_dim is None:
+            ssm_head_dim = default_ssm_head_dim(E)
+        _check_positive("ssm_head_dim", ssm_head_dim)
+        if E % ssm_head_dim:
+            raise ValueError(
+                f"option 'ssm_head_dim' must divide d_inner = expand_factor * hidden_size = {E}, "
+                f"got {ssm_head_dim}"
+            )
+        H = E // ssm_head_dim
+        if H % num_groups:
+            raise ValueError(
+                f"option 'num_groups' must divide the number of heads d_inner / ssm_head_dim = {H}, "
+                f"got {num_groups}"
+            )
+        N, G, K = state_size, num_groups, conv_size
+        self.d_inner, self.state_size, self.conv_size = E, N, K
+        self.num_heads, self.head_dim, self.num_groups = H, ssm_head_dim, G
+        self.scan_chunk_size = scan_chunk_size
+        self.conv_dim = E + 2 * G * N
+
+        self.in_proj = nn.Linear(hidden_size, E + self.conv_dim + H, bias=False)  # -> z, xBC, dt
+        # Depthwise causal conv; nn.Conv1d for its default init (the reference's), applied through
+        # ops.conv with the weight as [C, K].
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, K, groups=self.conv_dim, bias=True)
+        # S4D-style scalar decay per head: A = -exp(A_log), A ~ U(1, 16) (Mamba-2 reference).
+        self.A_log = mark_fp32_no_decay(nn.Parameter(torch.empty(H).uniform_(1, 16).log()))
+        self.D = mark_fp32_no_decay(nn.Parameter(torch.ones(H)))
+        # dt_bias = softplus^-1(dt) with dt log-uniform in [1e-3, 1e-1] (floor 1e-4), so that
+        # softplus(0 + dt_bias) starts at a spread of time scales (Mamba, §3.6).
+        dt = torch.exp(
+            torch.rand(H) * (math.log(1e-1) - math.log(1e-3)) + math.log(1e-3)
+        ).clamp(min=1e-4)
+        self.dt_bias = mark_fp32_no_decay(nn.Parameter(dt + torch.log(-torch.expm1(-dt))))
+        self.norm = GatedRMSNorm(E, G)
+        self.out_proj = nn.Linear(E, hidden_size, bias=False)
+
+    def init_state(self, batch_size, *, device=None, dtype=None, max_len=None) -> Mamba2State:
+        device, dtype = self._device_dtype(device, dtype)
+        H, P, N = self.num_heads, self.head_dim, self.state_size
+        return Mamba2State(
+            conv=torch.zeros(batch_size, self.conv_dim, self.conv_size - 1, device=device, dtype=dtype),
+            ssm=torch.zeros(batch_size, H, P, N, device=device, dtype=state_dtype(dtype)),
+        )
+
+    def _device_dtype(self, device, dtype):
+        # The first parameter (A_log) is kept at fp32; the projections tell the compute dtype.
+        p = self.in_proj.weight
+        return (torch.device(device) if device is not None else p.device), dtype or p.dtype
+
+    def forward(
+        self, x: Tensor, state: Mamba2State | None = None, *, lengths: Tensor | None = None,
+        inplace: bool = False,
+    ) -> tuple[Tensor, Mamba2State]:
+        """``x [B, T, d]`` -> ``(y [B, T, d], state)``; see the module docstring."""
+        Bsz, T, _ = x.shape
+        E, H, P, G, N = self.d_inner, self.num_heads, self.head_dim, self.num_groups, self.state_size
+        fresh = state is None  # the scan can skip reading a zero initial state
+        if fresh:
+            state = self.init_state(Bsz, device=x.device, dtype=x.dtype)
+        z, xBC, dt = self.in_proj(x).split([E, self.conv_dim, H], dim=-1)
+        xBC, conv_state = causal_conv1d(
+            xBC, self.conv1d.weight[:, 0], self.conv1d.bias, state.conv, lengths
+        )
+        xs, Bm, Cm = F.silu(xBC).split([E, G * N, G * N], dim=-1)
+
+        acc = state.ssm.dtype
+        dt = F.softplus(dt.to(acc) + self.dt_bias.to(acc))  # [B, T, H]
+        mask = valid_mask(lengths, T, x.device)
+        if mask is not None:  # padded steps: dt = 0 leaves the state untouched
+            dt = torch.where(mask.unsqueeze(-1), dt, 0.0)
+        A = -torch.exp(self.A_log.to(acc))  # [H]
+        y, ssm_state = ssd(
+            xs.reshape(Bsz, T, H, P),
+            dt,
+            A,
+            Bm.reshape(Bsz, T, G, N),
+            Cm.reshape(Bsz, T, G, N),
+            D=self.D.to(acc),
+            state=None if fresh else state.ssm,
+            chunk_size=self.scan_chunk_size,
+        )
+        y = self.norm(y.reshape(Bsz, T, E), z)  # fp32 at least
+        new = Mamba2State(conv=conv_state, ssm=ssm_state.to(acc))
+        return self.out_proj(y.to(x.dtype)), finish_state(state, new, inplace)

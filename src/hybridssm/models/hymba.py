@@ -1,0 +1,169 @@
+"""``hymba``: parallel Mamba + attention heads with learnable meta tokens (seed 003; Dong et al.,
+"Hymba: A Hybrid-head Architecture for Small Language Models", 2024).
+
+Meta tokens (``meta_tokens="sequence"``, default) are ``M`` learned vectors prepended to the
+sequence before the first block. They pass through every layer, so both the attention K/V and the
+Mamba state absorb them and their representations are updated layer by layer (cross-layer
+propagation); they are dropped at the output. Attention always sees them, under a sliding window
+too. Because they come first and the model is causal, the state after them does not depend on the
+input: :meth:`Hymba.init_state` is that state (cached while the parameters are unchanged and no
+gradient is being recorded), and ``forward(x) == forward(x, state=init_state(B))``.
+
+``meta_tokens="kv"`` is the seed's simpler variant: ``M`` learned keys/values per attention layer,
+prepended to every query's keys, with no sequence tokens and no propagation across layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from hybridssm.backbones import SEED_OPTIONS, build_backbone_mixer, get_backbone
+from hybridssm.blocks import FUSIONS, ParallelBlock
+from hybridssm.config import ModelConfig, check_choice, check_positive
+from hybridssm.layers import FFN
+from hybridssm.mixers.attention import AttentionMixer
+from hybridssm.models.base import SequenceModel
+from hybridssm.registry import register_model
+from hybridssm.state import ModelState, map_state
+
+__all__ = ["HymbaConfig", "Hymba"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class HymbaConfig(ModelConfig):
+    """Options of ``hymba`` (the seed's names and defaults, plus ours, documented).
+
+    Attributes:
+        num_meta_tokens: learnable meta tokens M.
+        head_dim: attention head width (default ``hidden_size // num_heads``, at least 1).
+        global_layers: indices of layers with full attention; the others attend within a sliding
+            window of ``window_size`` keys (plus the meta tokens). ``None`` = every layer global
+            (the seed's behaviour); NVIDIA's model uses first, middle and last.
+        fusion: ``"gate"`` (the seed's sigmoid gate) or ``"mean"`` (the paper's normalised mean).
+        meta_tokens: ``"sequence"`` (prepended tokens, propagated across layers) or ``"kv"``.
+    """
+
+    recommended: ClassVar[dict] = dict(
+        hidden_size=256, state_size=16, num_layers=4, num_heads=4, num_meta_tokens=4,
+        window_size=60, dropout=0.1,
+    )
+    default_hidden_size: ClassVar[int] = 256
+    default_state_size: ClassVar[int] = 16
+    default_num_layers: ClassVar[int] = 4
+    default_num_heads: ClassVar[int] = 4
+    default_num_meta_tokens: ClassVar[int] = 4
+    default_dropout: ClassVar[float] = 0.0
+
+    num_layers: int = 4
+    state_size: int = 16
+    num_heads: int = 4
+    num_meta_tokens: int = 4
+    head_dim: int | None = None
+    expand_factor: int = 2
+    conv_size: int = 4
+    global_layers: tuple[int, ...] | None = None
+    fusion: str = "gate"
+    meta_tokens: str = "sequence"
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("state_size", "num_heads", "num_meta_tokens", "expand_factor", "conv_size"):
+            check_positive(name, getattr(self, name))
+        if self.head_dim is not None:
+            check_positive("head_dim", self.head_dim)
+        check_choice("fusion", self.fusion, tuple(FUSIONS))
+        check_choice("meta_tokens", self.meta_tokens, ("sequence", "kv"))
+        if self.global_layers is not None:
+            layers = self.global_layers
+            if not isinstance(layers, (tuple, list)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.num_layers
+                for i in layers
+            ):
+                raise ValueError(
+                    f"option 'global_layers' must be a tuple of layer indices in "
+                    f"0..{self.num_layers - 1} (or None for all), got {layers!r}"
+                )
+            object.__setattr__(self, "global_layers", tuple(sorted(set(layers))))
+
+    @property
+    def attn_head_dim(self) -> int:
+        return self.head_dim or max(1, self.hidden_size // self.num_heads)
+
+    def is_global(self, layer: int) -> bool:
+        return self.global_layers is None or layer in self.global_layers
+
+
+@register_model("hymba", HymbaConfig)
+class Hymba(SequenceModel):
+    """Parallel Mamba + attention blocks with learnable meta tokens; see the module docstring."""
+
+    def __init__(self, config: HymbaConfig) -> None:
+        super().__init__(config)
+        M = config.num_meta_tokens if config.meta_tokens == "sequence" else 0
+        self.num_prefix = M
+        # Small random init, like token embeddings (the paper learns them from scratch).
+        self.meta = nn.Parameter(torch.randn(M, config.hidden_size) * 0.02) if M else None
+        self._init_cache: tuple | None = None
+
+    def build_blocks(self, c: HymbaConfig) -> list[nn.Module]:
+        d = c.hidden_size
+        seq_meta = c.num_meta_tokens if c.meta_tokens == "sequence" else 0
+        kv_meta = c.num_meta_tokens if c.meta_tokens == "kv" else 0
+        seed = {k: getattr(c, k) for k in SEED_OPTIONS}
+        return [
+            ParallelBlock(
+                build_backbone_mixer(get_backbone("mamba"), d, seed, {}),
+                AttentionMixer(
+                    d,
+                    c.num_heads,
+                    c.attn_head_dim,
+                    window_size=None if c.is_global(i) else c.window_size,
+                    num_prefix=seq_meta,
+                    num_memory_kv=kv_meta,
+                ),
+                d,
+                fusion=FUSIONS[c.fusion](d),
+                ffn=FFN(d, 4),
+            )
+            for i in range(c.num_layers)
+        ]
+
+    def _run_blocks(self, h: Tensor, layer_states, lengths, inplace):
+        if layer_states is not None or self.meta is None:
+            return super()._run_blocks(h, layer_states, lengths, inplace)
+        # No state: the meta tokens lead the sequence (the training path), then are dropped.
+        M = self.num_prefix
+        meta = self.meta.to(h.dtype).unsqueeze(0).expand(h.shape[0], -1, -1)
+        lengths = None if lengths is None else lengths + M
+        out, states = super()._run_blocks(torch.cat([meta, h], 1), None, lengths, inplace)
+        return out[:, M:], states
+
+    def init_state(self, batch_size: int, *, device=None, dtype=None, max_len=None) -> ModelState:
+        """The state after the meta tokens (``pos`` = 0): it depends only on the parameters."""
+        zero = super().init_state(batch_size, device=device, dtype=dtype, max_len=max_len)
+        if self.meta is None:
+            return zero
+        key = (
+            zero.pos.device, dtype, max_len,
+            tuple((p.data_ptr(), p._version) for p in self.parameters()),
+        )
+        cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        if cacheable and self._init_cache is not None and self._init_cache[0] == key:
+            one = self._init_cache[1]
+        else:
+            one = self._prefill_meta(device=zero.pos.device, dtype=dtype, max_len=max_len)
+            self._init_cache = (key, one) if cacheable else None
+        layers = map_state(
+            lambda t: t.expand(batch_size, *t.shape[1:]).clone(), one
+        )
+        return ModelState(layers, zero.pos)
+
+    def _prefill_meta(self, *, device, dtype, max_len) -> tuple:
+        zero = super().init_state(1, device=device, dtype=dtype, max_len=max_len)
+        meta = self.meta.to(device=device, dtype=dtype or self._compute_dtype()).unsqueeze(0)
+        _, layers = super()._run_blocks(meta, zero.layers, None, False)
+        return tuple(layers)

@@ -1,0 +1,118 @@
+"""The model cases the conformance suite runs over: every registered model (and, for ``hybrid``,
+every registered backbone), each at its defaults and at one tiny fixed config (DESIGN §4)."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import custom_backbone  # noqa: F401  (registers the README's "ema" backbone: held to the rules too)
+import hybridssm as hs
+from hybridssm.backbones import get_backbone, list_backbones
+
+# Options of the tiny fixed config, applied where a model has the option. W = 4, chunk = 8.
+TINY = dict(
+    embed_dim=5,
+    hidden_size=16,
+    num_layers=2,
+    state_size=4,
+    expand_factor=2,
+    conv_size=3,
+    num_heads=2,
+    head_dim=8,
+    ssm_head_dim=8,
+    window_size=4,
+    chunk_size=8,
+    scan_chunk_size=8,
+    attention_every=2,
+    num_meta_tokens=2,
+    dropout=0.0,
+)
+W, CHUNK, CONV = TINY["window_size"], TINY["chunk_size"], TINY["conv_size"]
+# The boundary lengths of DESIGN §4.
+LENGTHS = sorted({1, 2, CONV - 1, CONV, W, W + 1, CHUNK + 1, 2 * CHUNK + 3})
+DEFAULT_EMBED = 20  # != hidden_size, so the input projection is exercised
+
+# Extra tiny variants per model: options that switch code paths (sliding windows, global layers).
+VARIANTS: dict[str, list[dict[str, Any]]] = {
+    "hybrid": [dict(use_sliding_window=False)],
+    "hymba": [dict(global_layers=(0,)), dict(meta_tokens="kv")],
+    "transformer": [dict(use_sliding_window=True)],
+    "ss_transformer": [dict(ssm="mamba2")],
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    opts: tuple = field(default=())  # sorted (key, value) pairs
+    tiny: bool = True
+
+    @property
+    def id(self) -> str:
+        extra = ",".join(
+            f"{k}={v}" if k != "backbone_options" else ",".join(f"{a}={b}" for a, b in v)
+            for k, v in self.opts
+            if k not in TINY
+        )
+        return f"{self.name}[{'tiny' if self.tiny else 'default'}{',' + extra if extra else ''}]"
+
+    def options(self) -> dict[str, Any]:
+        opts = dict(self.opts)
+        if "backbone_options" in opts:  # kept as pairs so that cases stay hashable
+            opts["backbone_options"] = dict(opts["backbone_options"])
+        return opts
+
+    def build(self, **override: Any) -> torch.nn.Module:
+        torch.manual_seed(1234)
+        model = hs.build(self.name, **{**self.options(), **override})
+        # Some layers start with zero output projections (RWKV, as its reference): perturb every
+        # weight a little so that no path is trivially zero and every rule tests something.
+        g = torch.Generator().manual_seed(4321)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.02)
+        return model
+
+
+def _fit(name: str, opts: dict[str, Any]) -> dict[str, Any]:
+    fields = set(hs.get_config_class(name).option_names())
+    return {k: v for k, v in opts.items() if k in fields}
+
+
+def _freeze(opts: dict[str, Any]) -> tuple:
+    return tuple(sorted(opts.items()))
+
+
+def all_cases(include_default: bool = True) -> list[Case]:
+    cases = []
+    for name in hs.list_models():
+        extras: list[dict[str, Any]] = [{}]
+        if name == "hybrid":
+            extras = [dict(backbone=b) for b in list_backbones()]
+        for extra in extras:
+            tiny_extra = dict(extra)
+            if "backbone" in extra and "scan_chunk_size" in get_backbone(extra["backbone"]).options:
+                # the backbone's own chunk, small enough that the boundary lengths cross chunks
+                tiny_extra["backbone_options"] = (("scan_chunk_size", CHUNK),)
+            cases.append(Case(name, _freeze(_fit(name, {**TINY, **tiny_extra})), tiny=True))
+            if include_default:
+                cases.append(Case(name, _freeze({"embed_dim": DEFAULT_EMBED, **extra}), tiny=False))
+        for variant in VARIANTS.get(name, []):
+            opts = _fit(name, {**TINY, **variant})
+            if set(variant) <= set(opts):
+                cases.append(Case(name, _freeze(opts), tiny=True))
+    return cases
+
+
+def tiny_cases() -> list[Case]:
+    return [c for c in all_cases() if c.tiny]
+
+
+@functools.cache
+def cached_model(case: Case) -> torch.nn.Module:
+    """One eval-mode model per case, shared by the read-only tests."""
+    return case.build().eval()

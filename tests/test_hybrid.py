@@ -1,0 +1,169 @@
+"""The hybrid model beyond conformance: layout, layers, options, custom backbones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hybridssm as hs
+from custom_backbone import EMAMixer
+from helpers import assert_close
+from hybridssm.layers import FFN, LearnedPositions, SinusoidalPositions
+
+TINY = dict(embed_dim=5, hidden_size=16, num_heads=2, head_dim=8, state_size=4, window_size=4,
+            dropout=0.0)
+
+
+def test_layer_pattern_matches_the_seed_examples():
+    assert hs.layer_pattern(num_layers=6, attention_every=3) == [
+        "mamba", "mamba", "attention", "mamba", "mamba", "attention",
+    ]
+    assert hs.layer_pattern(num_layers=6, attention_every=3, backbone="gru") == [
+        "gru", "gru", "attention", "gru", "gru", "attention",
+    ]
+    assert hs.layer_pattern(num_layers=8, attention_every=4)[3::4] == ["attention", "attention"]
+    assert hs.layer_pattern(num_layers=2, attention_every=3) == ["mamba", "mamba"]
+    with pytest.raises(ValueError, match="'attention_every' must be a positive integer.*0"):
+        hs.layer_pattern(num_layers=6, attention_every=0)
+
+
+@pytest.mark.parametrize("backbone", hs.list_backbones())
+def test_model_is_built_from_its_pattern(backbone):
+    model = hs.build("hybrid", **TINY, num_layers=4, attention_every=2, backbone=backbone)
+    assert model.layer_pattern == [backbone, "attention", backbone, "attention"]
+    for kind, block in zip(model.layer_pattern, model.blocks):
+        if kind == "attention":
+            assert isinstance(block.mixer, hs.AttentionMixer) and block.ffn is not None
+            assert block.mixer.window_size == 4  # use_sliding_window defaults on
+        else:
+            assert not isinstance(block.mixer, hs.AttentionMixer) and block.ffn is None
+
+
+def test_seed_defaults_and_recommended():
+    cfg = hs.HybridConfig(embed_dim=256)
+    assert (cfg.hidden_size, cfg.num_layers, cfg.attention_every, cfg.backbone) == (256, 6, 3, "mamba")
+    assert (cfg.num_heads, cfg.head_dim, cfg.window_size, cfg.use_sliding_window) == (4, 64, 60, True)
+    assert (cfg.qk_layernorm, cfg.pre_norm, cfg.dropout, cfg.chunk_size) == (True, True, 0.1, 32)
+    assert not cfg.chunked_attention and not cfg.memory_efficient_attention
+    assert cfg.positional == "none"
+    assert hs.recommended_defaults("hybrid")["attention_every"] == 3
+    model = hs.Hybrid(cfg)
+    assert isinstance(model.blocks[0].mixer, hs.MambaMixer)  # true Mamba, not the seed's GatedSSM
+
+
+@torch.no_grad()
+def test_post_norm_puts_norms_after_the_residuals():
+    model = hs.build("hybrid", **TINY, num_layers=2, attention_every=2, backbone="gru",
+                     pre_norm=False).eval()
+    x = torch.randn(2, 5, 16)
+    block = model.blocks[0]
+    y, _ = block(x)
+    assert_close(y, block.norm(x + block.mixer(x)[0]))
+    attn = model.blocks[1]
+    y, _ = attn(x)
+    h = attn.norm(x + attn.mixer(x)[0])
+    assert_close(y, attn.ffn.norm(h + attn.ffn.ffn(h)))
+
+
+@pytest.mark.parametrize("impl_opts, impl", [
+    (dict(), "sdpa"),
+    (dict(chunked_attention=True), "chunked"),
+    (dict(memory_efficient_attention=True), "memory_efficient"),
+])
+@torch.no_grad()
+def test_attention_implementations_agree(impl_opts, impl):
+    torch.manual_seed(0)
+    ref = hs.build("hybrid", **TINY, num_layers=2, attention_every=2, backbone="gru",
+                   use_sliding_window=False).eval()
+    torch.manual_seed(0)
+    model = hs.build("hybrid", **TINY, num_layers=2, attention_every=2, backbone="gru",
+                     use_sliding_window=False, chunk_size=3, **impl_opts).eval()
+    assert model.blocks[1].mixer.impl == impl
+    x = torch.randn(2, 11, 5)
+    assert_close(model(x, return_sequence=True), ref(x, return_sequence=True))
+
+
+def test_exclusive_attention_options():
+    with pytest.raises(ValueError, match="exclusive"):
+        hs.build("hybrid", embed_dim=4, chunked_attention=True, memory_efficient_attention=True)
+
+
+@pytest.mark.parametrize("positional, cls", [("sinusoidal", SinusoidalPositions),
+                                             ("learned", LearnedPositions), ("rope", None)])
+@torch.no_grad()
+def test_positional_options_stream_exactly(positional, cls):
+    model = hs.build("hybrid", **TINY, num_layers=2, attention_every=2, backbone="gru",
+                     positional=positional, max_positions=16).eval()
+    if cls is None:
+        assert model.positional is None and model.blocks[1].mixer.positional == "rope"
+    else:
+        assert isinstance(model.positional, cls)
+    x = torch.randn(2, 9, 5)
+    full = model(x, return_sequence=True)
+    state = model.init_state(2)
+    for t in range(9):
+        y, state = model.step(x[:, t], state)
+    assert_close(y, full[:, -1])
+
+
+def test_learned_positions_past_capacity_name_the_option():
+    model = hs.build("hybrid", **TINY, num_layers=2, attention_every=2, backbone="gru",
+                     positional="learned", max_positions=4)
+    with pytest.raises(ValueError, match="max_positions"):
+        model(torch.randn(1, 5, 5))
+
+
+def test_backbone_options_are_validated():
+    with pytest.raises(TypeError, match="unknown option 'head_dm'.*did you mean 'head_dim'"):
+        hs.build("hybrid", embed_dim=4, backbone="rwkv", backbone_options={"head_dm": 8})
+    with pytest.raises(ValueError, match="'state_size' is a model option"):
+        hs.build("hybrid", embed_dim=4, backbone="mamba", backbone_options={"state_size": 8})
+    with pytest.raises(ValueError, match="'backbone' must be one of.*did you mean 'mamba'"):
+        hs.build("hybrid", embed_dim=4, backbone="mambo")
+    model = hs.build("hybrid", **TINY, num_layers=1, backbone="rwkv", backbone_options={"head_dim": 8})
+    assert model.blocks[0].mixer.head_dim == 8 if hasattr(model.blocks[0].mixer, "head_dim") else True
+
+
+def test_seed_options_reach_backbones_that_take_them():
+    model = hs.build("hybrid", **{**TINY, "state_size": 3}, num_layers=1, conv_size=2)
+    assert model.blocks[0].mixer.init_state(1).ssm.shape[-1] == 3
+    assert model.blocks[0].mixer.init_state(1).conv.shape[-1] == 1
+
+
+def test_build_layer_gives_one_residual_layer():
+    layer = hs.build_layer("gru", hidden_size=32)
+    assert isinstance(layer, hs.ResidualBlock) and isinstance(layer.mixer, hs.GRUMixer)
+    attn = hs.build_layer("attention", hidden_size=32, num_heads=2, head_dim=16)
+    assert isinstance(attn.mixer, hs.AttentionMixer) and isinstance(attn.ffn.ffn, FFN)
+    y, state = layer(torch.randn(2, 3, 32), layer.init_state(2))
+    assert y.shape == (2, 3, 32)
+
+
+def test_custom_backbone_registered_saves_and_loads_by_name(tmp_path):
+    model = hs.build("hybrid", **TINY, num_layers=3, backbone="ema",
+                     backbone_options={"init_decay": 0.5}).eval()
+    assert isinstance(model.blocks[0].mixer, EMAMixer)
+    loaded = hs.load(model.save_pretrained(tmp_path / "m")).eval()
+    x = torch.randn(2, 4, 5)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert loaded.config.backbone_options == {"init_decay": 0.5}
+
+
+def test_unregistered_factory_works_in_memory_and_asks_to_register_on_save(tmp_path):
+    def factory(hidden_size, *, init_decay=0.9):
+        return EMAMixer(hidden_size, init_decay=init_decay)
+
+    model = hs.build("hybrid", **TINY, num_layers=2, attention_every=2, backbone=factory)
+    assert model.layer_pattern == ["factory", "attention"]
+    assert model(torch.randn(1, 3, 5)).shape == (1, 16)
+    with pytest.raises(ValueError, match="register_backbone"):
+        model.save_pretrained(tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_builtin_backbones_cannot_be_replaced():
+    with pytest.raises(ValueError, match="built in"):
+        hs.register_backbone("mamba", EMAMixer)
+    with pytest.raises(ValueError, match="reserved"):
+        hs.register_backbone("attention", EMAMixer)
