@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,7 +31,8 @@ from torch import nn
 EMBED = 287  # the seeds' example frame size
 SHORT = [(32, 60)]
 LONG = [(32, 256), (4, 2048), (2, 4096)]
-HF_SEQUENTIAL_MAX_T = 256  # beyond this the sequential path runs > 30 s per iteration: "—"
+HF_SEQUENTIAL_MAX_T = 256  # the sequential path never runs beyond this (> 30 s per iteration)
+TOO_SLOW_S = 30.0  # a row whose next shape would take longer per iteration shows "—" (DESIGN §5)
 
 
 # -- models ----------------------------------------------------------------------------------------
@@ -242,10 +242,18 @@ def _peak_child(args) -> None:
     row = next(r for r in rows(args.hidden, args.layers) if r.name == args.peak_row)
     model = row.build()
     x = torch.randn(args.peak_b, args.peak_t, EMBED)
-    with open("/proc/self/statm") as f:  # resident pages now (ru_maxrss may still hold import peaks)
-        before = int(f.read().split()[1]) * resource.getpagesize() / 2**20
-    _fwd_bwd(model, x)()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    run = _fwd_bwd(model, x)
+    run()  # first call: lazy inits and kernel builds stay out of the measurement
+
+    def status(field: str) -> float:  # MB, from /proc (ru_maxrss survives exec: the parent's peak)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+
+    with open("/proc/self/clear_refs", "w") as f:  # "5" resets the high-water mark to the current RSS
+        f.write("5")
+    before = status("VmRSS:")
+    run()
+    peak = status("VmHWM:")
     print(json.dumps({"peak_mb": peak, "delta_mb": peak - before}))
 
 
@@ -258,6 +266,22 @@ def peak_memory(args, row: str, B: int, T: int) -> str:
         return f"{r['delta_mb']:.0f}"
     except Exception as exc:  # noqa: BLE001 - a failed measurement is shown, not fatal
         return f"— ({type(exc).__name__})"
+
+
+def memory_table(args, table: list[Row], shapes, results) -> list[str]:
+    """Markdown lines: each row's extra memory in one forward+backward, each in its own subprocess;
+    rows not timed (``results`` given) are skipped."""
+    out = ["", "### peak memory of one forward+backward (MB above the RSS before it; own subprocess)", "",
+           "| model | " + " | ".join(f"B={B} T={T}" for B, T in shapes) + " |",
+           "|---" * (len(shapes) + 1) + "|"]
+    for r in table:
+        cells = []
+        for B, T in shapes:
+            timed = results is None or (r.name, (B, T), "fb") in results
+            skip = r.build is None or (r.max_t is not None and T > r.max_t)
+            cells.append("—" if skip or not timed else peak_memory(args, r.name, B, T))
+        out.append(f"| {r.name} | " + " | ".join(cells) + " |")
+    return out
 
 
 # -- main ------------------------------------------------------------------------------------------
@@ -273,6 +297,7 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--out", help="also write the markdown tables to this file")
     p.add_argument("--profile", action="store_true", help="print a profile of our mamba fwd+bwd (short)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-row peak memory subprocesses")
+    p.add_argument("--memory-only", action="store_true", help="only the peak memory table")
     p.add_argument("--_peak-row", dest="peak_row", help=argparse.SUPPRESS)
     p.add_argument("--_peak-b", dest="peak_b", type=int, help=argparse.SUPPRESS)
     p.add_argument("--_peak-t", dest="peak_t", type=int, help=argparse.SUPPRESS)
@@ -291,6 +316,13 @@ def main(argv: list[str] | None = None) -> str:
              f"{args.layers} layers, embed_dim {EMBED}",
              f"- kernels: { {k: v['backend'] for k, v in hs.kernels().items()} }"]
     rates = machine_rates()
+    if args.memory_only:
+        text = "\n".join(lines + memory_table(args, rows(args.hidden, args.layers), shapes, None))
+        print(text)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text + "\n")
+        return text
     lines.append(f"- measured now: fp32 GEMM {rates['gemm_flops'] / 1e9:.0f} GFLOP/s, "
                  f"torch.exp {rates['exp_per_s'] / 1e9:.2f} G/s")
     print("\n".join(lines), flush=True)
@@ -298,16 +330,20 @@ def main(argv: list[str] | None = None) -> str:
     table = rows(args.hidden, args.layers)
     models = {r.name: r.build() for r in table if r.build is not None}
     results: dict[tuple[str, tuple[int, int], str], float] = {}
+    too_slow: set[str] = set()
     for B, T in shapes:  # rows interleaved within each shape
         x = torch.randn(B, T, EMBED)
         for r in table:
-            if r.build is None or (r.max_t is not None and T > r.max_t):
+            if r.build is None or (r.max_t is not None and T > r.max_t) or r.name in too_slow:
                 continue
             m = models[r.name]
             results[(r.name, (B, T), "fb")] = median_time(_fwd_bwd(m, x), args.budget)
             results[(r.name, (B, T), "f")] = median_time(_fwd(m, x), args.budget)
             print(f"  {r.name:34s} B={B:3d} T={T:5d}  fwd+bwd {results[(r.name, (B, T), 'fb')]*1e3:9.1f} ms"
                   f"  fwd {results[(r.name, (B, T), 'f')]*1e3:9.1f} ms", flush=True)
+            # tokens grow at most ~4.3x to the next shape; projected beyond the limit: stop this row
+            if results[(r.name, (B, T), "fb")] * 8192 / (B * T) > TOO_SLOW_S:
+                too_slow.add(r.name)
 
     base = "TransformerEncoder (baseline)"
     out = ["\n".join(lines), ""]
@@ -331,8 +367,8 @@ def main(argv: list[str] | None = None) -> str:
                     cells.append(f"{B * T / t:,.0f} ({ratio:.2f}x; ceil {ceil:.0%})")
             out.append(f"| {r.name} | " + " | ".join(cells) + " |")
         out.append("")
-    out.append(f"[1] the sequential path runs only up to T = {HF_SEQUENTIAL_MAX_T} (> 30 s per iteration "
-               "beyond; DESIGN §5)")
+    out.append(f"[1] not run: a forward+backward at this shape would take > {TOO_SLOW_S:.0f} s per iteration "
+               "(projected from the previous shape; DESIGN §5)")
 
     # time per token across the long shapes (target: grows < 1.5x from T=256 to T=4096)
     longs = [s for s in shapes if s in LONG]
@@ -343,17 +379,7 @@ def main(argv: list[str] | None = None) -> str:
                    f"{t1 / t0:.2f}x")
 
     if not args.no_memory:
-        out += ["", "### peak memory of one forward+backward (MB over the model's own; own subprocess)", "",
-                "| model | " + " | ".join(f"B={B} T={T}" for B, T in shapes) + " |",
-                "|---" * (len(shapes) + 1) + "|"]
-        for r in table:
-            cells = []
-            for B, T in shapes:
-                if r.build is None or (r.max_t is not None and T > r.max_t):
-                    cells.append("—")
-                else:
-                    cells.append(peak_memory(args, r.name, B, T))
-            out.append(f"| {r.name} | " + " | ".join(cells) + " |")
+        out += memory_table(args, table, shapes, results)
 
     lat = step_latency(args.hidden, args.layers, n_steps)
     out += ["", f"### streaming at batch 1 (median over {n_steps} steps, µs)", "", "| path | µs | vs ours |",
