@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 __all__ = [
     "ModelConfig",
+    "SSMConfig",
     "check_positive",
     "check_nonnegative",
     "check_probability",
@@ -158,6 +159,33 @@ class ModelConfig:
     def expected_seq_len(self) -> int:
         """The seeds' expected sequence length (``seq_len``, else ``window_size``)."""
         return self.seq_len or self.window_size
+
+
+@dataclass(frozen=True, kw_only=True)
+class SSMConfig(ModelConfig):
+    """The seed's Mamba options, shared by the pure SSM stacks (``gated_ssm``, ``mamba``,
+    ``mamba2``), with the seed's defaults and recommended values.
+
+    Attributes:
+        state_size: N, the SSM state size.
+        expand_factor: inner width ``E = expand_factor * hidden_size``.
+        conv_size: K, the width of the causal conv.
+    """
+
+    recommended: ClassVar[dict] = dict(
+        hidden_size=256, state_size=16, expand_factor=2, conv_size=4, num_layers=2,
+        window_size=60, dropout=0.1,
+    )
+
+    state_size: int = 16
+    expand_factor: int = 2
+    conv_size: int = 4
+    num_layers: int = 2
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("state_size", "expand_factor", "conv_size"):
+            check_positive(name, getattr(self, name))
 
 
 def _to_jsonable(value: Any) -> Any:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 from hybridssm.blocks import ResidualBlock
-from hybridssm.config import ModelConfig, check_positive
+from hybridssm.config import SSMConfig
 from hybridssm.mixers.mamba import MambaMixer
 from hybridssm.models.base import SequenceModel
 from hybridssm.registry import register_model
@@ -15,30 +14,9 @@ __all__ = ["MambaConfig", "Mamba", "MambaBlock"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class MambaConfig(ModelConfig):
-    """Options of ``mamba`` (the seed's names and defaults).
-
-    Attributes:
-        state_size: N, the SSM state size per channel.
-        expand_factor: inner width ``E = expand_factor * hidden_size``.
-        conv_size: K, the width of the depthwise causal conv.
-        window_size: the expected sequence length (stored only; never a limit).
-    """
-
-    recommended: ClassVar[dict] = dict(
-        hidden_size=256, state_size=16, expand_factor=2, conv_size=4, num_layers=2,
-        window_size=60, dropout=0.1,
-    )
-
-    state_size: int = 16
-    expand_factor: int = 2
-    conv_size: int = 4
-    num_layers: int = 2
-
-    def validate(self) -> None:
-        super().validate()
-        for name in ("state_size", "expand_factor", "conv_size"):
-            check_positive(name, getattr(self, name))
+class MambaConfig(SSMConfig):
+    """Options of ``mamba``: the seed's Mamba options and defaults (:class:`SSMConfig`);
+    ``window_size`` is the expected sequence length (stored only; never a limit)."""
 
 
 def MambaBlock(

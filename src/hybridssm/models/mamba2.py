@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from hybridssm.blocks import ResidualBlock
-from hybridssm.config import ModelConfig, check_positive
+from hybridssm.config import SSMConfig, check_positive
 from hybridssm.mixers.mamba2 import Mamba2Mixer, default_ssm_head_dim
 from hybridssm.models.base import SequenceModel
 from hybridssm.ops.ssd import DEFAULT_CHUNK_SIZE
@@ -16,7 +16,7 @@ __all__ = ["Mamba2Config", "Mamba2"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class Mamba2Config(ModelConfig):
+class Mamba2Config(SSMConfig):
     """Options of ``mamba2``.
 
     The seeds have no Mamba-2: these defaults (and ``recommended``, the same with dropout 0.1) are
@@ -38,17 +38,13 @@ class Mamba2Config(ModelConfig):
         window_size=60, num_groups=1, scan_chunk_size=DEFAULT_CHUNK_SIZE, dropout=0.1,
     )
 
-    state_size: int = 16
-    expand_factor: int = 2
-    conv_size: int = 4
-    num_layers: int = 2
     ssm_head_dim: int | None = None
     num_groups: int = 1
     scan_chunk_size: int = DEFAULT_CHUNK_SIZE
 
     def validate(self) -> None:
         super().validate()
-        for name in ("state_size", "expand_factor", "conv_size", "num_groups", "scan_chunk_size"):
+        for name in ("num_groups", "scan_chunk_size"):
             check_positive(name, getattr(self, name))
         if self.ssm_head_dim is not None:
             check_positive("ssm_head_dim", self.ssm_head_dim)
