@@ -261,7 +261,10 @@ def peak_memory(args, row: str, B: int, T: int) -> str:
     cmd = [sys.executable, __file__, "--_peak-row", row, "--_peak-b", str(B), "--_peak-t", str(T),
            "--threads", str(args.threads), "--hidden", str(args.hidden), "--layers", str(args.layers)]
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True).stdout
+        # a fixed mmap threshold: glibc otherwise raises it after frees and keeps the warm-up's
+        # buffers in the heap, so the measured run would reuse them and read too low
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True, env=env).stdout
         r = json.loads(out.strip().splitlines()[-1])
         return f"{r['delta_mb']:.0f}"
     except Exception as exc:  # noqa: BLE001 - a failed measurement is shown, not fatal
