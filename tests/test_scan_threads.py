@@ -4,6 +4,7 @@ reference (the rest of the suite runs on one intra-op thread)."""
 from __future__ import annotations
 
 import torch
+
 from helpers import assert_close
 from test_scan import NAMES, _inputs, _run
 
