@@ -393,7 +393,6 @@ def test_transformer_bad_options(opts, name):
         (dict(), "sdpa"),
         (dict(chunked_attention=True), "chunked"),
         (dict(memory_efficient_attention=True), "memory_efficient"),
-        (dict(chunked_attention=True, memory_efficient_attention=True), "memory_efficient"),
     ],
 )
 def test_transformer_impl_flags(flags, impl):
@@ -401,6 +400,12 @@ def test_transformer_impl_flags(flags, impl):
                      use_sliding_window=True, window_size=3, **flags)
     mixer = model.blocks[0].mixer
     assert mixer.impl == impl and mixer.window_size == 3
+
+
+def test_transformer_attention_flags_are_exclusive():
+    # one rule for every model (the hybrid's too): both flags set is an error, not a silent choice
+    with pytest.raises(ValueError, match="'memory_efficient_attention' are exclusive"):
+        hs.build("transformer", embed_dim=4, chunked_attention=True, memory_efficient_attention=True)
 
 
 @pytest.mark.parametrize("positional", ["none", "sinusoidal", "rope", "learned"])

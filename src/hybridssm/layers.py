@@ -166,3 +166,16 @@ def apply_rope(
     x1, x2, rest = xf[..., :half], xf[..., half : 2 * half], xf[..., 2 * half :]
     out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
     return out.to(x.dtype)
+
+
+POSITIONAL = ("none", "sinusoidal", "rope", "learned")
+
+
+def additive_positions(kind: str, dim: int, max_positions: int) -> nn.Module | None:
+    """The model-level encoding for ``positional=kind``: sinusoidal or learned tables are added
+    after the input projection; ``"rope"`` lives inside attention and ``"none"`` adds nothing."""
+    if kind == "sinusoidal":
+        return SinusoidalPositions(dim)
+    if kind == "learned":
+        return LearnedPositions(dim, max_positions)
+    return None

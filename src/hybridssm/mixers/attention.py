@@ -31,10 +31,22 @@ from hybridssm.layers import LayerNorm, apply_rope, rope_cos_sin
 from hybridssm.mixers.base import Mixer, finish_state
 from hybridssm.ops.attention import IMPLS, attention, attention_cached
 
-__all__ = ["AttentionMixer", "AttentionState", "DEFAULT_MAX_LEN", "POSITIONAL_IN_MIXER"]
+__all__ = ["AttentionMixer", "AttentionState", "DEFAULT_MAX_LEN", "POSITIONAL_IN_MIXER", "attention_impl"]
 
 DEFAULT_MAX_LEN = 4096
 POSITIONAL_IN_MIXER = ("none", "rope")  # sinusoidal / learned are added at the model level
+
+
+def attention_impl(chunked_attention: bool, memory_efficient_attention: bool) -> str:
+    """The seeds' two flags -> the training form; they are exclusive."""
+    if chunked_attention and memory_efficient_attention:
+        raise ValueError(
+            "options 'chunked_attention' and 'memory_efficient_attention' are exclusive; "
+            "got both True"
+        )
+    if memory_efficient_attention:
+        return "memory_efficient"
+    return "chunked" if chunked_attention else "sdpa"
 
 
 class AttentionState(NamedTuple):

@@ -28,14 +28,12 @@ from hybridssm.config import (
     check_choice,
     check_positive,
 )
-from hybridssm.layers import FFN, LearnedPositions, SinusoidalPositions
-from hybridssm.mixers.attention import AttentionMixer
+from hybridssm.layers import FFN, POSITIONAL, additive_positions
+from hybridssm.mixers.attention import AttentionMixer, attention_impl
 from hybridssm.models.base import SequenceModel
 from hybridssm.registry import register_model
 
-__all__ = ["HybridConfig", "Hybrid", "layer_pattern", "build_layer", "POSITIONAL"]
-
-POSITIONAL = ("none", "sinusoidal", "rope", "learned")
+__all__ = ["HybridConfig", "Hybrid", "layer_pattern", "build_layer"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,11 +90,7 @@ class HybridConfig(ModelConfig):
         for name in ("use_sliding_window", "qk_layernorm", "chunked_attention",
                      "memory_efficient_attention", "pre_norm"):
             check_bool(name, getattr(self, name))
-        if self.chunked_attention and self.memory_efficient_attention:
-            raise ValueError(
-                "options 'chunked_attention' and 'memory_efficient_attention' are exclusive; "
-                "got both True"
-            )
+        attention_impl(self.chunked_attention, self.memory_efficient_attention)
         check_choice("positional", self.positional, POSITIONAL)
         validate_backbone_options(get_backbone(self.backbone), self.backbone_options)
 
@@ -112,11 +106,6 @@ class HybridConfig(ModelConfig):
     def backbone_name(self) -> str:
         return get_backbone(self.backbone).name
 
-    @property
-    def attention_impl(self) -> str:
-        if self.memory_efficient_attention:
-            return "memory_efficient"
-        return "chunked" if self.chunked_attention else "sdpa"
 
 
 def layer_pattern(
@@ -140,7 +129,7 @@ def _make_layer(kind: str, c: HybridConfig) -> ResidualBlock:
             window_size=c.window_size if c.use_sliding_window else None,
             qk_layernorm=c.qk_layernorm,
             positional="rope" if c.positional == "rope" else "none",
-            impl=c.attention_impl,
+            impl=attention_impl(c.chunked_attention, c.memory_efficient_attention),
             chunk_size=c.chunk_size,
         )
         return ResidualBlock(mixer, d, ffn=FFN(d, 4), pre_norm=c.pre_norm)
@@ -158,11 +147,7 @@ class Hybrid(SequenceModel):
         return [_make_layer(kind, c) for kind in kinds]
 
     def build_positional(self, c: HybridConfig) -> nn.Module | None:
-        if c.positional == "sinusoidal":
-            return SinusoidalPositions(c.hidden_size)
-        if c.positional == "learned":
-            return LearnedPositions(c.hidden_size, c.max_positions)
-        return None
+        return additive_positions(c.positional, c.hidden_size, c.max_positions)
 
     @property
     def layer_pattern(self) -> list[str]:

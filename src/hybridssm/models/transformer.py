@@ -13,22 +13,12 @@ from torch import nn
 
 from hybridssm.blocks import ResidualBlock
 from hybridssm.config import ModelConfig, check_bool, check_choice, check_positive
-from hybridssm.layers import FFN, LearnedPositions, SinusoidalPositions
-from hybridssm.mixers.attention import AttentionMixer
+from hybridssm.layers import FFN, POSITIONAL, additive_positions
+from hybridssm.mixers.attention import AttentionMixer, attention_impl
 from hybridssm.models.base import SequenceModel
 from hybridssm.registry import register_model
 
-__all__ = ["TransformerConfig", "Transformer", "POSITIONAL_CHOICES", "attention_impl"]
-
-POSITIONAL_CHOICES = ("none", "sinusoidal", "rope", "learned")
-
-
-def attention_impl(chunked_attention: bool, memory_efficient_attention: bool) -> str:
-    """The seeds' two flags -> the training form (memory-efficient wins when both are set)."""
-    if memory_efficient_attention:
-        return "memory_efficient"
-    return "chunked" if chunked_attention else "sdpa"
-
+__all__ = ["TransformerConfig", "Transformer"]
 
 @dataclass(frozen=True, kw_only=True)
 class TransformerConfig(ModelConfig):
@@ -44,7 +34,7 @@ class TransformerConfig(ModelConfig):
         qk_layernorm: LayerNorm over Dh of q and k.
         use_sliding_window: attend to the last ``window_size`` keys (self included) instead of all.
         chunked_attention / memory_efficient_attention: training form ``"chunked"`` /
-            ``"memory_efficient"`` (O(T) memory); neither = ``"sdpa"``; both = memory-efficient.
+            ``"memory_efficient"`` (O(T) memory); neither = ``"sdpa"``; exclusive.
         chunk_size: their chunk (and the block of the sliding-window forms).
     """
 
@@ -69,12 +59,13 @@ class TransformerConfig(ModelConfig):
         check_positive("num_heads", self.num_heads)
         if self.head_dim is not None:
             check_positive("head_dim", self.head_dim)
-        check_choice("positional", self.positional, POSITIONAL_CHOICES)
+        check_choice("positional", self.positional, POSITIONAL)
         check_positive("max_positions", self.max_positions)
         check_positive("chunk_size", self.chunk_size)
         for name in ("qk_layernorm", "use_sliding_window", "chunked_attention",
                      "memory_efficient_attention"):
             check_bool(name, getattr(self, name))
+        attention_impl(self.chunked_attention, self.memory_efficient_attention)
 
     @property
     def attn_head_dim(self) -> int:
@@ -89,11 +80,7 @@ class Transformer(SequenceModel):
     """Stack of pre-norm attention + FFN blocks; see :mod:`hybridssm.mixers.attention`."""
 
     def build_positional(self, c: TransformerConfig) -> nn.Module | None:
-        if c.positional == "sinusoidal":
-            return SinusoidalPositions(c.hidden_size)
-        if c.positional == "learned":
-            return LearnedPositions(c.hidden_size, c.max_positions)
-        return None
+        return additive_positions(c.positional, c.hidden_size, c.max_positions)
 
     def build_blocks(self, c: TransformerConfig) -> list:
         return [
