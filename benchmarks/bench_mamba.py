@@ -193,30 +193,44 @@ def ceiling_seconds(row: str, model: nn.Module, B: int, T: int, hidden: int, lay
 # -- step latency ----------------------------------------------------------------------------------
 
 
-def step_latency(hidden: int, layers: int, n_steps: int) -> dict[str, float | str]:
-    """Batch 1: our inplace step, re-running the 60-frame window, transformers' cached step (µs)."""
+def step_latency(hidden: int, layers: int, n_steps: int, rounds: int = 10) -> dict[str, float | str]:
+    """Batch 1 (µs): our inplace step (the one-call fused path, and the block-by-block path), re-running
+    the 60-frame window, transformers' cached step. The step rows run interleaved, ``rounds`` rounds of
+    ``n_steps / rounds`` steps each, so that a change in the machine's load hits them alike; median of
+    all steps."""
     res: dict[str, float | str] = {}
     torch.manual_seed(0)
     ours = _ours("mamba", hidden, layers).eval()
     x = torch.randn(1, 60, EMBED)
+
+    def timed(fn, n):
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return ts
+
+    def loop(fn, n):
+        timed(fn, 20)
+        return statistics.median(timed(fn, n)) * 1e6
+
     with torch.no_grad():
         state = ours.init_state(1)
         for t in range(60):
             ours.step(x[:, t], state, inplace=True)
         frame = torch.randn(1, EMBED)
 
-        def loop(fn, n):
-            for _ in range(20):
-                fn()
-            ts = []
-            for _ in range(n):
-                t0 = time.perf_counter()
-                fn()
-                ts.append(time.perf_counter() - t0)
-            return statistics.median(ts) * 1e6
+        def ours_step(fused: bool):
+            def run():
+                ours.use_fused_step = fused
+                ours.step(frame, state, inplace=True)
+            return run
 
-        res["hybridssm mamba step (inplace)"] = loop(lambda: ours.step(frame, state, inplace=True), n_steps)
-        res["hybridssm mamba: re-run 60-frame window"] = loop(lambda: ours(x), max(20, n_steps // 10))
+        steps: dict[str, Callable[[], object]] = {
+            "hybridssm mamba step (inplace)": ours_step(True),
+            "hybridssm mamba step (inplace), block by block (use_fused_step=False)": ours_step(False),
+        }
         try:
             from transformers import DynamicCache
 
@@ -224,14 +238,38 @@ def step_latency(hidden: int, layers: int, n_steps: int) -> dict[str, float | st
             cache = DynamicCache(config=hf.backbone.config)
             hf.backbone(inputs_embeds=hf.proj(x), cache=cache, use_cache=True)
             e = frame.unsqueeze(1)
-            res["transformers Mamba cached step"] = loop(
-                lambda: hf.backbone(inputs_embeds=hf.proj(e), cache=cache, use_cache=True), n_steps
+            steps["transformers Mamba cached step"] = (
+                lambda: hf.backbone(inputs_embeds=hf.proj(e), cache=cache, use_cache=True)
             )
         except Exception as exc:  # reported, never fatal
             res["transformers Mamba cached step"] = f"— ({type(exc).__name__}: {exc})"
+        samples: dict[str, list[float]] = {k: [] for k in steps}
+        for fn in steps.values():
+            timed(fn, 20)  # warm-up
+        per_round = max(1, n_steps // rounds)
+        for _ in range(rounds):
+            for k, fn in steps.items():
+                samples[k] += timed(fn, per_round)
+        ours.use_fused_step = True
+        for k, v in samples.items():
+            res[k] = statistics.median(v) * 1e6
+        res["hybridssm mamba: re-run 60-frame window"] = loop(lambda: ours(x), max(20, n_steps // 10))
         tr = _transformer(hidden, layers).eval()
         res["TransformerEncoder: re-run 60-frame window"] = loop(lambda: tr(x), max(20, n_steps // 10))
-    return res
+    order = ["hybridssm mamba step (inplace)",
+             "hybridssm mamba step (inplace), block by block (use_fused_step=False)",
+             "hybridssm mamba: re-run 60-frame window", "transformers Mamba cached step",
+             "TransformerEncoder: re-run 60-frame window"]
+    return {k: res[k] for k in order if k in res}
+
+
+def step_table(lat: dict[str, float | str], n_steps: int) -> list[str]:
+    out = ["", f"### streaming at batch 1 (median over {n_steps} steps, µs; step rows interleaved)", "",
+           "| path | µs | vs ours |", "|---|---|---|"]
+    mine = lat["hybridssm mamba step (inplace)"]
+    for k, v in lat.items():
+        out.append(f"| {k} | {v:.0f} | {v / mine:.1f}x |" if isinstance(v, float) else f"| {k} | {v} | |")
+    return out
 
 
 # -- peak memory (one subprocess per row and shape) ------------------------------------------------
@@ -301,6 +339,8 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--profile", action="store_true", help="print a profile of our mamba fwd+bwd (short)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-row peak memory subprocesses")
     p.add_argument("--memory-only", action="store_true", help="only the peak memory table")
+    p.add_argument("--step-only", action="store_true", help="only the batch-1 streaming step table")
+    p.add_argument("--steps", type=int, help="steps per streaming row (default 1000; 100 with --quick)")
     p.add_argument("--_peak-row", dest="peak_row", help=argparse.SUPPRESS)
     p.add_argument("--_peak-b", dest="peak_b", type=int, help=argparse.SUPPRESS)
     p.add_argument("--_peak-t", dest="peak_t", type=int, help=argparse.SUPPRESS)
@@ -313,11 +353,18 @@ def main(argv: list[str] | None = None) -> str:
     import hybridssm as hs
 
     shapes = SHORT + (LONG[:1] if args.quick else LONG)
-    n_steps = 100 if args.quick else 1000
+    n_steps = args.steps or (100 if args.quick else 1000)
     lines = ["# Mamba CPU benchmark\n", f"- torch {torch.__version__}, threads: {args.threads} (fixed), "
              f"CPU capability {torch.backends.cpu.get_cpu_capability()}, hidden {args.hidden}, "
              f"{args.layers} layers, embed_dim {EMBED}",
              f"- kernels: { {k: v['backend'] for k, v in hs.kernels().items()} }"]
+    if args.step_only:
+        text = "\n".join(lines + step_table(step_latency(args.hidden, args.layers, n_steps), n_steps))
+        print(text)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text + "\n")
+        return text
     rates = machine_rates()
     if args.memory_only:
         text = "\n".join(lines + memory_table(args, rows(args.hidden, args.layers), shapes, None))
@@ -384,12 +431,7 @@ def main(argv: list[str] | None = None) -> str:
     if not args.no_memory:
         out += memory_table(args, table, shapes, results)
 
-    lat = step_latency(args.hidden, args.layers, n_steps)
-    out += ["", f"### streaming at batch 1 (median over {n_steps} steps, µs)", "", "| path | µs | vs ours |",
-            "|---|---|---|"]
-    mine = lat["hybridssm mamba step (inplace)"]
-    for k, v in lat.items():
-        out.append(f"| {k} | {v:.0f} | {v / mine:.1f}x |" if isinstance(v, float) else f"| {k} | {v} | |")
+    out += step_table(step_latency(args.hidden, args.layers, n_steps), n_steps)
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile

@@ -79,6 +79,21 @@ class ResidualBlock(nn.Module):
     def check_state(self, state: Any, batch_size: int, where: str) -> None:
         check_mixer_state(self.mixer, state, batch_size, where)
 
+    def fused_step_spec(self, dtype: torch.dtype) -> tuple | None:
+        """For a model's one-call step (:meth:`SequenceModel.step`): ``(op, weights, eps)`` with
+        ``weights = (norm_w, norm_b, *mixer weights)`` when this is a pre-norm LayerNorm block without
+        FFN around a mixer offering ``fused_step_weights(dtype) -> (op, weights) | None``; else None."""
+        m = self._modules
+        fn = getattr(m["mixer"], "fused_step_weights", None)
+        norm = m["norm"]
+        if fn is None or not self.pre_norm or self.ffn is not None or type(norm) is not LayerNorm:
+            return None
+        spec = fn(dtype)
+        if spec is None:
+            return None
+        p = norm._parameters
+        return spec[0], (p["weight"], p.get("bias"), *spec[1]), norm.eps
+
     def state_max_len(self, state: Any) -> int | None:
         fn = getattr(self.mixer, "state_max_len", None)
         return fn(state) if fn is not None else None

@@ -121,6 +121,8 @@ class MambaMixer(Mixer):
         self.conv = CausalConv1d(E, conv_size)
         self.ssm = SelectiveSSM(E, state_size=state_size, dt_rank=dt_rank or math.ceil(d / 16))
         self.out_proj = nn.Linear(E, d, bias=False)
+        # -exp(A_log) for the fused step, kept until A_log changes (DerivedCache's key)
+        self._neg_A = _step_op.DerivedCache()
 
     def init_state(self, batch_size, *, device=None, dtype=None, max_len=None) -> MambaState:
         device, dtype = self._device_dtype(device, dtype)
@@ -155,8 +157,35 @@ class MambaMixer(Mixer):
             for t in state
         )
         ssm = self.ssm
+        # eager: -exp(A_log) from the cache; a compiled graph computes it (no version reads in graphs)
+        A = None if torch.compiler.is_compiling() else self._neg_A.get(ssm.A_log, h.dtype, _step_op.neg_exp)
         out = _step_op.mamba_step(
             x[:, 0], self.in_proj.weight, conv, h, self.conv.weight, self.conv.bias, ssm.x_proj.weight,
-            ssm.dt_proj.weight, ssm.dt_bias, ssm.A_log, ssm.D, self.out_proj.weight,
+            ssm.dt_proj.weight, ssm.dt_bias, ssm.A_log, ssm.D, self.out_proj.weight, A=A,
         ).unsqueeze(1)  # [B, 1, d]
         return out, finish_state(state, MambaState(conv, h), inplace)
+
+    # -- one call for a whole stack of Mamba blocks (SequenceModel.step, through ResidualBlock) ------
+    def fused_step_weights(self, dtype: torch.dtype) -> tuple | None:
+        """``(op, weights)`` for :func:`hybridssm.ops.mamba_step.mamba_stack_step`: this mixer's 9
+        weights (in_w, conv_w, conv_b, xproj_w, dt_w, dt_bias, A = -exp(A_log), D, out_w; None for an
+        absent bias), read from the modules now; ``A`` comes from a cache keyed on ``A_log``'s
+        version and storage (never stale). None when the fused kernel is not the selected backend.
+        Eager only (callers skip it under ``torch.compile``)."""
+        if not _step_op.fused_selected("cpu"):
+            return None
+        # straight from the parameter dicts: module attribute lookups cost more than the check itself
+        try:
+            m = self._modules
+            ssm = m["ssm"]
+            sp, sm = ssm._parameters, ssm._modules
+            conv = m["conv"]._parameters
+            weights = (
+                m["in_proj"]._parameters["weight"], conv["weight"], conv.get("bias"),
+                sm["x_proj"]._parameters["weight"], sm["dt_proj"]._parameters["weight"], sp["dt_bias"],
+                sp["A_log"], sp["D"], m["out_proj"]._parameters["weight"],
+            )
+        except KeyError:  # a parametrised or replaced module: the generic path handles it
+            return None
+        A = self._neg_A.get(weights[6], dtype, _step_op.neg_exp)
+        return _step_op.mamba_stack_step, (*weights[:6], A, *weights[7:])

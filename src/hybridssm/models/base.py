@@ -28,6 +28,10 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
+# "no tensor" for the fused step's optional arguments
+_NONE = torch.empty(0)
+
+
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
@@ -50,6 +54,9 @@ class SequenceModel(nn.Module):
 
     config_class: ClassVar[type[ModelConfig]] = ModelConfig
     model_name: ClassVar[str] = ""
+    #: whether :meth:`step` may run the whole step as one fused call where the blocks allow it
+    #: (Mamba stacks); False keeps the block-by-block path (same values; for comparisons)
+    use_fused_step: bool = True
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -97,6 +104,7 @@ class SequenceModel(nn.Module):
     # -- dtype casts keep the marked parameters at least fp32 ------------------------------------
     def _apply(self, fn, recurse: bool = True):  # noqa: D401 - nn.Module hook
         super()._apply(fn, recurse)
+        self._clear_step_memos()
         for p in self.parameters():
             if is_fp32_no_decay(p) and p.is_floating_point():
                 wide = torch.promote_types(p.dtype, torch.float32)
@@ -133,11 +141,21 @@ class SequenceModel(nn.Module):
     def _compute_dtype(self) -> torch.dtype:
         # The first non-marked parameter tells the dtype the model computes in (its name is found
         # once: walking every parameter on each step costs more than a small step itself).
-        name = self.__dict__.get("_dtype_param")
-        if name is None:
+        path = self.__dict__.get("_dtype_param")
+        if path is None:
             name = next((n for n, p in self.named_parameters() if not is_fp32_no_decay(p)), "")
-            self.__dict__["_dtype_param"] = name
-        return self.get_parameter(name).dtype if name else self._ref_param().dtype
+            path = self.__dict__["_dtype_param"] = tuple(name.split(".")) if name else ()
+        if not path:
+            return self._ref_param().dtype
+        # the parameter is looked up each time (it may be replaced), through the module dicts, which
+        # costs a fraction of get_parameter's attribute walk
+        mod = self
+        try:
+            for part in path[:-1]:
+                mod = mod._modules[part]
+            return mod._parameters[path[-1]].dtype
+        except (KeyError, AttributeError):
+            return self.get_parameter(".".join(path)).dtype
 
     def state_max_len(self, state: ModelState) -> int | None:
         """The attention capacity a state was built with (None when it has no full attention)."""
@@ -161,9 +179,31 @@ class SequenceModel(nn.Module):
         return torch.utils._pytree.tree_map(pick, state, fresh)
 
     # -- checks ---------------------------------------------------------------------------------
+    def _clear_step_memos(self) -> None:
+        """Forget the checks :meth:`step` memoised (the model's device or dtype may have changed)."""
+        self.__dict__.pop("_inputs_ok", None)
+        self.__dict__.pop("_state_ok", None)
+
     def _check_input(self, x: Any, name: str, *, step: bool = False) -> Tensor:
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        # A step checks the same kind of frame every call: the verdict is memoised on everything it
+        # depends on (the model's device changes go through _apply, which clears the memo). Inputs
+        # in another dtype than the model's (autocast) are checked in full each time.
+        want = self._compute_dtype()
+        if x.dtype != want:
+            return self._check_input_full(x, name, step=step)
+        key = (step, x.shape, x.dtype, x.device, want)
+        ok = self.__dict__.setdefault("_inputs_ok", {})
+        if key in ok:
+            return x if x.dim() == 3 else x.unsqueeze(1)
+        x = self._check_input_full(x, name, step=step)
+        if len(ok) > 64:
+            ok.clear()
+        ok[key] = True
+        return x
+
+    def _check_input_full(self, x: Tensor, name: str, *, step: bool = False) -> Tensor:
         E = self.config.embed_dim
         if step:
             if x.dim() == 3 and x.shape[1] != 1:
@@ -332,7 +372,11 @@ class SequenceModel(nn.Module):
         """
         x = self._check_input(x_t, "x_t", step=True)
         B = x.shape[0]
-        self._check_state(state, B)
+        # A stream passes back the state the previous step returned: that one was checked (or built
+        # from checked buffers) already. The memo holds that one state (which the caller holds too).
+        memo = self.__dict__.get("_state_ok")
+        if memo is None or memo[0] is not state or memo[1] != B:
+            self._check_state(state, B)
         if reset is not None:
             if not isinstance(reset, Tensor):
                 raise TypeError(f"reset must be a bool tensor [batch], got {type(reset).__name__}")
@@ -341,12 +385,83 @@ class SequenceModel(nn.Module):
                     f"reset: expected a bool tensor of shape ({B},), got {reset.dtype} "
                     f"{tuple(reset.shape)}"
                 )
-            state = self.reset_rows(state, reset.to(state.pos.device), inplace)
-        h = self._embed(x, state.pos)
-        h, layers = self._run_blocks(h, state.layers, None, inplace)
-        h = self.final_norm(h)[:, 0]
-        pos = state.pos.add_(1) if inplace else state.pos + 1
-        return h, ModelState(tuple(layers), pos)
+            fresh = self.reset_rows(state, reset.to(state.pos.device), inplace)
+            state = state if inplace else fresh  # inplace: the same buffers, rewritten
+        fused = self.use_fused_step and not _compiling()
+        out = self._fused_step(x, state, inplace) if fused else None
+        if out is None:
+            h = self._embed(x, state.pos)
+            h, layers = self._run_blocks(h, state.layers, None, inplace)
+            h = self.final_norm(h)[:, 0]
+            if inplace:
+                state.pos.add_(1)
+                # the blocks wrote into the given buffers: hand back the same state (no rebuild)
+                if not all(n is o for n, o in zip(layers, state.layers)):
+                    state = ModelState(tuple(layers), state.pos)
+                out = h, state
+            else:
+                out = h, ModelState(tuple(layers), state.pos + 1)
+        if not _compiling():
+            self.__dict__["_state_ok"] = (out[1], B)
+        return out
+
+    def _fused_step(self, x: Tensor, state: ModelState, inplace: bool) -> tuple[Tensor, ModelState] | None:
+        """The whole step as one fused call, when every block offers the same stack op
+        (``block.fused_step_spec``: Mamba blocks) and nothing else needs Python: an input projection
+        that is a Linear or nothing, no positional encoding, a LayerNorm final norm, no active dropout,
+        no autograd, no autocast, CPU, fp32/fp64 states in the input's dtype. None otherwise (the
+        generic path runs). Weights are read from the modules on every call; only ``-exp(A_log)`` is
+        cached (keyed on the parameter's version and storage), so nothing can go stale."""
+        dtype = x.dtype
+        if (
+            self.positional is not None
+            or dtype not in (torch.float32, torch.float64)
+            or x.device.type != "cpu"
+            or _autocast_on("cpu")
+        ):
+            return None
+        mods = self._modules
+        if self.training and mods["dropout"].p > 0:
+            return None
+        ip, fin = mods["input_proj"], mods["final_norm"]
+        if type(fin) is not LayerNorm:
+            return None
+        if type(ip) is nn.Linear:
+            weights: list = [ip._parameters["weight"], ip._parameters.get("bias")]
+        elif type(ip) is nn.Identity:
+            weights = [None, None]
+        else:
+            return None
+        op, eps, flat, new_layers = None, [], [], []
+        for block, s in zip(mods["blocks"], state.layers):
+            fn = getattr(block, "fused_step_spec", None)
+            spec = fn(dtype) if fn is not None else None
+            if spec is None or (op is not None and spec[0] is not op):
+                return None
+            op = spec[0]
+            weights.extend(spec[1])
+            eps.append(spec[2])
+            for t in s:
+                if t.dtype != dtype or (inplace and not t.is_contiguous()):
+                    return None
+            if not inplace:
+                s = type(s)(*(t.clone(memory_format=torch.contiguous_format) for t in s))
+                new_layers.append(s)
+            flat.extend(s)
+        if op is None:
+            return None
+        fp = fin._parameters
+        weights += [fp["weight"], fp.get("bias")]
+        if torch.is_grad_enabled() and (
+            x.requires_grad or any(w is not None and w.requires_grad for w in weights)
+        ):
+            return None
+        w = [t if t is not None else _NONE for t in weights]
+        pos = state.pos
+        h = op(x[:, 0], w[0], w[1], w[2:-2], eps, flat, w[-2], w[-1], fin.eps, pos if inplace else _NONE)
+        if inplace:
+            return h, state
+        return h, ModelState(tuple(new_layers), pos + 1)
 
     # -- save / load ----------------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike) -> Path:

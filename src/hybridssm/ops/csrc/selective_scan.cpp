@@ -418,20 +418,74 @@ at::Tensor mamba_step(const at::Tensor& xz, at::Tensor& conv_state, at::Tensor& 
   return y;
 }
 
+// A weight in the compute dtype, contiguous: the tensor itself when it already is (no dispatch, no
+// copy: the common case), else a converted copy.
+inline at::Tensor as_(const at::Tensor& t, at::ScalarType dt) {
+  return t.scalar_type() == dt && t.is_contiguous() ? t : t.to(dt).contiguous();
+}
+
 // The whole mixer step: in_proj, the fused step, out_proj (one call from Python per layer).
-// x [B, d], in_w [2E, d], A_log [E, N], out_w [d, E]; returns [B, d].
+// x [B, d], in_w [2E, d], A [E, N] (= -exp(A_log), computed once by the caller), out_w [d, E];
+// returns [B, d].
 at::Tensor mamba_mixer_step(const at::Tensor& x, const at::Tensor& in_w, at::Tensor& conv_state,
                             at::Tensor& ssm_state, const at::Tensor& conv_w,
                             const std::optional<at::Tensor>& conv_b, const at::Tensor& xproj_w,
-                            const at::Tensor& dt_w, const at::Tensor& dt_bias, const at::Tensor& A_log,
+                            const at::Tensor& dt_w, const at::Tensor& dt_bias, const at::Tensor& A,
                             const at::Tensor& Dv, const at::Tensor& out_w) {
   const auto dt = ssm_state.scalar_type();
-  auto c = [dt](const at::Tensor& t) { return t.to(dt).contiguous(); };
-  auto bias = conv_b.has_value() ? c(*conv_b) : at::empty({0}, x.options().dtype(dt));
-  auto xz = at::mm(c(x), c(in_w).t()).contiguous();
-  auto A = at::exp(c(A_log)).neg_();  // the same exp as torch.exp in the full forward
-  auto y = mamba_step(xz, conv_state, ssm_state, c(conv_w), bias, c(xproj_w), c(dt_w), c(dt_bias), A, c(Dv));
-  return at::mm(y, c(out_w).t());
+  auto bias = conv_b.has_value() ? as_(*conv_b, dt) : at::empty({0}, x.options().dtype(dt));
+  auto xz = at::mm(as_(x, dt), as_(in_w, dt).t()).contiguous();
+  auto y = mamba_step(xz, conv_state, ssm_state, as_(conv_w, dt), bias, as_(xproj_w, dt), as_(dt_w, dt),
+                      as_(dt_bias, dt), as_(A, dt), as_(Dv, dt));
+  return at::mm(y, as_(out_w, dt).t());
+}
+
+// A stack of pre-norm residual Mamba blocks, one frame: the whole model step in one call.
+//
+//   h = x @ proj_w^T + proj_b                (skipped when proj_w is empty: identity)
+//   per layer l:  h = h + out_proj(mixer_step(layer_norm(h)))
+//   returns layer_norm(h) with (fin_w, fin_b), or h when fin_w is empty; pos += 1 when pos is given
+//
+// x [B, embed_dim] in the states' dtype. weights holds kLayerWeights tensors per layer (empty = none):
+// norm_w, norm_b, in_w [2E, d], conv_w [E, K], conv_b, xproj_w, dt_w, dt_bias, A (= -exp(A_log)), D,
+// out_w [d, E]; each is used as it is when already in the states' dtype and contiguous (else a copy).
+// states holds the layers' (conv_state, ssm_state), contiguous, updated in place. The ATen calls are
+// the ones the eager forward makes (linear / layer_norm / add), so the step reproduces it.
+constexpr size_t kLayerWeights = 11;
+
+at::Tensor mamba_stack_step(const at::Tensor& x, const at::Tensor& proj_w, const at::Tensor& proj_b,
+                            const std::vector<at::Tensor>& weights, const std::vector<double>& eps,
+                            std::vector<at::Tensor> states, const at::Tensor& fin_w,
+                            const at::Tensor& fin_b, double fin_eps, at::Tensor pos) {
+  const size_t L = eps.size();
+  TORCH_CHECK(weights.size() == L * kLayerWeights && states.size() == 2 * L,
+              "mamba_stack_step: expected ", kLayerWeights, " weights and 2 states per layer");
+  TORCH_CHECK(x.dim() == 2, "mamba_stack_step: x must be [B, embed_dim]");
+  const auto dt = x.scalar_type();
+  auto opt = [dt](const at::Tensor& t) {
+    return t.numel() ? std::optional<at::Tensor>(as_(t, dt)) : std::nullopt;
+  };
+  at::Tensor h = proj_w.numel() ? at::linear(x, as_(proj_w, dt), opt(proj_b)) : x;
+  const int64_t d = h.size(-1);
+  for (size_t l = 0; l < L; ++l) {
+    const at::Tensor* w = weights.data() + l * kLayerWeights;
+    for (int i = 0; i < 2; ++i) {
+      const auto& st = states[2 * l + i];
+      TORCH_CHECK(st.dim() == 3 && st.size(0) == x.size(0) && st.size(1) == w[3].size(0),
+                  "mamba_stack_step: layer ", l, ": state of shape ", st.sizes(), " does not fit");
+    }
+    TORCH_CHECK(states[2 * l].size(2) == w[3].size(1) - 1 && states[2 * l + 1].size(2) == w[8].size(1),
+                "mamba_stack_step: layer ", l, ": state sizes do not fit the weights");
+    const auto hn = at::layer_norm(h, {d}, opt(w[0]), opt(w[1]), eps[l]);
+    const auto xz = at::mm(hn, as_(w[2], dt).t()).contiguous();
+    const auto bias = w[4].numel() ? as_(w[4], dt) : at::empty({0}, xz.options());
+    const auto y = mamba_step(xz, states[2 * l], states[2 * l + 1], as_(w[3], dt), bias, as_(w[5], dt),
+                              as_(w[6], dt), as_(w[7], dt), as_(w[8], dt), as_(w[9], dt));
+    h = h + at::mm(y, as_(w[10], dt).t());
+  }
+  if (pos.numel()) pos.add_(1);
+  if (!fin_w.numel()) return h;
+  return at::layer_norm(h, {d}, opt(fin_w), opt(fin_b), fin_eps);
 }
 
 }  // namespace
@@ -440,4 +494,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scan_fwd", &scan_fwd, "selective scan forward (CPU)");
   m.def("scan_bwd", &scan_bwd, "selective scan backward (CPU)");
   m.def("mamba_mixer_step", &mamba_mixer_step, "fused Mamba-1 mixer step (CPU)");
+  m.def("mamba_stack_step", &mamba_stack_step, "fused step of a stack of pre-norm Mamba-1 blocks (CPU)");
 }
