@@ -164,6 +164,8 @@ class ParallelBlock(nn.Module):
         x = x + y if self.pre_norm else self.norm(x + y)
         if self.ffn is not None:
             x = self.ffn(x)
+        if inplace and state is not None and s_state is state.ssm and a_state is state.attn:
+            return x, state  # the mixers wrote into the given buffers: no new container
         return x, ParallelState(s_state, a_state)
 
     def init_state(self, batch_size: int, **kw: Any) -> ParallelState:

@@ -191,7 +191,7 @@ class SequenceModel(nn.Module):
         # depends on (the model's device changes go through _apply, which clears the memo). Inputs
         # in another dtype than the model's (autocast) are checked in full each time.
         want = self._compute_dtype()
-        if x.dtype != want:
+        if x.dtype != want or _compiling():
             return self._check_input_full(x, name, step=step)
         key = (step, x.shape, x.dtype, x.device, want)
         ok = self.__dict__.setdefault("_inputs_ok", {})
@@ -374,7 +374,7 @@ class SequenceModel(nn.Module):
         B = x.shape[0]
         # A stream passes back the state the previous step returned: that one was checked (or built
         # from checked buffers) already. The memo holds that one state (which the caller holds too).
-        memo = self.__dict__.get("_state_ok")
+        memo = None if _compiling() else self.__dict__.get("_state_ok")
         if memo is None or memo[0] is not state or memo[1] != B:
             self._check_state(state, B)
         if reset is not None:

@@ -1,0 +1,342 @@
+"""The fast streaming step: the one-call Mamba stack step (``mamba_stack_step``) against its eager
+twin, the model taking it (and falling back where it must), the cached ``-exp(A_log)`` never going
+stale, and the memoised step checks still rejecting bad inputs and states."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import hybridssm as hs
+from helpers import assert_close, assert_tree_close
+from hybridssm.ops import mamba_step as step_op
+from hybridssm.ops import use_kernels
+from hybridssm.ops.mamba_step import DerivedCache, mamba_stack_step, mamba_stack_step_ref
+from hybridssm.state import ModelState
+
+E_IN, D, N, K = 6, 16, 4, 4
+
+
+def _model(dtype=torch.float32, seed=0, **kw):
+    torch.manual_seed(seed)
+    opts = dict(embed_dim=E_IN, hidden_size=D, num_layers=2, state_size=N, conv_size=K)
+    m = hs.build("mamba", **{**opts, **kw}).to(dtype).eval()
+    with torch.no_grad():  # non-trivial norms, conv bias and D so every weight matters
+        for name, p in m.named_parameters():
+            if name.endswith(("norm.weight", "norm.bias", "conv.bias", ".D")):
+                p.add_(0.3 * torch.randn_like(p))
+    return m
+
+
+def _stream(model, x, inplace=True, state=None):
+    state = model.init_state(x.shape[0]) if state is None else state
+    ys = []
+    for t in range(x.shape[1]):
+        y, state = model.step(x[:, t], state, inplace=inplace)
+        ys.append(y)
+    return torch.stack(ys, 1), state
+
+
+def _assert_stream_equals_forward(model, B=2, T=9, msg=""):
+    x = torch.randn(B, T, E_IN, dtype=model.input_proj.weight.dtype)
+    with torch.no_grad():
+        want, want_state = model(x, return_sequence=True, return_state=True)
+        for inplace in (True, False):
+            got, state = _stream(model, x, inplace)
+            assert_close(got, want, msg=f"{msg} inplace={inplace}")
+            assert_tree_close(state, want_state, msg=f"{msg} inplace={inplace} state")
+
+
+@pytest.fixture
+def count_stack_calls(monkeypatch):
+    """Counts calls of the one-call stack step (looked up through the module on every step)."""
+    calls = []
+    real = step_op.mamba_stack_step
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(step_op, "mamba_stack_step", counted)
+    return calls
+
+
+# -- the fused op against its eager twin -----------------------------------------------------------
+def _stack_args(dtype, layers=2, B=3, proj=True, conv_bias=True, norm_bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    E, R = 2 * D, 2
+    none = torch.empty(0, dtype=dtype)
+    weights, eps, states = [], [], []
+    for _ in range(layers):
+        weights += [1 + 0.2 * r(D), 0.2 * r(D) if norm_bias else none, r(2 * E, D) / D**0.5, r(E, K) / 2,
+                    r(E) if conv_bias else none, r(R + 2 * N, E) / E**0.5, r(E, R), r(E) - 1,
+                    -torch.exp(r(E, N).abs()), r(E), r(D, E) / E**0.5]
+        eps.append(1e-5)
+        states += [r(B, E, K - 1), r(B, E, N)]
+    proj_w, proj_b = (r(D, E_IN), r(D)) if proj else (none, none)
+    x = r(B, E_IN if proj else D)
+    return x, proj_w, proj_b, weights, eps, states, 1 + 0.2 * r(D), 0.2 * r(D), 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("variant", ["full", "no_proj", "no_biases", "one_layer_no_final"])
+def test_stack_step_equals_eager_twin(dtype, variant):
+    kw = dict(proj=variant != "no_proj", conv_bias=variant != "no_biases", norm_bias=variant != "no_biases",
+              layers=1 if variant == "one_layer_no_final" else 2)
+    x, pw, pb, w, eps, states, fw, fb, feps = _stack_args(dtype, **kw)
+    if variant == "one_layer_no_final":
+        fw = fb = torch.empty(0, dtype=dtype)
+    states_ref = [s.clone() for s in states]
+    pos, pos_ref = torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long)
+    for _ in range(3):  # a few steps: the state updates feed the next step
+        y = mamba_stack_step(x, pw, pb, w, eps, states, fw, fb, feps, pos)
+        y_ref = mamba_stack_step_ref(x, pw, pb, w, eps, states_ref, fw, fb, feps, pos_ref)
+        cls = "fp64" if dtype == torch.float64 else "fp32"
+        assert_close(y, y_ref, cls)
+        for s, s_ref in zip(states, states_ref):
+            assert_close(s, s_ref, cls)
+    assert pos.tolist() == pos_ref.tolist() == [3, 3, 3]
+
+
+def test_stack_step_rejects_states_that_do_not_fit():
+    x, pw, pb, w, eps, states, fw, fb, feps = _stack_args(torch.float32)
+    states[3] = torch.zeros(3, 2 * D, N + 1)  # layer 1's ssm state: wrong N
+    with pytest.raises(RuntimeError, match="do not fit"):
+        mamba_stack_step(x, pw, pb, w, eps, states, fw, fb, feps, torch.empty(0))
+
+
+def test_mixer_step_with_precomputed_A_equals_without():
+    m = _model().blocks[0].mixer
+    x = torch.randn(2, 1, D)
+    s1, s2 = m.init_state(2), m.init_state(2)
+    with torch.no_grad():
+        for _ in range(3):
+            y1, s1 = m(x, s1, inplace=True)  # the eager mixer path: A from the cache
+            y2 = step_op.mamba_step(
+                x[:, 0], m.in_proj.weight, s2.conv, s2.ssm, m.conv.weight, m.conv.bias, m.ssm.x_proj.weight,
+                m.ssm.dt_proj.weight, m.ssm.dt_bias, m.ssm.A_log, m.ssm.D, m.out_proj.weight,
+            )  # A computed here
+            assert_close(y1[:, 0], y2)
+    assert_tree_close(s1, s2)
+
+
+# -- the model takes the one-call path, and leaves it where it must --------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_model_step_takes_one_call_and_equals_forward(dtype, count_stack_calls):
+    model = _model(dtype)
+    _assert_stream_equals_forward(model, msg=str(dtype))
+    assert len(count_stack_calls) == 2 * 9  # every step, inplace and functional
+
+
+def test_one_call_equals_block_by_block():
+    model = _model()
+    x = torch.randn(2, 7, E_IN)
+    with torch.no_grad():
+        fused, s_fused = _stream(model, x)
+        model.use_fused_step = False
+        try:
+            plain, s_plain = _stream(model, x)
+        finally:
+            model.use_fused_step = True
+    assert_close(fused, plain)
+    assert_tree_close(s_fused, s_plain)
+
+
+def test_functional_one_call_leaves_the_state_alone():
+    model = _model()
+    x = torch.randn(2, 5, E_IN)
+    with torch.no_grad():
+        _, state = _stream(model, x)
+        before = state.clone()
+        y, new = model.step(x[:, 0], state)
+    assert_tree_close(state, before)
+    assert new is not state and new.pos.tolist() == [6, 6]
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(new.layers[0], state.layers[0]))
+
+
+def test_inplace_step_hands_back_the_same_state():
+    model = _model()
+    state = model.init_state(1)
+    with torch.no_grad():
+        for fused in (True, False):
+            model.use_fused_step = fused
+            _, out = model.step(torch.randn(1, E_IN), state, inplace=True)
+            assert out is state
+    model.use_fused_step = True
+    assert state.pos.tolist() == [2]
+
+
+@pytest.mark.parametrize("case", ["grad", "autocast", "torch_kernels", "dropout_training"])
+def test_falls_back_where_the_one_call_does_not_apply(case, count_stack_calls):
+    model = _model(dropout=0.1 if case == "dropout_training" else 0.0)
+    x = torch.randn(2, 5, E_IN)
+    if case == "grad":  # autograd through the step: the generic (differentiable) path
+        _, state = _stream(model, x)
+        assert state.layers[0].ssm.grad_fn is not None
+    elif case == "autocast":
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            _stream(model, x)
+    elif case == "torch_kernels":
+        with torch.no_grad(), use_kernels("torch"):
+            _assert_stream_equals_forward(model)
+    else:  # dropout between blocks is active in training mode
+        model.train()
+        with torch.no_grad():
+            _stream(model, x)
+    assert count_stack_calls == []
+
+
+def test_hybrid_with_mamba_blocks_streams_exactly(count_stack_calls):
+    """Attention blocks between the Mamba blocks: block by block (each Mamba mixer still fused)."""
+    torch.manual_seed(0)
+    model = hs.build("hybrid", embed_dim=E_IN, hidden_size=D, num_layers=2, num_heads=2, state_size=N,
+                     backbone="mamba", attention_every=2).eval()
+    x = torch.randn(2, 6, E_IN)
+    with torch.no_grad():
+        want = model(x, return_sequence=True)
+        got, _ = _stream(model, x)
+    assert_close(got, want)
+    assert count_stack_calls == []
+
+
+# -- the cached -exp(A_log) can never go stale -----------------------------------------------------
+def _warm(model):
+    with torch.no_grad():
+        _stream(model, torch.randn(1, 3, E_IN, dtype=model.input_proj.weight.dtype))
+
+
+def _mutations():
+    def add_inplace(m):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+
+    def optimizer_step(m):
+        opt = torch.optim.SGD(m.parameters(), lr=1.0, momentum=0.9)
+        for p in m.parameters():  # gradients large enough to move A_log visibly (its own are tiny)
+            p.grad = 0.05 * torch.randn_like(p)
+        opt.step()
+
+    def adam_foreach_step(m):
+        opt = torch.optim.Adam(m.parameters(), lr=0.1, foreach=True)
+        m(torch.randn(2, 4, E_IN)).pow(2).sum().backward()
+        opt.step()
+
+    def other_weights(seed):
+        src = _model(seed=seed)
+        with torch.no_grad():  # A_log starts the same in every model (S4D-real): move it
+            for p in src.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        return src.state_dict()
+
+    def load_state_dict(m):
+        m.load_state_dict(other_weights(1))
+
+    def load_state_dict_assign(m):
+        m.load_state_dict(other_weights(2), assign=True)
+
+    def replace_data(m):
+        for blk in m.blocks:
+            blk.mixer.ssm.A_log.data = blk.mixer.ssm.A_log.data + 0.3
+
+    def replace_parameter(m):
+        for blk in m.blocks:
+            blk.mixer.ssm.A_log = nn.Parameter(blk.mixer.ssm.A_log.detach() - 0.3)
+
+    def to_float64_and_back(m):
+        m.to(torch.float64)
+        with torch.no_grad():
+            for blk in m.blocks:
+                blk.mixer.ssm.A_log.mul_(1.1)
+        m.to(torch.float32)
+
+    return [add_inplace, optimizer_step, adam_foreach_step, load_state_dict, load_state_dict_assign,
+            replace_data, replace_parameter, to_float64_and_back]
+
+
+@pytest.mark.parametrize("mutate", _mutations(), ids=lambda f: f.__name__)
+def test_step_follows_parameter_changes(mutate, count_stack_calls):
+    model = _model()
+    _warm(model)  # fills the caches
+    A_log = [blk.mixer.ssm.A_log.detach().clone() for blk in model.blocks]
+    mutate(model)
+    model.eval()
+    for blk, before in zip(model.blocks, A_log):  # the mutation reached A_log (what the cache derives)
+        assert not torch.equal(blk.mixer.ssm.A_log.detach(), before)
+    _assert_stream_equals_forward(model, msg=mutate.__name__)
+    assert count_stack_calls  # the one-call path ran with the new weights
+
+
+def test_step_follows_a_cast_to_float64(count_stack_calls):
+    model = _model()
+    _warm(model)
+    model.to(torch.float64)
+    _assert_stream_equals_forward(model)
+    assert model.blocks[0].mixer._neg_A._value.dtype == torch.float64
+    assert count_stack_calls
+
+
+def test_derived_cache_rebuilds_only_on_change():
+    built = []
+
+    def build(src, dtype):
+        built.append(1)
+        return -torch.exp(src.to(dtype))
+
+    p = nn.Parameter(torch.randn(3, 2))
+    c = DerivedCache()
+    a = c.get(p, torch.float32, build)
+    assert c.get(p, torch.float32, build) is a and len(built) == 1
+    with torch.no_grad():
+        p.add_(1.0)
+    assert_close(c.get(p, torch.float32, build), -torch.exp(p.detach()))
+    assert c.get(p, torch.float64, build).dtype == torch.float64
+    q = nn.Parameter(p.detach().clone())  # same values, another parameter: rebuilt
+    c.get(q, torch.float64, build)
+    assert len(built) == 4
+    p.data.mul_(2)  # writes through .data bypass the version counter: clear() is the way
+    c.clear()
+    assert_close(c.get(p, torch.float32, build), -torch.exp(p.detach()))
+
+
+# -- the memoised checks still check ----------------------------------------------------------------
+def test_memoised_checks_still_reject_bad_inputs_and_states():
+    model = _model()
+    with torch.no_grad():
+        state = model.init_state(2)
+        model.step(torch.randn(2, E_IN), state, inplace=True)  # memoises this input kind and state
+        with pytest.raises(ValueError, match="embed_dim"):
+            model.step(torch.randn(2, E_IN + 1), state, inplace=True)
+        with pytest.raises(ValueError, match="dtype"):
+            model.step(torch.randn(2, E_IN, dtype=torch.float64), state, inplace=True)
+        with pytest.raises(ValueError, match="batch size"):
+            model.step(torch.randn(3, E_IN), state, inplace=True)
+        bad = ModelState((state.layers[0], model.init_state(3).layers[1]), state.pos)
+        with pytest.raises(ValueError, match="shape"):
+            model.step(torch.randn(2, E_IN), bad, inplace=True)
+        other = hs.build("mamba", embed_dim=E_IN, hidden_size=D + 4, num_layers=2).eval()
+        with pytest.raises(ValueError, match="shape"):
+            model.step(torch.randn(2, E_IN), other.init_state(2), inplace=True)
+        # after the model moves to float64, float32 frames are refused again
+        model.to(torch.float64)
+        with pytest.raises(ValueError, match="dtype"):
+            model.step(torch.randn(2, E_IN), model.init_state(2), inplace=True)
+
+
+def test_reset_rows_in_the_one_call_path(count_stack_calls):
+    model = _model()
+    x = torch.randn(2, 6, E_IN)
+    with torch.no_grad():
+        state = model.init_state(2)
+        for t in range(3):
+            model.step(x[:, t], state, inplace=True)
+        reset = torch.tensor([True, False])
+        y, out = model.step(x[:, 3], state, reset=reset, inplace=True)
+        assert out is state and state.pos.tolist() == [1, 4]
+        want_row0 = model(x[:1, 3:4])
+        want_row1 = model(x[1:, :4])
+    assert_close(y[:1], want_row0)
+    assert_close(y[1:], want_row1)
+    assert count_stack_calls
