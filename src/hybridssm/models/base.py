@@ -184,26 +184,29 @@ class SequenceModel(nn.Module):
         self.__dict__.pop("_inputs_ok", None)
         self.__dict__.pop("_state_ok", None)
 
+    def _frame_known(self, x: Any) -> bool:
+        """Whether a frame of ``x``'s kind (shape, dtype, device) passed :meth:`step`'s input check
+        before, with the model in its current dtype. A stream sends the same kind of frame every
+        call; the model's device and dtype changes go through ``_apply``, which clears the memo."""
+        if type(x) is not Tensor:
+            return False
+        want = self._compute_dtype()
+        known = self.__dict__.get("_inputs_ok")
+        return known is not None and x.dtype is want and (x.shape, x.device, want) in known
+
+    def _check_frame(self, x: Any) -> None:
+        """:meth:`step`'s input check (in full), remembered for frames in the model's dtype."""
+        self._check_input(x, "x_t", step=True)
+        want = self._compute_dtype()
+        if type(x) is Tensor and x.dtype is want:
+            known = self.__dict__.setdefault("_inputs_ok", set())
+            if len(known) > 64:
+                known.clear()
+            known.add((x.shape, x.device, want))
+
     def _check_input(self, x: Any, name: str, *, step: bool = False) -> Tensor:
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        # A step checks the same kind of frame every call: the verdict is memoised on everything it
-        # depends on (the model's device changes go through _apply, which clears the memo). Inputs
-        # in another dtype than the model's (autocast) are checked in full each time.
-        want = self._compute_dtype()
-        if x.dtype != want or _compiling():
-            return self._check_input_full(x, name, step=step)
-        key = (step, x.shape, x.dtype, x.device, want)
-        ok = self.__dict__.setdefault("_inputs_ok", {})
-        if key in ok:
-            return x if x.dim() == 3 else x.unsqueeze(1)
-        x = self._check_input_full(x, name, step=step)
-        if len(ok) > 64:
-            ok.clear()
-        ok[key] = True
-        return x
-
-    def _check_input_full(self, x: Tensor, name: str, *, step: bool = False) -> Tensor:
         E = self.config.embed_dim
         if step:
             if x.dim() == 3 and x.shape[1] != 1:
@@ -370,11 +373,13 @@ class SequenceModel(nn.Module):
         ``inplace=True`` writes the new state into ``state``'s buffers (the streaming fast path);
         otherwise ``state`` is left unchanged. Equals ``forward`` on the whole stream.
         """
-        x = self._check_input(x_t, "x_t", step=True)
-        B = x.shape[0]
+        compiling = _compiling()
+        if compiling or not self._frame_known(x_t):
+            self._check_frame(x_t)
+        B = x_t.shape[0]
         # A stream passes back the state the previous step returned: that one was checked (or built
         # from checked buffers) already. The memo holds that one state (which the caller holds too).
-        memo = None if _compiling() else self.__dict__.get("_state_ok")
+        memo = None if compiling else self.__dict__.get("_state_ok")
         if memo is None or memo[0] is not state or memo[1] != B:
             self._check_state(state, B)
         if reset is not None:
@@ -387,9 +392,9 @@ class SequenceModel(nn.Module):
                 )
             fresh = self.reset_rows(state, reset.to(state.pos.device), inplace)
             state = state if inplace else fresh  # inplace: the same buffers, rewritten
-        fused = self.use_fused_step and not _compiling()
-        out = self._fused_step(x, state, inplace) if fused else None
+        out = self._fused_step(x_t, state, inplace) if self.use_fused_step and not compiling else None
         if out is None:
+            x = x_t if x_t.dim() == 3 else x_t.unsqueeze(1)
             h = self._embed(x, state.pos)
             h, layers = self._run_blocks(h, state.layers, None, inplace)
             h = self.final_norm(h)[:, 0]
@@ -401,7 +406,7 @@ class SequenceModel(nn.Module):
                 out = h, state
             else:
                 out = h, ModelState(tuple(layers), state.pos + 1)
-        if not _compiling():
+        if not compiling:
             self.__dict__["_state_ok"] = (out[1], B)
         return out
 
@@ -415,7 +420,7 @@ class SequenceModel(nn.Module):
         dtype = x.dtype
         if (
             self.positional is not None
-            or dtype not in (torch.float32, torch.float64)
+            or (dtype is not torch.float32 and dtype is not torch.float64)
             or x.device.type != "cpu"
             or _autocast_on("cpu")
         ):
@@ -439,26 +444,31 @@ class SequenceModel(nn.Module):
             if spec is None or (op is not None and spec[0] is not op):
                 return None
             op = spec[0]
-            weights.extend(spec[1])
+            weights += spec[1]
             eps.append(spec[2])
-            for t in s:
-                if t.dtype != dtype or (inplace and not t.is_contiguous()):
-                    return None
-            if not inplace:
+            if inplace:
+                for t in s:
+                    if t.dtype is not dtype or not t.is_contiguous():
+                        return None
+            else:
+                for t in s:
+                    if t.dtype is not dtype:
+                        return None
                 s = type(s)(*(t.clone(memory_format=torch.contiguous_format) for t in s))
                 new_layers.append(s)
-            flat.extend(s)
+            flat += s
         if op is None:
             return None
         fp = fin._parameters
-        weights += [fp["weight"], fp.get("bias")]
+        weights += (fp["weight"], fp.get("bias"))
         if torch.is_grad_enabled() and (
             x.requires_grad or any(w is not None and w.requires_grad for w in weights)
         ):
             return None
-        w = [t if t is not None else _NONE for t in weights]
+        w = [_NONE if t is None else t for t in weights]
         pos = state.pos
-        h = op(x[:, 0], w[0], w[1], w[2:-2], eps, flat, w[-2], w[-1], fin.eps, pos if inplace else _NONE)
+        # x: [B, E] or [B, 1, E] (the op takes either; no Python-side reshape)
+        h = op(x, w[0], w[1], w[2:-2], eps, flat, w[-2], w[-1], fin.eps, pos if inplace else _NONE)
         if inplace:
             return h, state
         return h, ModelState(tuple(new_layers), pos + 1)

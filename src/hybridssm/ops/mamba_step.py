@@ -171,12 +171,13 @@ def mamba_stack_step(
 ) -> Tensor:
     """A stack of pre-norm residual Mamba blocks, one frame, in one C++ call (no autograd).
 
-    ``x [B, embed_dim]`` in the states' dtype -> ``h [B, d]``: ``h = linear(x, proj_w, proj_b)`` (an
-    empty ``proj_w`` means no projection), then per layer ``h = h + mixer_step(layer_norm(h))``, then
-    ``layer_norm(h, fin_w, fin_b, fin_eps)`` (skipped when ``fin_w`` is empty); ``pos += 1`` in place
-    unless ``pos`` is empty. ``weights``: 11 per layer (norm_w, norm_b, in_w, conv_w, conv_b, xproj_w,
-    dt_w, dt_bias, A = -exp(A_log), D, out_w; an empty tensor for an absent bias); ``states``: each
-    layer's ``(conv [B, E, K-1], ssm [B, E, N])``, contiguous, in x's dtype, updated in place.
+    ``x [B, embed_dim]`` (or ``[B, 1, embed_dim]``) in the states' dtype -> ``h [B, d]``:
+    ``h = linear(x, proj_w, proj_b)`` (an empty ``proj_w`` means no projection), then per layer
+    ``h = h + mixer_step(layer_norm(h))``, then ``layer_norm(h, fin_w, fin_b, fin_eps)`` (skipped when
+    ``fin_w`` is empty); ``pos += 1`` in place unless ``pos`` is empty. ``weights``: 11 per layer
+    (norm_w, norm_b, in_w, conv_w, conv_b, xproj_w, dt_w, dt_bias, A = -exp(A_log), D, out_w; an
+    empty tensor for an absent bias); ``states``: each layer's ``(conv [B, E, K-1], ssm [B, E, N])``,
+    contiguous, in x's dtype, updated in place.
     """
     return _ext().mamba_stack_step(x, proj_w, proj_b, weights, eps, states, fin_w, fin_b, fin_eps, pos)
 
@@ -190,6 +191,7 @@ def mamba_stack_step_ref(
     def opt(t: Tensor) -> Tensor | None:
         return t if t.numel() else None
 
+    x = x[:, 0] if x.dim() == 3 else x
     h = F.linear(x, proj_w, opt(proj_b)) if proj_w.numel() else x
     d = h.shape[-1]
     for i, eps_i in enumerate(eps):
