@@ -158,12 +158,18 @@ class MambaMixer(Mixer):
         )
         ssm = self.ssm
         # eager: -exp(A_log) from the cache; a compiled graph computes it (no version reads in graphs)
-        A = None if torch.compiler.is_compiling() else self._neg_A.get(ssm.A_log, h.dtype, _step_op.neg_exp)
+        A = None
+        if not torch.compiler.is_compiling():
+            A = self._neg_A_cache().get(ssm.A_log, h.dtype, _step_op.neg_exp)
         out = _step_op.mamba_step(
             x[:, 0], self.in_proj.weight, conv, h, self.conv.weight, self.conv.bias, ssm.x_proj.weight,
             ssm.dt_proj.weight, ssm.dt_bias, ssm.A_log, ssm.D, self.out_proj.weight, A=A,
         ).unsqueeze(1)  # [B, 1, d]
         return out, finish_state(state, MambaState(conv, h), inplace)
+
+    def _neg_A_cache(self) -> _step_op.DerivedCache:
+        cache = self.__dict__.get("_neg_A")  # absent on a module unpickled from an older version
+        return cache if cache is not None else self.__dict__.setdefault("_neg_A", _step_op.DerivedCache())
 
     # -- one call for a whole stack of Mamba blocks (SequenceModel.step, through ResidualBlock) ------
     def fused_step_weights(self, dtype: torch.dtype) -> tuple | None:
@@ -187,5 +193,5 @@ class MambaMixer(Mixer):
             )
         except KeyError:  # a parametrised or replaced module: the generic path handles it
             return None
-        A = self._neg_A.get(weights[6], dtype, _step_op.neg_exp)
+        A = self._neg_A_cache().get(weights[6], dtype, _step_op.neg_exp)
         return _step_op.mamba_stack_step, (*weights[:6], A, *weights[7:])
