@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hybridssm.ops import _kernels
+from hybridssm.ops._cpu_ext import kernel_probe, load_extension
 
 __all__ = ["gru", "gru_ref", "gru_torch", "gru_fused", "gru_cell"]
 
@@ -71,8 +72,6 @@ def gru_torch(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b
 
 
 def _ext():
-    from hybridssm.ops._cpu_ext import load_extension
-
     return load_extension("gru")
 
 
@@ -137,16 +136,9 @@ def gru_fused(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b
     return y
 
 
-def _fused_probe(device_type: str) -> tuple[bool, str]:
-    if device_type != "cpu":
-        return False, "the fused GRU is a CPU kernel"
-    from hybridssm.ops._cpu_ext import cpu_capability_flags
-
-    _ext()  # builds on first use (cached across processes)
-    return True, f"fused C++ kernel ({cpu_capability_flags()[0]})"
-
-
-_kernels.register("gru", ref=gru_ref, torch_impl=gru_torch, fused=gru_fused, fused_probe=_fused_probe)
+_kernels.register(
+    "gru", ref=gru_ref, torch_impl=gru_torch, fused=gru_fused, fused_probe=kernel_probe("gru", "GRU")
+)
 
 
 def gru(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor) -> Tensor:

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hybridssm.ops import _kernels
+from hybridssm.ops._cpu_ext import kernel_probe, load_extension
 
 __all__ = ["wkv6", "wkv6_ref", "wkv6_chunked", "wkv6_fused", "DEFAULT_CHUNK"]
 
@@ -136,8 +137,6 @@ def wkv6_chunked(
 
 
 def _ext():
-    from hybridssm.ops._cpu_ext import load_extension
-
     return load_extension("wkv6")
 
 
@@ -204,16 +203,9 @@ def wkv6_fused(
     return o, sT
 
 
-def _fused_probe(device_type: str) -> tuple[bool, str]:
-    if device_type != "cpu":
-        return False, "the fused WKV is a CPU kernel"
-    from hybridssm.ops._cpu_ext import cpu_capability_flags
-
-    _ext()  # builds on first use (cached across processes)
-    return True, f"fused C++ kernel ({cpu_capability_flags()[0]})"
-
-
-_kernels.register("wkv6", ref=wkv6_ref, torch_impl=wkv6_chunked, fused=wkv6_fused, fused_probe=_fused_probe)
+_kernels.register(
+    "wkv6", ref=wkv6_ref, torch_impl=wkv6_chunked, fused=wkv6_fused, fused_probe=kernel_probe("wkv6", "WKV")
+)
 
 
 def wkv6(

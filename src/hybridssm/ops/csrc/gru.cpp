@@ -19,28 +19,16 @@
 
 #include <ATen/cpu/vec/vec.h>
 
+#include "vec_helpers.h"
+
 #include <algorithm>
 #include <vector>
 
 namespace {
 
 using at::vec::Vectorized;
-
-template <typename scalar_t>
-inline Vectorized<scalar_t> load(const scalar_t* p, int64_t cnt) {
-  using Vec = Vectorized<scalar_t>;
-  return cnt == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, cnt);
-}
-
-template <typename scalar_t>
-inline void store(const Vectorized<scalar_t>& x, scalar_t* p, int64_t cnt) {
-  using Vec = Vectorized<scalar_t>;
-  if (cnt == Vec::size()) {
-    x.store(p);
-  } else {
-    x.store(p, cnt);
-  }
-}
+using hybridssm::load;
+using hybridssm::store;
 
 template <typename scalar_t>
 inline Vectorized<scalar_t> sigmoid(const Vectorized<scalar_t>& x) {

@@ -28,6 +28,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include "vec_helpers.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -36,34 +38,11 @@
 namespace {
 
 using at::vec::Vectorized;
+using hybridssm::load;
+using hybridssm::store;
+using hybridssm::hsum;
 
 constexpr int64_t kChunk = 32;  // backward recompute interval (steps per checkpoint)
-
-template <typename scalar_t>
-inline Vectorized<scalar_t> load(const scalar_t* p, int64_t cnt) {
-  using Vec = Vectorized<scalar_t>;
-  return cnt == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, cnt);
-}
-
-template <typename scalar_t>
-inline void store(const Vectorized<scalar_t>& x, scalar_t* p, int64_t cnt) {
-  using Vec = Vectorized<scalar_t>;
-  if (cnt == Vec::size()) {
-    x.store(p);
-  } else {
-    x.store(p, cnt);
-  }
-}
-
-template <typename scalar_t>
-inline scalar_t hsum(const Vectorized<scalar_t>& x) {
-  using Vec = Vectorized<scalar_t>;
-  alignas(64) scalar_t tmp[Vec::size()];
-  x.store(tmp);
-  scalar_t s = 0;
-  for (int64_t l = 0; l < Vec::size(); ++l) s += tmp[l];
-  return s;
-}
 
 // Padded [K, Vp] buffer <-> a [K, V] slice of a contiguous tensor.
 template <typename scalar_t>
