@@ -9,6 +9,12 @@ too. Because they come first and the model is causal, the state after them does 
 input: :meth:`Hymba.init_state` is that state (cached while the parameters are unchanged and no
 gradient is being recorded), and ``forward(x) == forward(x, state=init_state(B))``.
 
+Fusion: the seed's learned sigmoid gate (``fusion="gate"``, default) or the paper's mean
+(``fusion="mean"``). Either way each path's output is first RMS-normalised with learnable
+per-channel gains (``fusion_norm=True``, the paper's ``beta * norm(.)``): the raw attention output
+is an order of magnitude larger than the Mamba output, and fusing raw outputs left Hymba stuck at
+0.25 on MQAR (``fusion_norm=False`` keeps that form as an ablation).
+
 ``meta_tokens="kv"`` is the seed's simpler variant: ``M`` learned keys/values per attention layer,
 prepended to every query's keys, with no sequence tokens and no propagation across layers.
 """
