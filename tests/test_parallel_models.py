@@ -52,6 +52,9 @@ def test_gate_fusion_normalises_each_path_only_where_asked():
     assert not _model("hymba", fusion_norm=False).blocks[0].fusion.normalize
     assert _model("hymba", fusion="mean").blocks[0].fusion.normalize
     assert not _model("hymba", fusion="mean", fusion_norm=False).blocks[0].fusion.normalize
+    assert _model("ss_transformer", fusion_norm=True).blocks[0].fusion.normalize
+    assert _model("ss_transformer", fusion="mean").blocks[0].fusion.normalize
+    assert not _model("ss_transformer", fusion="mean", fusion_norm=False).blocks[0].fusion.normalize
 
 
 @torch.no_grad()
@@ -85,6 +88,10 @@ def test_hymba_fusion_norm_parameters_are_counted():
     without = hs.param_count("hymba", **opts, fusion_norm=False)
     assert with_norm - without == 2 * d * L  # two per-channel gain vectors per block
     assert with_norm == sum(p.numel() for p in _model("hymba").parameters())
+    ss = {**TINY, "head_dim": 8}
+    ss_norm = hs.param_count("ss_transformer", **ss, fusion_norm=True)
+    assert ss_norm - hs.param_count("ss_transformer", **ss) == 2 * d * L
+    assert ss_norm == sum(p.numel() for p in _model("ss_transformer", fusion_norm=True).parameters())
 
 
 @pytest.mark.parametrize("name", ["ss_transformer", "hymba"])
@@ -202,6 +209,8 @@ def test_hymba_bad_options():
         hs.build("hymba", embed_dim=4, fusion="max")
     with pytest.raises(ValueError, match="'fusion_norm' must be True or False, got 'yes'"):
         hs.build("hymba", embed_dim=4, fusion_norm="yes")
+    with pytest.raises(ValueError, match="'fusion_norm' must be True or False, got 1"):
+        hs.build("ss_transformer", embed_dim=4, fusion_norm=1)
 
 
 def test_hymba_init_state_gradient_reaches_meta_tokens():
