@@ -61,6 +61,15 @@ def test_option_spellings_agree(capsys):
     assert outs[0] == outs[1] == outs[2]
 
 
+def test_optional_bool_options_take_flags():
+    """``bool | None`` options (ss_transformer's fusion_norm) read --name, --no-name and values."""
+    parse = cli.parse_model_options
+    assert parse("ss_transformer", ["--fusion-norm"], [], []) == {"fusion_norm": True}
+    assert parse("ss_transformer", ["--no-fusion-norm"], [], []) == {"fusion_norm": False}
+    assert parse("ss_transformer", ["--fusion-norm", "none"], [], []) == {"fusion_norm": None}
+    assert parse("ss_transformer", ["--fusion-norm=off"], [], []) == {"fusion_norm": False}
+
+
 @pytest.mark.parametrize("argv, message", [
     (["info", "gated_sm"], "did you mean 'gated_ssm'"),
     (["info", "gated_ssm", "--hiden-size", "4"], "did you mean '--hidden-size'"),

@@ -34,9 +34,64 @@ def test_forced_gate_selects_one_path(name, gate_value):
         x = torch.cat([model.meta.expand(2, -1, -1), x], 1)
     y, _ = block(x)
     h = block.norm(x)
-    path = block.ssm(h)[0] if gate_value == 1.0 else block.attn(h)[0]
+    fusion = block.fusion
+    if gate_value == 1.0:
+        path = block.ssm(h)[0]
+        path = fusion.ssm_norm(path) if fusion.normalize else path
+    else:
+        path = block.attn(h)[0]
+        path = fusion.attn_norm(path) if fusion.normalize else path
     expected = block.ffn(x + path)
     assert_close(y, expected)
+
+
+def test_gate_fusion_normalises_each_path_only_where_asked():
+    """ss_transformer keeps the seed's raw gate; Hymba normalises each path (the paper's fusion)."""
+    assert not _model("ss_transformer").blocks[0].fusion.normalize
+    assert _model("hymba").blocks[0].fusion.normalize
+    assert not _model("hymba", fusion_norm=False).blocks[0].fusion.normalize
+    assert _model("hymba", fusion="mean").blocks[0].fusion.normalize
+    assert not _model("hymba", fusion="mean", fusion_norm=False).blocks[0].fusion.normalize
+    assert _model("ss_transformer", fusion_norm=True).blocks[0].fusion.normalize
+    assert _model("ss_transformer", fusion="mean").blocks[0].fusion.normalize
+    assert not _model("ss_transformer", fusion="mean", fusion_norm=False).blocks[0].fusion.normalize
+
+
+@torch.no_grad()
+def test_normalised_gate_fusion_formula_and_scale_invariance():
+    torch.manual_seed(0)
+    fusion = GateFusion(16, normalize=True)
+    fusion.ssm_norm.weight.uniform_(0.5, 1.5)  # the per-channel betas are used
+    fusion.attn_norm.weight.uniform_(0.5, 1.5)
+    h, ssm, attn = torch.randn(3, 2, 5, 16).unbind(0)
+    g = torch.sigmoid(fusion.gate(h))
+    expected = g * fusion.ssm_norm(ssm) + (1 - g) * fusion.attn_norm(attn)
+    assert_close(fusion(h, ssm, attn), expected)
+    # What the normalisation is for: a path's raw magnitude no longer decides its share.
+    assert_close(fusion(h, 0.5 * ssm, 40.0 * attn), expected)  # (x0.5: RMSNorm eps stays negligible)
+    raw = GateFusion(16)
+    assert not hasattr(raw, "ssm_norm")
+    assert_close(raw(h, ssm, attn), torch.sigmoid(raw.gate(h)) * (ssm - attn) + attn)
+
+
+@torch.no_grad()
+def test_unnormalised_mean_fusion_is_the_plain_average():
+    fusion = MeanFusion(16, normalize=False)
+    h, ssm, attn = torch.randn(3, 1, 4, 16).unbind(0)
+    assert_close(fusion(h, ssm, attn), 0.5 * (ssm + attn))
+
+
+def test_hymba_fusion_norm_parameters_are_counted():
+    d, L = TINY["hidden_size"], TINY["num_layers"]
+    opts = {k: v for k, v in TINY.items()}
+    with_norm = hs.param_count("hymba", **opts)
+    without = hs.param_count("hymba", **opts, fusion_norm=False)
+    assert with_norm - without == 2 * d * L  # two per-channel gain vectors per block
+    assert with_norm == sum(p.numel() for p in _model("hymba").parameters())
+    ss = {**TINY, "head_dim": 8}
+    ss_norm = hs.param_count("ss_transformer", **ss, fusion_norm=True)
+    assert ss_norm - hs.param_count("ss_transformer", **ss) == 2 * d * L
+    assert ss_norm == sum(p.numel() for p in _model("ss_transformer", fusion_norm=True).parameters())
 
 
 @pytest.mark.parametrize("name", ["ss_transformer", "hymba"])
@@ -152,6 +207,10 @@ def test_hymba_bad_options():
         hs.build("hymba", embed_dim=4, meta_tokens="tokens")
     with pytest.raises(ValueError, match="'fusion' must be one of 'gate', 'mean'"):
         hs.build("hymba", embed_dim=4, fusion="max")
+    with pytest.raises(ValueError, match="'fusion_norm' must be True or False, got 'yes'"):
+        hs.build("hymba", embed_dim=4, fusion_norm="yes")
+    with pytest.raises(ValueError, match="'fusion_norm' must be True or False, got 1"):
+        hs.build("ss_transformer", embed_dim=4, fusion_norm=1)
 
 
 def test_hymba_init_state_gradient_reaches_meta_tokens():

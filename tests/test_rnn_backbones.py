@@ -13,6 +13,7 @@ from hybridssm.backbones import get_backbone
 from hybridssm.mixers.gru import GRUMixer
 from hybridssm.mixers.rglru import RGLRUMixer, RGLRUState
 from hybridssm.mixers.rwkv import RWKVMixer
+from hybridssm.ops import use_kernels
 
 D, T = 16, 11  # T = 2 * chunk + 3 for the RWKV chunk of 4
 
@@ -163,12 +164,13 @@ def test_bad_options(factory):
 # ----------------------------------------------------------------------------- parity: GRU
 
 
-def test_gru_matches_torch_gru():
+@pytest.mark.parametrize("backend", ["fused", "torch", "ref"])
+def test_gru_matches_torch_gru(backend):
     m, x = _perturbed("gru"), _x()
     ref = torch.nn.GRU(D, D, batch_first=True)
-    ref.load_state_dict(m.gru.state_dict())
+    ref.load_state_dict({f"{name}_l0": p for name, p in m.state_dict().items()})
     h0 = torch.randn(3, D)
-    with torch.no_grad():
+    with torch.no_grad(), use_kernels(backend):
         y_ref, h_ref = ref(x, h0.unsqueeze(0))
         y, s = m(x, type(m.init_state(1))(h0.clone()))
         assert_close(y, y_ref)

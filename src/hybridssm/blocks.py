@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from hybridssm.layers import LayerNorm
+from hybridssm.layers import LayerNorm, RMSNorm
 from hybridssm.mixers.base import check_mixer_state, finish_state
 
 __all__ = ["ResidualBlock", "ParallelBlock", "ParallelState", "GateFusion", "MeanFusion"]
@@ -106,28 +106,52 @@ class ParallelState(NamedTuple):
 
 class GateFusion(nn.Module):
     """The seeds' fusion: ``g * ssm + (1 - g) * attn`` with ``g = sigmoid(W h + b)`` per channel,
-    ``h`` the block's normed input."""
+    ``h [B, T, d]`` the block's normed input; ``ssm, attn [B, T, d]`` the two paths' outputs.
 
-    def __init__(self, dim: int) -> None:
+    With ``normalize=True`` each path is first RMS-normalised with its own learnable per-channel
+    gain (initialised to 1): ``g * norm_s(ssm) + (1 - g) * norm_a(attn)``. This is the per-path
+    normalisation and re-scaling of Hymba (Dong et al. 2024, the fusion ``beta_1 * norm(attn) +
+    beta_2 * norm(ssm)``), which the paper adds because the two kinds of heads produce outputs of
+    very different magnitudes. Without it the fused output is dominated by the larger path (in
+    Hymba on MQAR the attention path's RMS is about 10-20x the Mamba path's over the first 150
+    steps), so a useful but small path stays invisible; Hymba then stalls on MQAR (see
+    ``models/hymba.py``).
+    """
+
+    def __init__(self, dim: int, *, normalize: bool = False) -> None:
         super().__init__()
         self.gate = nn.Linear(dim, dim)
+        self.normalize = normalize
+        if normalize:
+            self.ssm_norm, self.attn_norm = RMSNorm(dim), RMSNorm(dim)
 
     def forward(self, h: Tensor, ssm: Tensor, attn: Tensor) -> Tensor:
+        if self.normalize:
+            ssm, attn = self.ssm_norm(ssm), self.attn_norm(attn)
         g = torch.sigmoid(self.gate(h))
         return g * ssm + (1.0 - g) * attn
 
+    def extra_repr(self) -> str:
+        return f"normalize={self.normalize}"
+
 
 class MeanFusion(nn.Module):
-    """Hymba's fusion: ``(norm_a(attn) + norm_s(ssm)) / 2`` with learnable norm gains."""
+    """Hymba's fusion: ``(norm_a(attn) + norm_s(ssm)) / 2`` with learnable per-channel norm gains
+    (the paper's betas). ``normalize=False`` gives the plain ``(attn + ssm) / 2`` (an ablation)."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, *, normalize: bool = True) -> None:
         super().__init__()
-        from hybridssm.layers import RMSNorm
-
-        self.attn_norm, self.ssm_norm = RMSNorm(dim), RMSNorm(dim)
+        self.normalize = normalize
+        if normalize:
+            self.attn_norm, self.ssm_norm = RMSNorm(dim), RMSNorm(dim)
 
     def forward(self, h: Tensor, ssm: Tensor, attn: Tensor) -> Tensor:
-        return 0.5 * (self.attn_norm(attn) + self.ssm_norm(ssm))
+        if self.normalize:
+            ssm, attn = self.ssm_norm(ssm), self.attn_norm(attn)
+        return 0.5 * (attn + ssm)
+
+    def extra_repr(self) -> str:
+        return f"normalize={self.normalize}"
 
 
 FUSIONS = {"gate": GateFusion, "mean": MeanFusion}

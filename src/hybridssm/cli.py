@@ -48,7 +48,7 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 def _is_bool(f: dataclasses.Field) -> bool:
-    return _type_name(f) == "bool" or isinstance(_default(f), bool)
+    return _type_name(f) in ("bool", "bool | None") or isinstance(_default(f), bool)
 
 
 def parse_value(text: str, f: dataclasses.Field) -> Any:

@@ -9,6 +9,12 @@ too. Because they come first and the model is causal, the state after them does 
 input: :meth:`Hymba.init_state` is that state (cached while the parameters are unchanged and no
 gradient is being recorded), and ``forward(x) == forward(x, state=init_state(B))``.
 
+Fusion: the seed's learned sigmoid gate (``fusion="gate"``, default) or the paper's mean
+(``fusion="mean"``). Either way each path's output is first RMS-normalised with learnable
+per-channel gains (``fusion_norm=True``, the paper's ``beta * norm(.)``): the raw attention output
+is an order of magnitude larger than the Mamba output, and fusing raw outputs left Hymba stuck at
+0.25 on MQAR (``fusion_norm=False`` keeps that form as an ablation).
+
 ``meta_tokens="kv"`` is the seed's simpler variant: ``M`` learned keys/values per attention layer,
 prepended to every query's keys, with no sequence tokens and no propagation across layers.
 """
@@ -23,7 +29,7 @@ from torch import Tensor, nn
 
 from hybridssm.backbones import SEED_OPTIONS, build_backbone_mixer, get_backbone
 from hybridssm.blocks import FUSIONS, ParallelBlock
-from hybridssm.config import ModelConfig, check_choice, check_positive
+from hybridssm.config import ModelConfig, check_bool, check_choice, check_positive
 from hybridssm.layers import FFN
 from hybridssm.mixers.attention import AttentionMixer
 from hybridssm.models.base import SequenceModel
@@ -44,6 +50,12 @@ class HymbaConfig(ModelConfig):
             window of ``window_size`` keys (plus the meta tokens). ``None`` = every layer global
             (the seed's behaviour); NVIDIA's model uses first, middle and last.
         fusion: ``"gate"`` (the seed's sigmoid gate) or ``"mean"`` (the paper's normalised mean).
+        fusion_norm: RMS-normalise each path's output, with learnable per-channel gains (the
+            paper's betas), before fusing (default True, as in the paper). ``False`` fuses the raw
+            outputs, as the seed's gate does; it is kept as an ablation: the attention path's output
+            then dwarfs the Mamba path's and Hymba stalls near 0.25 on MQAR where the normalised
+            gate reaches about 0.97 (hidden 64, 2 layers, 300 steps; see
+            :class:`hybridssm.blocks.GateFusion`).
         meta_tokens: ``"sequence"`` (prepended tokens, propagated across layers) or ``"kv"``.
     """
 
@@ -67,6 +79,7 @@ class HymbaConfig(ModelConfig):
     conv_size: int = 4
     global_layers: tuple[int, ...] | None = None
     fusion: str = "gate"
+    fusion_norm: bool = True
     meta_tokens: str = "sequence"
 
     def validate(self) -> None:
@@ -76,6 +89,7 @@ class HymbaConfig(ModelConfig):
         if self.head_dim is not None:
             check_positive("head_dim", self.head_dim)
         check_choice("fusion", self.fusion, tuple(FUSIONS))
+        check_bool("fusion_norm", self.fusion_norm)
         check_choice("meta_tokens", self.meta_tokens, ("sequence", "kv"))
         if self.global_layers is not None:
             layers = self.global_layers
@@ -126,7 +140,7 @@ class Hymba(SequenceModel):
                     num_memory_kv=kv_meta,
                 ),
                 d,
-                fusion=FUSIONS[c.fusion](d),
+                fusion=FUSIONS[c.fusion](d, normalize=c.fusion_norm),
                 ffn=FFN(d, 4),
             )
             for i in range(c.num_layers)

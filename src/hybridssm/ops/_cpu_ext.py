@@ -2,20 +2,22 @@
 
 The build defines ``CPU_CAPABILITY`` from :func:`torch.backends.cpu.get_cpu_capability`: without it
 ``at::vec::Vectorized`` silently compiles to its generic scalar code (REFERENCES, Mamba-1 speed).
-The extension name carries the capability and a hash of the source, so machines with different
-SIMD, and different versions of the library, never share (or race on) a build.
+The extension name carries the capability and a hash of the source and of the shared headers in
+``csrc``, so machines with different SIMD, and different versions of the library, never share (or
+race on) a build.
 Builds go to torch's extension cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-__all__ = ["load_extension", "cpu_capability_flags"]
+__all__ = ["load_extension", "cpu_capability_flags", "kernel_probe"]
 
 CSRC = Path(__file__).parent / "csrc"
 
@@ -49,7 +51,10 @@ def _load(source: str) -> ModuleType | Exception:
 
     cap, flags = cpu_capability_flags()
     path = CSRC / f"{source}.cpp"
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+    h = hashlib.sha256(path.read_bytes())
+    for header in sorted(CSRC.glob("*.h")):
+        h.update(header.read_bytes())
+    digest = h.hexdigest()[:10]
     try:
         return load(
             name=f"hybridssm_{source}_{cap.lower()}_{digest}",
@@ -60,3 +65,16 @@ def _load(source: str) -> ModuleType | Exception:
         )
     except Exception as exc:  # reported by the kernel probes, which fall back to the PyTorch form
         return exc
+
+
+def kernel_probe(source: str, what: str) -> Callable[[str], tuple[bool, str]]:
+    """A ``fused_probe`` for :func:`hybridssm.ops._kernels.register`: CPU only, builds
+    ``csrc/<source>.cpp`` on first use (a failed build raises, and the dispatcher falls back)."""
+
+    def probe(device_type: str) -> tuple[bool, str]:
+        if device_type != "cpu":
+            return False, f"the fused {what} is a CPU kernel"
+        load_extension(source)
+        return True, f"fused C++ kernel ({cpu_capability_flags()[0]})"
+
+    return probe

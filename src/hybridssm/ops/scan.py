@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hybridssm.ops import _kernels
+from hybridssm.ops._cpu_ext import kernel_probe, load_extension
 from hybridssm.ops.linear_rnn import linear_rnn_torch
 
 __all__ = ["selective_scan", "selective_scan_ref", "selective_scan_torch", "selective_scan_fused"]
@@ -126,8 +127,6 @@ def selective_scan_torch(
 
 
 def _ext():
-    from hybridssm.ops._cpu_ext import load_extension
-
     return load_extension("selective_scan")
 
 
@@ -210,14 +209,7 @@ def selective_scan_fused(
     return _gate(y, z), hT
 
 
-def _fused_probe(device_type: str) -> tuple[bool, str]:
-    if device_type != "cpu":
-        return False, "the fused selective scan is a CPU kernel"
-    from hybridssm.ops._cpu_ext import cpu_capability_flags
-
-    _ext()  # builds on first use (cached across processes)
-    return True, f"fused C++ kernel ({cpu_capability_flags()[0]})"
-
+_fused_probe = kernel_probe("selective_scan", "selective scan")  # shared with ops.mamba_step
 
 _kernels.register(
     "selective_scan",

@@ -22,6 +22,17 @@ overflows or cancels. The only exponents taken are of sums <= 0.
   ``r_t . (u * k_t)`` on the diagonal; ``o = A @ v``;
 * inter-chunk: ``o += (r_t * exp(sum_{j<t} w_j)) @ S_prev``; chunk states
   ``S <- exp(sum_chunk w) * S + (k_s * exp(sum_{j>s} w_j))^T @ v`` (a loop over chunks).
+
+Backends (``hybridssm.ops._kernels``, op name ``wkv6``):
+
+* ``ref``: the recurrence, one timestep at a time.
+* ``torch``: the chunked form above (any device).
+* ``fused``: a C++ kernel (``csrc/wkv6.cpp``), a ``torch.library`` custom op with a fake
+  implementation and autograd: per (batch, head) the state stays in a small buffer and each step
+  is a rank-1 update and a vector-matrix product. The backward recomputes each chunk of
+  ``FUSED_CHECKPOINT`` steps from a checkpoint and runs the adjoint recurrence backwards; every
+  gradient, the log decay's included (``exp(w_t) * rowsum(dS_t * S_{t-1})``), is formed from the
+  states themselves, so no decay is ever divided by. ``chunk_size`` does not apply to it.
 """
 
 from __future__ import annotations
@@ -33,10 +44,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hybridssm.ops import _kernels
+from hybridssm.ops._cpu_ext import kernel_probe, load_extension
 
-__all__ = ["wkv6", "wkv6_ref", "wkv6_chunked", "DEFAULT_CHUNK"]
+__all__ = ["wkv6", "wkv6_ref", "wkv6_chunked", "wkv6_fused", "DEFAULT_CHUNK"]
 
 DEFAULT_CHUNK = 16
+FUSED_CHECKPOINT = 32  # must equal kChunk in csrc/wkv6.cpp
 
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
@@ -120,7 +133,79 @@ def wkv6_chunked(
     return o, S
 
 
-_kernels.register("wkv6", ref=wkv6_ref, torch_impl=wkv6_chunked)
+# -- fused C++ kernel ------------------------------------------------------------------------------
+
+
+def _ext():
+    return load_extension("wkv6")
+
+
+@torch.library.custom_op("hybridssm::wkv6_fwd", mutates_args=())
+def _wkv_fwd(
+    r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, s0: Tensor, save: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(o, S_T, checkpoints)``; the checkpoints (for the backward) only when ``save``.
+    Every tensor contiguous, one dtype, fp32 or fp64."""
+    o, sT, ckpt = _ext().wkv6_fwd(r, k, v, w, u, s0, save)
+    return o, sT, ckpt
+
+
+@_wkv_fwd.register_fake
+def _wkv_fwd_fake(r, k, v, w, u, s0, save):
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    n = math.ceil(T / FUSED_CHECKPOINT)
+    ckpt = r.new_empty((B, H, n, K, V) if save else (0,))
+    return r.new_empty(B, T, H, V), torch.empty_like(s0), ckpt
+
+
+@torch.library.custom_op("hybridssm::wkv6_bwd", mutates_args=())
+def _wkv_bwd(
+    do: Tensor, dsT: Tensor, r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, ckpt: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients ``(dr, dk, dv, dw, du, ds0)`` of :func:`_wkv_fwd`."""
+    return tuple(_ext().wkv6_bwd(do, dsT, r, k, v, w, u, ckpt))
+
+
+@_wkv_bwd.register_fake
+def _wkv_bwd_fake(do, dsT, r, k, v, w, u, ckpt):
+    e = torch.empty_like
+    return e(r), e(k), e(v), e(w), e(u), e(dsT)
+
+
+def _wkv_setup_context(ctx, inputs, output) -> None:
+    r, k, v, w, u, s0, save = inputs
+    ctx.save_for_backward(r, k, v, w, u, output[2])
+    ctx.state_shape = s0.shape
+
+
+def _wkv_backward(ctx, do, dsT, _dckpt):
+    r, k, v, w, u, ckpt = ctx.saved_tensors
+    if ckpt.numel() == 0:
+        raise RuntimeError("wkv6_fwd ran with save=False; it cannot be differentiated")
+    do = r.new_zeros(*r.shape[:3], v.shape[-1]) if do is None else do.contiguous()
+    dsT = r.new_zeros(ctx.state_shape) if dsT is None else dsT.contiguous()
+    dr, dk, dv, dw, du, ds0 = _wkv_bwd(do, dsT, r, k, v, w, u, ckpt)
+    return dr, dk, dv, dw, du, ds0, None
+
+
+_wkv_fwd.register_autograd(_wkv_backward, setup_context=_wkv_setup_context)
+
+
+def wkv6_fused(
+    r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor, chunk_size: int = DEFAULT_CHUNK
+) -> tuple[Tensor, Tensor]:
+    """The fused CPU kernel (``chunk_size`` is ignored: see the module docstring)."""
+    acc = _acc_dtype(r)
+    args = [x.to(acc).contiguous() for x in (r, k, v, w, u, state)]
+    save = torch.is_grad_enabled() and any(x.requires_grad for x in args)
+    o, sT, _ = torch.ops.hybridssm.wkv6_fwd(*args, save)
+    return o, sT
+
+
+_kernels.register(
+    "wkv6", ref=wkv6_ref, torch_impl=wkv6_chunked, fused=wkv6_fused, fused_probe=kernel_probe("wkv6", "WKV")
+)
 
 
 def wkv6(

@@ -1,0 +1,146 @@
+"""The GRU recurrence over a sequence (PyTorch's ``nn.GRU`` equations and gate order r, z, n).
+
+Cho et al. 2014, "Learning Phrase Representations using RNN Encoder-Decoder". Per timestep::
+
+    gi = W_ih x_t + b_ih,  gh = W_hh h_{t-1} + b_hh          # [B, 3H], chunks (r, z, n)
+    r = sigmoid(gi_r + gh_r),  z = sigmoid(gi_z + gh_z)
+    n = tanh(gi_n + r * gh_n),  h_t = n + z * (h_{t-1} - n)  # the output y_t is h_t
+
+Layout: ``x [B, T, D]``, ``h0 [B, H]``, ``w_ih [3H, D]``, ``w_hh [3H, H]``, ``b_ih, b_hh [3H]``.
+Returns ``y [B, T, H]`` (``y[:, -1]`` is the final state) in the wider of fp32 and ``x``'s dtype:
+every backend runs the recurrence in that precision.
+
+Backends (``hybridssm.ops._kernels``, op name ``gru``):
+
+* ``ref``: the equations, one timestep at a time, in PyTorch.
+* ``torch``: PyTorch's own fused RNN op (what ``nn.GRU`` calls).
+* ``fused``: the input projection as one GEMM, then a C++ recurrence (``csrc/gru.cpp``): one
+  small GEMM and one vectorised element-wise pass per step, a custom op with autograd whose backward
+  walks the sequence once and leaves ``dW_hh``, ``db_hh`` and the input projection's gradients to
+  single large GEMMs. PyTorch's CPU RNN op records every step for autograd instead, which makes its
+  backward several times slower than its forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hybridssm.ops import _kernels
+from hybridssm.ops._cpu_ext import kernel_probe, load_extension
+
+__all__ = ["gru", "gru_ref", "gru_torch", "gru_fused", "gru_cell"]
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def gru_cell(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor) -> Tensor:
+    """One step of the equations: ``x [B, D]``, ``h [B, H]`` -> ``h_t [B, H]``."""
+    i_r, i_z, i_n = F.linear(x, w_ih, b_ih).chunk(3, dim=-1)
+    h_r, h_z, h_n = F.linear(h, w_hh, b_hh).chunk(3, dim=-1)
+    r = torch.sigmoid(i_r + h_r)
+    z = torch.sigmoid(i_z + h_z)
+    n = torch.tanh(i_n + r * h_n)
+    return n + z * (h - n)
+
+
+def gru_ref(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor) -> Tensor:
+    """Reference: :func:`gru_cell` one timestep at a time."""
+    acc = _acc_dtype(x)
+    weights = [t.to(acc) for t in (w_ih, w_hh, b_ih, b_hh)]
+    x, h, ys = x.to(acc), h0.to(acc), []
+    for t in range(x.shape[1]):
+        h = gru_cell(x[:, t], h, *weights)
+        ys.append(h)
+    return torch.stack(ys, dim=1)
+
+
+def gru_torch(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor) -> Tensor:
+    """PyTorch's fused RNN op (the one ``nn.GRU(batch_first=True)`` calls)."""
+    acc = _acc_dtype(x)
+    params = tuple(t.to(acc) for t in (w_ih, w_hh, b_ih, b_hh))
+    y, _ = torch._VF.gru(  # input, hx, params, has_biases, layers, dropout, train, bidirectional, batch_first
+        x.to(acc), h0.to(acc).unsqueeze(0).contiguous(), params, True, 1, 0.0, False, False, True
+    )
+    return y
+
+
+# -- fused C++ kernel ------------------------------------------------------------------------------
+
+
+def _ext():
+    return load_extension("gru")
+
+
+@torch.library.custom_op("hybridssm::gru_fwd", mutates_args=())
+def _gru_fwd(gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor, save: bool) -> tuple[Tensor, Tensor]:
+    """``(y [B, T, H], gates [B, T, 4H])`` from the projected inputs ``gi [B, T, 3H]``; the gates
+    (for the backward) only when ``save``. Every tensor contiguous, one dtype, fp32 or fp64."""
+    y, gates = _ext().gru_fwd(gi, h0, w_hh, b_hh, save)
+    return y, gates
+
+
+@_gru_fwd.register_fake
+def _gru_fwd_fake(gi, h0, w_hh, b_hh, save):
+    B, T, _ = gi.shape
+    H = h0.shape[1]
+    return gi.new_empty(B, T, H), gi.new_empty((B, T, 4 * H) if save else (0,))
+
+
+@torch.library.custom_op("hybridssm::gru_bwd", mutates_args=())
+def _gru_bwd(
+    dy: Tensor, y: Tensor, h0: Tensor, w_hh: Tensor, gates: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dgi [B, T, 3H], dgh_n [B, T, H], dh0 [B, H])`` of :func:`_gru_fwd`."""
+    return tuple(_ext().gru_bwd(dy, torch.zeros_like(h0), y, h0, w_hh, gates))
+
+
+@_gru_bwd.register_fake
+def _gru_bwd_fake(dy, y, h0, w_hh, gates):
+    B, T, H = y.shape
+    return y.new_empty(B, T, 3 * H), y.new_empty(B, T, H), torch.empty_like(h0)
+
+
+def _gru_setup_context(ctx, inputs, output) -> None:
+    gi, h0, w_hh, b_hh, save = inputs
+    ctx.save_for_backward(h0, w_hh, output[0], output[1])
+
+
+def _gru_backward(ctx, dy, _dgates):
+    h0, w_hh, y, gates = ctx.saved_tensors
+    if gates.numel() == 0:
+        raise RuntimeError("gru_fwd ran with save=False; it cannot be differentiated")
+    H = y.shape[-1]
+    dy = torch.zeros_like(y) if dy is None else dy.contiguous()
+    dgi, dghn, dh0 = _gru_bwd(dy, y, h0, w_hh, gates)
+    # the recurrent gates' gradients: r and z equal the input ones, n has its own (r * da_n)
+    dgh = torch.cat([dgi[..., : 2 * H], dghn], dim=-1).reshape(-1, 3 * H)
+    h_prev = torch.cat([h0.unsqueeze(1), y[:, :-1]], dim=1).reshape(-1, H)
+    return dgi, dh0, dgh.t() @ h_prev, dgh.sum(0), None
+
+
+_gru_fwd.register_autograd(_gru_backward, setup_context=_gru_setup_context)
+
+
+def gru_fused(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor) -> Tensor:
+    """The fused CPU recurrence, in the wider of fp32 and the input dtype."""
+    acc = _acc_dtype(x)
+    # under autocast the projection runs in bf16 all the same; the recurrence always in ``acc``
+    gi = F.linear(x.to(acc), w_ih.to(acc), b_ih.to(acc)).to(acc).contiguous()
+    args = [gi, h0.to(acc).contiguous(), w_hh.to(acc).contiguous(), b_hh.to(acc).contiguous()]
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in args)
+    y, _ = torch.ops.hybridssm.gru_fwd(*args, save)
+    return y
+
+
+_kernels.register(
+    "gru", ref=gru_ref, torch_impl=gru_torch, fused=gru_fused, fused_probe=kernel_probe("gru", "GRU")
+)
+
+
+def gru(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor) -> Tensor:
+    """The GRU recurrence; see the module docstring for the layout."""
+    return _kernels.get("gru", x.device)(x, h0, w_ih, w_hh, b_ih, b_hh)
