@@ -1,0 +1,567 @@
+// Fused CPU kernels of the Mamba-2 mixer, forward and backward:
+//
+//   ssd_*        the SSD recurrence (scalar decay per head, B / C shared by a group of heads)
+//                  h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T,   y_t = h_t C_t + D x_t
+//   conv_silu_*  silu(causal depthwise conv + bias) over [B, T, C], channels contiguous
+//   gnorm_*      rmsnorm_G(y * silu(z)) * weight (gated RMSNorm per group of channels)
+//
+// Inputs may be strided views (a split of the in_proj output) as long as the last dim is
+// contiguous: the kernels take element strides, so the mixer never copies between the projection
+// and the ops. Outputs are contiguous.
+//
+// SSD: work is split over (batch row, head). The state of one head, [P, N], is kept as N vectors
+// over P (layout [n][p]): B_t[n] and C_t[n] are scalar broadcasts and the forward needs no
+// horizontal sum. One exp per (t, head). The backward recomputes each chunk of kChunk steps from a
+// checkpoint (the state before the chunk, saved by the forward), then runs the adjoint recurrence
+// backwards; sums over P (dB, dC, d dt) are accumulated as vectors and reduced once per step.
+//
+// The build defines CPU_CAPABILITY (AVX2 / AVX512) so that at::vec uses real SIMD code.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr int64_t kChunk = 32;  // SSD backward recompute interval (steps per checkpoint)
+
+template <typename scalar_t>
+inline Vectorized<scalar_t> load(const scalar_t* p, int64_t cnt) {
+  using Vec = Vectorized<scalar_t>;
+  return cnt == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, cnt);
+}
+
+template <typename scalar_t>
+inline void store(const Vectorized<scalar_t>& v, scalar_t* p, int64_t cnt) {
+  using Vec = Vectorized<scalar_t>;
+  if (cnt == Vec::size()) {
+    v.store(p);
+  } else {
+    v.store(p, cnt);
+  }
+}
+
+template <typename scalar_t>
+inline scalar_t hsum(const Vectorized<scalar_t>& v) {
+  using Vec = Vectorized<scalar_t>;
+  return at::vec::vec_reduce_all<scalar_t>([](Vec& a, Vec& b) { return a + b; }, v);
+}
+
+template <typename scalar_t>
+inline Vectorized<scalar_t> sigmoid(const Vectorized<scalar_t>& v) {
+  using Vec = Vectorized<scalar_t>;
+  return Vec(1) / (Vec(1) + v.neg().exp());
+}
+
+void check_cpu(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "mamba2_fused: ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "mamba2_fused: ", name, " has dtype ",
+              t.scalar_type(), ", expected ", like.scalar_type());
+}
+
+void check_inner(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.size(-1) == 1 || t.stride(-1) == 1, "mamba2_fused: ", name,
+              " needs a contiguous last dim");
+}
+
+// -- SSD -----------------------------------------------------------------------------------------
+
+struct SSDShape {
+  int64_t Bsz, T, H, P, G, N, R, np, nck;
+  int64_t sxb, sxt, sxh, sbb, sbt, sbg, scb, sct, scg;
+};
+
+SSDShape ssd_shape(const at::Tensor& x, const at::Tensor& Bm, const at::Tensor& Cm, int64_t W) {
+  SSDShape s;
+  s.Bsz = x.size(0), s.T = x.size(1), s.H = x.size(2), s.P = x.size(3);
+  s.G = Bm.size(2), s.N = Bm.size(3), s.R = s.H / s.G;
+  s.np = (s.P + W - 1) / W;
+  s.nck = (s.T + kChunk - 1) / kChunk;
+  s.sxb = x.stride(0), s.sxt = x.stride(1), s.sxh = x.stride(2);
+  s.sbb = Bm.stride(0), s.sbt = Bm.stride(1), s.sbg = Bm.stride(2);
+  s.scb = Cm.stride(0), s.sct = Cm.stride(1), s.scg = Cm.stride(2);
+  return s;
+}
+
+// NF > 0 fixes N at compile time (the common N = 16) so that one P-vector's state stays in registers.
+template <typename scalar_t, int NF>
+void ssd_fwd_impl(const SSDShape& s, const scalar_t* x, const scalar_t* dt, const scalar_t* A,
+                  const scalar_t* Bm, const scalar_t* Cm, const scalar_t* Dv, const scalar_t* h0,
+                  scalar_t* y, scalar_t* hT, scalar_t* ckpt) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t W = Vec::size();
+  const int64_t T = s.T, H = s.H, P = s.P, np = s.np;
+  const int64_t N = NF > 0 ? NF : s.N;
+  at::parallel_for(0, s.Bsz * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> dec(T);
+    std::vector<Vec> hbuf(NF > 0 ? 0 : N);
+    Vec hfix[NF > 0 ? NF : 1];
+    Vec* hv = NF > 0 ? hfix : hbuf.data();
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / H, h = i % H, g = h / s.R;
+      const Vec Dd(Dv[h]);
+      for (int64_t t = 0; t < T; ++t) dec[t] = std::exp(dt[(b * T + t) * H + h] * A[h]);
+      const scalar_t* h0p = h0 + (b * H + h) * P * N;
+      scalar_t* hTp = hT + (b * H + h) * P * N;
+      // one P-vector at a time, over all steps: its N state vectors stay in registers
+      for (int64_t v = 0; v < np; ++v) {
+        const int64_t p0 = v * W, cnt = std::min(W, P - p0);
+        for (int64_t n = 0; n < N; ++n) {  // state [P, N] (reference layout) -> N vectors over P
+          alignas(64) scalar_t tmp[W] = {};
+          for (int64_t l = 0; l < cnt; ++l) tmp[l] = h0p[(p0 + l) * N + n];
+          hv[n] = Vec::loadu(tmp);
+        }
+        const scalar_t* xp = x + b * s.sxb + h * s.sxh + p0;
+        const scalar_t* Bp = Bm + b * s.sbb + g * s.sbg;
+        const scalar_t* Cp = Cm + b * s.scb + g * s.scg;
+        scalar_t* yp = y + (b * T * H + h) * P + p0;
+        for (int64_t t = 0; t < T; ++t) {
+          if (ckpt != nullptr && t % kChunk == 0) {
+            scalar_t* c = ckpt + ((b * H + h) * s.nck + t / kChunk) * N * P + p0;
+            for (int64_t n = 0; n < N; ++n) store(hv[n], c + n * P, cnt);
+          }
+          const Vec xv = load(xp + t * s.sxt, cnt);
+          const Vec xdt = xv * Vec(dt[(b * T + t) * H + h]);
+          const Vec a(dec[t]);
+          const scalar_t* Bt = Bp + t * s.sbt;
+          const scalar_t* Ct = Cp + t * s.sct;
+          // four partial sums: one chain of N dependent FMAs per step would bound the loop
+          Vec acc = xv * Dd;
+          for (int64_t n = 0; n < N; ++n) {
+            hv[n] = at::vec::fmadd(a, hv[n], xdt * Vec(Bt[n]));
+            acc = at::vec::fmadd(hv[n], Vec(Ct[n]), acc);
+          }
+          store(acc, yp + t * H * P, cnt);
+        }
+        for (int64_t n = 0; n < N; ++n) {
+          alignas(64) scalar_t tmp[W];
+          hv[n].store(tmp);
+          for (int64_t l = 0; l < cnt; ++l) hTp[(p0 + l) * N + n] = tmp[l];
+        }
+      }
+    }
+  });
+}
+
+std::vector<at::Tensor> ssd_fwd(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A,
+                                const at::Tensor& Bm, const at::Tensor& Cm, const at::Tensor& Dv,
+                                const at::Tensor& h0, bool save) {
+  // x [B, T, H, P], dt [B, T, H], A [H], B, C [B, T, G, N], D [H], h0 [B, H, P, N]
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "mamba2_fused: float32 or float64 only");
+  for (auto* t : {&dt, &A, &Bm, &Cm, &Dv, &h0}) check_cpu(*t, x, "input");
+  check_cpu(x, x, "x");
+  check_inner(x, "x");
+  check_inner(Bm, "B");
+  check_inner(Cm, "C");
+  TORCH_CHECK(dt.is_contiguous() && A.is_contiguous() && Dv.is_contiguous() && h0.is_contiguous(),
+              "mamba2_fused: dt, A, D, h0 must be contiguous");
+  const int64_t Bsz = x.size(0), T = x.size(1), H = x.size(2), P = x.size(3), N = Bm.size(3);
+  auto y = at::empty({Bsz, T, H, P}, x.options());
+  auto hT = at::empty({Bsz, H, P, N}, x.options());
+  const int64_t nck = (T + kChunk - 1) / kChunk;
+  auto ckpt = save ? at::empty({Bsz, H, nck, N, P}, x.options()) : at::empty({0}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ssd_fwd", [&] {
+    const SSDShape s = ssd_shape(x, Bm, Cm, Vectorized<scalar_t>::size());
+    auto run = N == 16 ? ssd_fwd_impl<scalar_t, 16> : ssd_fwd_impl<scalar_t, 0>;
+    run(s, x.data_ptr<scalar_t>(), dt.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(), Bm.data_ptr<scalar_t>(),
+        Cm.data_ptr<scalar_t>(), Dv.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+        hT.data_ptr<scalar_t>(), save ? ckpt.data_ptr<scalar_t>() : nullptr);
+  });
+  return {y, hT, ckpt};
+}
+
+template <typename scalar_t, int NF>
+void ssd_bwd_impl(const SSDShape& s, const scalar_t* dy, const scalar_t* dhT, const scalar_t* x,
+                  const scalar_t* dt, const scalar_t* A, const scalar_t* Bm, const scalar_t* Cm,
+                  const scalar_t* Dv, const scalar_t* ckpt, scalar_t* dx, scalar_t* ddt,
+                  scalar_t* dA_part, scalar_t* dB_part, scalar_t* dC_part, scalar_t* dD_part,
+                  scalar_t* dh0) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t W = Vec::size();
+  const int64_t T = s.T, H = s.H, P = s.P, np = s.np;
+  const int64_t N = NF > 0 ? NF : s.N;
+  at::parallel_for(0, s.Bsz * H, 1, [&](int64_t begin, int64_t end) {
+    // per chunk: the states of one P-vector (kChunk + 1 steps), and the vector partials over P of
+    // dB, dC (per step and n), of da and of the x part of d dt (per step), summed over P-vectors
+    std::vector<Vec> Hs((kChunk + 1) * N), carry(N * np), dBl(kChunk * N), dCl(kChunk * N);
+    std::vector<Vec> daV(kChunk), dxxV(kChunk);
+    std::vector<scalar_t> dec(kChunk);
+    std::vector<Vec> gbuf(NF > 0 ? 0 : N);
+    Vec gfix[NF > 0 ? NF : 1];
+    Vec* gs = NF > 0 ? gfix : gbuf.data();
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / H, h = i % H, g = h / s.R;
+      const scalar_t Ah = A[h];
+      const Vec Dd(Dv[h]);
+      const scalar_t* dhTp = dhT + (b * H + h) * P * N;
+      for (int64_t v = 0; v < np; ++v) {
+        for (int64_t n = 0; n < N; ++n) {
+          alignas(64) scalar_t tmp[W] = {};
+          for (int64_t l = 0; l < W && v * W + l < P; ++l) tmp[l] = dhTp[(v * W + l) * N + n];
+          carry[v * N + n] = Vec::loadu(tmp);
+        }
+      }
+      scalar_t dA_acc = 0;
+      Vec dD_acc(0);
+      const scalar_t* xh = x + b * s.sxb + h * s.sxh;
+      const scalar_t* Bp = Bm + b * s.sbb + g * s.sbg;
+      const scalar_t* Cp = Cm + b * s.scb + g * s.scg;
+      const scalar_t* dth = dt + b * T * H + h;
+      for (int64_t c = s.nck - 1; c >= 0; --c) {
+        const int64_t t0 = c * kChunk, L = std::min(kChunk, T - t0);
+        std::fill(dBl.begin(), dBl.begin() + L * N, Vec(0));
+        std::fill(dCl.begin(), dCl.begin() + L * N, Vec(0));
+        std::fill(daV.begin(), daV.begin() + L, Vec(0));
+        std::fill(dxxV.begin(), dxxV.begin() + L, Vec(0));
+        for (int64_t j = 0; j < L; ++j) dec[j] = std::exp(dth[(t0 + j) * H] * Ah);
+        const scalar_t* cp = ckpt + ((b * H + h) * s.nck + c) * N * P;
+        for (int64_t v = 0; v < np; ++v) {
+          const int64_t p0 = v * W, cnt = std::min(W, P - p0);
+          // 1. recompute this P-vector's states: Hs[j] = h_{t0 + j - 1}
+          for (int64_t n = 0; n < N; ++n) Hs[n] = load(cp + n * P + p0, cnt);
+          for (int64_t j = 0; j < L; ++j) {
+            const int64_t t = t0 + j;
+            const Vec a(dec[j]);
+            const Vec xdt = load(xh + t * s.sxt + p0, cnt) * Vec(dth[t * H]);
+            const scalar_t* Bt = Bp + t * s.sbt;
+            const Vec* hp = Hs.data() + j * N;
+            Vec* hn = Hs.data() + (j + 1) * N;
+            for (int64_t n = 0; n < N; ++n) hn[n] = at::vec::fmadd(a, hp[n], xdt * Vec(Bt[n]));
+          }
+          // 2. adjoint recurrence backwards; gs = dL/dh_t from later steps (a_{t+1} G_{t+1})
+          for (int64_t n = 0; n < N; ++n) gs[n] = carry[v * N + n];
+          for (int64_t j = L - 1; j >= 0; --j) {
+            const int64_t t = t0 + j;
+            const scalar_t d = dth[t * H];
+            const Vec a(dec[j]);
+            const Vec xv = load(xh + t * s.sxt + p0, cnt);
+            const Vec gy = load(dy + ((b * T + t) * H + h) * P + p0, cnt);
+            const Vec xdt = xv * Vec(d);
+            const scalar_t* Bt = Bp + t * s.sbt;
+            const scalar_t* Ct = Cp + t * s.sct;
+            const Vec* hprev = Hs.data() + j * N;
+            const Vec* hcur = Hs.data() + (j + 1) * N;
+            Vec* dBj = dBl.data() + j * N;
+            Vec* dCj = dCl.data() + j * N;
+            Vec dxdt(0), da(0);
+            for (int64_t n = 0; n < N; ++n) {
+              const Vec Gn = at::vec::fmadd(Vec(Ct[n]), gy, gs[n]);  // dL/dh_t
+              dCj[n] = at::vec::fmadd(gy, hcur[n], dCj[n]);
+              dBj[n] = at::vec::fmadd(Gn, xdt, dBj[n]);
+              dxdt = at::vec::fmadd(Gn, Vec(Bt[n]), dxdt);
+              da = at::vec::fmadd(Gn, hprev[n], da);
+              gs[n] = Gn * a;
+            }
+            store(at::vec::fmadd(dxdt, Vec(d), Dd * gy), dx + ((b * T + t) * H + h) * P + p0, cnt);
+            dxxV[j] = at::vec::fmadd(dxdt, xv, dxxV[j]);
+            daV[j] = daV[j] + da;
+            dD_acc = at::vec::fmadd(gy, xv, dD_acc);
+          }
+          for (int64_t n = 0; n < N; ++n) carry[v * N + n] = gs[n];
+        }
+        // 3. reduce the vector partials over P, once per step
+        for (int64_t j = 0; j < L; ++j) {
+          const int64_t t = t0 + j;
+          const scalar_t d = dth[t * H];
+          const scalar_t da = hsum(daV[j]) * dec[j];  // dL/d(dt A)
+          ddt[(b * T + t) * H + h] = hsum(dxxV[j]) + da * Ah;
+          dA_acc += da * d;
+          scalar_t* dBo = dB_part + ((b * T + t) * H + h) * N;
+          scalar_t* dCo = dC_part + ((b * T + t) * H + h) * N;
+          for (int64_t n = 0; n < N; ++n) {
+            dBo[n] = hsum(dBl[j * N + n]);
+            dCo[n] = hsum(dCl[j * N + n]);
+          }
+        }
+      }
+      dA_part[b * H + h] = dA_acc;
+      dD_part[b * H + h] = hsum(dD_acc);
+      scalar_t* dh0p = dh0 + (b * H + h) * P * N;
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t v = 0; v < np; ++v) {
+          alignas(64) scalar_t tmp[W];
+          carry[v * N + n].store(tmp);
+          for (int64_t l = 0; l < W && v * W + l < P; ++l) dh0p[(v * W + l) * N + n] = tmp[l];
+        }
+      }
+    }
+  });
+}
+
+std::vector<at::Tensor> ssd_bwd(const at::Tensor& dy, const at::Tensor& dhT, const at::Tensor& x,
+                                const at::Tensor& dt, const at::Tensor& A, const at::Tensor& Bm,
+                                const at::Tensor& Cm, const at::Tensor& Dv, const at::Tensor& ckpt) {
+  TORCH_CHECK(dy.is_contiguous() && dhT.is_contiguous() && ckpt.is_contiguous(),
+              "mamba2_fused: dy, dhT, ckpt must be contiguous");
+  for (auto* t : {&dy, &dhT, &dt, &A, &Bm, &Cm, &Dv, &ckpt}) check_cpu(*t, x, "input");
+  check_inner(x, "x");
+  check_inner(Bm, "B");
+  check_inner(Cm, "C");
+  const int64_t Bsz = x.size(0), T = x.size(1), H = x.size(2), P = x.size(3), N = Bm.size(3);
+  auto opts = x.options();
+  auto dx = at::empty({Bsz, T, H, P}, opts);
+  auto ddt = at::empty({Bsz, T, H}, opts);
+  auto dA_part = at::empty({Bsz, H}, opts);
+  auto dD_part = at::empty({Bsz, H}, opts);
+  auto dB_part = at::empty({Bsz, T, H, N}, opts);  // per head; the caller sums a group's heads
+  auto dC_part = at::empty({Bsz, T, H, N}, opts);
+  auto dh0 = at::empty({Bsz, H, P, N}, opts);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ssd_bwd", [&] {
+    const SSDShape s = ssd_shape(x, Bm, Cm, Vectorized<scalar_t>::size());
+    auto run = N == 16 ? ssd_bwd_impl<scalar_t, 16> : ssd_bwd_impl<scalar_t, 0>;
+    run(s, dy.data_ptr<scalar_t>(), dhT.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dt.data_ptr<scalar_t>(),
+        A.data_ptr<scalar_t>(), Bm.data_ptr<scalar_t>(), Cm.data_ptr<scalar_t>(), Dv.data_ptr<scalar_t>(),
+        ckpt.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), ddt.data_ptr<scalar_t>(),
+        dA_part.data_ptr<scalar_t>(), dB_part.data_ptr<scalar_t>(), dC_part.data_ptr<scalar_t>(),
+        dD_part.data_ptr<scalar_t>(), dh0.data_ptr<scalar_t>());
+  });
+  return {dx, ddt, dA_part, dB_part, dC_part, dD_part, dh0};
+}
+
+// -- causal depthwise conv + SiLU -----------------------------------------------------------------
+// x [B, T, C] (strided rows), wt [K, C] (the weight transposed), bias [C], st [B, K-1, C] (the
+// last K-1 raw inputs before x, transposed). Work is split over blocks of channels, so the
+// weight and bias gradients need no reduction across threads.
+
+constexpr int64_t kConvBlock = 256;  // channels per parallel work item
+
+template <typename scalar_t>
+inline Vectorized<scalar_t> conv_at(const scalar_t* x, int64_t sxb, int64_t sxt, const scalar_t* st,
+                                    const scalar_t* wt, const scalar_t* bias, int64_t b, int64_t t,
+                                    int64_t c, int64_t cnt, int64_t K, int64_t C) {
+  using Vec = Vectorized<scalar_t>;
+  Vec acc = load(bias + c, cnt);
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t src = t + k - (K - 1);
+    const scalar_t* p = src >= 0 ? x + b * sxb + src * sxt + c : st + (b * (K - 1) + src + K - 1) * C + c;
+    acc = at::vec::fmadd(load(wt + k * C + c, cnt), load(p, cnt), acc);
+  }
+  return acc;
+}
+
+at::Tensor conv_silu_fwd(const at::Tensor& x, const at::Tensor& wt, const at::Tensor& bias,
+                         const at::Tensor& st) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "mamba2_fused: float32 or float64 only");
+  for (auto* t : {&wt, &bias, &st}) {
+    check_cpu(*t, x, "input");
+    TORCH_CHECK(t->is_contiguous(), "mamba2_fused: conv weight, bias, state must be contiguous");
+  }
+  check_inner(x, "x");
+  const int64_t Bsz = x.size(0), T = x.size(1), C = x.size(2), K = wt.size(0);
+  auto y = at::empty({Bsz, T, C}, x.options());
+  const int64_t sxb = x.stride(0), sxt = x.stride(1);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_silu_fwd", [&] {
+    using Vec = Vectorized<scalar_t>;
+    constexpr int64_t W = Vec::size();
+    const scalar_t *xp = x.data_ptr<scalar_t>(), *wp = wt.data_ptr<scalar_t>();
+    const scalar_t *bp = bias.data_ptr<scalar_t>(), *sp = st.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    const int64_t nblk = (C + kConvBlock - 1) / kConvBlock;
+    at::parallel_for(0, Bsz * nblk, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = i / nblk, c0 = (i % nblk) * kConvBlock, c1 = std::min(C, c0 + kConvBlock);
+        for (int64_t t = 0; t < T; ++t) {
+          for (int64_t c = c0; c < c1; c += W) {
+            const int64_t cnt = std::min(W, c1 - c);
+            const Vec pre = conv_at(xp, sxb, sxt, sp, wp, bp, b, t, c, cnt, K, C);
+            store(pre * sigmoid(pre), yp + (b * T + t) * C + c, cnt);
+          }
+        }
+      }
+    });
+  });
+  return y;
+}
+
+std::vector<at::Tensor> conv_silu_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wt,
+                                      const at::Tensor& bias, const at::Tensor& st) {
+  TORCH_CHECK(dy.is_contiguous(), "mamba2_fused: dy must be contiguous");
+  for (auto* t : {&dy, &wt, &bias, &st}) check_cpu(*t, x, "input");
+  check_inner(x, "x");
+  const int64_t Bsz = x.size(0), T = x.size(1), C = x.size(2), K = wt.size(0);
+  auto dx = at::empty({Bsz, T, C}, x.options());
+  auto dst = at::empty({Bsz, K - 1, C}, x.options());
+  auto dwt = at::zeros({K, C}, x.options());
+  auto dbias = at::zeros({C}, x.options());
+  const int64_t sxb = x.stride(0), sxt = x.stride(1);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_silu_bwd", [&] {
+    using Vec = Vectorized<scalar_t>;
+    constexpr int64_t W = Vec::size();
+    const scalar_t *xp = x.data_ptr<scalar_t>(), *wp = wt.data_ptr<scalar_t>();
+    const scalar_t *bp = bias.data_ptr<scalar_t>(), *sp = st.data_ptr<scalar_t>();
+    const scalar_t* gp = dy.data_ptr<scalar_t>();
+    scalar_t *dxp = dx.data_ptr<scalar_t>(), *dsp = dst.data_ptr<scalar_t>();
+    scalar_t *dwp = dwt.data_ptr<scalar_t>(), *dbp = dbias.data_ptr<scalar_t>();
+    const int64_t nblk = (C + kConvBlock - 1) / kConvBlock;
+    // over channel blocks only: each block owns its weight / bias gradient columns
+    at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> ring(K * kConvBlock);  // pre-activation grads of the last K steps
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t c0 = blk * kConvBlock, c1 = std::min(C, c0 + kConvBlock);
+        for (int64_t b = 0; b < Bsz; ++b) {
+          // step t computes g_t = dL/dpre_t, then the input gradient at t - (K-1), which reads
+          // g_{t-K+1..t} (zero beyond T); negative input times are the state's gradient
+          for (int64_t t = 0; t < T + K - 1; ++t) {
+            scalar_t* gt = ring.data() + (t % K) * kConvBlock;
+            for (int64_t c = c0; c < c1; c += W) {
+              const int64_t cnt = std::min(W, c1 - c);
+              Vec g(0);
+              if (t < T) {
+                const Vec pre = conv_at(xp, sxb, sxt, sp, wp, bp, b, t, c, cnt, K, C);
+                const Vec sg = sigmoid(pre);
+                g = load(gp + (b * T + t) * C + c, cnt) * sg *
+                    at::vec::fmadd(pre, Vec(1) - sg, Vec(1));
+                store(load(dbp + c, cnt) + g, dbp + c, cnt);
+                for (int64_t k = 0; k < K; ++k) {
+                  const int64_t src = t + k - (K - 1);
+                  const scalar_t* p =
+                      src >= 0 ? xp + b * sxb + src * sxt + c : sp + (b * (K - 1) + src + K - 1) * C + c;
+                  store(at::vec::fmadd(g, load(p, cnt), load(dwp + k * C + c, cnt)), dwp + k * C + c, cnt);
+                }
+              }
+              g.store(gt + (c - c0), cnt);
+              const int64_t s = t - (K - 1);  // input time whose gradient is now complete
+              Vec acc(0);
+              for (int64_t k = 0; k < K; ++k) {
+                const int64_t tk = t - k;  // output time reading input s through tap k
+                if (tk < 0) break;
+                acc = at::vec::fmadd(load(wp + k * C + c, cnt),
+                                     load(ring.data() + (tk % K) * kConvBlock + (c - c0), cnt), acc);
+              }
+              scalar_t* o = s >= 0 ? dxp + (b * T + s) * C + c : dsp + (b * (K - 1) + s + K - 1) * C + c;
+              store(acc, o, cnt);
+            }
+          }
+        }
+      }
+    });
+  });
+  return {dx, dwt, dbias, dst};
+}
+
+// -- gated RMSNorm -------------------------------------------------------------------------------
+// y [B, T, E] contiguous, z [B, T, E] (strided rows), w [E]; groups of E / G channels.
+// out = (y silu(z)) * rstd * w with rstd = 1 / sqrt(mean_group((y silu(z))^2) + eps).
+
+std::vector<at::Tensor> gnorm_fwd(const at::Tensor& y, const at::Tensor& z, const at::Tensor& w,
+                                  int64_t G, double eps) {
+  TORCH_CHECK(y.scalar_type() == at::kFloat || y.scalar_type() == at::kDouble,
+              "mamba2_fused: float32 or float64 only");
+  check_cpu(z, y, "z");
+  check_cpu(w, y, "weight");
+  TORCH_CHECK(y.is_contiguous() && w.is_contiguous(), "mamba2_fused: y and weight must be contiguous");
+  check_inner(z, "z");
+  const int64_t Bsz = y.size(0), T = y.size(1), E = y.size(2), Eg = E / G;
+  auto out = at::empty({Bsz, T, E}, y.options());
+  auto rstd = at::empty({Bsz, T, G}, y.options());
+  const int64_t szb = z.stride(0), szt = z.stride(1);
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "gnorm_fwd", [&] {
+    using Vec = Vectorized<scalar_t>;
+    constexpr int64_t W = Vec::size();
+    const scalar_t *yp = y.data_ptr<scalar_t>(), *zp = z.data_ptr<scalar_t>(), *wp = w.data_ptr<scalar_t>();
+    scalar_t *op = out.data_ptr<scalar_t>(), *rp = rstd.data_ptr<scalar_t>();
+    at::parallel_for(0, Bsz * T, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / T, t = r % T;
+        const scalar_t* yr = yp + r * E;
+        const scalar_t* zr = zp + b * szb + t * szt;
+        scalar_t* orow = op + r * E;
+        for (int64_t g = 0; g < G; ++g) {
+          Vec ss(0);
+          for (int64_t c = g * Eg; c < (g + 1) * Eg; c += W) {
+            const int64_t cnt = std::min(W, (g + 1) * Eg - c);
+            const Vec zv = load(zr + c, cnt);
+            const Vec gz = load(yr + c, cnt) * zv * sigmoid(zv);
+            store(gz, orow + c, cnt);  // y silu(z), scaled below
+            ss = at::vec::fmadd(gz, gz, ss);
+          }
+          const scalar_t rs = scalar_t(1) / std::sqrt(hsum(ss) / scalar_t(Eg) + scalar_t(eps));
+          rp[r * G + g] = rs;
+          for (int64_t c = g * Eg; c < (g + 1) * Eg; c += W) {
+            const int64_t cnt = std::min(W, (g + 1) * Eg - c);
+            store(load(orow + c, cnt) * Vec(rs) * load(wp + c, cnt), orow + c, cnt);
+          }
+        }
+      }
+    });
+  });
+  return {out, rstd};
+}
+
+std::vector<at::Tensor> gnorm_bwd(const at::Tensor& dout, const at::Tensor& y, const at::Tensor& z,
+                                  const at::Tensor& w, const at::Tensor& rstd) {
+  TORCH_CHECK(dout.is_contiguous() && y.is_contiguous() && rstd.is_contiguous(),
+              "mamba2_fused: dout, y, rstd must be contiguous");
+  for (auto* t : {&dout, &z, &w, &rstd}) check_cpu(*t, y, "input");
+  check_inner(z, "z");
+  const int64_t Bsz = y.size(0), T = y.size(1), E = y.size(2), G = rstd.size(2), Eg = E / G;
+  auto dy = at::empty({Bsz, T, E}, y.options());
+  auto dz = at::empty({Bsz, T, E}, y.options());
+  const int64_t nthr = at::get_num_threads();
+  auto dw_part = at::zeros({nthr, E}, y.options());
+  const int64_t szb = z.stride(0), szt = z.stride(1);
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "gnorm_bwd", [&] {
+    using Vec = Vectorized<scalar_t>;
+    constexpr int64_t W = Vec::size();
+    const scalar_t *gp = dout.data_ptr<scalar_t>(), *yp = y.data_ptr<scalar_t>();
+    const scalar_t *zp = z.data_ptr<scalar_t>(), *wp = w.data_ptr<scalar_t>();
+    const scalar_t* rp = rstd.data_ptr<scalar_t>();
+    scalar_t *dyp = dy.data_ptr<scalar_t>(), *dzp = dz.data_ptr<scalar_t>();
+    scalar_t* dwp = dw_part.data_ptr<scalar_t>();
+    at::parallel_for(0, Bsz * T, 16, [&](int64_t begin, int64_t end) {
+      scalar_t* dwt = dwp + at::get_thread_num() * E;
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / T, t = r % T;
+        const scalar_t* yr = yp + r * E;
+        const scalar_t* zr = zp + b * szb + t * szt;
+        const scalar_t* gr = gp + r * E;
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t e0 = g * Eg, e1 = (g + 1) * Eg;
+          const Vec rs(rp[r * G + g]);
+          // mean over the group of dn * nhat, with dn = dout * w and nhat = y silu(z) rstd
+          Vec dot(0);
+          for (int64_t c = e0; c < e1; c += W) {
+            const int64_t cnt = std::min(W, e1 - c);
+            const Vec zv = load(zr + c, cnt), go = load(gr + c, cnt);
+            const Vec nh = load(yr + c, cnt) * zv * sigmoid(zv) * rs;
+            dot = at::vec::fmadd(go * load(wp + c, cnt), nh, dot);
+            store(at::vec::fmadd(go, nh, load(dwt + c, cnt)), dwt + c, cnt);
+          }
+          const Vec mdot(hsum(dot) / scalar_t(Eg));
+          for (int64_t c = e0; c < e1; c += W) {
+            const int64_t cnt = std::min(W, e1 - c);
+            const Vec zv = load(zr + c, cnt), yv = load(yr + c, cnt), go = load(gr + c, cnt);
+            const Vec sg = sigmoid(zv);
+            const Vec sz = zv * sg;
+            const Vec nh = yv * sz * rs;
+            const Vec dg = rs * (go * load(wp + c, cnt) - nh * mdot);  // dL/d(y silu(z))
+            store(dg * sz, dyp + r * E + c, cnt);
+            store(dg * yv * sg * at::vec::fmadd(zv, Vec(1) - sg, Vec(1)), dzp + r * E + c, cnt);
+          }
+        }
+      }
+    });
+  });
+  return {dy, dz, dw_part.sum(0)};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("ssd_fwd", &ssd_fwd, "SSD recurrence forward (y, hT, checkpoints)");
+  m.def("ssd_bwd", &ssd_bwd, "SSD recurrence backward");
+  m.def("conv_silu_fwd", &conv_silu_fwd, "silu(causal depthwise conv + bias)");
+  m.def("conv_silu_bwd", &conv_silu_bwd, "backward of conv_silu_fwd (dx, dwt, dbias, dstate)");
+  m.def("gnorm_fwd", &gnorm_fwd, "gated RMSNorm forward (out, rstd)");
+  m.def("gnorm_bwd", &gnorm_bwd, "gated RMSNorm backward (dy, dz, dweight)");
+}
