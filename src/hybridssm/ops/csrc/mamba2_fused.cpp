@@ -55,10 +55,33 @@ inline scalar_t hsum(const Vectorized<scalar_t>& v) {
   return at::vec::vec_reduce_all<scalar_t>([](Vec& a, Vec& b) { return a + b; }, v);
 }
 
+// exp for the SiLU gates. float: inline (Cephes' expf: Cody-Waite reduction to |r| <= ln2 / 2, a
+// degree-7 polynomial, scaling by 2^n through the exponent bits; within ~1 ULP of the true value).
+// at::vec's exp is a call into libtorch, around which every live vector register is spilled: the
+// kernels below were bound by those spills. double (gradcheck) keeps at::vec's 1-ULP exp.
+inline Vectorized<float> exp_inline(const Vectorized<float>& x0) {
+  using Vec = Vectorized<float>;
+  // below -87.3 the result would be denormal: FLT_MIN stands in (1 + it is 1 in the sigmoid)
+  const Vec x = at::vec::clamp(x0, Vec(-87.3f), Vec(88.3f));
+  const Vec n = (x * Vec(1.44269504088896341f)).round();
+  Vec r = at::vec::fmadd(n, Vec(-0.693359375f), x);  // ln 2 in two parts: n * hi is exact
+  r = at::vec::fmadd(n, Vec(2.12194440e-4f), r);
+  Vec p(1.9875691500e-4f);
+  p = at::vec::fmadd(p, r, Vec(1.3981999507e-3f));
+  p = at::vec::fmadd(p, r, Vec(8.3334519073e-3f));
+  p = at::vec::fmadd(p, r, Vec(4.1665795894e-2f));
+  p = at::vec::fmadd(p, r, Vec(1.6666665459e-1f));
+  p = at::vec::fmadd(p, r, Vec(5.0000001201e-1f));
+  p = at::vec::fmadd(p, r * r, r) + Vec(1.0f);
+  const auto bits = (at::vec::convert_to_int_of_same_size(n) + Vectorized<int32_t>(127)) << Vectorized<int32_t>(23);
+  return p * at::vec::cast<float>(bits);
+}
+inline Vectorized<double> exp_inline(const Vectorized<double>& x) { return x.exp(); }
+
 template <typename scalar_t>
 inline Vectorized<scalar_t> sigmoid(const Vectorized<scalar_t>& v) {
   using Vec = Vectorized<scalar_t>;
-  return Vec(1) / (Vec(1) + v.neg().exp());
+  return Vec(1) / (Vec(1) + exp_inline(v.neg()));
 }
 
 void check_cpu(const at::Tensor& t, const at::Tensor& like, const char* name) {
@@ -329,23 +352,33 @@ std::vector<at::Tensor> ssd_bwd(const at::Tensor& dy, const at::Tensor& dhT, con
 
 // -- causal depthwise conv + SiLU -----------------------------------------------------------------
 // x [B, T, C] (strided rows), wt [K, C] (the weight transposed), bias [C], st [B, K-1, C] (the
-// last K-1 raw inputs before x, transposed). Work is split over blocks of channels, so the
-// weight and bias gradients need no reduction across threads.
+// last K-1 raw inputs before x, transposed). KF > 0 fixes K at compile time (the usual 4).
 
-constexpr int64_t kConvBlock = 256;  // channels per parallel work item
-
-template <typename scalar_t>
-inline Vectorized<scalar_t> conv_at(const scalar_t* x, int64_t sxb, int64_t sxt, const scalar_t* st,
-                                    const scalar_t* wt, const scalar_t* bias, int64_t b, int64_t t,
-                                    int64_t c, int64_t cnt, int64_t K, int64_t C) {
+template <typename scalar_t, int KF>
+void conv_silu_fwd_impl(const scalar_t* xp, int64_t sxb, int64_t sxt, const scalar_t* wp,
+                        const scalar_t* bp, const scalar_t* sp, scalar_t* yp, int64_t Bsz, int64_t T,
+                        int64_t C, int64_t K_) {
   using Vec = Vectorized<scalar_t>;
-  Vec acc = load(bias + c, cnt);
-  for (int64_t k = 0; k < K; ++k) {
-    const int64_t src = t + k - (K - 1);
-    const scalar_t* p = src >= 0 ? x + b * sxb + src * sxt + c : st + (b * (K - 1) + src + K - 1) * C + c;
-    acc = at::vec::fmadd(load(wt + k * C + c, cnt), load(p, cnt), acc);
-  }
-  return acc;
+  constexpr int64_t W = Vec::size();
+  const int64_t K = KF > 0 ? KF : K_;
+  at::parallel_for(0, Bsz * T, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / T, t = r % T;
+      // the K input rows this output reads (the state's rows before time 0)
+      const scalar_t* rows[KF > 0 ? KF : 64];
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t src = t + k - (K - 1);
+        rows[k] = src >= 0 ? xp + b * sxb + src * sxt : sp + (b * (K - 1) + src + K - 1) * C;
+      }
+      scalar_t* yr = yp + r * C;
+      for (int64_t c = 0; c < C; c += W) {
+        const int64_t cnt = std::min(W, C - c);
+        Vec pre = load(bp + c, cnt);
+        for (int64_t k = 0; k < K; ++k) pre = at::vec::fmadd(load(wp + k * C + c, cnt), load(rows[k] + c, cnt), pre);
+        store(pre * sigmoid(pre), yr + c, cnt);
+      }
+    }
+  });
 }
 
 at::Tensor conv_silu_fwd(const at::Tensor& x, const at::Tensor& wt, const at::Tensor& bias,
@@ -358,29 +391,92 @@ at::Tensor conv_silu_fwd(const at::Tensor& x, const at::Tensor& wt, const at::Te
   }
   check_inner(x, "x");
   const int64_t Bsz = x.size(0), T = x.size(1), C = x.size(2), K = wt.size(0);
+  TORCH_CHECK(K <= 64, "mamba2_fused: conv width up to 64");
   auto y = at::empty({Bsz, T, C}, x.options());
-  const int64_t sxb = x.stride(0), sxt = x.stride(1);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_silu_fwd", [&] {
-    using Vec = Vectorized<scalar_t>;
-    constexpr int64_t W = Vec::size();
-    const scalar_t *xp = x.data_ptr<scalar_t>(), *wp = wt.data_ptr<scalar_t>();
-    const scalar_t *bp = bias.data_ptr<scalar_t>(), *sp = st.data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    const int64_t nblk = (C + kConvBlock - 1) / kConvBlock;
-    at::parallel_for(0, Bsz * nblk, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = i / nblk, c0 = (i % nblk) * kConvBlock, c1 = std::min(C, c0 + kConvBlock);
-        for (int64_t t = 0; t < T; ++t) {
-          for (int64_t c = c0; c < c1; c += W) {
-            const int64_t cnt = std::min(W, c1 - c);
-            const Vec pre = conv_at(xp, sxb, sxt, sp, wp, bp, b, t, c, cnt, K, C);
-            store(pre * sigmoid(pre), yp + (b * T + t) * C + c, cnt);
-          }
-        }
-      }
-    });
+    auto run = K == 4 ? conv_silu_fwd_impl<scalar_t, 4> : conv_silu_fwd_impl<scalar_t, 0>;
+    run(x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), wt.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
+        st.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), Bsz, T, C, K);
   });
   return y;
+}
+
+// Backward: one channel vector at a time down a block of kConvSteps steps (the block's rows stay
+// in cache across the channel vectors), with the last K inputs and the last K pre-activation
+// gradients in registers and the weight / bias gradients accumulated in registers. Work is split
+// over channel vectors only, so those gradients need no reduction across threads.
+constexpr int64_t kConvSteps = 64;
+
+template <typename scalar_t, int KF>
+void conv_silu_bwd_impl(const scalar_t* gp, const scalar_t* xp, int64_t sxb, int64_t sxt,
+                        const scalar_t* wp, const scalar_t* bp, const scalar_t* sp, scalar_t* dxp,
+                        scalar_t* dwp, scalar_t* dbp, scalar_t* dsp, int64_t Bsz, int64_t T, int64_t C,
+                        int64_t K_) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t W = Vec::size();
+  constexpr int64_t KM = KF > 0 ? KF : 64;
+  const int64_t K = KF > 0 ? KF : K_;
+  const int64_t nvec = (C + W - 1) / W;
+  at::parallel_for(0, nvec, 1, [&](int64_t v0, int64_t v1) {
+    const int64_t c0 = v0 * W, c1 = std::min(C, v1 * W);
+    // per channel vector: the last K-1 pre-activation gradients of the previous step block
+    std::vector<scalar_t> carry(std::max<int64_t>(K - 1, 1) * (c1 - c0));
+    std::vector<Vec> dwacc(K * (v1 - v0), Vec(0)), dbacc(v1 - v0, Vec(0));
+    for (int64_t b = 0; b < Bsz; ++b) {
+      std::fill(carry.begin(), carry.end(), scalar_t(0));
+      // blocks of steps; the last one also flushes the input gradients of times T-K+1 .. T-1
+      for (int64_t t0 = 0; t0 < T; t0 += kConvSteps) {
+        const int64_t t1 = std::min(T, t0 + kConvSteps);
+        const int64_t tend = t1 == T ? T + K - 1 : t1;
+        for (int64_t v = v0; v < v1; ++v) {
+          const int64_t c = v * W, cnt = std::min(W, C - c), lc = c - c0;
+          Vec w[KM], xw[KM], gw[KM], dw[KM];
+          for (int64_t k = 0; k < K; ++k) {
+            w[k] = load(wp + k * C + c, cnt);
+            dw[k] = dwacc[(v - v0) * K + k];
+          }
+          Vec db = dbacc[v - v0];
+          const Vec bias = load(bp + c, cnt);
+          // windows: xw[k] = input at t - (K-1) + k, gw[k] = gradient of pre at t - (K-1) + k
+          for (int64_t k = 0; k + 1 < K; ++k) {
+            const int64_t src = t0 - (K - 1) + k;
+            xw[k + 1] = load(src >= 0 ? xp + b * sxb + src * sxt + c : sp + (b * (K - 1) + src + K - 1) * C + c, cnt);
+            gw[k + 1] = load(carry.data() + k * (c1 - c0) + lc, cnt);
+          }
+          for (int64_t t = t0; t < tend; ++t) {
+            for (int64_t k = 0; k + 1 < K; ++k) {
+              xw[k] = xw[k + 1];
+              gw[k] = gw[k + 1];
+            }
+            Vec g(0);
+            if (t < T) {
+              xw[K - 1] = load(xp + b * sxb + t * sxt + c, cnt);
+              Vec pre = bias;
+              for (int64_t k = 0; k < K; ++k) pre = at::vec::fmadd(w[k], xw[k], pre);
+              const Vec sg = sigmoid(pre);
+              g = load(gp + (b * T + t) * C + c, cnt) * sg * at::vec::fmadd(pre, Vec(1) - sg, Vec(1));
+              db = db + g;
+              for (int64_t k = 0; k < K; ++k) dw[k] = at::vec::fmadd(g, xw[k], dw[k]);
+            }
+            gw[K - 1] = g;
+            // the input at s = t - (K-1) feeds outputs s .. s+K-1 through taps K-1 .. 0
+            Vec acc(0);
+            for (int64_t k = 0; k < K; ++k) acc = at::vec::fmadd(w[k], gw[K - 1 - k], acc);
+            const int64_t s = t - (K - 1);
+            store(acc, s >= 0 ? dxp + (b * T + s) * C + c : dsp + (b * (K - 1) + s + K - 1) * C + c, cnt);
+          }
+          for (int64_t k = 0; k + 1 < K; ++k) store(gw[k + 1], carry.data() + k * (c1 - c0) + lc, cnt);
+          for (int64_t k = 0; k < K; ++k) dwacc[(v - v0) * K + k] = dw[k];
+          dbacc[v - v0] = db;
+        }
+      }
+    }
+    for (int64_t v = v0; v < v1; ++v) {
+      const int64_t c = v * W, cnt = std::min(W, C - c);
+      for (int64_t k = 0; k < K; ++k) store(dwacc[(v - v0) * K + k], dwp + k * C + c, cnt);
+      store(dbacc[v - v0], dbp + c, cnt);
+    }
+  });
 }
 
 std::vector<at::Tensor> conv_silu_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wt,
@@ -389,62 +485,16 @@ std::vector<at::Tensor> conv_silu_bwd(const at::Tensor& dy, const at::Tensor& x,
   for (auto* t : {&dy, &wt, &bias, &st}) check_cpu(*t, x, "input");
   check_inner(x, "x");
   const int64_t Bsz = x.size(0), T = x.size(1), C = x.size(2), K = wt.size(0);
+  TORCH_CHECK(K <= 64, "mamba2_fused: conv width up to 64");
   auto dx = at::empty({Bsz, T, C}, x.options());
   auto dst = at::empty({Bsz, K - 1, C}, x.options());
-  auto dwt = at::zeros({K, C}, x.options());
-  auto dbias = at::zeros({C}, x.options());
-  const int64_t sxb = x.stride(0), sxt = x.stride(1);
+  auto dwt = at::empty({K, C}, x.options());
+  auto dbias = at::empty({C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_silu_bwd", [&] {
-    using Vec = Vectorized<scalar_t>;
-    constexpr int64_t W = Vec::size();
-    const scalar_t *xp = x.data_ptr<scalar_t>(), *wp = wt.data_ptr<scalar_t>();
-    const scalar_t *bp = bias.data_ptr<scalar_t>(), *sp = st.data_ptr<scalar_t>();
-    const scalar_t* gp = dy.data_ptr<scalar_t>();
-    scalar_t *dxp = dx.data_ptr<scalar_t>(), *dsp = dst.data_ptr<scalar_t>();
-    scalar_t *dwp = dwt.data_ptr<scalar_t>(), *dbp = dbias.data_ptr<scalar_t>();
-    const int64_t nblk = (C + kConvBlock - 1) / kConvBlock;
-    // over channel blocks only: each block owns its weight / bias gradient columns
-    at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> ring(K * kConvBlock);  // pre-activation grads of the last K steps
-      for (int64_t blk = begin; blk < end; ++blk) {
-        const int64_t c0 = blk * kConvBlock, c1 = std::min(C, c0 + kConvBlock);
-        for (int64_t b = 0; b < Bsz; ++b) {
-          // step t computes g_t = dL/dpre_t, then the input gradient at t - (K-1), which reads
-          // g_{t-K+1..t} (zero beyond T); negative input times are the state's gradient
-          for (int64_t t = 0; t < T + K - 1; ++t) {
-            scalar_t* gt = ring.data() + (t % K) * kConvBlock;
-            for (int64_t c = c0; c < c1; c += W) {
-              const int64_t cnt = std::min(W, c1 - c);
-              Vec g(0);
-              if (t < T) {
-                const Vec pre = conv_at(xp, sxb, sxt, sp, wp, bp, b, t, c, cnt, K, C);
-                const Vec sg = sigmoid(pre);
-                g = load(gp + (b * T + t) * C + c, cnt) * sg *
-                    at::vec::fmadd(pre, Vec(1) - sg, Vec(1));
-                store(load(dbp + c, cnt) + g, dbp + c, cnt);
-                for (int64_t k = 0; k < K; ++k) {
-                  const int64_t src = t + k - (K - 1);
-                  const scalar_t* p =
-                      src >= 0 ? xp + b * sxb + src * sxt + c : sp + (b * (K - 1) + src + K - 1) * C + c;
-                  store(at::vec::fmadd(g, load(p, cnt), load(dwp + k * C + c, cnt)), dwp + k * C + c, cnt);
-                }
-              }
-              g.store(gt + (c - c0), cnt);
-              const int64_t s = t - (K - 1);  // input time whose gradient is now complete
-              Vec acc(0);
-              for (int64_t k = 0; k < K; ++k) {
-                const int64_t tk = t - k;  // output time reading input s through tap k
-                if (tk < 0) break;
-                acc = at::vec::fmadd(load(wp + k * C + c, cnt),
-                                     load(ring.data() + (tk % K) * kConvBlock + (c - c0), cnt), acc);
-              }
-              scalar_t* o = s >= 0 ? dxp + (b * T + s) * C + c : dsp + (b * (K - 1) + s + K - 1) * C + c;
-              store(acc, o, cnt);
-            }
-          }
-        }
-      }
-    });
+    auto run = K == 4 ? conv_silu_bwd_impl<scalar_t, 4> : conv_silu_bwd_impl<scalar_t, 0>;
+    run(dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), wt.data_ptr<scalar_t>(),
+        bias.data_ptr<scalar_t>(), st.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), dwt.data_ptr<scalar_t>(),
+        dbias.data_ptr<scalar_t>(), dst.data_ptr<scalar_t>(), Bsz, T, C, K);
   });
   return {dx, dwt, dbias, dst};
 }
@@ -520,6 +570,7 @@ std::vector<at::Tensor> gnorm_bwd(const at::Tensor& dout, const at::Tensor& y, c
     scalar_t* dwp = dw_part.data_ptr<scalar_t>();
     at::parallel_for(0, Bsz * T, 16, [&](int64_t begin, int64_t end) {
       scalar_t* dwt = dwp + at::get_thread_num() * E;
+      std::vector<scalar_t> sgrow(E);  // sigmoid(z) of the row, from the first pass
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = r / T, t = r % T;
         const scalar_t* yr = yp + r * E;
@@ -533,7 +584,9 @@ std::vector<at::Tensor> gnorm_bwd(const at::Tensor& dout, const at::Tensor& y, c
           for (int64_t c = e0; c < e1; c += W) {
             const int64_t cnt = std::min(W, e1 - c);
             const Vec zv = load(zr + c, cnt), go = load(gr + c, cnt);
-            const Vec nh = load(yr + c, cnt) * zv * sigmoid(zv) * rs;
+            const Vec sg = sigmoid(zv);
+            store(sg, sgrow.data() + c, cnt);
+            const Vec nh = load(yr + c, cnt) * zv * sg * rs;
             dot = at::vec::fmadd(go * load(wp + c, cnt), nh, dot);
             store(at::vec::fmadd(go, nh, load(dwt + c, cnt)), dwt + c, cnt);
           }
@@ -541,7 +594,7 @@ std::vector<at::Tensor> gnorm_bwd(const at::Tensor& dout, const at::Tensor& y, c
           for (int64_t c = e0; c < e1; c += W) {
             const int64_t cnt = std::min(W, e1 - c);
             const Vec zv = load(zr + c, cnt), yv = load(yr + c, cnt), go = load(gr + c, cnt);
-            const Vec sg = sigmoid(zv);
+            const Vec sg = load(sgrow.data() + c, cnt);
             const Vec sz = zv * sg;
             const Vec nh = yv * sz * rs;
             const Vec dg = rs * (go * load(wp + c, cnt) - nh * mdot);  // dL/d(y silu(z))
@@ -558,6 +611,20 @@ std::vector<at::Tensor> gnorm_bwd(const at::Tensor& dout, const at::Tensor& y, c
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("sigmoid_test", [](const at::Tensor& x) {  // the kernels' sigmoid, for the tests
+    TORCH_CHECK(x.is_contiguous() && x.device().is_cpu(), "sigmoid_test: contiguous CPU tensor");
+    auto y = at::empty_like(x);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sigmoid_test", [&] {
+      using Vec = Vectorized<scalar_t>;
+      const scalar_t* xp = x.data_ptr<scalar_t>();
+      scalar_t* yp = y.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < x.numel(); i += Vec::size()) {
+        const int64_t cnt = std::min<int64_t>(Vec::size(), x.numel() - i);
+        store(sigmoid(load(xp + i, cnt)), yp + i, cnt);
+      }
+    });
+    return y;
+  });
   m.def("ssd_fwd", &ssd_fwd, "SSD recurrence forward (y, hT, checkpoints)");
   m.def("ssd_bwd", &ssd_bwd, "SSD recurrence backward");
   m.def("conv_silu_fwd", &conv_silu_fwd, "silu(causal depthwise conv + bias)");
