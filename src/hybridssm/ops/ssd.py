@@ -20,8 +20,9 @@ Backends (``hybridssm.ops._kernels``, op name ``ssd``): ``ref`` (:func:`ssd_ref`
 (:func:`ssd_chunked`) and ``fused`` (:func:`ssd_fused`, CPU): the recurrence in C++, one pass over
 time per (batch row, head) with the ``[P, N]`` state in L1 and one ``exp`` per step and head; it
 reads ``x``, ``B`` and ``C`` through their strides (views of the conv output, no copies) and its
-backward recomputes each 32-step chunk from a checkpoint. ``N = 16`` makes the recurrence cheaper
-than the chunked form's ``Q x Q`` blocks (``Q = 64``) several times over on a CPU.
+backward recomputes each 32-step chunk from a checkpoint. With small ``N`` (16) the recurrence does
+fewer FLOPs than the chunked form's ``Q x Q`` blocks (``Q = 64``): forward+backward 2-3x faster on
+one CPU thread at hidden 256 (B=32, T=60 to B=4, T=2048).
 """
 
 from __future__ import annotations
