@@ -15,6 +15,8 @@ import math
 import torch
 from torch import Tensor
 
+from hybridssm.ops._cpu_ext import kernel_probe, load_extension
+
 __all__ = ["ext", "fused_probe", "SSD_CHECKPOINT", "FUSED_DTYPES"]
 
 SSD_CHECKPOINT = 32  # must equal kChunk in csrc/mamba2_fused.cpp
@@ -22,21 +24,10 @@ FUSED_DTYPES = (torch.float32, torch.float64)
 
 
 def ext():
-    from hybridssm.ops._cpu_ext import load_extension
-
     return load_extension("mamba2_fused")
 
 
-# Run for real (not traced) when the first call of an op happens inside torch.compile: the result
-# is a constant of the process, and dynamo cannot trace a build.
-@torch.compiler.assume_constant_result
-def fused_probe(device_type: str) -> tuple[bool, str]:
-    if device_type != "cpu":
-        return False, "the fused Mamba-2 kernels are CPU kernels"
-    from hybridssm.ops._cpu_ext import cpu_capability_flags
-
-    ext()  # builds on first use (cached across processes)
-    return True, f"fused C++ kernel ({cpu_capability_flags()[0]})"
+fused_probe = kernel_probe("mamba2_fused", "Mamba-2 kernels")
 
 
 # -- SSD recurrence --------------------------------------------------------------------------------

@@ -23,6 +23,8 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include "vec_helpers.h"
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -30,30 +32,11 @@
 namespace {
 
 using at::vec::Vectorized;
+using hybridssm::hsum;
+using hybridssm::load;
+using hybridssm::store;
 
 constexpr int64_t kChunk = 32;  // SSD backward recompute interval (steps per checkpoint)
-
-template <typename scalar_t>
-inline Vectorized<scalar_t> load(const scalar_t* p, int64_t cnt) {
-  using Vec = Vectorized<scalar_t>;
-  return cnt == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, cnt);
-}
-
-template <typename scalar_t>
-inline void store(const Vectorized<scalar_t>& v, scalar_t* p, int64_t cnt) {
-  using Vec = Vectorized<scalar_t>;
-  if (cnt == Vec::size()) {
-    v.store(p);
-  } else {
-    v.store(p, cnt);
-  }
-}
-
-template <typename scalar_t>
-inline scalar_t hsum(const Vectorized<scalar_t>& v) {
-  using Vec = Vectorized<scalar_t>;
-  return at::vec::vec_reduce_all<scalar_t>([](Vec& a, Vec& b) { return a + b; }, v);
-}
 
 // exp for the SiLU gates. float: inline (Cephes' expf: Cody-Waite reduction to |r| <= ln2 / 2, a
 // degree-7 polynomial, scaling by 2^n through the exponent bits; within ~1 ULP of the true value).
