@@ -93,6 +93,21 @@ def _ours(name: str, hidden: int, layers: int) -> nn.Module:
     return hs.build(name, embed_dim=EMBED, hidden_size=hidden, num_layers=layers)
 
 
+class _WithKernels(nn.Module):
+    """Runs the wrapped model's forward under ``use_kernels(backend)`` (its backward follows the
+    graph the forward built)."""
+
+    def __init__(self, model: nn.Module, backend: str) -> None:
+        super().__init__()
+        self.model, self.backend = model, backend
+
+    def forward(self, x):
+        from hybridssm.ops._kernels import use_kernels
+
+        with use_kernels(self.backend):
+            return self.model(x)
+
+
 @dataclass
 class Row:
     name: str
@@ -101,12 +116,39 @@ class Row:
     max_t: int | None = None  # longer shapes show "—"
 
 
+BASELINE = "TransformerEncoder (baseline)"
+
+
+def select(table: list[Row], only: str | None) -> list[Row]:
+    """The rows whose name contains one of the comma-separated ``only`` substrings, and the baseline."""
+    if not only:
+        return table
+    keys = [k.strip().lower() for k in only.split(",") if k.strip()]
+    return [r for r in table if r.name == BASELINE or any(k in r.name.lower() for k in keys)]
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    try:
+        shapes = [tuple(int(v) for v in part.lower().split("x")) for part in text.split(",")]
+        if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+            raise ValueError
+    except ValueError:
+        raise ValueError(
+            f"option --shapes must be comma-separated BxT pairs like 32x60,4x2048, got {text!r}"
+        ) from None
+    return shapes
+
+
 def rows(hidden: int, layers: int) -> list[Row]:
     import hybridssm as hs
 
     out = [Row("hybridssm mamba", lambda: _ours("mamba", hidden, layers))]
     if "mamba2" in hs.list_models():
         out.append(Row("hybridssm mamba2", lambda: _ours("mamba2", hidden, layers)))
+        # the pure-PyTorch forms of its ops (chunked SSD, conv1d + SiLU, element-wise gated norm):
+        # the model before its fused kernels
+        out.append(Row("hybridssm mamba2 (torch kernels)",
+                       lambda: _WithKernels(_ours("mamba2", hidden, layers), "torch")))
     else:
         out.append(Row("hybridssm mamba2", None, skip="not registered in this build"))
     out.append(Row("transformers Mamba (sequential)", lambda: _hf_mamba(hidden, layers, False),
@@ -336,9 +378,13 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--budget", type=float, default=3.0, help="seconds per measurement (protocol: 3)")
     p.add_argument("--out", help="also write the markdown tables to this file")
-    p.add_argument("--profile", action="store_true", help="print a profile of our mamba fwd+bwd (short)")
+    p.add_argument("--profile", action="store_true",
+                   help="print profiles of our mamba fwd+bwd (short shape) and mamba2 (every shape)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-row peak memory subprocesses")
     p.add_argument("--memory-only", action="store_true", help="only the peak memory table")
+    p.add_argument("--only", help="comma-separated substrings: keep only the rows whose name contains one "
+                   "(case-insensitive; the baseline row is always kept), e.g. --only mamba2")
+    p.add_argument("--shapes", help="comma-separated BxT shapes instead of the protocol's, e.g. 32x60,4x2048")
     p.add_argument("--step-only", action="store_true", help="only the batch-1 streaming step table")
     p.add_argument("--steps", type=int, help="steps per streaming row (default 1000; 100 with --quick)")
     p.add_argument("--_peak-row", dest="peak_row", help=argparse.SUPPRESS)
@@ -352,7 +398,7 @@ def main(argv: list[str] | None = None) -> str:
     torch.manual_seed(0)
     import hybridssm as hs
 
-    shapes = SHORT + (LONG[:1] if args.quick else LONG)
+    shapes = parse_shapes(args.shapes) if args.shapes else SHORT + (LONG[:1] if args.quick else LONG)
     n_steps = args.steps or (100 if args.quick else 1000)
     lines = ["# Mamba CPU benchmark\n", f"- torch {torch.__version__}, threads: {args.threads} (fixed), "
              f"CPU capability {torch.backends.cpu.get_cpu_capability()}, hidden {args.hidden}, "
@@ -367,7 +413,8 @@ def main(argv: list[str] | None = None) -> str:
         return text
     rates = machine_rates()
     if args.memory_only:
-        text = "\n".join(lines + memory_table(args, rows(args.hidden, args.layers), shapes, None))
+        table = select(rows(args.hidden, args.layers), args.only)
+        text = "\n".join(lines + memory_table(args, table, shapes, None))
         print(text)
         if args.out:
             with open(args.out, "w") as f:
@@ -377,7 +424,7 @@ def main(argv: list[str] | None = None) -> str:
                  f"torch.exp {rates['exp_per_s'] / 1e9:.2f} G/s")
     print("\n".join(lines), flush=True)
 
-    table = rows(args.hidden, args.layers)
+    table = select(rows(args.hidden, args.layers), args.only)
     models = {r.name: r.build() for r in table if r.build is not None}
     results: dict[tuple[str, tuple[int, int], str], float] = {}
     too_slow: set[str] = set()
@@ -395,7 +442,7 @@ def main(argv: list[str] | None = None) -> str:
             if results[(r.name, (B, T), "fb")] * 8192 / (B * T) > TOO_SLOW_S:
                 too_slow.add(r.name)
 
-    base = "TransformerEncoder (baseline)"
+    base = BASELINE
     out = ["\n".join(lines), ""]
     for mode, title in (("fb", "forward+backward"), ("f", "forward (no grad)")):
         hdr = "| model | " + " | ".join(f"B={B} T={T}" for B, T in shapes) + " |"
@@ -422,7 +469,7 @@ def main(argv: list[str] | None = None) -> str:
 
     # time per token across the long shapes (target: grows < 1.5x from T=256 to T=4096)
     longs = [s for s in shapes if s in LONG]
-    if len(longs) > 1:
+    if len(longs) > 1 and "hybridssm mamba" in models:
         t0 = results[("hybridssm mamba", longs[0], "fb")] / (longs[0][0] * longs[0][1])
         t1 = results[("hybridssm mamba", longs[-1], "fb")] / (longs[-1][0] * longs[-1][1])
         out.append(f"\nhybridssm mamba fwd+bwd time per token, T={longs[-1][1]} vs T={longs[0][1]}: "
@@ -431,18 +478,43 @@ def main(argv: list[str] | None = None) -> str:
     if not args.no_memory:
         out += memory_table(args, table, shapes, results)
 
-    out += step_table(step_latency(args.hidden, args.layers, n_steps), n_steps)
+    # ours / each other row at each shape, forward+backward (the mamba2 rows' before / after)
+    ours = [r.name for r in table if r.name.startswith("hybridssm") and r.name in models]
+    others = [r.name for r in table if r.name in models and r.name != base]
+    if ours:
+        out += ["", "### forward+backward speed ratios (row / column: > 1 means the row is faster)", "",
+                "| row | vs | " + " | ".join(f"B={B} T={T}" for B, T in shapes) + " |",
+                "|---|---" + "|---" * len(shapes) + "|"]
+        for a in ours:
+            for b in others:
+                if a == b:
+                    continue
+                cells = []
+                for B, T in shapes:
+                    ka, kb = (a, (B, T), "fb"), (b, (B, T), "fb")
+                    both = ka in results and kb in results
+                    cells.append(f"{results[kb] / results[ka]:.2f}x" if both else "—")
+                out.append(f"| {a} | {b} | " + " | ".join(cells) + " |")
+
+    if "hybridssm mamba" in models:
+        out += step_table(step_latency(args.hidden, args.layers, n_steps), n_steps)
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        m, x = models["hybridssm mamba"], torch.randn(*SHORT[0], EMBED)
-        run = _fwd_bwd(m, x)
-        run()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(3):
+        for name in ("hybridssm mamba", "hybridssm mamba2"):
+            if name not in models:
+                continue
+            for B, T in shapes:
+                run = _fwd_bwd(models[name], torch.randn(B, T, EMBED))
                 run()
-        out += ["", "```", prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), "```"]
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    for _ in range(3):
+                        run()
+                out += ["", f"{name} forward+backward, B={B} T={T} (3 iterations):", "", "```",
+                        prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), "```"]
+                if name == "hybridssm mamba":
+                    break  # the short shape only, as before
 
     text = "\n".join(out)
     print(text)

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from hybridssm.layers import mark_fp32_no_decay
 from hybridssm.mixers.base import Mixer, finish_state, state_dtype, valid_mask
-from hybridssm.ops.conv import causal_conv1d
+from hybridssm.ops.conv_silu import causal_conv1d_silu
+from hybridssm.ops.gated_norm import gated_rmsnorm
 from hybridssm.ops.ssd import DEFAULT_CHUNK_SIZE, ssd
 
 __all__ = ["Mamba2Mixer", "Mamba2State", "GatedRMSNorm", "default_ssm_head_dim"]
@@ -61,11 +62,7 @@ class GatedRMSNorm(nn.Module):
         self.weight = mark_fp32_no_decay(nn.Parameter(torch.ones(dim)))
 
     def forward(self, y: Tensor, z: Tensor) -> Tensor:
-        acc = torch.promote_types(y.dtype, self.weight.dtype)
-        g = y.to(acc) * F.silu(z.to(acc))  # [..., E]
-        g = g.unflatten(-1, (self.groups, -1))  # [..., G, E/G]
-        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
-        return g.flatten(-2) * self.weight.to(acc)
+        return gated_rmsnorm(y, z, self.weight, self.groups, self.eps)  # ops.gated_norm
 
 
 class Mamba2Mixer(Mixer):
@@ -161,11 +158,13 @@ class Mamba2Mixer(Mixer):
         fresh = state is None  # the scan can skip reading a zero initial state
         if fresh:
             state = self.init_state(Bsz, device=x.device, dtype=x.dtype)
+        # Column slices of one projection, used as views: the fused kernels read them through
+        # their strides (ops.conv_silu, ops.ssd, ops.gated_norm), so nothing is copied here.
         z, xBC, dt = self.in_proj(x).split([E, self.conv_dim, H], dim=-1)
-        xBC, conv_state = causal_conv1d(
+        xBC, conv_state = causal_conv1d_silu(
             xBC, self.conv1d.weight[:, 0], self.conv1d.bias, state.conv, lengths
         )
-        xs, Bm, Cm = F.silu(xBC).split([E, G * N, G * N], dim=-1)
+        xs, Bm, Cm = xBC.split([E, G * N, G * N], dim=-1)
 
         acc = state.ssm.dtype
         dt = F.softplus(dt.to(acc) + self.dt_bias.to(acc))  # [B, T, H]

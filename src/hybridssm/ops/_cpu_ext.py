@@ -69,11 +69,15 @@ def _load(source: str) -> ModuleType | Exception:
 
 def kernel_probe(source: str, what: str) -> Callable[[str], tuple[bool, str]]:
     """A ``fused_probe`` for :func:`hybridssm.ops._kernels.register`: CPU only, builds
-    ``csrc/<source>.cpp`` on first use (a failed build raises, and the dispatcher falls back)."""
+    ``csrc/<source>.cpp`` on first use (a failed build raises, and the dispatcher falls back).
 
+    The probe runs for real, not traced, when an op's first call happens inside ``torch.compile``:
+    its result is a constant of the process, and dynamo cannot trace a build."""
+
+    @torch.compiler.assume_constant_result
     def probe(device_type: str) -> tuple[bool, str]:
         if device_type != "cpu":
-            return False, f"the fused {what} is a CPU kernel"
+            return False, f"the fused {what} runs on CPU only"
         load_extension(source)
         return True, f"fused C++ kernel ({cpu_capability_flags()[0]})"
 
