@@ -95,7 +95,7 @@ def _gru_bwd(
     dy: Tensor, y: Tensor, h0: Tensor, w_hh: Tensor, gates: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dgi [B, T, 3H], dgh_n [B, T, H], dh0 [B, H])`` of :func:`_gru_fwd`."""
-    return tuple(_ext().gru_bwd(dy, torch.zeros_like(h0), y, h0, w_hh, gates))
+    return tuple(_ext().gru_bwd(dy, y, h0, w_hh, gates))
 
 
 @_gru_bwd.register_fake

@@ -89,9 +89,10 @@ std::vector<at::Tensor> gru_fwd(const at::Tensor& gi, const at::Tensor& h0, cons
 }
 
 // Returns (dgi [B, T, 3H], dgh_n [B, T, H], dh0 [B, H]).
-std::vector<at::Tensor> gru_bwd(const at::Tensor& dy, const at::Tensor& dhT, const at::Tensor& y,
-                                const at::Tensor& h0, const at::Tensor& w_hh, const at::Tensor& gates) {
-  for (const at::Tensor* t : {&dy, &dhT, &y, &h0, &w_hh, &gates}) {
+// The final state is y[:, -1], so its gradient arrives through dy: the carry starts at zero.
+std::vector<at::Tensor> gru_bwd(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& h0,
+                                const at::Tensor& w_hh, const at::Tensor& gates) {
+  for (const at::Tensor* t : {&dy, &y, &h0, &w_hh, &gates}) {
     TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), "gru_cpu: contiguous CPU tensors only");
     TORCH_CHECK(t->scalar_type() == y.scalar_type(), "gru_cpu: one dtype for all inputs");
   }
@@ -100,7 +101,7 @@ std::vector<at::Tensor> gru_bwd(const at::Tensor& dy, const at::Tensor& dhT, con
   auto dgi = at::empty({B, T, 3 * H}, y.options());
   auto dghn = at::empty({B, T, H}, y.options());
   auto dgh = at::empty({B, 3 * H}, y.options());  // this step's recurrent gate gradients
-  auto dh = dhT.clone();                          // dL/dh_t, carried backwards
+  auto dh = at::zeros_like(h0);                   // dL/dh_t, carried backwards
   auto dprev = at::empty_like(dh);
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "gru_bwd", [&] {
     using Vec = Vectorized<scalar_t>;

@@ -22,12 +22,16 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include "vec_helpers.h"
+
 #include <algorithm>
 #include <vector>
 
 namespace {
 
 using at::vec::Vectorized;
+using hybridssm::load;
+using hybridssm::store;
 
 constexpr int64_t kChunk = 32;  // backward recompute interval (steps per checkpoint)
 
@@ -36,22 +40,6 @@ constexpr int64_t kChunk = 32;  // backward recompute interval (steps per checkp
 // scan is bound by this exp. fp64 keeps the 1-ULP exp (gradcheck).
 inline Vectorized<float> decay_exp(const Vectorized<float>& x) { return x.exp_u20(); }
 inline Vectorized<double> decay_exp(const Vectorized<double>& x) { return x.exp(); }
-
-template <typename scalar_t>
-inline Vectorized<scalar_t> load(const scalar_t* p, int64_t cnt) {
-  using Vec = Vectorized<scalar_t>;
-  return cnt == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, cnt);
-}
-
-template <typename scalar_t>
-inline void store(const Vectorized<scalar_t>& v, scalar_t* p, int64_t cnt) {
-  using Vec = Vectorized<scalar_t>;
-  if (cnt == Vec::size()) {
-    v.store(p);
-  } else {
-    v.store(p, cnt);
-  }
-}
 
 // Gather / scatter one channel block of a [Dn, N] state to / from N vectors of W channels.
 template <typename scalar_t>

@@ -143,8 +143,7 @@ void bwd_impl(const scalar_t* dout, const scalar_t* dsT, const scalar_t* r, cons
           const int64_t rk = ((b * T + t) * H + h) * K, rv = ((b * T + t) * H + h) * V;
           const scalar_t *rt = r + rk, *kt = kk + rk, *ew = ewbuf.data() + j * K;
           const scalar_t* Sprev = Sbuf.data() + j * K * Vp;
-          std::fill(dob.begin(), dob.end(), scalar_t(0));
-          std::fill(vb.begin(), vb.end(), scalar_t(0));
+          // (the tail lanes past V were zeroed at allocation and are never written)
           std::memcpy(dob.data(), dout + rv, V * sizeof(scalar_t));
           std::memcpy(vb.data(), v + rv, V * sizeof(scalar_t));
           scalar_t pv = 0, bonus = 0;
