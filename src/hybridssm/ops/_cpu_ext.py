@@ -52,7 +52,7 @@ def _load(source: str) -> ModuleType | Exception:
     cap, flags = cpu_capability_flags()
     path = CSRC / f"{source}.cpp"
     h = hashlib.sha256(path.read_bytes())
-    for header in sorted(CSRC.glob("*.h")):
+    for header in sorted(CSRC.rglob("*.h")):
         h.update(header.read_bytes())
     digest = h.hexdigest()[:10]
     try:

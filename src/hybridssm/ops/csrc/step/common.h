@@ -1,0 +1,168 @@
+// The streaming step's C++ contract: one frame (T = 1) of a sequence mixer, no autograd.
+//
+// A *mixer step* is a function registered under the mixer's kind ("mamba", "attention", "gru", ...):
+//
+//   at::Tensor fn(const at::Tensor& x, const MixerSpec& m, at::Tensor* states, const at::Tensor& pos)
+//
+//   x       [B, d], contiguous, in the compute dtype: the block's (normed) input for this frame
+//   m       the mixer's weights (m.w, in the order of its Python NamedTuple; an empty tensor stands for
+//           an absent one, e.g. no bias), integer options (m.i) and float options (m.f)
+//   states  the mixer's state tensors in the order of its state NamedTuple's fields, contiguous,
+//           updated IN PLACE (the caller clones them first for a functional step)
+//   pos     [B] int64: each row's model-level input position before this frame (not yet advanced)
+//   returns y [B, d_out] (a new tensor) in x's dtype
+//
+// Weights are held as the parameters themselves (the at::Tensor shares the Parameter's TensorImpl),
+// so writes through .data, copy_, load_state_dict or an optimizer are seen by the next step:
+// nothing derived from a weight (such as -exp(A_log)) may be kept across calls.
+//
+// ATen calls made from C++ cost ~1-2 us each (no Python); calling the same ATen op as the eager
+// forward (at::layer_norm, at::gelu, ...) reproduces its values. Hand-written loops are for chains
+// of small element-wise work. Kernels must TORCH_CHECK every size they rely on.
+
+#pragma once
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include "../vec_helpers.h"
+
+#include <algorithm>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace hybridssm::step {
+
+using at::vec::Vectorized;
+
+struct MixerSpec {
+  std::vector<at::Tensor> w;  // weights (empty tensor = absent)
+  std::vector<int64_t> i;     // integer options
+  std::vector<double> f;      // float options
+};
+
+using MixerFn = at::Tensor (*)(const at::Tensor& x, const MixerSpec& m, at::Tensor* states,
+                               const at::Tensor& pos);
+
+inline std::map<std::string, MixerFn>& mixer_registry() {
+  static std::map<std::string, MixerFn> table;
+  return table;
+}
+
+struct MixerRegistration {
+  MixerRegistration(const char* kind, MixerFn fn) { mixer_registry()[kind] = fn; }
+};
+
+// HYBRIDSSM_MIXER_STEP(mamba, mamba_mixer_step) registers a mixer step under the kind "mamba".
+#define HYBRIDSSM_MIXER_STEP(kind, fn) \
+  static ::hybridssm::step::MixerRegistration hybridssm_mixer_step_##kind(#kind, fn)
+
+inline MixerFn find_mixer(const std::string& kind) {
+  auto it = mixer_registry().find(kind);
+  TORCH_CHECK(it != mixer_registry().end(), "hybridssm step: no fused step for mixer kind '", kind, "'");
+  return it->second;
+}
+
+// ---- small helpers shared by the step kernels -------------------------------------------------
+
+// A weight in the compute dtype, contiguous: the tensor itself when it already is (no copy).
+inline at::Tensor as_(const at::Tensor& t, at::ScalarType dt) {
+  return t.scalar_type() == dt && t.is_contiguous() ? t : t.to(dt).contiguous();
+}
+
+inline bool present(const at::Tensor& t) { return t.defined() && t.numel() > 0; }
+
+inline std::optional<at::Tensor> opt(const at::Tensor& t, at::ScalarType dt) {
+  return present(t) ? std::optional<at::Tensor>(as_(t, dt)) : std::nullopt;
+}
+
+template <typename scalar_t>
+inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t W = Vec::size();
+  Vec acc(0);
+  int64_t i = 0;
+  for (; i + W <= n; i += W) acc = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc);
+  if (i < n) acc = at::vec::fmadd(Vec::loadu(a + i, n - i), Vec::loadu(b + i, n - i), acc);
+  return hybridssm::hsum(acc);
+}
+
+// y[o] = W[o, :] . x (+ bias[o]) for o < O over a row-major W [O, I], kRows rows at a time so that
+// kRows independent FMA chains hide the FMA latency and each load of x serves kRows rows. At batch 1
+// this streams the weights faster than a GEMM call (whose M = 1 path is tuned for larger M): a step
+// is bound by reading its weights once.
+template <typename scalar_t>
+void gemv_rows(const scalar_t* W, const scalar_t* x, const scalar_t* bias, scalar_t* y, int64_t O,
+               int64_t I) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t Wd = Vec::size();
+  constexpr int kRows = 8;
+  int64_t o = 0;
+  for (; o + kRows <= O; o += kRows) {
+    Vec acc[kRows];
+    for (int r = 0; r < kRows; ++r) acc[r] = Vec(0);
+    int64_t i = 0;
+    for (; i + Wd <= I; i += Wd) {
+      const Vec xv = Vec::loadu(x + i);
+      for (int r = 0; r < kRows; ++r) acc[r] = at::vec::fmadd(Vec::loadu(W + (o + r) * I + i), xv, acc[r]);
+    }
+    if (i < I) {
+      const Vec xv = Vec::loadu(x + i, I - i);
+      for (int r = 0; r < kRows; ++r) {
+        acc[r] = at::vec::fmadd(Vec::loadu(W + (o + r) * I + i, I - i), xv, acc[r]);
+      }
+    }
+    for (int r = 0; r < kRows; ++r) {
+      y[o + r] = hybridssm::hsum(acc[r]) + (bias != nullptr ? bias[o + r] : scalar_t(0));
+    }
+  }
+  for (; o < O; ++o) y[o] = dot(W + o * I, x, I) + (bias != nullptr ? bias[o] : scalar_t(0));
+}
+
+// x [B, I] @ W[O, I]^T (+ bias) -> [B, O]: row-wise gemv for a small batch, a GEMM otherwise.
+// W (and bias) in x's dtype and contiguous (see as_); x may be a strided row view.
+inline at::Tensor linear_small(const at::Tensor& x, const at::Tensor& W, const at::Tensor& bias) {
+  const int64_t B = x.size(0), I = x.size(1), O = W.size(0);
+  const bool has_bias = present(bias);
+  TORCH_CHECK(W.dim() == 2 && W.size(1) == I && (!has_bias || bias.numel() == O),
+              "hybridssm step: linear of input ", x.sizes(), " with weight ", W.sizes(), " does not fit");
+  if (B > 4) return has_bias ? at::addmm(bias, x, W.t()) : at::mm(x, W.t());
+  const auto xc = x.contiguous();
+  auto y = at::empty({B, O}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_small", [&] {
+    const scalar_t* b = has_bias ? bias.data_ptr<scalar_t>() : nullptr;
+    for (int64_t r = 0; r < B; ++r) {
+      gemv_rows<scalar_t>(W.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>() + r * I, b,
+                          y.data_ptr<scalar_t>() + r * O, O, I);
+    }
+  });
+  return y;
+}
+
+// The formulas of torch's CPU kernels (x / (1 + exp(-x)); softplus threshold 20), vectorised the
+// same way, so that a step reproduces the full forward's values.
+template <typename scalar_t>
+void silu_inplace(scalar_t* v, int64_t n) {
+  using Vec = Vectorized<scalar_t>;
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const int64_t cnt = std::min<int64_t>(Vec::size(), n - i);
+    const Vec x = hybridssm::load(v + i, cnt);
+    hybridssm::store(x / (Vec(1) + x.neg().exp()), v + i, cnt);
+  }
+}
+
+template <typename scalar_t>
+void softplus_inplace(scalar_t* v, int64_t n) {
+  using Vec = Vectorized<scalar_t>;
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const int64_t cnt = std::min<int64_t>(Vec::size(), n - i);
+    const Vec x = hybridssm::load(v + i, cnt);
+    hybridssm::store(Vec::blendv(x.exp().log1p(), x, x > Vec(20)), v + i, cnt);
+  }
+}
+
+}  // namespace hybridssm::step
