@@ -30,8 +30,16 @@ from torch import Tensor, nn
 from hybridssm.layers import LayerNorm, apply_rope, rope_cos_sin
 from hybridssm.mixers.base import Mixer, finish_state
 from hybridssm.ops.attention import IMPLS, attention, attention_cached
+from hybridssm.ops.step import MixerStep
 
-__all__ = ["AttentionMixer", "AttentionState", "DEFAULT_MAX_LEN", "POSITIONAL_IN_MIXER", "attention_impl"]
+__all__ = [
+    "AttentionMixer",
+    "AttentionState",
+    "AttentionStepWeights",
+    "DEFAULT_MAX_LEN",
+    "POSITIONAL_IN_MIXER",
+    "attention_impl",
+]
 
 DEFAULT_MAX_LEN = 4096
 POSITIONAL_IN_MIXER = ("none", "rope")  # sinusoidal / learned are added at the model level
@@ -53,6 +61,22 @@ class AttentionState(NamedTuple):
     k: Tensor  # [B, H, P + S, Dh] keys (rotated when positional="rope")
     v: Tensor  # [B, H, P + S, Dh] values
     pos: Tensor  # [B] int64 tokens consumed by this layer (prefix tokens included)
+
+
+class AttentionStepWeights(NamedTuple):
+    """The fused step's weights (``ops/csrc/step/attention.h``, in this order): the parameters
+    themselves, None where the mixer has none."""
+
+    qkv_weight: Tensor  # [(H + 2 H_kv) Dh, d]: q heads, k heads, v heads
+    qkv_bias: Tensor | None
+    o_weight: Tensor  # [d, H Dh]
+    o_bias: Tensor | None
+    q_norm_weight: Tensor | None  # [Dh]
+    q_norm_bias: Tensor | None
+    k_norm_weight: Tensor | None
+    k_norm_bias: Tensor | None
+    mem_k: Tensor | None  # [M, H_kv, Dh]
+    mem_v: Tensor | None
 
 
 def _check_int(name: str, value, minimum: int) -> None:
@@ -204,3 +228,28 @@ class AttentionMixer(Mixer):
         )
         y = self.o_proj(out.reshape(B, T, -1).to(x.dtype))
         return y, finish_state(state, AttentionState(ck, cv, pos), inplace)
+
+    # -- fused step -----------------------------------------------------------------------------
+    def step_spec(self) -> MixerStep | None:
+        """The fused step of one frame (kind ``"attention"``), or None where it does not apply:
+        weights not on the CPU or not float32 / float64 (the kernel's dtypes), or q/k norms that
+        are not :class:`~hybridssm.layers.LayerNorm` (a replaced module). Options: heads, kv heads,
+        ``Dh``, window (0 = full cache), prefix slots, rope; floats: softmax scale ``Dh^-0.5``, rope
+        base, q and k norm eps. Built from the live parameters on each call (nothing cached)."""
+        w = self.qkv_proj.weight
+        if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.float64):
+            return None
+        qn, kn = self.q_norm, self.k_norm
+        if qn is not None and not (isinstance(qn, LayerNorm) and isinstance(kn, LayerNorm)):
+            return None
+        H = self.num_heads
+        weights = AttentionStepWeights(
+            self.qkv_proj.weight, self.qkv_proj.bias, self.o_proj.weight, self.o_proj.bias,
+            qn.weight if qn is not None else None, qn.bias if qn is not None else None,
+            kn.weight if kn is not None else None, kn.bias if kn is not None else None,
+            self.mem_k, self.mem_v,
+        )
+        ints = (H, getattr(self, "num_kv_heads", H), self.head_dim, self.window_size or 0,
+                self.num_prefix, int(self.positional == "rope"))
+        eps = (qn.eps, kn.eps) if qn is not None else (0.0, 0.0)
+        return MixerStep("attention", weights, ints, (self.head_dim**-0.5, float(self.rope_base), *eps))

@@ -1,0 +1,277 @@
+// The attention mixer's step (kind "attention"): one frame of mixers/attention.py's AttentionMixer,
+// the same values as its forward at T = 1 with a state (ops/attention.py, attention_cached).
+//
+//   qkv = x @ Wqkv^T (+ b)             [B, (H + 2 Hkv) Dh]: q heads, then k heads, then v heads
+//   q, k <- LayerNorm over Dh          (qk_layernorm; one norm for q, one for k, shared by the heads)
+//   q, k <- RoPE at the row's position (rotate-half pairing (i, i + Dh/2); an odd last channel stays)
+//   write k, v into the row's slot     (full cache: slot = position; window W: prefix slots, then a
+//                                       ring of W slots; position p >= P lives in P + (p - P) % W)
+//   out_h = softmax(scale * q_h . [memory keys, visible slots]) @ [memory values, visible values]
+//   y = out @ Wo^T (+ b)               [B, d]
+//
+// Writing the new key first makes the visible keys a prefix of the buffer: slots [0, min(p + 1, N))
+// for a row at position p (the filled part of a full cache, never its max_len; with a window, the
+// prefix and every filled ring slot: the slot just overwritten held position p - W, the one key the
+// window drops). Query head h reads kv head h / (H / Hkv) (grouped-query attention; Hkv = H is plain
+// multi-head). Each row uses its own position, the state's pos (which counts prefix tokens).
+//
+// Weights (AttentionStepWeights in mixers/attention.py): qkv_weight, qkv_bias, o_weight, o_bias,
+// q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, mem_k [M, Hkv, Dh], mem_v [M, Hkv, Dh].
+// Ints: H, Hkv, Dh, window (0 = full cache), num_prefix, rope (0/1).
+// Floats: softmax scale, rope base, q norm eps, k norm eps.
+// States: k, v [B, Hkv, N, Dh] (N = P + S; S = W with a window), pos [B] int64 (advanced by one).
+
+#pragma once
+
+#include "common.h"
+
+#include <cmath>
+#include <mutex>
+#include <tuple>
+
+namespace hybridssm::step {
+namespace attention_step {
+
+enum Weight { kQkvW, kQkvB, kOW, kOB, kQNormW, kQNormB, kKNormW, kKNormB, kMemK, kMemV, kNumWeights };
+enum Int { kHeads, kKvHeads, kHeadDim, kWindow, kPrefix, kRope, kNumInts };
+enum Float { kScale, kRopeBase, kQNormEps, kKNormEps, kNumFloats };
+
+// RoPE's inverse frequencies base^(-2i/Dh), computed by the same ATen ops as layers.rope_cos_sin so
+// that every angle p * inv_freq[i] equals the forward's bit for bit (one ulp of inv_freq is ~1e-4 rad
+// at position 4096). They depend on (Dh, base, dtype) only, never on a weight: kept per process.
+inline at::Tensor rope_inv_freq(int64_t dim, double base, at::ScalarType dt) {
+  static std::mutex mu;
+  static std::map<std::tuple<int64_t, double, int>, at::Tensor> table;
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(dim, base, static_cast<int>(dt));
+  auto it = table.find(key);
+  if (it == table.end()) {
+    const c10::InferenceMode no_autograd;
+    const auto exponent = at::arange(dim / 2, at::TensorOptions().dtype(dt)).neg().mul(2.0).div(dim);
+    it = table.emplace(key, at::pow(base, exponent).contiguous()).first;
+  }
+  return it->second;
+}
+
+// LayerNorm of one head vector of n values, in place: (x - mean) / sqrt(var + eps) * w + b.
+template <typename scalar_t>
+void layer_norm_inplace(scalar_t* x, int64_t n, const scalar_t* w, const scalar_t* b, double eps) {
+  using Vec = Vectorized<scalar_t>;
+  Vec acc(0);
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    acc = acc + hybridssm::load(x + i, std::min<int64_t>(Vec::size(), n - i));
+  }
+  const scalar_t mean = hybridssm::hsum(acc) / scalar_t(n);
+  Vec sq(0);
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const int64_t cnt = std::min<int64_t>(Vec::size(), n - i);
+    // the tail lanes load as 0; mask them so that (0 - mean)^2 does not count
+    const Vec d = Vec::set(Vec(0), hybridssm::load(x + i, cnt) - Vec(mean), cnt);
+    sq = at::vec::fmadd(d, d, sq);
+  }
+  const scalar_t rstd = scalar_t(1) / std::sqrt(hybridssm::hsum(sq) / scalar_t(n) + scalar_t(eps));
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const int64_t cnt = std::min<int64_t>(Vec::size(), n - i);
+    Vec y = (hybridssm::load(x + i, cnt) - Vec(mean)) * Vec(rstd) * hybridssm::load(w + i, cnt);
+    if (b != nullptr) y = y + hybridssm::load(b + i, cnt);
+    hybridssm::store(y, x + i, cnt);
+  }
+}
+
+// Rotate-half RoPE of one head vector in place: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s).
+template <typename scalar_t>
+void rope_inplace(scalar_t* x, const scalar_t* cos, const scalar_t* sin, int64_t half) {
+  using Vec = Vectorized<scalar_t>;
+  for (int64_t i = 0; i < half; i += Vec::size()) {
+    const int64_t cnt = std::min<int64_t>(Vec::size(), half - i);
+    const Vec x1 = hybridssm::load(x + i, cnt), x2 = hybridssm::load(x + half + i, cnt);
+    const Vec c = hybridssm::load(cos + i, cnt), s = hybridssm::load(sin + i, cnt);
+    hybridssm::store(x1 * c - x2 * s, x + i, cnt);
+    hybridssm::store(x2 * c + x1 * s, x + half + i, cnt);
+  }
+}
+
+// p[0..n) <- softmax(scale * s[0..n)) in place: exp(x - max) * (1 / sum), as torch's softmax.
+template <typename scalar_t>
+void scaled_softmax_inplace(scalar_t* s, int64_t n, scalar_t scale) {
+  using Vec = Vectorized<scalar_t>;
+  scalar_t mx = -std::numeric_limits<scalar_t>::infinity();
+  for (int64_t i = 0; i < n; ++i) {
+    s[i] *= scale;
+    mx = std::max(mx, s[i]);
+  }
+  Vec acc(0);
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const int64_t cnt = std::min<int64_t>(Vec::size(), n - i);
+    const Vec e = Vec::set(Vec(0), (hybridssm::load(s + i, cnt) - Vec(mx)).exp(), cnt);
+    hybridssm::store(e, s + i, cnt);
+    acc = acc + e;
+  }
+  const scalar_t inv = scalar_t(1) / hybridssm::hsum(acc);
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const int64_t cnt = std::min<int64_t>(Vec::size(), n - i);
+    hybridssm::store(hybridssm::load(s + i, cnt) * Vec(inv), s + i, cnt);
+  }
+}
+
+// out[0..D) (+)= sum_r p[r] * V[r * stride + 0..D): strips of kStrip vectors of the output stay in
+// registers while the rows of V stream through once.
+template <typename scalar_t>
+void weighted_sum(const scalar_t* p, const scalar_t* V, int64_t n, int64_t stride, int64_t D, scalar_t* out,
+                  bool accumulate) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t W = Vec::size();
+  constexpr int kStrip = 8;
+  for (int64_t c0 = 0; c0 < D; c0 += kStrip * W) {
+    const int64_t width = std::min<int64_t>(kStrip * W, D - c0);
+    const int nv = static_cast<int>((width + W - 1) / W);
+    auto cnt = [&](int j) { return std::min<int64_t>(W, width - j * W); };
+    Vec acc[kStrip];
+    for (int j = 0; j < nv; ++j) acc[j] = accumulate ? hybridssm::load(out + c0 + j * W, cnt(j)) : Vec(0);
+    for (int64_t r = 0; r < n; ++r) {
+      const Vec pr(p[r]);
+      const scalar_t* v = V + r * stride + c0;
+      for (int j = 0; j < nv; ++j) acc[j] = at::vec::fmadd(pr, hybridssm::load(v + j * W, cnt(j)), acc[j]);
+    }
+    for (int j = 0; j < nv; ++j) hybridssm::store(acc[j], out + c0 + j * W, cnt(j));
+  }
+}
+
+template <typename scalar_t>
+void attention_rows(const MixerSpec& m, at::Tensor& qkv, at::Tensor& ck, at::Tensor& cv, at::Tensor& pos,
+                    at::Tensor& out) {
+  const int64_t B = qkv.size(0), H = m.i[kHeads], Hkv = m.i[kKvHeads], D = m.i[kHeadDim];
+  const int64_t N = ck.size(2), window = m.i[kWindow], P = m.i[kPrefix], half = D / 2;
+  const int64_t group = H / Hkv, row = (H + 2 * Hkv) * D;
+  const auto dt = qkv.scalar_type();
+  const auto qn_w = opt(m.w[kQNormW], dt), qn_b = opt(m.w[kQNormB], dt);
+  const auto kn_w = opt(m.w[kKNormW], dt), kn_b = opt(m.w[kKNormB], dt);
+  const auto mem_k = opt(m.w[kMemK], dt), mem_v = opt(m.w[kMemV], dt);
+  const int64_t M = mem_k ? mem_k->size(0) : 0;
+  const bool rope = m.i[kRope] != 0 && half > 0;
+  const at::Tensor inv_freq = rope ? rope_inv_freq(D, m.f[kRopeBase], dt) : at::Tensor();
+
+  scalar_t* qkv_p = qkv.data_ptr<scalar_t>();
+  scalar_t* ck_p = ck.data_ptr<scalar_t>();
+  scalar_t* cv_p = cv.data_ptr<scalar_t>();
+  int64_t* pos_p = pos.data_ptr<int64_t>();
+  // Every row is checked before anything is written: a refused step changes nothing.
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(pos_p[b] >= 0 && (window > 0 || pos_p[b] < N), "attention step: row ", b, " is at position ",
+                pos_p[b], ", outside the cache of ", N, " slots (the mixer checks max_len before stepping)");
+  }
+
+  // 1. per row: q/k norm and rotation, then the new key and value into the row's slot
+  std::vector<scalar_t> cos(half), sin(half);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t p = pos_p[b];
+    scalar_t* q = qkv_p + b * row;
+    scalar_t* k = q + H * D;
+    const scalar_t* v = k + Hkv * D;
+    if (qn_w) {
+      for (int64_t h = 0; h < H; ++h) {
+        layer_norm_inplace(q + h * D, D, qn_w->data_ptr<scalar_t>(), qn_b ? qn_b->data_ptr<scalar_t>() : nullptr,
+                           m.f[kQNormEps]);
+      }
+    }
+    if (kn_w) {
+      for (int64_t h = 0; h < Hkv; ++h) {
+        layer_norm_inplace(k + h * D, D, kn_w->data_ptr<scalar_t>(), kn_b ? kn_b->data_ptr<scalar_t>() : nullptr,
+                           m.f[kKNormEps]);
+      }
+    }
+    if (rope) {
+      using Vec = Vectorized<scalar_t>;
+      const scalar_t* f = inv_freq.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < half; i += Vec::size()) {
+        const int64_t cnt = std::min<int64_t>(Vec::size(), half - i);
+        const Vec angle = Vec(static_cast<scalar_t>(p)) * hybridssm::load(f + i, cnt);
+        hybridssm::store(angle.cos(), cos.data() + i, cnt);
+        hybridssm::store(angle.sin(), sin.data() + i, cnt);
+      }
+      for (int64_t h = 0; h < H; ++h) rope_inplace(q + h * D, cos.data(), sin.data(), half);
+      for (int64_t h = 0; h < Hkv; ++h) rope_inplace(k + h * D, cos.data(), sin.data(), half);
+    }
+    const int64_t slot = window == 0 || p < P ? p : P + (p - P) % window;
+    for (int64_t g = 0; g < Hkv; ++g) {
+      std::copy(k + g * D, k + (g + 1) * D, ck_p + ((b * Hkv + g) * N + slot) * D);
+      std::copy(v + g * D, v + (g + 1) * D, cv_p + ((b * Hkv + g) * N + slot) * D);
+    }
+  }
+
+  // 2. per (row, query head): scores against memory + visible slots, softmax, weighted values
+  int64_t widest = 0;
+  for (int64_t b = 0; b < B; ++b) widest = std::max(widest, std::min(pos_p[b] + 1, N));
+  const int64_t grain = std::max<int64_t>(1, 32768 / ((M + widest) * D));  // split only big work
+  scalar_t* out_p = out.data_ptr<scalar_t>();
+  const auto scale = static_cast<scalar_t>(m.f[kScale]);
+  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> s(M + widest);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H, g = h / group;
+      const int64_t n = std::min(pos_p[b] + 1, N);
+      const scalar_t* q = qkv_p + b * row + h * D;
+      const scalar_t* keys = ck_p + (b * Hkv + g) * N * D;
+      const scalar_t* vals = cv_p + (b * Hkv + g) * N * D;
+      scalar_t* o = out_p + b * H * D + h * D;
+      for (int64_t j = 0; j < M; ++j) s[j] = dot(q, mem_k->data_ptr<scalar_t>() + (j * Hkv + g) * D, D);
+      gemv_rows<scalar_t>(keys, q, nullptr, s.data() + M, n, D);
+      scaled_softmax_inplace(s.data(), M + n, scale);
+      weighted_sum(s.data() + M, vals, n, D, D, o, /*accumulate=*/false);
+      if (M > 0) weighted_sum(s.data(), mem_v->data_ptr<scalar_t>() + g * D, M, Hkv * D, D, o, true);
+    }
+  });
+  for (int64_t b = 0; b < B; ++b) pos_p[b] += 1;
+}
+
+inline at::Tensor attention_mixer_step(const at::Tensor& x, const MixerSpec& m, at::Tensor* states,
+                                       const at::Tensor& /*pos: the state's own pos is the position*/) {
+  TORCH_CHECK(m.w.size() == kNumWeights && m.i.size() == kNumInts && m.f.size() == kNumFloats,
+              "attention step: expected ", int(kNumWeights), " weights, ", int(kNumInts), " ints and ",
+              int(kNumFloats), " floats, got ", m.w.size(), ", ", m.i.size(), ", ", m.f.size());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "attention step: x must be float32 or float64, got ", dt);
+  const int64_t B = x.size(0), H = m.i[kHeads], Hkv = m.i[kKvHeads], D = m.i[kHeadDim];
+  const int64_t window = m.i[kWindow], P = m.i[kPrefix];
+  TORCH_CHECK(H >= 1 && D >= 1 && Hkv >= 1 && H % Hkv == 0 && window >= 0 && P >= 0,
+              "attention step: bad options H=", H, " Hkv=", Hkv, " Dh=", D, " window=", window, " P=", P);
+  at::Tensor& ck = states[0];
+  at::Tensor& cv = states[1];
+  at::Tensor& pos = states[2];
+  TORCH_CHECK(ck.dim() == 4 && ck.size(0) == B && ck.size(1) == Hkv && ck.size(3) == D && ck.sizes() == cv.sizes(),
+              "attention step: caches k ", ck.sizes(), " and v ", cv.sizes(), " must both be [", B, ", ", Hkv,
+              ", slots, ", D, "]");
+  TORCH_CHECK(ck.scalar_type() == dt && cv.scalar_type() == dt, "attention step: caches must be ", dt);
+  TORCH_CHECK(window == 0 ? ck.size(2) > P : ck.size(2) == P + window, "attention step: ", ck.size(2),
+              " cache slots do not fit num_prefix=", P, window ? " + window=" : " + max_len >= 1",
+              window ? std::to_string(window) : "");
+  TORCH_CHECK(pos.dim() == 1 && pos.size(0) == B && pos.scalar_type() == at::kLong,
+              "attention step: state pos must be int64 [", B, "], got ", pos.sizes());
+  const auto Wqkv = as_(m.w[kQkvW], dt), Wo = as_(m.w[kOW], dt);
+  TORCH_CHECK(Wqkv.dim() == 2 && Wqkv.size(0) == (H + 2 * Hkv) * D, "attention step: qkv weight ", Wqkv.sizes(),
+              " must have (H + 2 Hkv) Dh = ", (H + 2 * Hkv) * D, " rows");
+  TORCH_CHECK(Wo.dim() == 2 && Wo.size(1) == H * D, "attention step: output weight ", Wo.sizes(),
+              " must have H Dh = ", H * D, " columns");
+  for (int w : {kQNormW, kQNormB, kKNormW, kKNormB}) {
+    TORCH_CHECK(!present(m.w[w]) || m.w[w].numel() == D, "attention step: qk norm parameter of ",
+                m.w[w].numel(), " values, expected Dh = ", D);
+  }
+  TORCH_CHECK(present(m.w[kMemK]) == present(m.w[kMemV]), "attention step: memory keys and values go together");
+  if (present(m.w[kMemK])) {
+    const auto& mk = m.w[kMemK];
+    TORCH_CHECK(mk.dim() == 3 && mk.size(1) == Hkv && mk.size(2) == D && mk.sizes() == m.w[kMemV].sizes(),
+                "attention step: memory keys ", mk.sizes(), " and values ", m.w[kMemV].sizes(),
+                " must both be [M, ", Hkv, ", ", D, "]");
+  }
+
+  auto qkv = linear_small(x, Wqkv, opt(m.w[kQkvB], dt).value_or(at::Tensor()));  // [B, (H + 2 Hkv) Dh]
+  auto out = at::empty({B, H * D}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(dt, "attention_step", [&] { attention_rows<scalar_t>(m, qkv, ck, cv, pos, out); });
+  return linear_small(out, Wo, opt(m.w[kOB], dt).value_or(at::Tensor()));
+}
+
+}  // namespace attention_step
+
+HYBRIDSSM_MIXER_STEP(attention, attention_step::attention_mixer_step);
+
+}  // namespace hybridssm::step
