@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import assert_close, assert_tree_close
 
+import hybridssm as hs
 from hybridssm.mixers.attention import AttentionMixer, AttentionState
 from hybridssm.ops.step import MixerStep, mixer_step
 
@@ -24,6 +25,11 @@ def _mixer(d=24, H=2, Dh=10, *, window=None, prefix=0, mem=0, rope=False, qk_nor
         for p in m.parameters():
             p.normal_(0, 0.3)
     return m.to(dtype).eval()
+
+
+def _set_rope_base(m: AttentionMixer, base: float) -> None:
+    """A non-default RoPE base, under the option's name in this version of the mixer."""
+    m.__dict__["rope_theta" if hasattr(m, "rope_theta") else "rope_base"] = base
 
 
 def _clone(state: AttentionState) -> AttentionState:
@@ -81,6 +87,7 @@ def test_ring_before_and_after_wrap(prefix):
 @pytest.mark.parametrize("window", [None, 16])
 def test_long_prefill_then_many_steps(window):
     m = _mixer(64, 4, 16, window=window, prefix=P, mem=M, rope=True, qk_norm=True)
+    _set_rope_base(m, 500.0)
     prefill = int(torch.randint(20, 90, ()))
     _stream(m, 3, prefill, 60, max_len=None if window else 200, seed=prefill)
 
@@ -125,11 +132,26 @@ def test_grouped_query_heads():
         assert_tree_close(gqa, AttentionState(ref.k[:, keep], ref.v[:, keep], ref.pos), msg=f"step {t}")
 
 
+@pytest.mark.parametrize("meta_tokens", ["sequence", "kv"])
+def test_hymba_attention_layers(meta_tokens):
+    """Hymba's attention layers (global and sliding) from its init_state: the meta tokens already in
+    the prefix slots ("sequence") or as memory kv ("kv")."""
+    model = hs.build("hymba", embed_dim=5, hidden_size=32, num_layers=2, num_heads=2,
+                     window_size=W, global_layers=(0,), num_meta_tokens=3, meta_tokens=meta_tokens).eval()
+    with torch.no_grad():
+        state = model.init_state(2)
+    for i, block in enumerate(model.blocks):
+        ref = _clone(state.layers[i].attn)
+        fused, spec = _clone(ref), block.attn.step_spec()
+        for t in range(2 * W + 1):
+            _step_both(block.attn, torch.randn(2, 32), ref, fused, spec, f"layer {i} step {t}")
+
+
 def test_two_threads_split_heads():
     n = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        _stream(_mixer(64, 4, 64, rope=True, mem=M), 2, 300, 3, max_len=400)
+        _stream(_mixer(64, 4, 64, rope=True, mem=M), 2, 150, 3, max_len=200)
     finally:
         torch.set_num_threads(n)
 

@@ -249,7 +249,9 @@ class AttentionMixer(Mixer):
             kn.weight if kn is not None else None, kn.bias if kn is not None else None,
             self.mem_k, self.mem_v,
         )
-        ints = (H, getattr(self, "num_kv_heads", H), self.head_dim, self.window_size or 0,
-                self.num_prefix, int(self.positional == "rope"))
+        # grouped kv heads and the rope base under either name, as the mixer's options define them
+        H_kv = getattr(self, "num_kv_heads", H)
+        base = float(self.rope_theta if hasattr(self, "rope_theta") else self.rope_base)
+        ints = (H, H_kv, self.head_dim, self.window_size or 0, self.num_prefix, int(self.positional == "rope"))
         eps = (qn.eps, kn.eps) if qn is not None else (0.0, 0.0)
-        return MixerStep("attention", weights, ints, (self.head_dim**-0.5, float(self.rope_base), *eps))
+        return MixerStep("attention", weights, ints, (self.head_dim**-0.5, base, *eps))

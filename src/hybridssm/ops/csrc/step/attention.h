@@ -41,14 +41,15 @@ enum Float { kScale, kRopeBase, kQNormEps, kKNormEps, kNumFloats };
 // at position 4096). They depend on (Dh, base, dtype) only, never on a weight: kept per process.
 inline at::Tensor rope_inv_freq(int64_t dim, double base, at::ScalarType dt) {
   static std::mutex mu;
-  static std::map<std::tuple<int64_t, double, int>, at::Tensor> table;
+  // never destroyed: tensors must not outlive torch's allocator at process exit
+  static auto* table = new std::map<std::tuple<int64_t, double, int>, at::Tensor>();
   const std::lock_guard<std::mutex> lock(mu);
   const auto key = std::make_tuple(dim, base, static_cast<int>(dt));
-  auto it = table.find(key);
-  if (it == table.end()) {
+  auto it = table->find(key);
+  if (it == table->end()) {
     const c10::InferenceMode no_autograd;
     const auto exponent = at::arange(dim / 2, at::TensorOptions().dtype(dt)).neg().mul(2.0).div(dim);
-    it = table.emplace(key, at::pow(base, exponent).contiguous()).first;
+    it = table->emplace(key, at::pow(base, exponent).contiguous()).first;
   }
   return it->second;
 }
@@ -162,7 +163,7 @@ void attention_rows(const MixerSpec& m, at::Tensor& qkv, at::Tensor& ck, at::Ten
   }
 
   // 1. per row: q/k norm and rotation, then the new key and value into the row's slot
-  std::vector<scalar_t> cos(half), sin(half);
+  std::vector<scalar_t> cos_p(half), sin_p(half);  // RoPE's cos and sin at the row's position
   for (int64_t b = 0; b < B; ++b) {
     const int64_t p = pos_p[b];
     scalar_t* q = qkv_p + b * row;
@@ -186,11 +187,11 @@ void attention_rows(const MixerSpec& m, at::Tensor& qkv, at::Tensor& ck, at::Ten
       for (int64_t i = 0; i < half; i += Vec::size()) {
         const int64_t cnt = std::min<int64_t>(Vec::size(), half - i);
         const Vec angle = Vec(static_cast<scalar_t>(p)) * hybridssm::load(f + i, cnt);
-        hybridssm::store(angle.cos(), cos.data() + i, cnt);
-        hybridssm::store(angle.sin(), sin.data() + i, cnt);
+        hybridssm::store(angle.cos(), cos_p.data() + i, cnt);
+        hybridssm::store(angle.sin(), sin_p.data() + i, cnt);
       }
-      for (int64_t h = 0; h < H; ++h) rope_inplace(q + h * D, cos.data(), sin.data(), half);
-      for (int64_t h = 0; h < Hkv; ++h) rope_inplace(k + h * D, cos.data(), sin.data(), half);
+      for (int64_t h = 0; h < H; ++h) rope_inplace(q + h * D, cos_p.data(), sin_p.data(), half);
+      for (int64_t h = 0; h < Hkv; ++h) rope_inplace(k + h * D, cos_p.data(), sin_p.data(), half);
     }
     const int64_t slot = window == 0 || p < P ? p : P + (p - P) % window;
     for (int64_t g = 0; g < Hkv; ++g) {
