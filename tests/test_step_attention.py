@@ -8,9 +8,9 @@ import itertools
 
 import pytest
 import torch
-from helpers import assert_close, assert_tree_close
 
 import hybridssm as hs
+from helpers import assert_close, assert_tree_close
 from hybridssm.mixers.attention import AttentionMixer, AttentionState
 from hybridssm.ops.step import MixerStep, mixer_step
 
@@ -66,7 +66,8 @@ def _stream(m: AttentionMixer, B: int, prefill: int, steps: int, max_len: int | 
 
 @pytest.mark.parametrize("B", [1, 8])  # 8: the projections take the GEMM branch
 @pytest.mark.parametrize(
-    "window,prefix,mem,rope,qk_norm", list(itertools.product([None, W], [0, P], [0, M], [False, True], [False, True]))
+    "window,prefix,mem,rope,qk_norm",
+    list(itertools.product([None, W], [0, P], [0, M], [False, True], [False, True])),
 )
 def test_step_equals_forward(B, window, prefix, mem, rope, qk_norm):
     m = _mixer(window=window, prefix=prefix, mem=mem, rope=rope, qk_norm=qk_norm)
@@ -151,7 +152,7 @@ def test_two_threads_split_heads():
     n = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        _stream(_mixer(64, 4, 64, rope=True, mem=M), 2, 150, 3, max_len=200)
+        _stream(_mixer(64, 4, 64, rope=True, mem=M), 2, 80, 3, max_len=100)  # 8 heads, 6 per task
     finally:
         torch.set_num_threads(n)
 
@@ -193,9 +194,10 @@ def test_bad_sizes_raise_without_writing():
     st.pos.copy_(torch.tensor([-1, 0]))
     _unchanged_after_error(spec, x, st, "row 0 is at position -1")
     good = m.init_state(2, max_len=5)
-    _unchanged_after_error(spec, x, AttentionState(good.k[:, :, :, :4].contiguous(), good.v[:, :, :, :4].contiguous(),
-                                                   good.pos), "caches k")
-    _unchanged_after_error(spec, x, AttentionState(good.k.double(), good.v.double(), good.pos), "caches must be")
+    narrow = AttentionState(good.k[..., :4].contiguous(), good.v[..., :4].contiguous(), good.pos)
+    _unchanged_after_error(spec, x, narrow, "caches k")
+    wide = AttentionState(good.k.double(), good.v.double(), good.pos)
+    _unchanged_after_error(spec, x, wide, "caches must be")
     _unchanged_after_error(spec._replace(ints=(4, 2, *spec.ints[2:])), x, good, "qkv weight")
     _unchanged_after_error(spec._replace(ints=spec.ints[:-1]), x, good, "expected 10 weights, 6 ints")
     _unchanged_after_error(spec._replace(weights=spec.weights._replace(mem_v=None)), x, good, "memory keys")

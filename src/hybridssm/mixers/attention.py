@@ -252,6 +252,7 @@ class AttentionMixer(Mixer):
         # grouped kv heads and the rope base under either name, as the mixer's options define them
         H_kv = getattr(self, "num_kv_heads", H)
         base = float(self.rope_theta if hasattr(self, "rope_theta") else self.rope_base)
-        ints = (H, H_kv, self.head_dim, self.window_size or 0, self.num_prefix, int(self.positional == "rope"))
+        rope = int(self.positional == "rope")
+        ints = (H, H_kv, self.head_dim, self.window_size or 0, self.num_prefix, rope)
         eps = (qn.eps, kn.eps) if qn is not None else (0.0, 0.0)
         return MixerStep("attention", weights, ints, (self.head_dim**-0.5, base, *eps))

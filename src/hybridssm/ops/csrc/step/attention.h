@@ -26,6 +26,7 @@
 #include "common.h"
 
 #include <cmath>
+#include <limits>
 #include <mutex>
 #include <tuple>
 
@@ -158,8 +159,9 @@ void attention_rows(const MixerSpec& m, at::Tensor& qkv, at::Tensor& ck, at::Ten
   int64_t* pos_p = pos.data_ptr<int64_t>();
   // Every row is checked before anything is written: a refused step changes nothing.
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(pos_p[b] >= 0 && (window > 0 || pos_p[b] < N), "attention step: row ", b, " is at position ",
-                pos_p[b], ", outside the cache of ", N, " slots (the mixer checks max_len before stepping)");
+    TORCH_CHECK(pos_p[b] >= 0 && (window > 0 || pos_p[b] < N), "attention step: row ", b,
+                " is at position ", pos_p[b], ", outside the cache of ", N,
+                " slots (the mixer checks max_len before stepping)");
   }
 
   // 1. per row: q/k norm and rotation, then the new key and value into the row's slot
@@ -170,15 +172,15 @@ void attention_rows(const MixerSpec& m, at::Tensor& qkv, at::Tensor& ck, at::Ten
     scalar_t* k = q + H * D;
     const scalar_t* v = k + Hkv * D;
     if (qn_w) {
+      const scalar_t* bias = qn_b ? qn_b->data_ptr<scalar_t>() : nullptr;
       for (int64_t h = 0; h < H; ++h) {
-        layer_norm_inplace(q + h * D, D, qn_w->data_ptr<scalar_t>(), qn_b ? qn_b->data_ptr<scalar_t>() : nullptr,
-                           m.f[kQNormEps]);
+        layer_norm_inplace(q + h * D, D, qn_w->data_ptr<scalar_t>(), bias, m.f[kQNormEps]);
       }
     }
     if (kn_w) {
+      const scalar_t* bias = kn_b ? kn_b->data_ptr<scalar_t>() : nullptr;
       for (int64_t h = 0; h < Hkv; ++h) {
-        layer_norm_inplace(k + h * D, D, kn_w->data_ptr<scalar_t>(), kn_b ? kn_b->data_ptr<scalar_t>() : nullptr,
-                           m.f[kKNormEps]);
+        layer_norm_inplace(k + h * D, D, kn_w->data_ptr<scalar_t>(), bias, m.f[kKNormEps]);
       }
     }
     if (rope) {
@@ -215,11 +217,15 @@ void attention_rows(const MixerSpec& m, at::Tensor& qkv, at::Tensor& ck, at::Ten
       const scalar_t* keys = ck_p + (b * Hkv + g) * N * D;
       const scalar_t* vals = cv_p + (b * Hkv + g) * N * D;
       scalar_t* o = out_p + b * H * D + h * D;
-      for (int64_t j = 0; j < M; ++j) s[j] = dot(q, mem_k->data_ptr<scalar_t>() + (j * Hkv + g) * D, D);
+      for (int64_t j = 0; j < M; ++j) {
+        s[j] = dot(q, mem_k->data_ptr<scalar_t>() + (j * Hkv + g) * D, D);
+      }
       gemv_rows<scalar_t>(keys, q, nullptr, s.data() + M, n, D);
       scaled_softmax_inplace(s.data(), M + n, scale);
       weighted_sum(s.data() + M, vals, n, D, D, o, /*accumulate=*/false);
-      if (M > 0) weighted_sum(s.data(), mem_v->data_ptr<scalar_t>() + g * D, M, Hkv * D, D, o, true);
+      if (M > 0) {
+        weighted_sum(s.data(), mem_v->data_ptr<scalar_t>() + g * D, M, Hkv * D, D, o, /*accumulate=*/true);
+      }
     }
   });
   for (int64_t b = 0; b < B; ++b) pos_p[b] += 1;
@@ -231,7 +237,8 @@ inline at::Tensor attention_mixer_step(const at::Tensor& x, const MixerSpec& m, 
               "attention step: expected ", int(kNumWeights), " weights, ", int(kNumInts), " ints and ",
               int(kNumFloats), " floats, got ", m.w.size(), ", ", m.i.size(), ", ", m.f.size());
   const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "attention step: x must be float32 or float64, got ", dt);
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "attention step: x must be float32 or float64, got ",
+              dt);
   const int64_t B = x.size(0), H = m.i[kHeads], Hkv = m.i[kKvHeads], D = m.i[kHeadDim];
   const int64_t window = m.i[kWindow], P = m.i[kPrefix];
   TORCH_CHECK(H >= 1 && D >= 1 && Hkv >= 1 && H % Hkv == 0 && window >= 0 && P >= 0,
@@ -239,9 +246,10 @@ inline at::Tensor attention_mixer_step(const at::Tensor& x, const MixerSpec& m, 
   at::Tensor& ck = states[0];
   at::Tensor& cv = states[1];
   at::Tensor& pos = states[2];
-  TORCH_CHECK(ck.dim() == 4 && ck.size(0) == B && ck.size(1) == Hkv && ck.size(3) == D && ck.sizes() == cv.sizes(),
-              "attention step: caches k ", ck.sizes(), " and v ", cv.sizes(), " must both be [", B, ", ", Hkv,
-              ", slots, ", D, "]");
+  TORCH_CHECK(ck.dim() == 4 && ck.size(0) == B && ck.size(1) == Hkv && ck.size(3) == D &&
+                  ck.sizes() == cv.sizes(),
+              "attention step: caches k ", ck.sizes(), " and v ", cv.sizes(), " must both be [", B, ", ",
+              Hkv, ", slots, ", D, "]");
   TORCH_CHECK(ck.scalar_type() == dt && cv.scalar_type() == dt, "attention step: caches must be ", dt);
   TORCH_CHECK(window == 0 ? ck.size(2) > P : ck.size(2) == P + window, "attention step: ", ck.size(2),
               " cache slots do not fit num_prefix=", P, window ? " + window=" : " + max_len >= 1",
@@ -249,25 +257,28 @@ inline at::Tensor attention_mixer_step(const at::Tensor& x, const MixerSpec& m, 
   TORCH_CHECK(pos.dim() == 1 && pos.size(0) == B && pos.scalar_type() == at::kLong,
               "attention step: state pos must be int64 [", B, "], got ", pos.sizes());
   const auto Wqkv = as_(m.w[kQkvW], dt), Wo = as_(m.w[kOW], dt);
-  TORCH_CHECK(Wqkv.dim() == 2 && Wqkv.size(0) == (H + 2 * Hkv) * D, "attention step: qkv weight ", Wqkv.sizes(),
-              " must have (H + 2 Hkv) Dh = ", (H + 2 * Hkv) * D, " rows");
+  TORCH_CHECK(Wqkv.dim() == 2 && Wqkv.size(0) == (H + 2 * Hkv) * D, "attention step: qkv weight ",
+              Wqkv.sizes(), " must have (H + 2 Hkv) Dh = ", (H + 2 * Hkv) * D, " rows");
   TORCH_CHECK(Wo.dim() == 2 && Wo.size(1) == H * D, "attention step: output weight ", Wo.sizes(),
               " must have H Dh = ", H * D, " columns");
   for (int w : {kQNormW, kQNormB, kKNormW, kKNormB}) {
     TORCH_CHECK(!present(m.w[w]) || m.w[w].numel() == D, "attention step: qk norm parameter of ",
                 m.w[w].numel(), " values, expected Dh = ", D);
   }
-  TORCH_CHECK(present(m.w[kMemK]) == present(m.w[kMemV]), "attention step: memory keys and values go together");
+  TORCH_CHECK(present(m.w[kMemK]) == present(m.w[kMemV]),
+              "attention step: memory keys and values go together");
   if (present(m.w[kMemK])) {
     const auto& mk = m.w[kMemK];
-    TORCH_CHECK(mk.dim() == 3 && mk.size(1) == Hkv && mk.size(2) == D && mk.sizes() == m.w[kMemV].sizes(),
+    TORCH_CHECK(mk.dim() == 3 && mk.size(1) == Hkv && mk.size(2) == D &&
+                    mk.sizes() == m.w[kMemV].sizes(),
                 "attention step: memory keys ", mk.sizes(), " and values ", m.w[kMemV].sizes(),
                 " must both be [M, ", Hkv, ", ", D, "]");
   }
 
   auto qkv = linear_small(x, Wqkv, opt(m.w[kQkvB], dt).value_or(at::Tensor()));  // [B, (H + 2 Hkv) Dh]
   auto out = at::empty({B, H * D}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(dt, "attention_step", [&] { attention_rows<scalar_t>(m, qkv, ck, cv, pos, out); });
+  AT_DISPATCH_FLOATING_TYPES(dt, "attention_step",
+                             [&] { attention_rows<scalar_t>(m, qkv, ck, cv, pos, out); });
   return linear_small(out, Wo, opt(m.w[kOB], dt).value_or(at::Tensor()));
 }
 
