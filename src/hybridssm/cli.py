@@ -274,7 +274,8 @@ def cmd_train(args: argparse.Namespace, extras: list[str]) -> int:
     if args.out is not None and res.final:
         res.model.backbone.save_pretrained(f"{args.out}/model")
     final = {k: round(v, 4) if isinstance(v, float) else v for k, v in res.final.items()}
-    print(json.dumps({**final, "train_tok_s": round(res.train_tokens_per_s, 1)}))
+    tok_s = res.train_tokens_per_s
+    print(json.dumps({**final, "train_tok_s": round(tok_s, 1) if tok_s is not None else None}))
     return 0
 
 
@@ -440,11 +441,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         load_plugins(args.imports)
         return args.func(args, extras)
-    except (UsageError, ValueError, TypeError) as exc:
+    except (UsageError, ValueError, TypeError, OSError, RuntimeError) as exc:
+        from hybridssm.training import DivergenceError
+
         if args.traceback:
             raise
+        if isinstance(exc, RuntimeError) and not isinstance(exc, DivergenceError):
+            raise  # a bug, not bad input: keep the traceback
         print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return 3 if isinstance(exc, DivergenceError) else 2
 
 
 if __name__ == "__main__":  # pragma: no cover
