@@ -117,7 +117,7 @@ def test_train_then_resume(capsys, tmp_path):
     code, out_full, _ = run(capsys, *base, "--out", str(tmp_path / "a"))
     assert code == 0
     assert (tmp_path / "a" / "checkpoint.pt").is_file() and (tmp_path / "a" / "metrics.jsonl").is_file()
-    assert hs.load(tmp_path / "a" / "model").config.hidden_size == 16
+    assert hs.load(tmp_path / "a" / "model").backbone.config.hidden_size == 16
     assert run(capsys, *base, "--out", str(tmp_path / "b"), "--stop-after", "3")[0] == 0
     code, out_resumed, _ = run(capsys, *base, "--out", str(tmp_path / "b"), "--resume")
     assert code == 0

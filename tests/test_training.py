@@ -93,7 +93,7 @@ def test_crash_during_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
                         device=torch.device("cpu"), log_sums=torch.zeros(3))
     monkeypatch.undo()
     assert path.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CHECKPOINT_FILE, METRICS_FILE])  # no temp
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CHECKPOINT_FILE, METRICS_FILE, "run.json"])
     assert load_checkpoint(path, cfg)["step"] == 5
 
 

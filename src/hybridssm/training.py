@@ -63,10 +63,14 @@ __all__ = [
     "lr_factor",
     "CHECKPOINT_FILE",
     "METRICS_FILE",
+    "RUN_FILE",
+    "MODEL_DIR",
 ]
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
+RUN_FILE = "run.json"  # the run's settings and the task's chance level (read by `hybridssm plot`)
+MODEL_DIR = "model"  # the trained task model, written when the run finishes (``hs.load``)
 CHECKPOINT_FORMAT = "hybridssm-train-checkpoint"
 CHECKPOINT_VERSION = 1
 
@@ -187,18 +191,27 @@ class TrainConfig:
         d["task_options"] = dict(self.task_options)
         return json.loads(json.dumps(d))  # tuples -> lists: the form a checkpoint stores
 
-    def full_model_options(self) -> dict[str, Any]:
-        """``model_options`` with ``embed_dim`` filled in (= ``hidden_size``) when absent."""
-        return with_embed_dim(self.model, self.model_options)
+    def full_model_options(self, input_dim: int | None = None) -> dict[str, Any]:
+        """``model_options`` with ``embed_dim`` filled in when absent: the task's ``input_dim``
+        (float frames), else ``hidden_size`` (the width of the token embedding)."""
+        if input_dim is None:
+            return with_embed_dim(self.model, self.model_options)
+        given = self.model_options.get("embed_dim", input_dim)
+        if given != input_dim:
+            raise ValueError(f"option 'embed_dim' must be the data's feature size E = {input_dim} "
+                             f"(x is [N, T, E]), got {given!r}; leave it out")
+        return {**self.model_options, "embed_dim": input_dim}
 
 
-def with_embed_dim(model: str, options: Mapping[str, Any]) -> dict[str, Any]:
+def with_embed_dim(model: str | type, options: Mapping[str, Any]) -> dict[str, Any]:
     """``options`` with ``embed_dim`` = ``hidden_size`` (given or default) when absent, so that an
     embedding of that width feeds the backbone without an input projection. An invalid
-    ``hidden_size`` is left for the config to report under its own name."""
+    ``hidden_size`` is left for the config to report under its own name. ``model``: a registered
+    name or its config class."""
     opts = dict(options)
     if "embed_dim" not in opts:
-        default = {f.name: f.default for f in dataclasses.fields(get_config_class(model))}["hidden_size"]
+        config_class = get_config_class(model) if isinstance(model, str) else model
+        default = {f.name: f.default for f in dataclasses.fields(config_class)}["hidden_size"]
         hidden = opts.get("hidden_size", default)
         opts["embed_dim"] = hidden if _is_int(hidden) and hidden >= 1 else default
     return opts
@@ -226,8 +239,8 @@ class TrainResult:
 def build_task_model(config: TrainConfig) -> tuple[TaskModel, Task]:
     """The task and the model it trains (options validated, nothing trained)."""
     task = build_task(config.task, **config.task_options)
-    backbone = build(config.model, **config.full_model_options())
-    return TaskModel(backbone, task.vocab_size, task.num_classes), task
+    backbone = build(config.model, **config.full_model_options(task.input_dim))
+    return TaskModel(backbone, task.vocab_size, task.num_outputs), task
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -244,8 +257,17 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+def _scored(targets: Tensor) -> Tensor:
+    """Which targets count: labels other than ``IGNORE``, regression values other than NaN."""
+    return targets.isfinite() if targets.is_floating_point() else targets != IGNORE
+
+
 def _loss_terms(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed cross-entropy and number of correct predictions over the scored positions."""
+    """Summed loss and number of correct predictions over the scored targets: cross-entropy for
+    class labels, squared error (and no "correct") for float targets."""
+    if targets.is_floating_point():
+        err = torch.where(targets.isfinite(), logits.float() - targets.nan_to_num(), 0.0)
+        return err.square().sum(), torch.zeros((), dtype=torch.long, device=logits.device)
     logits = logits.float().flatten(0, 1)
     targets = targets.flatten()
     loss_sum = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
@@ -256,7 +278,7 @@ def _loss_terms(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
 @torch.no_grad()
 def evaluate(model: nn.Module, tokens: Tensor, targets: Tensor, *, batch_size: int, bf16: bool = False
              ) -> dict[str, float]:
-    """Mean loss and accuracy over the scored positions of ``(tokens, targets)``."""
+    """Mean loss and accuracy (class labels only) over the scored targets of ``(tokens, targets)``."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -270,7 +292,9 @@ def evaluate(model: nn.Module, tokens: Tensor, targets: Tensor, *, batch_size: i
         loss_sum += ls.double()
         correct += c
     model.train(was_training)
-    count = int((targets != IGNORE).sum())
+    count = int(_scored(targets).sum())
+    if targets.is_floating_point():
+        return {"test_loss": float(loss_sum) / count}
     return {"test_loss": float(loss_sum) / count, "test_acc": int(correct) / count}
 
 
@@ -429,7 +453,10 @@ def _append_metrics(path: Path, record: dict[str, Any]) -> None:
 def _remove_orphans(out: Path) -> None:
     """Delete the temporary files of atomic writes that a killed run left behind (each may be as
     large as a checkpoint). Only the names this module writes are touched."""
-    found = [p for name in (CHECKPOINT_FILE, METRICS_FILE) for p in out.glob(f".{name}.*.tmp")]
+    from hybridssm.models.base import CONFIG_FILE, WEIGHTS_FILE
+
+    found = [p for name in (CHECKPOINT_FILE, METRICS_FILE, RUN_FILE) for p in out.glob(f".{name}.*.tmp")]
+    found += [p for name in (CONFIG_FILE, WEIGHTS_FILE) for p in (out / MODEL_DIR).glob(f".{name}.*.tmp")]
     for p in found:
         p.unlink(missing_ok=True)
     if found:
@@ -459,7 +486,8 @@ def _pick_device(opt: str, world: int) -> torch.device:
 
 
 def train(config: TrainConfig, *, out: str | os.PathLike | None = None, resume: bool = False,
-          stop_after: int | None = None, quiet: bool = False) -> TrainResult:
+          stop_after: int | None = None, quiet: bool = False,
+          tensorboard: str | os.PathLike | None = None) -> TrainResult:
     """Train, evaluate and checkpoint; see the module docstring.
 
     Args:
@@ -469,6 +497,12 @@ def train(config: TrainConfig, *, out: str | os.PathLike | None = None, resume: 
         stop_after: stop once this step is reached (checkpointing there), as an interrupted job
             would; a later ``resume`` finishes the run.
         quiet: never show the progress bar.
+        tensorboard: also log every metrics record to TensorBoard event files in this directory
+            (needs the ``tensorboard`` package: ``pip install hybridssm[tensorboard]``).
+
+    When the run reaches ``config.steps`` with an ``out`` directory, the whole trained task model
+    (embedding, backbone, head) is saved in ``out/model`` (``hs.load(out / "model")``; its
+    ``.backbone`` is the backbone alone), and ``out/run.json`` holds the run's settings.
 
     Raises:
         DivergenceError: the loss became non-finite (see ``max_nonfinite``).
@@ -478,12 +512,30 @@ def train(config: TrainConfig, *, out: str | os.PathLike | None = None, resume: 
     out = Path(out) if out is not None else None
     if out is not None and out.exists() and not out.is_dir():
         raise ValueError(f"output directory 'out' ({out}) is an existing file; give a directory")
+    writer_class = _summary_writer_class() if tensorboard is not None else None
     rank, world, own_group = _setup_distributed(config.device, config.ddp_timeout)
+    writer = writer_class(str(tensorboard)) if writer_class is not None and rank == 0 else None
     try:
-        return _train(config, out, resume, stop_after, quiet, rank, world)
+        return _train(config, out, resume, stop_after, quiet, rank, world, writer)
     finally:
+        if writer is not None:
+            writer.close()
         if own_group:
             dist.destroy_process_group()
+
+
+def _summary_writer_class():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ImportError("TensorBoard logging needs the tensorboard package: "
+                          "pip install 'hybridssm[tensorboard]' (or pip install tensorboard)") from exc
+    return SummaryWriter
+
+
+def _run_info(config: TrainConfig, task: Task, n_params: int) -> dict[str, Any]:
+    return {"config": config.identity(), "task_name": task.name, "chance": task.chance,
+            "regression": task.regression, "backbone_parameters": n_params}
 
 
 def _kept(ckpt_path: Path | None) -> str:
@@ -499,7 +551,7 @@ def _all_finite(tensors) -> bool:
 
 
 def _train(config: TrainConfig, out: Path | None, resume: bool, stop_after: int | None, quiet: bool,
-           rank: int, world: int) -> TrainResult:
+           rank: int, world: int, writer: Any) -> TrainResult:
     if config.batch_size % world:
         raise ValueError(
             f"option 'batch_size' ({config.batch_size}) must be divisible by the number of "
@@ -523,6 +575,11 @@ def _train(config: TrainConfig, out: Path | None, resume: bool, stop_after: int 
     random.seed(config.seed)
     model, task = build_task_model(config)
     model.to(device)
+    n_params = sum(p.numel() for p in model.backbone.parameters())
+    if rank == 0:
+        log.info("training %s (%s backbone parameters) on %s %s for %d steps%s", config.model,
+                 f"{n_params:,}", config.task, dict(config.task_options) or "", config.steps,
+                 f", files in {out}" if out is not None else "")
     optimizer = torch.optim.AdamW(
         model.param_groups(config.weight_decay), lr=config.lr, betas=(0.9, 0.95), eps=1e-8
     )
@@ -555,6 +612,10 @@ def _train(config: TrainConfig, out: Path | None, resume: bool, stop_after: int 
             raise RunFileError(exc.errno or errno.EIO, f"cannot create output directory {out}: "
                                f"{exc.strerror or exc}") from exc
         _write_metrics(metrics_path, [])
+    if out is not None and rank == 0:
+        text = json.dumps(_run_info(config, task, n_params), indent=2)
+        with _writing(out / RUN_FILE):
+            atomic_write(out / RUN_FILE, lambda fh: fh.write(text.encode()))
 
     ddp_model: nn.Module = model
     if world > 1:
@@ -584,7 +645,7 @@ def _train(config: TrainConfig, out: Path | None, resume: bool, stop_after: int 
     for step in range(start, last):
         t0 = time.perf_counter()
         tokens, targets = task.batch(config.seed, "train", step, config.batch_size)  # the global batch
-        count = int((targets != IGNORE).sum())  # global number of scored targets
+        count = int(_scored(targets).sum())  # global number of scored targets
         x = tokens[rank * local : (rank + 1) * local].to(device, non_blocking=True)
         y = targets[rank * local : (rank + 1) * local].to(device, non_blocking=True)
         with _autocast(device, config.bf16):
@@ -622,9 +683,9 @@ def _train(config: TrainConfig, out: Path | None, resume: bool, stop_after: int 
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             sums += torch.stack([loss_sum.detach().double(), correct.double(),
-                                 y.ne(IGNORE).sum().double()])
+                                 _scored(y).sum().double()])
         train_time += time.perf_counter() - t0
-        train_tokens += tokens.numel()
+        train_tokens += tokens.shape[0] * tokens.shape[1]  # positions (tokens or frames)
 
         record: dict[str, Any] = {}
         if done % config.log_every == 0 or done == config.steps:
@@ -632,8 +693,10 @@ def _train(config: TrainConfig, out: Path | None, resume: bool, stop_after: int 
                 dist.all_reduce(sums)
             loss_v, correct_v, count_v = sums.tolist()
             if count_v > 0:  # every step since the last record may have been skipped
-                record.update(loss=loss_v / count_v, acc=correct_v / count_v,
-                              lr=scheduler.get_last_lr()[0])
+                record["loss"] = loss_v / count_v
+                if not task.regression:
+                    record["acc"] = correct_v / count_v
+                record["lr"] = scheduler.get_last_lr()[0]
             sums.zero_()
         if done % config.eval_every == 0 or done == config.steps:
             if rank == 0:
@@ -643,12 +706,17 @@ def _train(config: TrainConfig, out: Path | None, resume: bool, stop_after: int 
             history.append(record)
             if metrics_path is not None:
                 _append_metrics(metrics_path, record)
+            if writer is not None:
+                for key, value in record.items():
+                    if key != "step":
+                        writer.add_scalar(key, value, done)
             bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("loss", "acc", "test_acc")})
         bar.update(1)
         if log_progress and (done % config.progress_every == 0 or done == last):
-            latest = {k: v for r in history for k, v in r.items() if k in ("loss", "acc", "test_acc")}
-            log.info("step %d/%d %s%.0f tok/s", done, config.steps,
-                     "".join(f"{k} {v:.4f} " for k, v in latest.items()), train_tokens / train_time)
+            latest = {k: v for r in history for k, v in r.items()}
+            shown = "".join(f"{k} {latest[k]:.4f} " for k in ("loss", "acc", "test_loss", "test_acc")
+                            if k in latest)
+            log.info("step %d/%d %s%.0f positions/s", done, config.steps, shown, train_tokens / train_time)
         if ckpt_path is not None and (done % ckpt_every == 0 or done == config.steps or done == last):
             if world > 1:  # rank 0 saves the global partial sums; the other ranks restart theirs
                 dist.all_reduce(sums)
@@ -667,9 +735,12 @@ def _train(config: TrainConfig, out: Path | None, resume: bool, stop_after: int 
                 save_checkpoint(ckpt_path, step=done, config=config, model=model, optimizer=optimizer,
                                 scheduler=scheduler, device=device, log_sums=sums)
     bar.close()
+    if out is not None and rank == 0 and last == config.steps:
+        with _writing(out / MODEL_DIR):
+            model.save_pretrained(out / MODEL_DIR)
     if world > 1:
         dist.barrier()  # rank 0's last checkpoint is on disk before anyone returns
-    final = next((r for r in reversed(history) if "test_acc" in r), {})
+    final = next((r for r in reversed(history) if "test_loss" in r), {})
     tok_s = train_tokens / train_time if train_time > 0 else None
     return TrainResult(model=model, history=history, final=final, train_tokens_per_s=tok_s, out=out,
                        skipped_steps=skipped)
