@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -66,6 +67,9 @@ def load_arrays(path: str | os.PathLike) -> dict[str, Tensor]:
 
             return load_file(str(path))
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"data file {path} cannot be read as .pt arrays: it holds objects other "
+                         "than tensors, and no pickle is run (weights_only=True)") from exc
     except (ValueError, OSError, RuntimeError, EOFError, TypeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ValueError(f"data file {path} cannot be read as {path.suffix} arrays: {first}") from exc
