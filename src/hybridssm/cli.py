@@ -382,7 +382,7 @@ class _HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         if (action.option_strings and "default" not in text and action.default is not argparse.SUPPRESS
-                and action.nargs != 0 and not isinstance(action, argparse._VersionAction)):
+                and action.nargs != 0):
             shown = "none" if action.default in (None, []) else "%(default)s"
             text += f" (default: {shown})"
         return text
@@ -398,6 +398,18 @@ def _version() -> str:
     except PackageNotFoundError:  # pragma: no cover - torch is a dependency
         torch_version = "not installed"
     return f"{PROG} {hybridssm.__version__} (torch {torch_version}, Python {sys.version.split()[0]})"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``; the version is read only when asked (importing the package imports torch,
+    which every other command, --help included, should not pay for before it needs it)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kw: Any) -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(_version())
+        parser.exit()
 
 
 def _own_flags(parser: argparse.ArgumentParser) -> list[str]:
@@ -428,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Hybrid SSM + attention backbones: inspect, "
                                 "train on synthetic tasks or your own data, plot, benchmark, demo.",
                                 parents=[common], allow_abbrev=False, formatter_class=_HelpFormatter)
-    p.add_argument("--version", action="version", version=_version())
+    p.add_argument("--version", action=_VersionAction, help="print the versions and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
