@@ -194,3 +194,23 @@ def test_plot_title_and_chance_line(tmp_path, monkeypatch):
     chance = [ln for ln in test_ax.get_lines() if ln.get_label().startswith("chance")]
     assert chance and chance[0].get_ydata()[0] == pytest.approx(1 / 8)  # 8 values in vocab 16
     assert (tmp_path / "curves.png").is_file()
+
+
+def test_progress_lines_in_a_real_process_without_a_terminal(tmp_path):
+    """As under nohup or a batch system: stderr is a file, so no bar, only log lines."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
+           "OMP_NUM_THREADS": "1"}
+    with (tmp_path / "stderr.log").open("w") as err:
+        proc = subprocess.run([sys.executable, "-m", "hybridssm", "--threads", "1", *TINY, "--steps", "4",
+                               "--progress-every", "2", "--out", str(tmp_path / "run")],
+                              stdout=subprocess.PIPE, stderr=err, text=True, timeout=300, env=env)
+    log_text = (tmp_path / "stderr.log").read_text()
+    assert proc.returncode == 0, log_text
+    assert re.findall(r"^hybridssm: step (\d+)/4 ", log_text, flags=re.M) == ["2", "4"]
+    assert "\r" not in log_text and "it/s" not in log_text  # no tqdm bar
+    assert json.loads(proc.stdout)["step"] == 4
