@@ -72,6 +72,9 @@ def test_quiet_keeps_only_warnings(capsys, tmp_path):
 def test_verbose_and_info_messages_go_through_logging(capsys, tmp_path, caplog):
     code, _, err = run(capsys, *TINY, "--steps", "2", "--out", str(tmp_path), "-v")
     assert code == 0 and "hybridssm: training gated_ssm" in err
+    assert "hybridssm: debug: rank 0 of 1 on cpu; run settings:" in err
+    code, _, err = run(capsys, *TINY, "--steps", "2", "--out", str(tmp_path / "b"))
+    assert code == 0 and "debug:" not in err and "hybridssm: training gated_ssm" in err
     assert any(r.name.startswith("hybridssm") for r in caplog.records)
     code, _, err = run(capsys, "--quiet", "--verbose", "list")
     assert code == 2 and "exclude each other" in err

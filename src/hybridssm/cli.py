@@ -505,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the PNG to write (default: curves.png in the first run's directory)")
     done(s, cmd_plot)
 
-    s = add("bench", "throughput, step latency and memory beside nn.TransformerEncoder (DESIGN §5)")
+    s = add("bench", "throughput, step latency and memory beside nn.TransformerEncoder")
     s.add_argument("model", help="a registered model (see `list`)")
     s.add_argument("--opt", action="append", default=[], metavar="NAME=VALUE", help=model_help)
     s.add_argument("--shape", choices=["short", "long"], default="short",

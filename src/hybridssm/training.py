@@ -576,6 +576,7 @@ def _train(config: TrainConfig, out: Path | None, resume: bool, stop_after: int 
     model, task = build_task_model(config)
     model.to(device)
     n_params = sum(p.numel() for p in model.backbone.parameters())
+    log.debug("rank %d of %d on %s; run settings: %s", rank, world, device, config.identity())
     if rank == 0:
         log.info("training %s (%s backbone parameters) on %s %s for %d steps%s", config.model,
                  f"{n_params:,}", config.task, dict(config.task_options) or "", config.steps,
