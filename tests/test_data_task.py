@@ -197,3 +197,30 @@ def test_cli_data_and_val_fraction(capsys, tmp_path):
     assert "exclude each other" in capsys.readouterr().err
     assert cli.main([*argv[:-2], "--data", str(tmp_path / "nope.npz")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def _ddp_worker(rank: int, world: int, store: str, path: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        res = train(config(path), out=out)
+        torch.save(res.model.state_dict(), f"{out}.rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two processes importing torch: ~45 s on a loaded 2-core machine
+def test_two_process_ddp_on_data_matches_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    from helpers import assert_close
+
+    path = save(tmp_path, x=frames(), y=np.arange(N) % 3)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), path, str(tmp_path / "run")), nprocs=2, join=True)
+    r0, r1 = torch.load(f"{tmp_path / 'run'}.rank0.pt"), torch.load(f"{tmp_path / 'run'}.rank1.pt")
+    single = train(config(path)).model.state_dict()
+    for k, v in single.items():
+        assert torch.equal(r0[k], r1[k]), k
+        assert_close(r0[k], v, msg=k)

@@ -1,7 +1,8 @@
-"""Training a backbone on a synthetic task, single process or data parallel (torch.distributed).
+"""Training a backbone on a task (synthetic, or your own arrays: ``task="data"``), single process or
+data parallel (torch.distributed).
 
 ``train(TrainConfig(model="mamba", task="mqar", ...), out="runs/x")`` trains
-:class:`~hybridssm.tasks.TaskModel` (embedding -> backbone -> head) with AdamW (no weight decay
+:class:`~hybridssm.tasks.TaskModel` (embedding or frames -> backbone -> head) with AdamW (no weight decay
 on the parameters the library marks: SSM decays, ``D``, norms; nor on biases), linear warm-up then
 cosine decay, gradient clipping and optional bf16 autocast.
 
@@ -14,6 +15,12 @@ Reproducibility is the design constraint:
   from it continues to bitwise the same parameters and metrics as an uninterrupted run.
 * A corrupt checkpoint, or one from another run (different model, task or settings), raises
   :class:`CheckpointError` before anything is modified.
+
+Faults end a run cleanly: a non-finite loss or gradient stops it before the update is applied
+(:class:`DivergenceError`, naming the step; ``max_nonfinite`` skips a few such steps instead), and
+no checkpoint with non-finite weights is ever written; a failed write (a full disk) raises one
+:class:`RunFileError` line; on resume, a torn last ``metrics.jsonl`` line is dropped and the
+metrics are cut back to the checkpoint's step; temporary files of killed writes are removed.
 
 Data parallel: launch with ``torchrun --nproc_per_node N -m hybridssm train ...`` (gloo on CPU,
 NCCL on GPU), or call :func:`train` in processes that already joined a process group. The loss is
