@@ -112,6 +112,16 @@ def test_training_on_data_resumes_bitwise_and_saves_the_model(tmp_path):
     assert torch.equal(loaded(x), full.model(x)) and loaded(x).shape == (2, T, 3)
 
 
+def test_resume_on_a_changed_data_file_is_refused(tmp_path):
+    from hybridssm.training import CheckpointError
+
+    path = save(tmp_path, x=frames(), y=np.arange(N) % 3)
+    train(config(path), out=tmp_path / "run", stop_after=2)
+    save(tmp_path, x=frames(seed=5), y=np.arange(N) % 3)  # regenerated under the same name
+    with pytest.raises(CheckpointError, match="trained on other data"):
+        train(config(path), out=tmp_path / "run", resume=True)
+
+
 def test_regression_reports_loss_only(tmp_path):
     res = train(config(save(tmp_path, x=frames())))
     assert "test_acc" not in res.final and res.final["test_loss"] > 0

@@ -347,8 +347,11 @@ def atomic_write(target: Path, write) -> None:
 
 def save_checkpoint(path: Path, *, step: int, config: TrainConfig, model: nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device,
-                    log_sums: Tensor) -> None:
+                    log_sums: Tensor, data_digest: str | None = None) -> None:
+    """Write a resumable checkpoint atomically. ``data_digest``: the content hash of the task's
+    data file (``task="data"``), so that a resume on a changed file is refused."""
     payload = {
+        "data_digest": data_digest,
         "log_sums": log_sums.cpu(),  # partial sums of the next training-metrics record
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -386,8 +389,9 @@ class _writing:
         raise RunFileError(code or errno.EIO, f"cannot write {self.path}: {reason}{free}") from exc
 
 
-def load_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
-    """Read and validate a checkpoint against ``config``; raises :class:`CheckpointError`."""
+def load_checkpoint(path: Path, config: TrainConfig, data_digest: str | None = None) -> dict[str, Any]:
+    """Read and validate a checkpoint against ``config`` (and the data file's ``data_digest``);
+    raises :class:`CheckpointError`."""
     if not path.is_file():
         raise CheckpointError(f"no checkpoint to resume from: {path} does not exist")
     try:
@@ -415,6 +419,13 @@ def load_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
             f"{path} belongs to a different run and cannot be resumed with these settings:\n  "
             + "\n  ".join(diffs)
             + "\n(use the checkpoint's settings, or another output directory to start afresh)"
+        )
+    saved_digest = ckpt.get("data_digest")
+    if saved_digest is not None and data_digest is not None and saved_digest != data_digest:
+        raise CheckpointError(
+            f"{path} was trained on other data: the file {config.task_options.get('path')} changed "
+            f"since (sha256 {saved_digest[:12]}... then, {data_digest[:12]}... now); restore the "
+            "file, or use another output directory to start afresh"
         )
     return ckpt
 
@@ -595,7 +606,7 @@ def _train(config: TrainConfig, out: Path | None, resume: bool, stop_after: int 
 
     start, history, resumed_sums = 0, [], None
     if resume:
-        ckpt = load_checkpoint(ckpt_path, config)  # validates before anything is touched
+        ckpt = load_checkpoint(ckpt_path, config, task.digest)  # validates before anything is touched
         try:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -741,7 +752,7 @@ def _train(config: TrainConfig, out: Path | None, resume: bool, stop_after: int 
                         step=done,
                     )
                 save_checkpoint(ckpt_path, step=done, config=config, model=model, optimizer=optimizer,
-                                scheduler=scheduler, device=device, log_sums=sums)
+                                scheduler=scheduler, device=device, log_sums=sums, data_digest=task.digest)
     bar.close()
     if out is not None and rank == 0 and last == config.steps:
         with _writing(out / MODEL_DIR):

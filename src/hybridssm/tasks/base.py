@@ -79,6 +79,11 @@ class Task:
         return False
 
     @property
+    def digest(self) -> str | None:
+        """A hash of the data a task reads from a file (None: generated from the options alone)."""
+        return None
+
+    @property
     def chance(self) -> float | None:
         """The accuracy of guessing uniformly among the possible answers (None: no such line)."""
         return None

@@ -31,6 +31,7 @@ No pickle ever runs: ``.npz`` is read with ``allow_pickle=False`` and ``.pt`` wi
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import os
 import pickle
@@ -80,6 +81,14 @@ def load_arrays(path: str | os.PathLike) -> dict[str, Tensor]:
     return obj
 
 
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 class Prepared(NamedTuple):
     x: Tensor  # [N, T, E] float32, zeros in the padding
     y: Tensor | None  # as given (labels long, targets float32)
@@ -88,6 +97,7 @@ class Prepared(NamedTuple):
     num_outputs: int
     train_rows: Tensor  # [N_train] long
     val_rows: Tensor  # [N_val] long
+    digest: str = ""  # sha256 of the file
 
 
 def _first_bad(bad: Tensor, dims: tuple[str, ...]) -> str:
@@ -188,7 +198,7 @@ def prepare(arrays: dict[str, Tensor], path: Path, val_fraction: float) -> Prepa
 
 @functools.lru_cache(maxsize=4)
 def _cached(path: str, mtime_ns: int, size: int, val_fraction: float) -> Prepared:
-    return prepare(load_arrays(path), Path(path), val_fraction)
+    return prepare(load_arrays(path), Path(path), val_fraction)._replace(digest=_sha256(path))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -218,6 +228,10 @@ class ArrayData(Task):
     @property
     def data(self) -> Prepared:
         return self._data  # type: ignore[attr-defined]
+
+    @property
+    def digest(self) -> str:
+        return self.data.digest
 
     @property
     def vocab_size(self) -> None:  # type: ignore[override]
