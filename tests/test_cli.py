@@ -117,7 +117,7 @@ def test_train_then_resume(capsys, tmp_path):
     code, out_full, _ = run(capsys, *base, "--out", str(tmp_path / "a"))
     assert code == 0
     assert (tmp_path / "a" / "checkpoint.pt").is_file() and (tmp_path / "a" / "metrics.jsonl").is_file()
-    assert hs.load(tmp_path / "a" / "model").config.hidden_size == 16
+    assert hs.load(tmp_path / "a" / "model").backbone.config.hidden_size == 16
     assert run(capsys, *base, "--out", str(tmp_path / "b"), "--stop-after", "3")[0] == 0
     code, out_resumed, _ = run(capsys, *base, "--out", str(tmp_path / "b"), "--resume")
     assert code == 0
@@ -223,3 +223,22 @@ def test_python_dash_m(capsys, monkeypatch):
     with pytest.raises(SystemExit) as exc:
         runpy.run_module("hybridssm", run_name="__main__")
     assert exc.value.code == 0 and "gated_ssm" in capsys.readouterr().out
+
+
+def test_train_faults_are_one_line_errors(capsys, tmp_path, monkeypatch):
+    import errno
+
+    base = ["train", "gated_ssm", "--hidden-size", "16", "--num-layers", "1", *TINY_TASK, "--steps", "4",
+            "--batch-size", "4", "--eval-size", "8", "--no-progress"]
+    (tmp_path / "file").write_text("x")
+    code, _, err = run(capsys, *base, "--out", str(tmp_path / "file"))
+    assert code == 2 and "is an existing file" in err and "Traceback" not in err
+    code, _, err = run(capsys, *base, "--lr", "1e6", "--warmup-steps", "0", "--grad-clip", "0")
+    assert code == 3 and "diverged" in err and "step" in err
+
+    def full_disk(obj, fh, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    code, _, err = run(capsys, *base, "--out", str(tmp_path / "run"))
+    assert code == 2 and "No space left on device" in err and len(err.strip().splitlines()) <= 2

@@ -8,12 +8,20 @@ import torch
 from hybridssm.tasks import IGNORE, TASKS, build_task, derive_seed
 from hybridssm.tasks.selective_copy import BLANK, MARKER
 
+SYNTHETIC = ["mqar", "parity", "selective_copy"]
+
 
 def test_registry_lists_all_tasks():
-    assert sorted(TASKS) == ["mqar", "parity", "selective_copy"]
+    assert sorted(TASKS) == ["data", *SYNTHETIC]
 
 
-@pytest.mark.parametrize("name", sorted(TASKS))
+@pytest.mark.parametrize("name, chance", [("mqar", 1 / 32), ("parity", 0.5), ("selective_copy", 1 / 14)])
+def test_chance_is_one_over_the_possible_answers(name, chance):
+    assert build_task(name).chance == pytest.approx(chance)
+    assert not build_task(name).regression and build_task(name).input_dim is None
+
+
+@pytest.mark.parametrize("name", SYNTHETIC)
 def test_deterministic_from_seed_and_shapes(name):
     task = build_task(name)
     a = task.batch(3, "train", 5, 16)

@@ -123,6 +123,10 @@ def load(path: str, *, map_location: str | torch.device = "cpu") -> torch.nn.Mod
         )
     config_class, model_class = _entry(name)
     model = model_class(config_class.from_dict(options))
+    if "task_model" in meta:  # `hybridssm train`'s model/: embedding + backbone + head
+        from hybridssm.tasks.model import TaskModel
+
+        model = TaskModel.around(model, meta["task_model"])
     dtype = getattr(torch, meta.get("dtype", "float32"), None)
     if isinstance(dtype, torch.dtype):
         model.to(dtype)

@@ -1,4 +1,5 @@
-"""Synthetic tasks: ``TASKS[name]`` is a frozen options dataclass; ``build_task(name, **opts)``.
+"""Tasks: ``TASKS[name]`` is a frozen options dataclass; ``build_task(name, **opts)``. The synthetic
+tasks, and ``data`` (your own arrays from a file, :mod:`hybridssm.tasks.data`).
 
 Each task generates ``(tokens [N, T] long, targets [N, T] long)`` with ``IGNORE`` (-100) where a
 position is not scored, from a seed only (:meth:`Task.generate`, :meth:`Task.batch`).
@@ -10,6 +11,7 @@ from typing import Any
 
 from hybridssm.config import suggest
 from hybridssm.tasks.base import IGNORE, Task, derive_seed
+from hybridssm.tasks.data import ArrayData
 from hybridssm.tasks.model import TaskModel
 from hybridssm.tasks.mqar import MQAR
 from hybridssm.tasks.parity import Parity
@@ -17,7 +19,7 @@ from hybridssm.tasks.selective_copy import SelectiveCopy
 
 __all__ = ["TASKS", "IGNORE", "Task", "TaskModel", "build_task", "list_tasks", "derive_seed"]
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (MQAR, SelectiveCopy, Parity)}
+TASKS: dict[str, type[Task]] = {t.name: t for t in (MQAR, SelectiveCopy, Parity, ArrayData)}
 
 
 def list_tasks() -> list[str]:

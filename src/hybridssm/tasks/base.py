@@ -63,6 +63,31 @@ class Task:
     def num_classes(self) -> int:
         return self.vocab_size
 
+    @property
+    def num_outputs(self) -> int:
+        """Width of the model's head: the number of classes (or of regressed values)."""
+        return self.num_classes
+
+    @property
+    def input_dim(self) -> int | None:
+        """Feature size of float-frame inputs; None for token ids (an embedding feeds the model)."""
+        return None
+
+    @property
+    def regression(self) -> bool:
+        """Whether targets are float values (mean squared error) rather than class labels."""
+        return False
+
+    @property
+    def digest(self) -> str | None:
+        """A hash of the data a task reads from a file (None: generated from the options alone)."""
+        return None
+
+    @property
+    def chance(self) -> float | None:
+        """The accuracy of guessing uniformly among the possible answers (None: no such line)."""
+        return None
+
     @classmethod
     def from_options(cls, **opts: Any) -> Task:
         """Build from keyword options; an unknown one raises ``TypeError`` with a suggestion."""

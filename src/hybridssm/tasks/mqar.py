@@ -64,6 +64,10 @@ class MQAR(Task):
         ):
             raise ValueError(f"task option 'power_a' must be a number in (0, 1], got {self.power_a!r}")
 
+    @property
+    def chance(self) -> float:
+        return 1.0 / (self.vocab_size - self.vocab_size // 2)  # one of the V/2 values
+
     def gap_probabilities(self) -> Tensor:
         """``p(g)`` for the query gaps ``g = 0 .. space - 1`` (normalised power law)."""
         space = (self.seq_len - 2 * self.num_kv_pairs) // 2

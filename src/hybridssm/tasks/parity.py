@@ -31,6 +31,10 @@ class Parity(Task):
     def vocab_size(self) -> int:
         return 2
 
+    @property
+    def chance(self) -> float:
+        return 0.5
+
     def validate(self) -> None:
         check_int("seq_len", self.seq_len, 1)
         check_int("test_seq_len", self.test_seq_len, 1)

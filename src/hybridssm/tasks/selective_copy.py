@@ -36,6 +36,10 @@ class SelectiveCopy(Task):
     seq_len: int = 64
     num_tokens: int = 8
 
+    @property
+    def chance(self) -> float:
+        return 1.0 / (self.vocab_size - 2)  # one of the data tokens
+
     def validate(self) -> None:
         check_int("vocab_size", self.vocab_size, 3)
         check_int("seq_len", self.seq_len, 3)
