@@ -127,7 +127,7 @@ CASES = {
     "wkv6 v time": (lambda: _wkv(v=_t(1, 5, 2, 3)), "v must have shape [B, T, H, V]"),
     "wkv6 w key width": (lambda: _wkv(w=_t(1, 6, 2, 5)), "w must have shape [B, T, H, K]"),
     "gru h0 batch": (lambda: _gru(h0=_t(3, 4)), "h0 must have shape [B, H] = [B=2, H]"),
-    "gru w_ih input width": (lambda: _gru(w_ih=_t(12, 2)), "w_ih must have shape [G, D] = [G, D=3]"),
+    "gru w_ih input width": (lambda: _gru(w_ih=_t(12, 2)), "w_ih must have shape [G, D] = [G=12, D=3], got [12, 2]"),
     "gru w_hh hidden": (lambda: _gru(w_hh=_t(12, 3)), "w_hh must have shape [G, H] = [G=12, H=4]"),
     "gru three gates": (
         lambda: _gru(w_ih=_t(9, 3), w_hh=_t(9, 4), b_ih=_t(9), b_hh=_t(9)),
@@ -220,7 +220,7 @@ def _main() -> None:
 
     def run(name, backend, fn, expected):
         try:
-            with use_kernels(backend):
+            with use_kernels("fused" if backend == "kernel" else backend):
                 fn()
             result = ("no error", "")
         except Exception as exc:  # report every kind: the test says which was wanted
@@ -274,4 +274,4 @@ def test_every_kernel_case_is_listed():
     # KERNEL_CASES names the cases of _kernel_cases() without building the kernels at collection
     source = (HERE / "test_op_checks.py").read_text()
     for name in KERNEL_CASES:
-        assert f'"{name}": (lambda' in source
+        assert f'"{name}": (' in source
