@@ -146,3 +146,20 @@ def test_kernels_report_does_not_probe_a_kernel_with_a_peek():
             assert hs.kernels()["_peek_op"]["reason"] == "built"
     finally:
         del _kernels._OPS["_peek_op"]
+
+
+def test_kernels_report_builds_on_request():
+    calls = []
+
+    def probe(device_type):
+        calls.append(device_type)
+        return True, "built"
+
+    probe.peek = lambda device_type: (None, "not built yet")
+    _kernels.register("_build_op", ref=lambda: "ref", torch_impl=lambda: "torch", fused=lambda: "fused",
+                      fused_probe=probe)
+    try:
+        with hs.use_kernels("auto"):
+            assert hs.kernels(build=True)["_build_op"]["reason"] == "built" and calls == ["cpu"]
+    finally:
+        del _kernels._OPS["_build_op"]

@@ -176,12 +176,13 @@ def _report(op: str, device_type: str) -> tuple[str, str]:
     return "fused", reason
 
 
-def kernels(device: torch.device | str = "cpu") -> dict[str, dict[str, str]]:
-    """Which backend each registered op uses on ``device``, and why; builds nothing (a kernel not
-    built yet says so, and builds at the op's first call)."""
+def kernels(device: torch.device | str = "cpu", *, build: bool = False) -> dict[str, dict[str, str]]:
+    """Which backend each registered op uses on ``device``, and why. Builds nothing unless ``build``
+    (a kernel not built yet says so, and builds at the op's first call); ``build=True`` builds or
+    loads every selected kernel now, e.g. before timing anything."""
     device_type = torch.device(device).type
     out = {}
     for op in sorted(_OPS):
-        backend, reason = _report(op, device_type)
+        backend, reason = (resolve if build else _report)(op, device_type)
         out[op] = {"backend": backend, "reason": reason, "available": ", ".join(_OPS[op].impls)}
     return out
