@@ -163,3 +163,39 @@ def test_kernels_report_builds_on_request():
             assert hs.kernels(build=True)["_build_op"]["reason"] == "built" and calls == ["cpu"]
     finally:
         del _kernels._OPS["_build_op"]
+
+
+def test_kernel_op_registers_forward_fake_and_backward(monkeypatch):
+    # A stand-in "extension": y = 3 x + s (and x itself as the checkpoint), backward dx = 3 dy, ds = dy;
+    # `finish` doubles ds, so the test sees that it ran.
+    from types import SimpleNamespace
+
+    from hybridssm.ops import _custom_op
+
+    ext = SimpleNamespace(
+        fwd=lambda x, s, save: (3 * x + s, x.clone() if save else x.new_empty(0)),
+        bwd=lambda dy, ckpt: (3 * dy, dy.clone()),
+    )
+    monkeypatch.setattr(_custom_op, "load_extension", lambda name: ext)
+    op = _custom_op.kernel_op(
+        "_test_triple", extension="unused", kernel="fwd",
+        schema="(Tensor x, Tensor s, bool save) -> (Tensor, Tensor)",
+        fake=lambda x, s, save: (torch.empty_like(x), x.new_empty(x.shape if save else (0,))),
+        backward=_custom_op.Backward(
+            kernel="bwd", schema="(Tensor dy, Tensor ckpt) -> (Tensor, Tensor)",
+            fake=lambda dy, ckpt: (torch.empty_like(dy), torch.empty_like(dy)),
+            save=lambda inputs, outputs: (outputs[1],), grads=1, checkpoint=1,
+            finish=lambda saved, grads: (grads[0], 2 * grads[1]),  # the PyTorch part of a backward
+        ),
+    )
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    s = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    y, _ = op(x, s, True)
+    assert torch.equal(y, 3 * x + s)
+    dx, ds = torch.autograd.grad(y.sum(), (x, s))
+    assert torch.equal(dx, torch.full_like(x, 3.0)) and torch.equal(ds, torch.full_like(s, 2.0))
+    with pytest.raises(RuntimeError, match="_test_triple ran with save=False"):
+        op(x, s, False)[0].sum().backward()
+    with torch._subclasses.fake_tensor.FakeTensorMode():  # the fake gives shapes without the kernel
+        fy, fckpt = op(torch.empty(5, 2), torch.empty(5, 2), True)
+        assert fy.shape == (5, 2) and fckpt.shape == (5, 2)

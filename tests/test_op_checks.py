@@ -127,7 +127,10 @@ CASES = {
     "wkv6 v time": (lambda: _wkv(v=_t(1, 5, 2, 3)), "v must have shape [B, T, H, V]"),
     "wkv6 w key width": (lambda: _wkv(w=_t(1, 6, 2, 5)), "w must have shape [B, T, H, K]"),
     "gru h0 batch": (lambda: _gru(h0=_t(3, 4)), "h0 must have shape [B, H] = [B=2, H]"),
-    "gru w_ih input width": (lambda: _gru(w_ih=_t(12, 2)), "w_ih must have shape [G, D] = [G=12, D=3], got [12, 2]"),
+    "gru w_ih input width": (
+        lambda: _gru(w_ih=_t(12, 2)),
+        "w_ih must have shape [G, D] = [G=12, D=3], got [12, 2]",
+    ),
     "gru w_hh hidden": (lambda: _gru(w_hh=_t(12, 3)), "w_hh must have shape [G, H] = [G=12, H=4]"),
     "gru three gates": (
         lambda: _gru(w_ih=_t(9, 3), w_hh=_t(9, 4), b_ih=_t(9), b_hh=_t(9)),

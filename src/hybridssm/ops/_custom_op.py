@@ -48,16 +48,19 @@ def _as_tuple(out) -> tuple:
 
 def kernel_op(
     name: str, *, extension: str, kernel: str, schema: str, fake: Callable, backward: Backward | None = None,
+    mutates_args: tuple[str, ...] = (),
 ) -> Callable:
     """Register ``hybridssm::<name>`` (``schema``, e.g. ``"(Tensor x, bool save) -> (Tensor, Tensor)"``)
     running ``kernel`` of ``csrc/<extension>.cpp``, with ``fake`` for tracing and, if given, its
-    ``backward``. Returns the op (call it like a function)."""
+    ``backward``; ``mutates_args`` names the arguments the kernel writes in place (they are marked
+    ``Tensor(a!)`` in ``schema``, e.g. a streaming step's states). Returns the op (call it like a
+    function)."""
 
     def impl(*args):
         out = getattr(load_extension(extension), kernel)(*args)
         return tuple(out) if isinstance(out, list) else out
 
-    op = torch.library.custom_op(f"{NAMESPACE}::{name}", impl, mutates_args=(), schema=schema)
+    op = torch.library.custom_op(f"{NAMESPACE}::{name}", impl, mutates_args=mutates_args, schema=schema)
     op.register_fake(fake)
     if backward is not None:
         bwd = kernel_op(f"{name}_bwd", extension=extension, kernel=backward.kernel, schema=backward.schema,
