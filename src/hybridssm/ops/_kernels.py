@@ -53,11 +53,9 @@ def _validate_backend(name: str, source: str) -> str:
     return name
 
 
-def _forced() -> list[str]:
-    forced = getattr(_LOCAL, "forced", None)
-    if forced is None:
-        forced = _LOCAL.forced = []
-    return forced
+def _forced() -> list[str] | tuple[()]:
+    # Only read here: ops call this inside torch.compile traces, which must not write thread state.
+    return getattr(_LOCAL, "forced", ())
 
 
 def current_backend() -> str:
@@ -74,7 +72,9 @@ def use_kernels(backend: str) -> Iterator[None]:
 
     The choice belongs to the calling thread: other threads keep their own backend meanwhile. A
     graph compiled by ``torch.compile`` keeps the backend it was traced with."""
-    forced = _forced()
+    forced = getattr(_LOCAL, "forced", None)
+    if forced is None:
+        forced = _LOCAL.forced = []
     forced.append(_validate_backend(backend, "use_kernels(backend)"))
     try:
         yield
