@@ -169,8 +169,7 @@ def _load_or_build(ext: Extension) -> ModuleType:
         if so.exists():  # another process built it while we waited
             with contextlib.suppress(ImportError, OSError):
                 return _import(ext.name, so)
-        _build(ext, so)
-    return _import(ext.name, so)
+        return _build(ext, so)
 
 
 @contextlib.contextmanager
@@ -179,7 +178,11 @@ def _build_lock(ext: Extension) -> Iterator[None]:
 
     lock_path = ext.path(".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    timeout = float(os.environ.get(BUILD_TIMEOUT_ENV, "900"))
+    try:
+        timeout = float(os.environ.get(BUILD_TIMEOUT_ENV, "900"))
+    except ValueError:
+        raise KernelBuildError(f"{BUILD_TIMEOUT_ENV} must be a number of seconds, got "
+                               f"{os.environ[BUILD_TIMEOUT_ENV]!r}") from None
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         deadline, told = time.monotonic() + timeout, False
@@ -211,7 +214,7 @@ def _say(line: str) -> None:
     sys.stderr.flush()
 
 
-def _build(ext: Extension, so: Path) -> None:
+def _build(ext: Extension, so: Path) -> ModuleType:
     from torch.utils.cpp_extension import load as torch_load
 
     # Leftovers of builds killed part-way (we hold the lock: nobody else builds this name now).
@@ -224,12 +227,13 @@ def _build(ext: Extension, so: Path) -> None:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            torch_load(
+            module = torch_load(
                 name=ext.name, sources=[str(ext.source)], extra_cflags=list(ext.cflags),
                 extra_ldflags=list(ext.ldflags), build_directory=str(build_dir), verbose=False,
             )
-        os.replace(build_dir / f"{ext.name}.so", so)
+        os.replace(build_dir / f"{ext.name}.so", so)  # the loaded module keeps working: same inode
         log.unlink(missing_ok=True)
+        return module
     except Exception as exc:  # the compiler's output goes to the log, not the console
         text = "".join(traceback.format_exception(exc))
         text += "".join(f"\nwarning: {w.message}" for w in caught)
