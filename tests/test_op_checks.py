@@ -72,6 +72,22 @@ def _gru(**bad):
     return gru(**{**a, **bad})
 
 
+def _lrnn(**bad):
+    from hybridssm.ops.linear_rnn import linear_rnn
+
+    a = dict(a=_t(2, 5, 3), b=_t(2, 5, 3), h0=_t(2, 3))
+    return linear_rnn(**{**a, **bad})
+
+
+def _delta(**bad):
+    from hybridssm.ops.delta_rule import delta_rule
+
+    a = dict(q=_t(1, 6, 2, 4), k=_t(1, 6, 2, 4), v=_t(1, 6, 2, 3), beta=_t(1, 6, 2), g=None, state=None)
+    q, k, v, beta = (a.pop(n) for n in ("q", "k", "v", "beta"))
+    a = {**a, **bad}
+    return delta_rule(a.pop("q", q), a.pop("k", k), a.pop("v", v), a.pop("beta", beta), **a)
+
+
 # name -> (call, message it must raise with); each runs on every backend
 CASES = {
     # the probe's example: a state of batch 1 beside inputs of batch 4
@@ -136,6 +152,17 @@ CASES = {
         lambda: _gru(w_ih=_t(9, 3), w_hh=_t(9, 4), b_ih=_t(9), b_hh=_t(9)),
         "must have 3H = 12 rows",
     ),
+    "linear_rnn h0 channels": (
+        lambda: _lrnn(h0=_t(2, 4)),
+        "h0 must have shape [B, D] = [B=2, D=3], got [2, 4]",
+    ),
+    "linear_rnn a time": (lambda: _lrnn(a=_t(2, 4, 3)), "b must have shape [B, T, D] = [B=2, T=4, D=3]"),
+    "delta_rule beta heads": (
+        lambda: _delta(beta=_t(1, 6, 3)),
+        "beta must have shape [B, T, H] = [B=1, T=6, H=2]",
+    ),
+    "delta_rule g time": (lambda: _delta(g=_t(1, 5, 2)), "g must have shape [B, T, H]"),
+    "delta_rule state": (lambda: _delta(state=_t(1, 2, 4, 4)), "state must have shape [B, H, K, V]"),
     "gru b_hh": (lambda: _gru(b_hh=_t(11)), "b_hh must have shape [G] = [G=12], got [11]"),
 }
 
