@@ -123,7 +123,7 @@ def test_source_or_header_change_gives_a_new_build(tmp_path, env):
 
 
 def test_concurrent_first_builds_both_succeed(tmp_path, env):
-    procs = [_start(tmp_path, env, delay=2.0) for _ in range(2)]
+    procs = [_start(tmp_path, env, delay=5.0) for _ in range(2)]
     results = [p.communicate(timeout=240) for p in procs]
     for p, (out, err) in zip(procs, results):
         assert p.returncode == 0 and out.startswith("answer 42"), err

@@ -90,7 +90,12 @@ def register(
     fused: Callable | None = None,
     fused_probe: Callable[[str], tuple[bool, str]] | None = None,
 ) -> None:
-    """Register an op's implementations (called once at import of the op's module)."""
+    """Register an op's implementations (called once at import of the op's module).
+
+    ``fused_probe(device_type) -> (ok, reason)`` makes the fused kernel available (building it if
+    needed) or raises; it runs once per device type. A probe with a ``peek`` attribute (same
+    signature, ``ok`` may be ``None`` for "not known yet") is what :func:`kernels` asks instead: it
+    must not build. A probe without one must be cheap."""
     impls = {"ref": ref, "torch": torch_impl}
     if fused is not None:
         impls["fused"] = fused
