@@ -68,3 +68,134 @@ def test_model_runs_identically_on_ref_backend():
         with hs.use_kernels("ref"):
             ref = m(x, return_sequence=True)
     assert_close(fast, ref)
+
+
+def test_use_kernels_belongs_to_the_calling_thread():
+    import threading
+
+    inside, release = threading.Event(), threading.Event()
+    seen = {}
+
+    def worker():
+        with hs.use_kernels("ref"):
+            seen["worker"] = _kernels.current_backend()
+            inside.set()
+            release.wait(30)
+        seen["worker after"] = _kernels.current_backend()
+
+    before = _kernels.current_backend()
+    t = threading.Thread(target=worker)
+    t.start()
+    assert inside.wait(30)
+    seen["main"] = _kernels.current_backend()  # while the worker is inside its block
+    with hs.use_kernels("torch"):
+        seen["main forced"] = _kernels.current_backend()
+    release.set()
+    t.join(30)
+    assert seen == {"worker": "ref", "main": before, "main forced": "torch", "worker after": before}
+
+
+def test_failed_builds_warn_once_in_all(monkeypatch):
+    # Two ops whose kernels fail to build: one warning for the process, naming the way out.
+    monkeypatch.setattr(_kernels, "_WARNED", set())
+
+    def probe(device_type):
+        raise RuntimeError("no compiler")
+
+    for op in ("_broken_a", "_broken_b"):
+        _kernels.register(op, ref=lambda: "ref", torch_impl=lambda: "torch", fused=lambda: "fused",
+                          fused_probe=probe)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert _kernels.get("_broken_a")() == "torch"
+            assert _kernels.get("_broken_b")() == "torch"
+        assert len(caught) == 1
+        assert "HYBRIDSSM_KERNELS=torch" in str(caught[0].message) and "no compiler" in str(caught[0].message)
+        assert hs.kernels()["_broken_b"]["reason"] == "build failed: no compiler"
+    finally:
+        del _kernels._OPS["_broken_a"], _kernels._OPS["_broken_b"]
+
+
+def test_export_traces_the_torch_forms(monkeypatch):
+    # Under torch.export an exported program must not need the fused kernels: auto picks torch.
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    with hs.use_kernels("auto"):
+        assert _kernels.resolve("selective_scan", "cpu")[0] == "torch"
+    with hs.use_kernels("ref"):
+        assert _kernels.resolve("selective_scan", "cpu")[0] == "ref"
+
+
+def test_kernels_report_does_not_probe_a_kernel_with_a_peek():
+    # A probe with a peek (the C++ kernels') is asked without building: hs.kernels() never builds.
+    calls = []
+
+    def probe(device_type):
+        calls.append(device_type)
+        return True, "built"
+
+    probe.peek = lambda device_type: (None, "not built yet")
+    _kernels.register("_peek_op", ref=lambda: "ref", torch_impl=lambda: "torch", fused=lambda: "fused",
+                      fused_probe=probe)
+    try:
+        with hs.use_kernels("auto"):
+            assert hs.kernels()["_peek_op"] == {"backend": "fused", "reason": "not built yet",
+                                                "available": "ref, torch, fused"}
+            assert calls == []
+            assert _kernels.get("_peek_op")() == "fused" and calls == ["cpu"]
+            assert hs.kernels()["_peek_op"]["reason"] == "built"
+    finally:
+        del _kernels._OPS["_peek_op"]
+
+
+def test_kernels_report_builds_on_request():
+    calls = []
+
+    def probe(device_type):
+        calls.append(device_type)
+        return True, "built"
+
+    probe.peek = lambda device_type: (None, "not built yet")
+    _kernels.register("_build_op", ref=lambda: "ref", torch_impl=lambda: "torch", fused=lambda: "fused",
+                      fused_probe=probe)
+    try:
+        with hs.use_kernels("auto"):
+            assert hs.kernels(build=True)["_build_op"]["reason"] == "built" and calls == ["cpu"]
+    finally:
+        del _kernels._OPS["_build_op"]
+
+
+def test_kernel_op_registers_forward_fake_and_backward(monkeypatch):
+    # A stand-in "extension": y = 3 x + s (and x itself as the checkpoint), backward dx = 3 dy, ds = dy;
+    # `finish` doubles ds, so the test sees that it ran.
+    from types import SimpleNamespace
+
+    from hybridssm.ops import _custom_op
+
+    ext = SimpleNamespace(
+        fwd=lambda x, s, save: (3 * x + s, x.clone() if save else x.new_empty(0)),
+        bwd=lambda dy, ckpt: (3 * dy, dy.clone()),
+    )
+    monkeypatch.setattr(_custom_op, "load_extension", lambda name: ext)
+    op = _custom_op.kernel_op(
+        "_test_triple", extension="unused", kernel="fwd",
+        schema="(Tensor x, Tensor s, bool save) -> (Tensor, Tensor)",
+        fake=lambda x, s, save: (torch.empty_like(x), x.new_empty(x.shape if save else (0,))),
+        backward=_custom_op.Backward(
+            kernel="bwd", schema="(Tensor dy, Tensor ckpt) -> (Tensor, Tensor)",
+            fake=lambda dy, ckpt: (torch.empty_like(dy), torch.empty_like(dy)),
+            save=lambda inputs, outputs: (outputs[1],), grads=1, checkpoint=1,
+            finish=lambda saved, grads: (grads[0], 2 * grads[1]),  # the PyTorch part of a backward
+        ),
+    )
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    s = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    y, _ = op(x, s, True)
+    assert torch.equal(y, 3 * x + s)
+    dx, ds = torch.autograd.grad(y.sum(), (x, s))
+    assert torch.equal(dx, torch.full_like(x, 3.0)) and torch.equal(ds, torch.full_like(s, 2.0))
+    with pytest.raises(RuntimeError, match="_test_triple ran with save=False"):
+        op(x, s, False)[0].sum().backward()
+    with torch._subclasses.fake_tensor.FakeTensorMode():  # the fake gives shapes without the kernel
+        fy, fckpt = op(torch.empty(5, 2), torch.empty(5, 2), True)
+        assert fy.shape == (5, 2) and fckpt.shape == (5, 2)

@@ -7,9 +7,13 @@ Each op in ``ops/`` registers its implementations here under one name:
 * ``fused`` - an optional compiled kernel (C++ through ``torch.utils.cpp_extension``, later Triton
   or CUDA), registered with an ``available()`` probe that builds it on first use.
 
-The backend comes from, in order: ``use_kernels(...)`` blocks, the ``HYBRIDSSM_KERNELS``
-environment variable (``auto|fused|torch|ref``), then ``auto``. ``auto`` picks ``fused`` when it is
-available for the op and the input's device, else ``torch``; a failed build warns once and falls back.
+The backend comes from, in order: ``use_kernels(...)`` blocks (per thread), the ``HYBRIDSSM_KERNELS``
+environment variable (``auto|fused|torch|ref``, read at import), then ``auto``. ``auto`` picks
+``fused`` when it is available for the op and the input's device, else ``torch``. Under
+``torch.export`` both ``auto`` and ``fused`` trace the ``torch`` forms (an exported program must not
+need this library's kernels).
+A failed build gives one warning in the whole process, whichever ops it hits, and those ops fall
+back to ``torch``. :func:`kernels` reports all this without building anything.
 Modules never test for kernels themselves: they call the op, and the op calls :func:`get`.
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -37,7 +42,7 @@ class _Op:
 
 
 _OPS: dict[str, _Op] = {}
-_FORCED: list[str] = []
+_LOCAL = threading.local()  # .forced: this thread's stack of use_kernels blocks
 # Read once at import so that compiled graphs see a constant (set the variable before importing).
 _ENV_BACKEND = os.environ.get("HYBRIDSSM_KERNELS", "auto")
 
@@ -48,21 +53,33 @@ def _validate_backend(name: str, source: str) -> str:
     return name
 
 
+def _forced() -> list[str] | tuple[()]:
+    # Only read here: ops call this inside torch.compile traces, which must not write thread state.
+    return getattr(_LOCAL, "forced", ())
+
+
 def current_backend() -> str:
-    """The requested backend: the innermost ``use_kernels`` block, else the environment."""
-    if _FORCED:
-        return _FORCED[-1]
+    """The requested backend: this thread's innermost ``use_kernels`` block, else the environment."""
+    forced = _forced()
+    if forced:
+        return forced[-1]
     return _validate_backend(_ENV_BACKEND, "HYBRIDSSM_KERNELS")
 
 
 @contextlib.contextmanager
 def use_kernels(backend: str) -> Iterator[None]:
-    """Force a backend (``auto``, ``fused``, ``torch`` or ``ref``) inside a ``with`` block."""
-    _FORCED.append(_validate_backend(backend, "use_kernels(backend)"))
+    """Force a backend (``auto``, ``fused``, ``torch`` or ``ref``) inside a ``with`` block.
+
+    The choice belongs to the calling thread: other threads keep their own backend meanwhile. A
+    graph compiled by ``torch.compile`` keeps the backend it was traced with."""
+    forced = getattr(_LOCAL, "forced", None)
+    if forced is None:
+        forced = _LOCAL.forced = []
+    forced.append(_validate_backend(backend, "use_kernels(backend)"))
     try:
         yield
     finally:
-        _FORCED.pop()
+        forced.pop()
 
 
 def register(
@@ -73,7 +90,12 @@ def register(
     fused: Callable | None = None,
     fused_probe: Callable[[str], tuple[bool, str]] | None = None,
 ) -> None:
-    """Register an op's implementations (called once at import of the op's module)."""
+    """Register an op's implementations (called once at import of the op's module).
+
+    ``fused_probe(device_type) -> (ok, reason)`` makes the fused kernel available (building it if
+    needed) or raises; it runs once per device type. A probe with a ``peek`` attribute (same
+    signature, ``ok`` may be ``None`` for "not known yet") is what :func:`kernels` asks instead: it
+    must not build. A probe without one must be cheap."""
     impls = {"ref": ref, "torch": torch_impl}
     if fused is not None:
         impls["fused"] = fused
@@ -94,25 +116,44 @@ def _fused_ok(entry: _Op, device_type: str) -> tuple[bool, str]:
     return entry.fused_status[device_type]
 
 
+# Non-empty once the process has warned about a failed build: one warning in all, not one per op.
 _WARNED: set[str] = set()
 
 
-def resolve(op: str, device_type: str = "cpu") -> tuple[str, str]:
-    """The backend ``op`` would use on ``device_type`` now, and why."""
-    entry = _OPS[op]
+def _warn_fallback(op: str, reason: str) -> None:
+    if reason.startswith("build failed") and not _WARNED:
+        _WARNED.add(op)
+        warnings.warn(
+            f"hybridssm: {op}: {reason}. Using the PyTorch forms of the fused kernels (same results, "
+            "slower); set HYBRIDSSM_KERNELS=torch to skip the build and this warning.",
+            stacklevel=4,
+        )
+
+
+def _requested(device_type: str) -> tuple[str, str] | None:
+    """The backend when no probe is needed: ``ref`` / ``torch`` asked for, or an export trace."""
     want = current_backend()
     if want in ("ref", "torch"):
-        return want, "forced" if _FORCED or _ENV_BACKEND != "auto" else "default"
+        return want, "forced" if _forced() or _ENV_BACKEND != "auto" else "default"
+    if torch.compiler.is_exporting():
+        return "torch", "torch.export traces the PyTorch forms (a program must not need the fused kernels)"
+    return None
+
+
+def resolve(op: str, device_type: str = "cpu") -> tuple[str, str]:
+    """The backend ``op`` would use on ``device_type`` now, and why (builds a fused kernel if needed)."""
+    entry = _OPS[op]
+    fixed = _requested(device_type)
+    if fixed is not None:
+        return fixed
     ok, reason = _fused_ok(entry, device_type)
-    if want == "fused":
+    if current_backend() == "fused":
         if not ok:
             raise RuntimeError(f"fused kernel for {op!r} on {device_type} unavailable: {reason}")
         return "fused", reason
     if ok:
         return "fused", reason
-    if reason.startswith("build failed") and op not in _WARNED:
-        _WARNED.add(op)
-        warnings.warn(f"hybridssm: {op}: {reason}; using the PyTorch form", stacklevel=3)
+    _warn_fallback(op, reason)
     return "torch", reason
 
 
@@ -123,11 +164,30 @@ def get(op: str, device: torch.device | str = "cpu") -> Callable:
     return _OPS[op].impls[backend]
 
 
-def kernels(device: torch.device | str = "cpu") -> dict[str, dict[str, str]]:
-    """Which backend each registered op uses on ``device``, and why."""
+def _report(op: str, device_type: str) -> tuple[str, str]:
+    """:func:`resolve` without building: a kernel not loaded yet is reported as what ``auto`` will try."""
+    entry = _OPS[op]
+    fixed = _requested(device_type)
+    if fixed is not None:
+        return fixed
+    if "fused" not in entry.impls or device_type in entry.fused_status or entry.fused_probe is None:
+        ok, reason = _fused_ok(entry, device_type)  # known already, or nothing to build
+    elif hasattr(entry.fused_probe, "peek"):
+        ok, reason = entry.fused_probe.peek(device_type)
+    else:  # a plain probe (tests, user registrations) promises to be cheap
+        ok, reason = _fused_ok(entry, device_type)
+    if ok is False:
+        return ("unavailable" if current_backend() == "fused" else "torch"), reason
+    return "fused", reason
+
+
+def kernels(device: torch.device | str = "cpu", *, build: bool = False) -> dict[str, dict[str, str]]:
+    """Which backend each registered op uses on ``device``, and why. Builds nothing unless ``build``
+    (a kernel not built yet says so, and builds at the op's first call); ``build=True`` builds or
+    loads every selected kernel now, e.g. before timing anything."""
     device_type = torch.device(device).type
     out = {}
     for op in sorted(_OPS):
-        backend, reason = resolve(op, device_type)
+        backend, reason = (resolve if build else _report)(op, device_type)
         out[op] = {"backend": backend, "reason": reason, "available": ", ".join(_OPS[op].impls)}
     return out

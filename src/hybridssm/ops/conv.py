@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hybridssm.ops import _kernels
+from hybridssm.ops._checks import ShapeCheck
 
 __all__ = ["causal_conv1d", "causal_conv1d_ref", "conv_final_state"]
 
@@ -60,8 +61,23 @@ def causal_conv1d_torch(
 _kernels.register("causal_conv1d", ref=causal_conv1d_ref, torch_impl=causal_conv1d_torch)
 
 
+def check_conv_args(
+    op: str, x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor, lengths: Tensor | None
+) -> None:
+    """``ValueError`` naming the argument unless the shapes fit the layout of the module docstring."""
+    check = ShapeCheck(op)
+    for name, t, dims in (("x", x, "BTC"), ("weight", weight, "CK"), ("bias", bias, "C"),
+                          ("state", state, "BCW"), ("lengths", lengths, "B")):
+        check(name, t, dims)
+    K, W = check.sizes["K"], check.sizes["W"]
+    check.require(K >= 1 and W == K - 1, f"state must hold the last K-1 = {K - 1} inputs (weight is [C, K] "
+                  f"with K = {K}), got {W}")
+
+
 def causal_conv1d(
     x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor, lengths: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Causal depthwise conv; see the module docstring for the layout."""
+    """Causal depthwise conv; see the module docstring for the layout. A wrong shape raises
+    ``ValueError`` naming the argument."""
+    check_conv_args("causal_conv1d", x, weight, bias, state, lengths)
     return _kernels.get("causal_conv1d", x.device)(x, weight, bias, state, lengths)

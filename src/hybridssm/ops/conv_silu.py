@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hybridssm.ops import _kernels
-from hybridssm.ops.conv import causal_conv1d_ref, causal_conv1d_torch
-from hybridssm.ops.mamba2_fused import FUSED_DTYPES, fused_probe
+from hybridssm.ops.conv import causal_conv1d_ref, causal_conv1d_torch, check_conv_args
+from hybridssm.ops.mamba2_fused import FUSED_DTYPES, conv_silu_fwd, fused_probe
 
 __all__ = [
     "causal_conv1d_silu", "causal_conv1d_silu_ref", "causal_conv1d_silu_torch", "causal_conv1d_silu_fused",
@@ -76,7 +76,7 @@ def causal_conv1d_silu_fused(
     wt = weight.to(x.dtype).t().contiguous()  # [K, C]
     b = bias.to(x.dtype).contiguous() if bias is not None else x.new_zeros(C)
     st = state.to(x.dtype).transpose(1, 2).contiguous()  # [B, K-1, C], time-major like x
-    y = torch.ops.hybridssm.mamba2_conv_silu_fwd(x, wt, b, st)
+    y = conv_silu_fwd(x, wt, b, st)
     return y, _final_state(x, st, lengths).to(state.dtype)
 
 
@@ -92,5 +92,7 @@ _kernels.register(
 def causal_conv1d_silu(
     x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor, lengths: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """``silu(causal depthwise conv)``; see the module docstring for the layout."""
+    """``silu(causal depthwise conv)``; see the module docstring for the layout. A wrong shape raises
+    ``ValueError`` naming the argument."""
+    check_conv_args("causal_conv1d_silu", x, weight, bias, state, lengths)
     return _kernels.get("causal_conv1d_silu", x.device)(x, weight, bias, state, lengths)

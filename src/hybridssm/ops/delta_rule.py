@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hybridssm.ops import _kernels
+from hybridssm.ops._checks import ShapeCheck
 
 __all__ = ["delta_rule", "delta_rule_ref", "delta_rule_chunked", "DEFAULT_CHUNK_SIZE"]
 
@@ -148,7 +149,12 @@ def delta_rule(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None = None, *,
     state: Tensor | None = None, scale: float | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[Tensor, Tensor]:
-    """The (gated) delta rule on the selected backend; see the module docstring for the layout."""
+    """The (gated) delta rule on the selected backend; see the module docstring for the layout. A
+    wrong shape raises ``ValueError`` naming the argument."""
+    check = ShapeCheck("delta_rule")
+    for name, t, dims in (("q", q, "BTHK"), ("k", k, "BTHK"), ("v", v, "BTHV"), ("beta", beta, "BTH"),
+                          ("g", g, "BTH"), ("state", state, "BHKV")):
+        check(name, t, dims)
     return _kernels.get("delta_rule", q.device)(
         q, k, v, beta, g, state=state, scale=scale, chunk_size=chunk_size
     )

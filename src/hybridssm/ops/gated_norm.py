@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hybridssm.ops import _kernels
-from hybridssm.ops.mamba2_fused import FUSED_DTYPES, fused_probe
+from hybridssm.ops._checks import ShapeCheck
+from hybridssm.ops.mamba2_fused import FUSED_DTYPES, fused_probe, gnorm_fwd
 
 __all__ = ["gated_rmsnorm", "gated_rmsnorm_ref", "gated_rmsnorm_fused"]
 
@@ -40,7 +41,7 @@ def gated_rmsnorm_fused(y: Tensor, z: Tensor, weight: Tensor, groups: int, eps: 
     z = z.to(acc)
     if z.stride(-1) != 1 and z.shape[-1] > 1:
         z = z.contiguous()
-    out, _ = torch.ops.hybridssm.mamba2_gnorm_fwd(y, z, weight.to(acc).contiguous(), groups, float(eps))
+    out, _ = gnorm_fwd(y, z, weight.to(acc).contiguous(), groups, float(eps))
     return out
 
 
@@ -54,5 +55,13 @@ _kernels.register(
 
 
 def gated_rmsnorm(y: Tensor, z: Tensor, weight: Tensor, groups: int, eps: float = 1e-5) -> Tensor:
-    """``rmsnorm_groups(y * silu(z)) * weight``; see the module docstring."""
+    """``rmsnorm_groups(y * silu(z)) * weight``; see the module docstring. A wrong shape or a
+    ``groups`` that does not divide ``E`` raises ``ValueError``."""
+    check = ShapeCheck("gated_rmsnorm")
+    dims = "abcdefgh"[: y.dim() - 1] + "E"  # [..., E]
+    for name, t, d in (("y", y, dims), ("z", z, dims), ("weight", weight, "E")):
+        check(name, t, d)
+    E = check.sizes["E"]
+    check.require(isinstance(groups, int) and groups >= 1 and E % groups == 0,
+                  f"groups must be a positive divisor of E = {E}, got {groups!r}")
     return _kernels.get("gated_rmsnorm", y.device)(y, z, weight, groups, eps)

@@ -28,7 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hybridssm.ops import _kernels
-from hybridssm.ops._cpu_ext import kernel_probe, load_extension
+from hybridssm.ops._checks import ShapeCheck
+from hybridssm.ops._cpu_ext import kernel_probe
+from hybridssm.ops._custom_op import Backward, kernel_op
 
 __all__ = ["gru", "gru_ref", "gru_torch", "gru_fused", "gru_cell"]
 
@@ -71,58 +73,40 @@ def gru_torch(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b
 # -- fused C++ kernel ------------------------------------------------------------------------------
 
 
-def _ext():
-    return load_extension("gru")
-
-
-@torch.library.custom_op("hybridssm::gru_fwd", mutates_args=())
-def _gru_fwd(gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor, save: bool) -> tuple[Tensor, Tensor]:
-    """``(y [B, T, H], gates [B, T, 4H])`` from the projected inputs ``gi [B, T, 3H]``; the gates
-    (for the backward) only when ``save``. Every tensor contiguous, one dtype, fp32 or fp64."""
-    y, gates = _ext().gru_fwd(gi, h0, w_hh, b_hh, save)
-    return y, gates
-
-
-@_gru_fwd.register_fake
-def _gru_fwd_fake(gi, h0, w_hh, b_hh, save):
-    B, T, _ = gi.shape
-    H = h0.shape[1]
-    return gi.new_empty(B, T, H), gi.new_empty((B, T, 4 * H) if save else (0,))
-
-
-@torch.library.custom_op("hybridssm::gru_bwd", mutates_args=())
-def _gru_bwd(
-    dy: Tensor, y: Tensor, h0: Tensor, w_hh: Tensor, gates: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dgi [B, T, 3H], dgh_n [B, T, H], dh0 [B, H])`` of :func:`_gru_fwd`."""
-    return tuple(_ext().gru_bwd(dy, y, h0, w_hh, gates))
-
-
-@_gru_bwd.register_fake
-def _gru_bwd_fake(dy, y, h0, w_hh, gates):
-    B, T, H = y.shape
-    return y.new_empty(B, T, 3 * H), y.new_empty(B, T, H), torch.empty_like(h0)
-
-
-def _gru_setup_context(ctx, inputs, output) -> None:
-    gi, h0, w_hh, b_hh, save = inputs
-    ctx.save_for_backward(h0, w_hh, output[0], output[1])
-
-
-def _gru_backward(ctx, dy, _dgates):
-    h0, w_hh, y, gates = ctx.saved_tensors
-    if gates.numel() == 0:
-        raise RuntimeError("gru_fwd ran with save=False; it cannot be differentiated")
+def _gru_grads(saved: tuple, grads: tuple) -> tuple:
+    """``(dgi, dh0, dw_hh, db_hh)`` from the kernel's ``(dgi, dgh_n, dh0)``: the recurrent gates'
+    gradients are the input ones for r and z, and their own (r * da_n) for n; ``dW_hh`` and ``db_hh``
+    are then single large GEMMs over the whole sequence."""
+    y, h0, _, _ = saved
+    dgi, dghn, dh0 = grads
     H = y.shape[-1]
-    dy = torch.zeros_like(y) if dy is None else dy.contiguous()
-    dgi, dghn, dh0 = _gru_bwd(dy, y, h0, w_hh, gates)
-    # the recurrent gates' gradients: r and z equal the input ones, n has its own (r * da_n)
     dgh = torch.cat([dgi[..., : 2 * H], dghn], dim=-1).reshape(-1, 3 * H)
     h_prev = torch.cat([h0.unsqueeze(1), y[:, :-1]], dim=1).reshape(-1, H)
-    return dgi, dh0, dgh.t() @ h_prev, dgh.sum(0), None
+    return dgi, dh0, dgh.t() @ h_prev, dgh.sum(0)
 
 
-_gru_fwd.register_autograd(_gru_backward, setup_context=_gru_setup_context)
+# (y [B, T, H], gates [B, T, 4H]) from the projected inputs gi [B, T, 3H]; the gates (for the backward)
+# only when `save`. Every tensor contiguous, one dtype, fp32 or fp64. The backward kernel gives
+# (dgi [B, T, 3H], dgh_n [B, T, H], dh0 [B, H]).
+_gru_fwd = kernel_op(
+    "gru_fwd", extension="gru", kernel="gru_fwd",
+    schema="(Tensor gi, Tensor h0, Tensor w_hh, Tensor b_hh, bool save) -> (Tensor, Tensor)",
+    fake=lambda gi, h0, w_hh, b_hh, save: (
+        gi.new_empty(*gi.shape[:2], h0.shape[1]),
+        gi.new_empty((*gi.shape[:2], 4 * h0.shape[1]) if save else (0,)),
+    ),
+    backward=Backward(
+        kernel="gru_bwd",
+        schema="(Tensor dy, Tensor y, Tensor h0, Tensor w_hh, Tensor gates) -> (Tensor, Tensor, Tensor)",
+        fake=lambda dy, y, h0, w_hh, gates: (
+            y.new_empty(*y.shape[:2], 3 * y.shape[2]), torch.empty_like(y), torch.empty_like(h0)
+        ),
+        save=lambda inputs, outputs: (outputs[0], inputs[1], inputs[2], outputs[1]),
+        grads=1,
+        checkpoint=1,
+        finish=_gru_grads,
+    ),
+)
 
 
 def gru_fused(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor) -> Tensor:
@@ -132,7 +116,7 @@ def gru_fused(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b
     gi = F.linear(x.to(acc), w_ih.to(acc), b_ih.to(acc)).to(acc).contiguous()
     args = [gi, h0.to(acc).contiguous(), w_hh.to(acc).contiguous(), b_hh.to(acc).contiguous()]
     save = torch.is_grad_enabled() and any(t.requires_grad for t in args)
-    y, _ = torch.ops.hybridssm.gru_fwd(*args, save)
+    y, _ = _gru_fwd(*args, save)
     return y
 
 
@@ -142,5 +126,13 @@ _kernels.register(
 
 
 def gru(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor) -> Tensor:
-    """The GRU recurrence; see the module docstring for the layout."""
+    """The GRU recurrence; see the module docstring for the layout. A wrong shape raises
+    ``ValueError`` naming the argument."""
+    check = ShapeCheck("gru")
+    for name, t, dims in (("x", x, "BTD"), ("h0", h0, "BH"), ("w_ih", w_ih, "GD"), ("w_hh", w_hh, "GH"),
+                          ("b_ih", b_ih, "G"), ("b_hh", b_hh, "G")):
+        check(name, t, dims)
+    H, G = check.sizes["H"], check.sizes["G"]
+    check.require(G == 3 * H, f"w_ih, w_hh, b_ih and b_hh must have 3H = {3 * H} rows (gates r, z, n), "
+                  f"got {G}")
     return _kernels.get("gru", x.device)(x, h0, w_ih, w_hh, b_ih, b_hh)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from hybridssm.ops import _kernels
+from hybridssm.ops._checks import ShapeCheck
 
 __all__ = ["linear_rnn", "linear_rnn_ref"]
 
@@ -53,5 +54,9 @@ _kernels.register("linear_rnn", ref=linear_rnn_ref, torch_impl=linear_rnn_torch)
 
 
 def linear_rnn(a: Tensor, b: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
-    """``h_t = a_t * h_{t-1} + b_t``; see the module docstring."""
+    """``h_t = a_t * h_{t-1} + b_t``; see the module docstring. A wrong shape raises ``ValueError``
+    naming the argument."""
+    check = ShapeCheck("linear_rnn")
+    for name, t, dims in (("a", a, "BTD"), ("b", b, "BTD"), ("h0", h0, "BD")):
+        check(name, t, dims)
     return _kernels.get("linear_rnn", b.device)(a, b, h0)

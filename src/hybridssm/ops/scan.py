@@ -31,7 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hybridssm.ops import _kernels
+from hybridssm.ops._checks import ShapeCheck
 from hybridssm.ops._cpu_ext import kernel_probe, load_extension
+from hybridssm.ops._custom_op import Backward, kernel_op
 from hybridssm.ops.linear_rnn import linear_rnn_torch
 
 __all__ = ["selective_scan", "selective_scan_ref", "selective_scan_torch", "selective_scan_fused"]
@@ -130,58 +132,29 @@ def _ext():
     return load_extension("selective_scan")
 
 
-@torch.library.custom_op("hybridssm::selective_scan_fwd", mutates_args=())
-def _scan_fwd(
-    u: Tensor, delta: Tensor, At: Tensor, B: Tensor, C: Tensor, D: Tensor, h0: Tensor, save: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``y = scan + D u``, ``h_T`` and (when ``save``) the per-chunk checkpoints for the backward.
-    ``At`` is ``A`` transposed, ``[N, Dn]``; every tensor contiguous, fp32 or fp64."""
-    y, hT, ckpt = _ext().scan_fwd(u, delta, At, B, C, D, h0, save)
-    return y, hT, ckpt
-
-
-@_scan_fwd.register_fake
-def _scan_fwd_fake(u, delta, At, B, C, D, h0, save):
-    Bsz, T, Dn = u.shape
-    N = At.shape[0]
-    nchunks = math.ceil(T / FUSED_CHECKPOINT)
-    ckpt = u.new_empty((Bsz, nchunks, N, Dn) if save else (0,))
-    return torch.empty_like(u), torch.empty_like(h0), ckpt
-
-
-@torch.library.custom_op("hybridssm::selective_scan_bwd", mutates_args=())
-def _scan_bwd(
-    dy: Tensor, dhT: Tensor, u: Tensor, delta: Tensor, At: Tensor, B: Tensor, C: Tensor, D: Tensor,
-    ckpt: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients ``(du, ddelta, dAt, dB, dC, dD, dh0)`` of :func:`_scan_fwd`."""
-    return tuple(_ext().scan_bwd(dy, dhT, u, delta, At, B, C, D, ckpt))
-
-
-@_scan_bwd.register_fake
-def _scan_bwd_fake(dy, dhT, u, delta, At, B, C, D, ckpt):
-    Bsz, T, Dn = u.shape
-    e = torch.empty_like
-    return e(u), e(u), e(At), e(B), e(C), e(D), u.new_empty((Bsz, Dn, At.shape[0]))
-
-
-def _scan_setup_context(ctx, inputs, output) -> None:
-    u, delta, At, B, C, D, h0, save = inputs
-    ctx.save_for_backward(u, delta, At, B, C, D, output[2])
-
-
-def _scan_backward(ctx, dy, dhT, _dckpt):
-    u, delta, At, B, C, D, ckpt = ctx.saved_tensors
-    if ckpt.numel() == 0:
-        raise RuntimeError("selective_scan_fwd ran with save=False; it cannot be differentiated")
-    Bsz, _, Dn = u.shape
-    dy = torch.zeros_like(u) if dy is None else dy.contiguous()
-    dhT = u.new_zeros(Bsz, Dn, At.shape[0]) if dhT is None else dhT.contiguous()
-    du, ddelta, dAt, dB, dC, dD, dh0 = _scan_bwd(dy, dhT, u, delta, At, B, C, D, ckpt)
-    return du, ddelta, dAt, dB, dC, dD, dh0, None
-
-
-_scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup_context)
+# y = scan + D u, h_T and (when `save`) the per-chunk checkpoints for the backward; At = A^T [N, Dn];
+# every tensor contiguous, fp32 or fp64. The backward gives (du, ddelta, dAt, dB, dC, dD, dh0).
+_scan_fwd = kernel_op(
+    "selective_scan_fwd", extension="selective_scan", kernel="scan_fwd",
+    schema="(Tensor u, Tensor delta, Tensor At, Tensor B, Tensor C, Tensor D, Tensor h0, bool save)"
+           " -> (Tensor, Tensor, Tensor)",
+    fake=lambda u, delta, At, B, C, D, h0, save: (
+        torch.empty_like(u), torch.empty_like(h0),
+        u.new_empty((u.shape[0], math.ceil(u.shape[1] / FUSED_CHECKPOINT), At.shape[0], u.shape[2])
+                    if save else (0,)),
+    ),
+    backward=Backward(
+        kernel="scan_bwd",
+        schema="(Tensor dy, Tensor dhT, Tensor u, Tensor delta, Tensor At, Tensor B, Tensor C, Tensor D,"
+               " Tensor ckpt) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+        fake=lambda dy, dhT, u, delta, At, B, C, D, ckpt: (
+            *(torch.empty_like(t) for t in (u, u, At, B, C, D)), torch.empty_like(dhT)
+        ),
+        save=lambda inputs, outputs: (*inputs[:6], outputs[2]),
+        grads=2,
+        checkpoint=2,
+    ),
+)
 
 
 def selective_scan_fused(
@@ -205,7 +178,7 @@ def selective_scan_fused(
     h0 = state.to(acc) if state is not None else u.new_zeros(Bsz, Dn, N, dtype=acc)
     args = [u.to(acc), delta, A.to(acc).t(), B.to(acc), C.to(acc), Dv, h0]
     save = torch.is_grad_enabled() and any(t.requires_grad for t in args)
-    y, hT, _ = torch.ops.hybridssm.selective_scan_fwd(*[t.contiguous() for t in args], save)
+    y, hT, _ = _scan_fwd(*[t.contiguous() for t in args], save)
     return _gate(y, z), hT
 
 
@@ -232,6 +205,12 @@ def selective_scan(
     delta_softplus: bool = False,
     state: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The selective scan; see the module docstring for the layout."""
+    """The selective scan; see the module docstring for the layout. A wrong shape raises
+    ``ValueError`` naming the argument."""
+    check = ShapeCheck("selective_scan")
+    for name, t, dims in (("u", u, "BTD"), ("delta", delta, "BTD"), ("A", A, "DN"), ("B", B, "BTN"),
+                          ("C", C, "BTN"), ("D", D, "D"), ("z", z, "BTD"), ("delta_bias", delta_bias, "D"),
+                          ("state", state, "BDN")):
+        check(name, t, dims)
     impl = _kernels.get("selective_scan", u.device)
     return impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, state)

@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 from hybridssm.ops import _kernels
-from hybridssm.ops.mamba2_fused import FUSED_DTYPES, fused_probe
+from hybridssm.ops._checks import ShapeCheck
+from hybridssm.ops.mamba2_fused import FUSED_DTYPES, fused_probe, ssd_fwd
 
 __all__ = ["ssd", "ssd_ref", "ssd_chunked", "ssd_fused", "DEFAULT_CHUNK_SIZE"]
 
@@ -266,7 +267,7 @@ def ssd_fused(
         Dv = D.to(acc).contiguous() if D is not None else x.new_zeros(H)
         h0 = state.to(acc).contiguous() if state is not None else x.new_zeros(Bsz, H, P, B.shape[-1])
         save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C, Dv, h0))
-        y, hT, _ = torch.ops.hybridssm.mamba2_ssd_fwd(x, dt, A, B, C, Dv, h0, save)
+        y, hT, _ = ssd_fwd(x, dt, A, B, C, Dv, h0, save)
     return y, hT
 
 
@@ -284,5 +285,12 @@ def ssd(
     state: Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[Tensor, Tensor]:
-    """The SSD scan; see the module docstring for the layout."""
+    """The SSD scan; see the module docstring for the layout. A wrong shape raises ``ValueError``
+    naming the argument."""
+    check = ShapeCheck("ssd")
+    for name, t, dims in (("x", x, "BTHP"), ("dt", dt, "BTH"), ("A", A, "H"), ("B", B, "BTGN"),
+                          ("C", C, "BTGN"), ("D", D, "H"), ("state", state, "BHPN")):
+        check(name, t, dims)
+    H, G = check.sizes["H"], check.sizes["G"]
+    check.require(G >= 1 and H % G == 0, f"the groups of B and C ({G}) must divide the heads of x ({H})")
     return _kernels.get("ssd", x.device)(x, dt, A, B, C, D=D, state=state, chunk_size=chunk_size)

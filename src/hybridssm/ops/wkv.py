@@ -44,7 +44,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hybridssm.ops import _kernels
-from hybridssm.ops._cpu_ext import kernel_probe, load_extension
+from hybridssm.ops._checks import ShapeCheck
+from hybridssm.ops._cpu_ext import kernel_probe
+from hybridssm.ops._custom_op import Backward, kernel_op
 
 __all__ = ["wkv6", "wkv6_ref", "wkv6_chunked", "wkv6_fused", "DEFAULT_CHUNK"]
 
@@ -136,60 +138,27 @@ def wkv6_chunked(
 # -- fused C++ kernel ------------------------------------------------------------------------------
 
 
-def _ext():
-    return load_extension("wkv6")
-
-
-@torch.library.custom_op("hybridssm::wkv6_fwd", mutates_args=())
-def _wkv_fwd(
-    r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, s0: Tensor, save: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(o, S_T, checkpoints)``; the checkpoints (for the backward) only when ``save``.
-    Every tensor contiguous, one dtype, fp32 or fp64."""
-    o, sT, ckpt = _ext().wkv6_fwd(r, k, v, w, u, s0, save)
-    return o, sT, ckpt
-
-
-@_wkv_fwd.register_fake
-def _wkv_fwd_fake(r, k, v, w, u, s0, save):
-    B, T, H, K = r.shape
-    V = v.shape[-1]
-    n = math.ceil(T / FUSED_CHECKPOINT)
-    ckpt = r.new_empty((B, H, n, K, V) if save else (0,))
-    return r.new_empty(B, T, H, V), torch.empty_like(s0), ckpt
-
-
-@torch.library.custom_op("hybridssm::wkv6_bwd", mutates_args=())
-def _wkv_bwd(
-    do: Tensor, dsT: Tensor, r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, ckpt: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients ``(dr, dk, dv, dw, du, ds0)`` of :func:`_wkv_fwd`."""
-    return tuple(_ext().wkv6_bwd(do, dsT, r, k, v, w, u, ckpt))
-
-
-@_wkv_bwd.register_fake
-def _wkv_bwd_fake(do, dsT, r, k, v, w, u, ckpt):
-    e = torch.empty_like
-    return e(r), e(k), e(v), e(w), e(u), e(dsT)
-
-
-def _wkv_setup_context(ctx, inputs, output) -> None:
-    r, k, v, w, u, s0, save = inputs
-    ctx.save_for_backward(r, k, v, w, u, output[2])
-    ctx.state_shape = s0.shape
-
-
-def _wkv_backward(ctx, do, dsT, _dckpt):
-    r, k, v, w, u, ckpt = ctx.saved_tensors
-    if ckpt.numel() == 0:
-        raise RuntimeError("wkv6_fwd ran with save=False; it cannot be differentiated")
-    do = r.new_zeros(*r.shape[:3], v.shape[-1]) if do is None else do.contiguous()
-    dsT = r.new_zeros(ctx.state_shape) if dsT is None else dsT.contiguous()
-    dr, dk, dv, dw, du, ds0 = _wkv_bwd(do, dsT, r, k, v, w, u, ckpt)
-    return dr, dk, dv, dw, du, ds0, None
-
-
-_wkv_fwd.register_autograd(_wkv_backward, setup_context=_wkv_setup_context)
+# (o, S_T, checkpoints): the checkpoints (for the backward) only when `save`; every tensor contiguous,
+# one dtype, fp32 or fp64. The backward gives (dr, dk, dv, dw, du, ds0).
+_wkv_fwd = kernel_op(
+    "wkv6_fwd", extension="wkv6", kernel="wkv6_fwd",
+    schema="(Tensor r, Tensor k, Tensor v, Tensor w, Tensor u, Tensor s0, bool save)"
+           " -> (Tensor, Tensor, Tensor)",
+    fake=lambda r, k, v, w, u, s0, save: (
+        r.new_empty(*r.shape[:3], v.shape[-1]), torch.empty_like(s0),
+        r.new_empty((r.shape[0], r.shape[2], math.ceil(r.shape[1] / FUSED_CHECKPOINT), *s0.shape[2:])
+                    if save else (0,)),
+    ),
+    backward=Backward(
+        kernel="wkv6_bwd",
+        schema="(Tensor do, Tensor dsT, Tensor r, Tensor k, Tensor v, Tensor w, Tensor u, Tensor ckpt)"
+               " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+        fake=lambda do, dsT, r, k, v, w, u, ckpt: tuple(torch.empty_like(t) for t in (r, k, v, w, u, dsT)),
+        save=lambda inputs, outputs: (*inputs[:5], outputs[2]),
+        grads=2,
+        checkpoint=2,
+    ),
+)
 
 
 def wkv6_fused(
@@ -199,7 +168,7 @@ def wkv6_fused(
     acc = _acc_dtype(r)
     args = [x.to(acc).contiguous() for x in (r, k, v, w, u, state)]
     save = torch.is_grad_enabled() and any(x.requires_grad for x in args)
-    o, sT, _ = torch.ops.hybridssm.wkv6_fwd(*args, save)
+    o, sT, _ = _wkv_fwd(*args, save)
     return o, sT
 
 
@@ -211,5 +180,10 @@ _kernels.register(
 def wkv6(
     r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor, chunk_size: int = DEFAULT_CHUNK
 ) -> tuple[Tensor, Tensor]:
-    """The RWKV-6 WKV recurrence; see the module docstring for the layout."""
+    """The RWKV-6 WKV recurrence; see the module docstring for the layout. A wrong shape raises
+    ``ValueError`` naming the argument."""
+    check = ShapeCheck("wkv6")
+    for name, t, dims in (("r", r, "BTHK"), ("k", k, "BTHK"), ("v", v, "BTHV"), ("w", w, "BTHK"),
+                          ("u", u, "HK"), ("state", state, "BHKV")):
+        check(name, t, dims)
     return _kernels.get("wkv6", r.device)(r, k, v, w, u, state, chunk_size)

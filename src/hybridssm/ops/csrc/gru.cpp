@@ -19,6 +19,7 @@
 
 #include <ATen/cpu/vec/vec.h>
 
+#include "checks.h"
 #include "vec_helpers.h"
 
 #include <algorithm>
@@ -60,13 +61,16 @@ void fwd_gates(const scalar_t* gi, const scalar_t* gh, const scalar_t* h, scalar
 // Returns (y [B, T, H], gates [B, T, 4H] or empty).
 std::vector<at::Tensor> gru_fwd(const at::Tensor& gi, const at::Tensor& h0, const at::Tensor& w_hh,
                                 const at::Tensor& b_hh, bool save) {
-  for (const at::Tensor* t : {&gi, &h0, &w_hh, &b_hh}) {
-    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), "gru_cpu: contiguous CPU tensors only");
-    TORCH_CHECK(t->scalar_type() == gi.scalar_type(), "gru_cpu: one dtype for all inputs");
-  }
-  TORCH_CHECK(gi.scalar_type() == at::kFloat || gi.scalar_type() == at::kDouble,
-              "gru_cpu: float32 or float64 only");
+  using hybridssm::check_arg;
+  hybridssm::check_float("gru_fwd", "gi", gi);
+  TORCH_CHECK(gi.dim() == 3 && h0.dim() == 2, "gru_fwd: gi must be [B, T, 3H] and h0 [B, H], got ", gi.sizes(),
+              " and ", h0.sizes());
   const int64_t B = gi.size(0), T = gi.size(1), H = h0.size(1);
+  const auto d = gi.scalar_type();
+  check_arg("gru_fwd", "gi", gi, {B, T, 3 * H}, d);
+  check_arg("gru_fwd", "h0", h0, {B, H}, d);
+  check_arg("gru_fwd", "w_hh", w_hh, {3 * H, H}, d);
+  check_arg("gru_fwd", "b_hh", b_hh, {3 * H}, d);
   auto y = at::empty({B, T, H}, gi.options());
   auto gates = save ? at::empty({B, T, 4 * H}, gi.options()) : at::empty({0}, gi.options());
   auto gh = at::empty({B, 3 * H}, gi.options());
@@ -92,12 +96,16 @@ std::vector<at::Tensor> gru_fwd(const at::Tensor& gi, const at::Tensor& h0, cons
 // The final state is y[:, -1], so its gradient arrives through dy: the carry starts at zero.
 std::vector<at::Tensor> gru_bwd(const at::Tensor& dy, const at::Tensor& y, const at::Tensor& h0,
                                 const at::Tensor& w_hh, const at::Tensor& gates) {
-  for (const at::Tensor* t : {&dy, &y, &h0, &w_hh, &gates}) {
-    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), "gru_cpu: contiguous CPU tensors only");
-    TORCH_CHECK(t->scalar_type() == y.scalar_type(), "gru_cpu: one dtype for all inputs");
-  }
+  using hybridssm::check_arg;
+  hybridssm::check_float("gru_bwd", "y", y);
+  TORCH_CHECK(y.dim() == 3, "gru_bwd: y must be [B, T, H], got ", y.sizes());
   const int64_t B = y.size(0), T = y.size(1), H = y.size(2);
-  TORCH_CHECK(gates.numel() == B * T * 4 * H, "gru_cpu: saved gates do not match the inputs");
+  const auto d = y.scalar_type();
+  check_arg("gru_bwd", "dy", dy, {B, T, H}, d);
+  check_arg("gru_bwd", "y", y, {B, T, H}, d);
+  check_arg("gru_bwd", "h0", h0, {B, H}, d);
+  check_arg("gru_bwd", "w_hh", w_hh, {3 * H, H}, d);
+  hybridssm::check_saved("gru_bwd", "gates", gates, B * T * 4 * H, d);
   auto dgi = at::empty({B, T, 3 * H}, y.options());
   auto dghn = at::empty({B, T, H}, y.options());
   auto dgh = at::empty({B, 3 * H}, y.options());  // this step's recurrent gate gradients

@@ -23,6 +23,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include "checks.h"
 #include "vec_helpers.h"
 
 #include <algorithm>
@@ -67,15 +68,51 @@ inline Vectorized<scalar_t> sigmoid(const Vectorized<scalar_t>& v) {
   return Vec(1) / (Vec(1) + exp_inline(v.neg()));
 }
 
-void check_cpu(const at::Tensor& t, const at::Tensor& like, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "mamba2_fused: ", name, " must be a CPU tensor");
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "mamba2_fused: ", name, " has dtype ",
-              t.scalar_type(), ", expected ", like.scalar_type());
+using hybridssm::check_arg;
+using hybridssm::Layout;
+
+// x [B, T, H, P], dt [B, T, H], A [H], B, C [B, T, G, N] with G dividing H, D [H]: every size the SSD
+// kernels index with (x, B and C are read through their strides).
+void check_ssd(const char* op, const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A,
+               const at::Tensor& Bm, const at::Tensor& Cm, const at::Tensor& Dv) {
+  hybridssm::check_float(op, "x", x);
+  TORCH_CHECK(x.dim() == 4 && Bm.dim() == 4, op, ": x must be [B, T, H, P] and B [B, T, G, N], got ", x.sizes(),
+              " and ", Bm.sizes());
+  const int64_t Bsz = x.size(0), T = x.size(1), H = x.size(2), P = x.size(3), G = Bm.size(2), N = Bm.size(3);
+  TORCH_CHECK(G >= 1 && H % G == 0, op, ": the groups of B and C (", G, ") must divide the heads of x (", H, ")");
+  const auto d = x.scalar_type();
+  check_arg(op, "x", x, {Bsz, T, H, P}, d, Layout::InnerContiguous);
+  check_arg(op, "dt", dt, {Bsz, T, H}, d);
+  check_arg(op, "A", A, {H}, d);
+  check_arg(op, "B", Bm, {Bsz, T, G, N}, d, Layout::InnerContiguous);
+  check_arg(op, "C", Cm, {Bsz, T, G, N}, d, Layout::InnerContiguous);
+  check_arg(op, "D", Dv, {H}, d);
 }
 
-void check_inner(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.size(-1) == 1 || t.stride(-1) == 1, "mamba2_fused: ", name,
-              " needs a contiguous last dim");
+// x [B, T, C] (strided rows), wt [K, C] with 1 <= K <= 64, bias [C], st [B, K-1, C].
+void check_conv(const char* op, const at::Tensor& x, const at::Tensor& wt, const at::Tensor& bias,
+                const at::Tensor& st) {
+  hybridssm::check_float(op, "x", x);
+  TORCH_CHECK(x.dim() == 3 && wt.dim() == 2, op, ": x must be [B, T, C] and wt [K, C], got ", x.sizes(), " and ",
+              wt.sizes());
+  const int64_t Bsz = x.size(0), T = x.size(1), C = x.size(2), K = wt.size(0);
+  TORCH_CHECK(K >= 1 && K <= 64, op, ": the conv width K must be in 1..64, got ", K);
+  const auto d = x.scalar_type();
+  check_arg(op, "x", x, {Bsz, T, C}, d, Layout::InnerContiguous);
+  check_arg(op, "wt", wt, {K, C}, d);
+  check_arg(op, "bias", bias, {C}, d);
+  check_arg(op, "st", st, {Bsz, K - 1, C}, d);
+}
+
+// y [B, T, E], z [B, T, E] (strided rows), w [E], G groups dividing E.
+void check_gnorm(const char* op, const at::Tensor& y, const at::Tensor& z, const at::Tensor& w, int64_t G) {
+  hybridssm::check_float(op, "y", y);
+  TORCH_CHECK(y.dim() == 3, op, ": y must be [B, T, E], got ", y.sizes());
+  const int64_t Bsz = y.size(0), T = y.size(1), E = y.size(2);
+  TORCH_CHECK(G >= 1 && E % G == 0, op, ": groups must be a positive divisor of E = ", E, ", got ", G);
+  check_arg(op, "y", y, {Bsz, T, E}, y.scalar_type());
+  check_arg(op, "z", z, {Bsz, T, E}, y.scalar_type(), Layout::InnerContiguous);
+  check_arg(op, "weight", w, {E}, y.scalar_type());
 }
 
 // -- SSD -----------------------------------------------------------------------------------------
@@ -161,16 +198,9 @@ std::vector<at::Tensor> ssd_fwd(const at::Tensor& x, const at::Tensor& dt, const
                                 const at::Tensor& Bm, const at::Tensor& Cm, const at::Tensor& Dv,
                                 const at::Tensor& h0, bool save) {
   // x [B, T, H, P], dt [B, T, H], A [H], B, C [B, T, G, N], D [H], h0 [B, H, P, N]
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "mamba2_fused: float32 or float64 only");
-  for (auto* t : {&dt, &A, &Bm, &Cm, &Dv, &h0}) check_cpu(*t, x, "input");
-  check_cpu(x, x, "x");
-  check_inner(x, "x");
-  check_inner(Bm, "B");
-  check_inner(Cm, "C");
-  TORCH_CHECK(dt.is_contiguous() && A.is_contiguous() && Dv.is_contiguous() && h0.is_contiguous(),
-              "mamba2_fused: dt, A, D, h0 must be contiguous");
+  check_ssd("ssd_fwd", x, dt, A, Bm, Cm, Dv);
   const int64_t Bsz = x.size(0), T = x.size(1), H = x.size(2), P = x.size(3), N = Bm.size(3);
+  check_arg("ssd_fwd", "h0", h0, {Bsz, H, P, N}, x.scalar_type());
   auto y = at::empty({Bsz, T, H, P}, x.options());
   auto hT = at::empty({Bsz, H, P, N}, x.options());
   const int64_t nck = (T + kChunk - 1) / kChunk;
@@ -306,13 +336,11 @@ void ssd_bwd_impl(const SSDShape& s, const scalar_t* dy, const scalar_t* dhT, co
 std::vector<at::Tensor> ssd_bwd(const at::Tensor& dy, const at::Tensor& dhT, const at::Tensor& x,
                                 const at::Tensor& dt, const at::Tensor& A, const at::Tensor& Bm,
                                 const at::Tensor& Cm, const at::Tensor& Dv, const at::Tensor& ckpt) {
-  TORCH_CHECK(dy.is_contiguous() && dhT.is_contiguous() && ckpt.is_contiguous(),
-              "mamba2_fused: dy, dhT, ckpt must be contiguous");
-  for (auto* t : {&dy, &dhT, &dt, &A, &Bm, &Cm, &Dv, &ckpt}) check_cpu(*t, x, "input");
-  check_inner(x, "x");
-  check_inner(Bm, "B");
-  check_inner(Cm, "C");
+  check_ssd("ssd_bwd", x, dt, A, Bm, Cm, Dv);
   const int64_t Bsz = x.size(0), T = x.size(1), H = x.size(2), P = x.size(3), N = Bm.size(3);
+  check_arg("ssd_bwd", "dy", dy, {Bsz, T, H, P}, x.scalar_type());
+  check_arg("ssd_bwd", "dhT", dhT, {Bsz, H, P, N}, x.scalar_type());
+  hybridssm::check_saved("ssd_bwd", "ckpt", ckpt, Bsz * H * ((T + kChunk - 1) / kChunk) * N * P, x.scalar_type());
   auto opts = x.options();
   auto dx = at::empty({Bsz, T, H, P}, opts);
   auto ddt = at::empty({Bsz, T, H}, opts);
@@ -366,15 +394,8 @@ void conv_silu_fwd_impl(const scalar_t* xp, int64_t sxb, int64_t sxt, const scal
 
 at::Tensor conv_silu_fwd(const at::Tensor& x, const at::Tensor& wt, const at::Tensor& bias,
                          const at::Tensor& st) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "mamba2_fused: float32 or float64 only");
-  for (auto* t : {&wt, &bias, &st}) {
-    check_cpu(*t, x, "input");
-    TORCH_CHECK(t->is_contiguous(), "mamba2_fused: conv weight, bias, state must be contiguous");
-  }
-  check_inner(x, "x");
+  check_conv("conv_silu_fwd", x, wt, bias, st);
   const int64_t Bsz = x.size(0), T = x.size(1), C = x.size(2), K = wt.size(0);
-  TORCH_CHECK(K <= 64, "mamba2_fused: conv width up to 64");
   auto y = at::empty({Bsz, T, C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_silu_fwd", [&] {
     auto run = K == 4 ? conv_silu_fwd_impl<scalar_t, 4> : conv_silu_fwd_impl<scalar_t, 0>;
@@ -464,11 +485,9 @@ void conv_silu_bwd_impl(const scalar_t* gp, const scalar_t* xp, int64_t sxb, int
 
 std::vector<at::Tensor> conv_silu_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& wt,
                                       const at::Tensor& bias, const at::Tensor& st) {
-  TORCH_CHECK(dy.is_contiguous(), "mamba2_fused: dy must be contiguous");
-  for (auto* t : {&dy, &wt, &bias, &st}) check_cpu(*t, x, "input");
-  check_inner(x, "x");
+  check_conv("conv_silu_bwd", x, wt, bias, st);
   const int64_t Bsz = x.size(0), T = x.size(1), C = x.size(2), K = wt.size(0);
-  TORCH_CHECK(K <= 64, "mamba2_fused: conv width up to 64");
+  check_arg("conv_silu_bwd", "dy", dy, {Bsz, T, C}, x.scalar_type());
   auto dx = at::empty({Bsz, T, C}, x.options());
   auto dst = at::empty({Bsz, K - 1, C}, x.options());
   auto dwt = at::empty({K, C}, x.options());
@@ -488,12 +507,7 @@ std::vector<at::Tensor> conv_silu_bwd(const at::Tensor& dy, const at::Tensor& x,
 
 std::vector<at::Tensor> gnorm_fwd(const at::Tensor& y, const at::Tensor& z, const at::Tensor& w,
                                   int64_t G, double eps) {
-  TORCH_CHECK(y.scalar_type() == at::kFloat || y.scalar_type() == at::kDouble,
-              "mamba2_fused: float32 or float64 only");
-  check_cpu(z, y, "z");
-  check_cpu(w, y, "weight");
-  TORCH_CHECK(y.is_contiguous() && w.is_contiguous(), "mamba2_fused: y and weight must be contiguous");
-  check_inner(z, "z");
+  check_gnorm("gnorm_fwd", y, z, w, G);
   const int64_t Bsz = y.size(0), T = y.size(1), E = y.size(2), Eg = E / G;
   auto out = at::empty({Bsz, T, E}, y.options());
   auto rstd = at::empty({Bsz, T, G}, y.options());
@@ -533,11 +547,12 @@ std::vector<at::Tensor> gnorm_fwd(const at::Tensor& y, const at::Tensor& z, cons
 
 std::vector<at::Tensor> gnorm_bwd(const at::Tensor& dout, const at::Tensor& y, const at::Tensor& z,
                                   const at::Tensor& w, const at::Tensor& rstd) {
-  TORCH_CHECK(dout.is_contiguous() && y.is_contiguous() && rstd.is_contiguous(),
-              "mamba2_fused: dout, y, rstd must be contiguous");
-  for (auto* t : {&dout, &z, &w, &rstd}) check_cpu(*t, y, "input");
-  check_inner(z, "z");
-  const int64_t Bsz = y.size(0), T = y.size(1), E = y.size(2), G = rstd.size(2), Eg = E / G;
+  TORCH_CHECK(rstd.dim() == 3, "gnorm_bwd: rstd must be [B, T, groups], got ", rstd.sizes());
+  const int64_t G = rstd.size(2);
+  check_gnorm("gnorm_bwd", y, z, w, G);
+  const int64_t Bsz = y.size(0), T = y.size(1), E = y.size(2), Eg = E / G;
+  check_arg("gnorm_bwd", "dout", dout, {Bsz, T, E}, y.scalar_type());
+  check_arg("gnorm_bwd", "rstd", rstd, {Bsz, T, G}, y.scalar_type());
   auto dy = at::empty({Bsz, T, E}, y.options());
   auto dz = at::empty({Bsz, T, E}, y.options());
   const int64_t nthr = at::get_num_threads();

@@ -22,6 +22,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include "checks.h"
 #include "vec_helpers.h"
 
 #include <algorithm>
@@ -220,23 +221,30 @@ void scan_bwd_impl(const scalar_t* dy, const scalar_t* dhT, const scalar_t* u, c
   });
 }
 
-void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& At,
+// u, delta [B, T, Dn], At [N, Dn], B, C [B, T, N], D [Dn]: every size the kernels index with.
+void check_inputs(const char* op, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& At,
                   const at::Tensor& Bm, const at::Tensor& Cm, const at::Tensor& Dv) {
-  for (const auto* t : {&u, &delta, &At, &Bm, &Cm, &Dv}) {
-    TORCH_CHECK(t->device().is_cpu(), "selective_scan_cpu: CPU tensors only");
-    TORCH_CHECK(t->is_contiguous(), "selective_scan_cpu: contiguous tensors only");
-    TORCH_CHECK(t->scalar_type() == u.scalar_type(), "selective_scan_cpu: one dtype for all inputs");
-  }
-  TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == at::kDouble,
-              "selective_scan_cpu: float32 or float64 only");
+  using hybridssm::check_arg;
+  hybridssm::check_float(op, "u", u);
+  TORCH_CHECK(u.dim() == 3 && At.dim() == 2, op, ": u must be [B, T, Dn] and At [N, Dn], got ", u.sizes(),
+              " and ", At.sizes());
+  const int64_t Bsz = u.size(0), T = u.size(1), Dn = u.size(2), N = At.size(0);
+  const auto dt = u.scalar_type();
+  check_arg(op, "u", u, {Bsz, T, Dn}, dt);
+  check_arg(op, "delta", delta, {Bsz, T, Dn}, dt);
+  check_arg(op, "At", At, {N, Dn}, dt);
+  check_arg(op, "B", Bm, {Bsz, T, N}, dt);
+  check_arg(op, "C", Cm, {Bsz, T, N}, dt);
+  check_arg(op, "D", Dv, {Dn}, dt);
 }
 
 // Returns (y [B, T, Dn], hT [B, Dn, N], checkpoints [B, nchunks, N, Dn] or empty).
 std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& At,
                                  const at::Tensor& Bm, const at::Tensor& Cm, const at::Tensor& Dv,
                                  const at::Tensor& h0, bool save) {
-  check_inputs(u, delta, At, Bm, Cm, Dv);
+  check_inputs("scan_fwd", u, delta, At, Bm, Cm, Dv);
   const int64_t Bsz = u.size(0), T = u.size(1), Dn = u.size(2), N = At.size(0);
+  hybridssm::check_arg("scan_fwd", "h0", h0, {Bsz, Dn, N}, u.scalar_type());
   auto y = at::empty_like(u);
   auto hT = at::empty_like(h0);
   const int64_t nchunks = (T + kChunk - 1) / kChunk;
@@ -255,10 +263,11 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, c
 std::vector<at::Tensor> scan_bwd(const at::Tensor& dy, const at::Tensor& dhT, const at::Tensor& u,
                                  const at::Tensor& delta, const at::Tensor& At, const at::Tensor& Bm,
                                  const at::Tensor& Cm, const at::Tensor& Dv, const at::Tensor& ckpt) {
-  check_inputs(u, delta, At, Bm, Cm, Dv);
-  TORCH_CHECK(dy.is_contiguous() && dhT.is_contiguous() && ckpt.is_contiguous(),
-              "selective_scan_cpu: contiguous tensors only");
+  check_inputs("scan_bwd", u, delta, At, Bm, Cm, Dv);
   const int64_t Bsz = u.size(0), T = u.size(1), Dn = u.size(2), N = At.size(0);
+  hybridssm::check_arg("scan_bwd", "dy", dy, {Bsz, T, Dn}, u.scalar_type());
+  hybridssm::check_arg("scan_bwd", "dhT", dhT, {Bsz, Dn, N}, u.scalar_type());
+  hybridssm::check_saved("scan_bwd", "ckpt", ckpt, Bsz * ((T + kChunk - 1) / kChunk) * N * Dn, u.scalar_type());
   const int64_t W = u.scalar_type() == at::kFloat ? Vectorized<float>::size() : Vectorized<double>::size();
   const int64_t nblk = (Dn + W - 1) / W;
   // enough (batch, channel group) units to keep every thread busy when the batch is small

@@ -28,6 +28,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include "checks.h"
 #include "vec_helpers.h"
 
 #include <algorithm>
@@ -178,22 +179,29 @@ void bwd_impl(const scalar_t* dout, const scalar_t* dsT, const scalar_t* r, cons
   });
 }
 
-void check_inputs(std::initializer_list<const at::Tensor*> ts) {
-  const auto dt = (*ts.begin())->scalar_type();
-  for (const auto* t : ts) {
-    TORCH_CHECK(t->device().is_cpu(), "wkv6_cpu: CPU tensors only");
-    TORCH_CHECK(t->is_contiguous(), "wkv6_cpu: contiguous tensors only");
-    TORCH_CHECK(t->scalar_type() == dt, "wkv6_cpu: one dtype for all inputs");
-  }
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "wkv6_cpu: float32 or float64 only");
+// r, k, w [B, T, H, K], v [B, T, H, V], u [H, K]: every size the kernels index with.
+void check_inputs(const char* op, const at::Tensor& r, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& w, const at::Tensor& u) {
+  using hybridssm::check_arg;
+  hybridssm::check_float(op, "r", r);
+  TORCH_CHECK(r.dim() == 4 && v.dim() == 4, op, ": r must be [B, T, H, K] and v [B, T, H, V], got ", r.sizes(),
+              " and ", v.sizes());
+  const int64_t Bsz = r.size(0), T = r.size(1), H = r.size(2), K = r.size(3), V = v.size(3);
+  const auto d = r.scalar_type();
+  check_arg(op, "r", r, {Bsz, T, H, K}, d);
+  check_arg(op, "k", k, {Bsz, T, H, K}, d);
+  check_arg(op, "v", v, {Bsz, T, H, V}, d);
+  check_arg(op, "w", w, {Bsz, T, H, K}, d);
+  check_arg(op, "u", u, {H, K}, d);
 }
 
 // Returns (o [B, T, H, V], sT [B, H, K, V], checkpoints [B, H, nchunks, K, V] or empty).
 std::vector<at::Tensor> wkv6_fwd(const at::Tensor& r, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& w, const at::Tensor& u, const at::Tensor& s0,
                                  bool save) {
-  check_inputs({&r, &k, &v, &w, &u, &s0});
+  check_inputs("wkv6_fwd", r, k, v, w, u);
   const int64_t Bsz = r.size(0), T = r.size(1), H = r.size(2), K = r.size(3), V = v.size(3);
+  hybridssm::check_arg("wkv6_fwd", "s0", s0, {Bsz, H, K, V}, r.scalar_type());
   auto o = at::empty({Bsz, T, H, V}, r.options());
   auto sT = at::empty({Bsz, H, K, V}, r.options());
   const int64_t nchunks = (T + kChunk - 1) / kChunk;
@@ -211,10 +219,12 @@ std::vector<at::Tensor> wkv6_fwd(const at::Tensor& r, const at::Tensor& k, const
 std::vector<at::Tensor> wkv6_bwd(const at::Tensor& dout, const at::Tensor& dsT, const at::Tensor& r,
                                  const at::Tensor& k, const at::Tensor& v, const at::Tensor& w,
                                  const at::Tensor& u, const at::Tensor& ckpt) {
-  check_inputs({&r, &k, &v, &w, &u, &dout, &dsT, &ckpt});
+  check_inputs("wkv6_bwd", r, k, v, w, u);
   const int64_t Bsz = r.size(0), T = r.size(1), H = r.size(2), K = r.size(3), V = v.size(3);
   const int64_t nchunks = (T + kChunk - 1) / kChunk;
-  TORCH_CHECK(ckpt.numel() == Bsz * H * nchunks * K * V, "wkv6_cpu: checkpoints do not match the inputs");
+  hybridssm::check_arg("wkv6_bwd", "dout", dout, {Bsz, T, H, V}, r.scalar_type());
+  hybridssm::check_arg("wkv6_bwd", "dsT", dsT, {Bsz, H, K, V}, r.scalar_type());
+  hybridssm::check_saved("wkv6_bwd", "ckpt", ckpt, Bsz * H * nchunks * K * V, r.scalar_type());
   auto dr = at::empty_like(r), dk = at::empty_like(k), dv = at::empty_like(v), dw = at::empty_like(w);
   auto du_part = at::empty({Bsz, H, K}, r.options());
   auto ds0 = at::empty({Bsz, H, K, V}, r.options());

@@ -1,0 +1,233 @@
+"""The fused-kernel build cache (ops/_cpu_ext.py), in fresh processes over a fresh
+TORCH_EXTENSIONS_DIR: one build per torch install and source, concurrent first builds, a build killed
+part-way, a wait that gives up, the one stderr line while building, the compiler log of a failed
+build and the one fallback warning. A tiny extension (plain Python C API, compiles in a second or
+two) stands in for the real kernels where the test is about the cache."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+TINY = r"""
+#include <Python.h>
+#define HS_STR(x) #x
+#define HS_XSTR(x) HS_STR(x)
+#define HS_CAT(a, b) a##b
+#define HS_INIT(name) HS_CAT(PyInit_, name)
+static struct PyModuleDef tiny_def = {
+    PyModuleDef_HEAD_INIT, HS_XSTR(TORCH_EXTENSION_NAME), nullptr, -1, nullptr};
+PyMODINIT_FUNC HS_INIT(TORCH_EXTENSION_NAME)(void) {
+  PyObject* m = PyModule_Create(&tiny_def);
+  PyModule_AddIntConstant(m, "answer", ANSWER);
+  return m;
+}
+"""
+
+# Loads the tiny extension through the library's cache. argv: torch version and C++ ABI to pretend
+# (simulating another torch install), and a delay that stands for a slow compiler.
+SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    import torch
+    import torch.utils.cpp_extension as cx
+    from hybridssm.ops import _cpu_ext
+
+    version, abi, delay = sys.argv[2], sys.argv[3], float(sys.argv[4])
+    if version != "-":
+        torch.__version__ = version
+    if abi != "-":
+        torch._C._GLIBCXX_USE_CXX11_ABI = abi == "1"
+    if delay:
+        real_load = cx.load
+        def slow_load(*args, **kwargs):
+            time.sleep(delay)
+            return real_load(*args, **kwargs)
+        cx.load = slow_load
+    src = Path(sys.argv[1])
+    ext = _cpu_ext.Extension("tiny", src / "tiny.cpp", src, ("-DANSWER=42",))
+    try:
+        print("answer", _cpu_ext.load(ext).answer, ext.name, flush=True)
+    except _cpu_ext.KernelBuildError as exc:
+        print("error", exc, flush=True)
+        print("log", exc.log, flush=True)
+    """
+)
+
+
+@pytest.fixture
+def env(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "tiny.cpp").write_text(TINY)
+    (tmp_path / "run.py").write_text(SCRIPT)
+    return {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(SRC),
+            "OMP_NUM_THREADS": "1"}
+
+
+def _start(tmp_path, env, version="-", abi="-", delay=0.0, extra_env=None):
+    cmd = [sys.executable, str(tmp_path / "run.py"), str(tmp_path / "src"), version, abi, str(delay)]
+    return subprocess.Popen(cmd, env={**env, **(extra_env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _run(tmp_path, env, *args, timeout=240, **kwargs):
+    p = _start(tmp_path, env, *args, **kwargs)
+    out, err = p.communicate(timeout=timeout)
+    assert p.returncode == 0, err
+    return out, err
+
+
+def _building(err: str) -> int:
+    return err.count("hybridssm: building fused CPU kernels (first use, cached in ")
+
+
+def test_builds_once_with_one_line_then_loads_from_the_cache(tmp_path, env):
+    out, err = _run(tmp_path, env)
+    assert out.startswith("answer 42")
+    assert _building(err) == 1, err
+    assert f"cached in {tmp_path / 'cache' / 'hybridssm'})" in err
+    assert len(err.strip().splitlines()) == 1, err  # the one line, no compiler output
+    out2, err2 = _run(tmp_path, env)
+    assert out2 == out and err2 == ""
+    leftovers = [p.name for p in (tmp_path / "cache" / "hybridssm").iterdir() if ".build-" in p.name]
+    assert leftovers == []
+
+
+def test_each_torch_install_keeps_its_own_build(tmp_path, env):
+    # Two torch installs (version, C++ ABI) switch back and forth: each builds once, none reloads
+    # the other's binary.
+    names = set()
+    for version, abi, builds in (("9.0.0", "1", 1), ("9.1.0", "1", 1), ("9.0.0", "0", 1), ("9.0.0", "1", 0)):
+        out, err = _run(tmp_path, env, version, abi)
+        assert _building(err) == builds, (version, abi, err)
+        names.add(out.split()[2])
+    assert len(names) == 3
+
+
+def test_source_or_header_change_gives_a_new_build(tmp_path, env):
+    out, _ = _run(tmp_path, env)
+    (tmp_path / "src" / "sub").mkdir()
+    (tmp_path / "src" / "sub" / "extra.h").write_text("// a header the source may include\n")
+    out2, err2 = _run(tmp_path, env)
+    assert _building(err2) == 1 and out2.split()[2] != out.split()[2]
+
+
+def test_concurrent_first_builds_both_succeed(tmp_path, env):
+    procs = [_start(tmp_path, env, delay=5.0) for _ in range(2)]
+    results = [p.communicate(timeout=240) for p in procs]
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 0 and out.startswith("answer 42"), err
+    assert sum(_building(err) for _, err in results) == 1  # one built, the other waited and loaded
+
+
+def _wait_for_line(proc, text, timeout=120):
+    deadline = time.monotonic() + timeout
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        lines.append(line)
+        if text in line:
+            return
+        if not line and proc.poll() is not None:
+            break
+    raise AssertionError(f"no {text!r} on stderr: {lines}")
+
+
+def test_a_build_killed_part_way_is_retried_by_the_next_process(tmp_path, env):
+    victim = _start(tmp_path, env, delay=600)
+    _wait_for_line(victim, "building fused CPU kernels")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    lock = next((tmp_path / "cache" / "hybridssm").glob("*.lock"))
+    assert lock.read_text().strip() == str(victim.pid)  # the dead owner's lock file stays behind
+    start = time.monotonic()
+    out, err = _run(tmp_path, env, timeout=120)
+    assert out.startswith("answer 42") and _building(err) == 1
+    assert time.monotonic() - start < 120
+    assert not list((tmp_path / "cache" / "hybridssm").glob("*.build-*"))  # the killed build's files
+
+
+def test_a_waiter_gives_up_instead_of_hanging(tmp_path, env):
+    owner = _start(tmp_path, env, delay=600)
+    try:
+        _wait_for_line(owner, "building fused CPU kernels")
+        out, err = _run(tmp_path, env, extra_env={"HYBRIDSSM_BUILD_TIMEOUT": "1"}, timeout=120)
+        assert f"waiting for process {owner.pid} to finish building" in err
+        assert out.startswith("error gave up after 1 s waiting for process")
+        assert "HYBRIDSSM_BUILD_TIMEOUT" in out
+    finally:
+        owner.kill()
+        owner.wait()
+
+
+def test_a_failed_build_writes_the_log_and_raises_a_short_error(tmp_path, env):
+    (tmp_path / "src" / "tiny.cpp").write_text(TINY.replace("return m;", "return m  // syntax error"))
+    out, err = _run(tmp_path, env)
+    first, log_line = out.strip().splitlines()[:2]
+    assert first.startswith("error could not compile tiny.cpp: ") and "compiler log: " in first
+    log = Path(log_line.removeprefix("log "))
+    assert "error" in log.read_text() and "tiny.cpp" in log.read_text()
+    assert len(err.strip().splitlines()) == 1, err  # only the building line: the log is in the file
+
+
+FALLBACK = textwrap.dedent(
+    """
+    import warnings
+    import torch
+    from hybridssm.ops import use_kernels
+    from hybridssm.ops.scan import selective_scan
+    from hybridssm.ops.wkv import wkv6
+    from hybridssm.ops.gru import gru
+    import hybridssm as hs
+
+    warnings.simplefilter("always")
+    g = torch.Generator().manual_seed(0)
+    u, dt = torch.randn(2, 5, 4, generator=g), torch.rand(2, 5, 4, generator=g)
+    A, B, C = -torch.rand(4, 3, generator=g), torch.randn(2, 5, 3, generator=g), torch.randn(2, 5, 3)
+    r = torch.randn(1, 3, 2, 4, generator=g)
+    x, h0 = torch.randn(2, 3, 5, generator=g), torch.zeros(2, 4)
+    w_ih, w_hh = torch.randn(12, 5, generator=g), torch.randn(12, 4, generator=g)
+    runs = [
+        lambda: selective_scan(u, dt, A, B, C)[0],
+        lambda: wkv6(r, r, r, -r.abs(), torch.zeros(2, 4), torch.zeros(1, 2, 4, 4))[0],
+        lambda: gru(x, h0, w_ih, w_hh, torch.zeros(12), torch.zeros(12)),
+    ]
+    for run in runs:
+        auto = run()
+        with use_kernels("torch"):
+            assert torch.allclose(auto, run())
+    print({op: v["backend"] for op, v in hs.kernels().items() if op in ("selective_scan", "wkv6", "gru")})
+    """
+)
+
+
+def test_a_failed_build_falls_back_with_one_warning_in_all(tmp_path, env):
+    # A compiler that fails at once: three ops, three extensions, one warning naming the way out.
+    (tmp_path / "fallback.py").write_text(FALLBACK)
+    p = subprocess.run([sys.executable, str(tmp_path / "fallback.py")], env={**env, "CXX": "false"},
+                       capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "{'gru': 'torch', 'selective_scan': 'torch', 'wkv6': 'torch'}"
+    warned = [line for line in p.stderr.splitlines() if "Warning" in line]
+    assert len(warned) == 1, p.stderr
+    assert "HYBRIDSSM_KERNELS=torch" in warned[0] and "compiler log: " in warned[0]
+    assert len(p.stderr) < 2000, p.stderr  # no compiler output on the console
+
+
+def test_kernels_report_builds_nothing(tmp_path, env):
+    code = ("import hybridssm as hs; r = hs.kernels(); "
+            "print(r['selective_scan']['backend'], '|', r['selective_scan']['reason'])")
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("fused | not built yet; builds on first use")
+    assert p.stderr == "" and not (tmp_path / "cache").exists()
