@@ -5,6 +5,7 @@
 #include "step/common.h"
 
 // one include per mixer kind (each file registers its kernels)
+#include "step/rglru.h"
 
 namespace {
 

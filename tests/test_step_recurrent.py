@@ -1,0 +1,132 @@
+"""The fused steps of the recurrent backbone mixers (gru, rwkv, delta_net, gated_delta_net,
+griffin_lru) against each mixer's own ``forward`` at T = 1, from a prefilled state, over several steps.
+
+Each case checks the output and every state field the kernel updates in place, at batch 1 (the gemv
+branch of the projections) and batch 8 (the GEMM branch), with rows at different positions (one row
+reset to its initial state next to rows prefilled to different lengths), on widths that are not
+multiples of the SIMD width.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import assert_close
+from hybridssm.mixers.rglru import RGLRUMixer
+from hybridssm.ops.step import mixer_step
+
+STEPS = 3
+
+
+def _perturbed(mixer: torch.nn.Module) -> torch.nn.Module:
+    """Random parameters everywhere: several inits are zero (RWKV's output projections, LoRA
+    factors), which would let a wrong kernel pass."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return mixer.eval()
+
+
+def _prefilled(mixer, B: int, d: int):
+    """A state after a prefill of random lengths (1..6) per row, with row 0 reset to the initial
+    state (position 0) when B > 1; and each row's position."""
+    T = 6
+    lengths = torch.randint(1, T + 1, (B,))
+    with torch.no_grad():
+        _, state = mixer(torch.randn(B, T, d), mixer.init_state(B), lengths=lengths)
+    pos = lengths.clone()
+    if B > 1:
+        fresh = mixer.init_state(1)
+        for s, f in zip(state, fresh):
+            s[0] = f[0]
+        pos[0] = 0
+    return state, pos
+
+
+def check_step_matches_forward(mixer, d: int, B: int) -> None:
+    mixer = _perturbed(mixer)
+    spec = mixer.step_spec()
+    assert spec is not None
+    ref_state, pos = _prefilled(mixer, B, d)
+    state = [s.clone().contiguous() for s in ref_state]
+    for t in range(STEPS):
+        x = torch.randn(B, d)
+        with torch.no_grad():
+            y_ref, ref_state = mixer(x[:, None], ref_state, inplace=True)
+        y = mixer_step(spec, x, state, pos)
+        pos += 1
+        assert_close(y, y_ref[:, 0], msg=f"output at step {t}")
+        for name, s, r in zip(type(ref_state)._fields, state, ref_state):
+            if r.is_floating_point():
+                assert_close(s, r, msg=f"state {name} at step {t}")
+            else:
+                assert torch.equal(s, r), f"state {name} at step {t}: {s} != {r}"
+
+
+GRIFFIN = [  # (hidden, options): odd widths, several gate block counts, conv widths 1..4
+    (37, {}),
+    (36, {"lru_width": 36, "gate_heads": 3, "conv_size": 3}),
+    (20, {"lru_width": 45, "gate_heads": 5, "conv_size": 1}),
+    (64, {"gate_heads": 2}),
+]
+
+
+@pytest.mark.parametrize("B", [1, 8])
+@pytest.mark.parametrize("d, options", GRIFFIN)
+def test_griffin_step_equals_forward(d, options, B):
+    check_step_matches_forward(RGLRUMixer(d, **options), d, B)
+
+
+def test_griffin_step_applies_first_position_rule_per_row():
+    # a row at position 0 and one at position 5 in one batch: only the first gets a = 0
+    mixer = _perturbed(RGLRUMixer(19, gate_heads=1))
+    state = mixer.init_state(2)
+    with torch.no_grad():
+        _, state = mixer(torch.randn(2, 5, 19), state)
+    fresh = mixer.init_state(1)
+    for s, f in zip(state, fresh):
+        s[0] = f[0]
+    assert state.pos.tolist() == [0, 5]
+    ours = [s.clone() for s in state]
+    x = torch.randn(2, 19)
+    with torch.no_grad():
+        y_ref, state = mixer(x[:, None], state)
+    y = mixer_step(mixer.step_spec(), x, ours, torch.tensor([0, 5]))
+    assert_close(y, y_ref[:, 0])
+    assert_close(ours[1], state.h)
+    assert ours[2].tolist() == [1, 6]
+
+
+def _bad_calls(mixer, d: int):
+    """(description, call) pairs that must raise RuntimeError before touching memory."""
+    spec = mixer.step_spec()
+    good = [s.contiguous() for s in mixer.init_state(2)]
+    pos = torch.zeros(2, dtype=torch.int64)
+    x = torch.randn(2, d)
+    yield "input width", lambda: mixer_step(spec, torch.randn(2, d + 1), good, pos)
+    for i, s in enumerate(good):
+        bad = list(good)
+        bad[i] = s.new_zeros(2, *[n + 1 for n in s.shape[1:]]) if s.dim() > 1 else s.new_zeros(3)
+        yield f"state {i} shape", lambda bad=bad: mixer_step(spec, x, bad, pos)
+    yield "missing state", lambda: mixer_step(spec, x, good[:-1], pos)
+    for i, w in enumerate(spec.weights):
+        if w is None:
+            continue
+        ws = list(spec.weights)
+        ws[i] = torch.zeros(*[n + 1 for n in w.shape])
+        bad_spec = spec._replace(weights=type(spec.weights)(*ws))
+        yield f"weight {type(spec.weights)._fields[i]} shape", lambda s=bad_spec: mixer_step(s, x, good, pos)
+    yield "integer input", lambda: mixer_step(spec, x.long(), good, pos)
+
+
+def check_bad_sizes_raise(mixer, d: int) -> None:
+    for what, call in _bad_calls(mixer, d):
+        with pytest.raises(RuntimeError):
+            call()
+            pytest.fail(f"no error for a wrong {what}")
+
+
+def test_griffin_step_rejects_wrong_sizes():
+    check_bad_sizes_raise(RGLRUMixer(20, gate_heads=2), 20)
