@@ -14,6 +14,7 @@ import torch
 
 from helpers import assert_close
 from hybridssm.mixers.rglru import RGLRUMixer
+from hybridssm.mixers.rwkv import RWKVMixer
 from hybridssm.ops.step import mixer_step
 
 STEPS = 3
@@ -130,3 +131,20 @@ def check_bad_sizes_raise(mixer, d: int) -> None:
 
 def test_griffin_step_rejects_wrong_sizes():
     check_bad_sizes_raise(RGLRUMixer(20, gate_heads=2), 20)
+
+
+RWKV = [  # (hidden, options): odd widths and head counts, ranks and channel widths off the SIMD width
+    (36, {"head_dim": 12, "mix_lora_rank": 5, "decay_lora_rank": 7, "ffn_size": 45}),
+    (21, {"head_dim": 7}),
+    (64, {"head_dim": 16, "mix_lora_rank": 8, "decay_lora_rank": 16}),
+]
+
+
+@pytest.mark.parametrize("B", [1, 8])
+@pytest.mark.parametrize("d, options", RWKV)
+def test_rwkv_step_equals_forward(d, options, B):
+    check_step_matches_forward(RWKVMixer(d, **options), d, B)
+
+
+def test_rwkv_step_rejects_wrong_sizes():
+    check_bad_sizes_raise(RWKVMixer(20, head_dim=5, mix_lora_rank=3, decay_lora_rank=4), 20)

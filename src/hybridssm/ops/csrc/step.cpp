@@ -6,6 +6,7 @@
 
 // one include per mixer kind (each file registers its kernels)
 #include "step/rglru.h"
+#include "step/rwkv.h"
 
 namespace {
 
