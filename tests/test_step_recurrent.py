@@ -175,8 +175,9 @@ def test_delta_rule_step_rejects_a_spec_of_the_other_kind():
     gated = GatedDeltaNetMixer(16, num_heads=2).step_spec()
     plain = DeltaNetMixer(16, num_heads=2)
     state = [s.contiguous() for s in plain.init_state(1)]
+    pos = torch.zeros(1, dtype=torch.long)
     with pytest.raises(RuntimeError):
-        mixer_step(gated._replace(kind="delta_net"), torch.randn(1, 16), state, torch.zeros(1, dtype=torch.long))
+        mixer_step(gated._replace(kind="delta_net"), torch.randn(1, 16), state, pos)
 
 
 @pytest.mark.parametrize("B", [1, 8])

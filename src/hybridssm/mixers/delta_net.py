@@ -189,8 +189,8 @@ class DeltaNetMixer(Mixer):
         configuration."""
         H, K, Vh = self.num_heads, self.head_dim, self.head_v_dim
         weights = DeltaNetStepWeights(
-            self.in_proj.weight, self.conv_weight, getattr(self, "A_log", None), getattr(self, "dt_bias", None),
-            self.o_norm.weight, self.o_proj.weight,
+            self.in_proj.weight, self.conv_weight, getattr(self, "A_log", None),
+            getattr(self, "dt_bias", None), self.o_norm.weight, self.o_proj.weight,
         )
         kind = "gated_delta_net" if self.gated else "delta_net"
         # K^-0.5 is the delta rule's default output scale (hybridssm.ops.delta_rule)

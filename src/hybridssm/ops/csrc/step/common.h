@@ -231,8 +231,8 @@ inline at::Tensor matmul_small(const at::Tensor& x, const at::Tensor& W) {
 // then st[c] drops its oldest input and takes u[c]. st [C, K-1] (the state's row), w [C, K];
 // bias may be null. u and out may not overlap st.
 template <typename scalar_t>
-void conv_step(const scalar_t* u, scalar_t* st, const scalar_t* w, const scalar_t* bias, scalar_t* out,
-               int64_t C, int64_t K) {
+void depthwise_conv_step(const scalar_t* u, scalar_t* st, const scalar_t* w, const scalar_t* bias,
+                         scalar_t* out, int64_t C, int64_t K) {
   const int64_t S = K - 1;
   for (int64_t c = 0; c < C; ++c) {
     const scalar_t* wc = w + c * K;

@@ -27,7 +27,8 @@ at::Tensor delta_rule_step(const at::Tensor& x, const MixerSpec& m, at::Tensor* 
   const bool neg_eigval = m.i[3] != 0;
   TORCH_CHECK(H >= 1 && K >= 1 && Vh >= 1, "hybridssm step (", kind, "): heads ", H, ", head_dim ", K,
               " and value width ", Vh, " must be positive");
-  TORCH_CHECK(m.w[1].dim() == 2, "hybridssm step (", kind, "): conv_weight must be 2-D, got ", m.w[1].sizes());
+  TORCH_CHECK(m.w[1].dim() == 2, "hybridssm step (", kind, "): conv_weight must be 2-D, got ",
+              m.w[1].sizes());
   const int64_t HK = H * K, HV = H * Vh, C = 2 * HK + HV, c = m.w[1].size(1);
   const int64_t P = C + H + (kGated ? H + HV : 0);
   const auto Win = weight(kind, m, 0, "in_proj.weight", {P, d}, dt);
@@ -61,8 +62,9 @@ at::Tensor delta_rule_step(const at::Tensor& x, const MixerSpec& m, at::Tensor* 
       // the three convs, each over its own state, then SiLU
       const int64_t offs[3] = {0, HK, 2 * HK}, widths[3] = {HK, HK, HV};
       for (int f = 0; f < 3; ++f) {
-        conv_step(pb + offs[f], states[f].data_ptr<scalar_t>() + b * widths[f] * (c - 1), w + offs[f] * c,
-                  static_cast<const scalar_t*>(nullptr), qkv.data() + offs[f], widths[f], c);
+        scalar_t* st = states[f].data_ptr<scalar_t>() + b * widths[f] * (c - 1);
+        depthwise_conv_step(pb + offs[f], st, w + offs[f] * c, static_cast<const scalar_t*>(nullptr),
+                            qkv.data() + offs[f], widths[f], c);
       }
       silu_inplace(qkv.data(), C);
       scalar_t* ob = o.data_ptr<scalar_t>() + b * HV;
@@ -84,12 +86,7 @@ at::Tensor delta_rule_step(const at::Tensor& x, const MixerSpec& m, at::Tensor* 
         scalar_t* S = states[3].data_ptr<scalar_t>() + (b * H + h) * K * Vh;
         // kS = S^T k (the old state), then u = beta (v - alpha kS) in place
         std::fill(kS.begin(), kS.end(), scalar_t(0));
-        for (int64_t j = 0; j < K; ++j) {
-          const Vec kj(k[j]);
-          vec_chunks<scalar_t>(Vh, [&](int64_t i, int64_t cnt) {
-            store(at::vec::fmadd(kj, load(S + j * Vh + i, cnt), load(kS.data() + i, cnt)), kS.data() + i, cnt);
-          });
-        }
+        vecmat_add(k, S, kS.data(), K, Vh);
         vec_chunks<scalar_t>(Vh, [&](int64_t i, int64_t cnt) {
           store(Vec(beta) * (load(v + i, cnt) - Vec(alpha) * load(kS.data() + i, cnt)), kS.data() + i, cnt);
         });

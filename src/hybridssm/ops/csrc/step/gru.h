@@ -17,8 +17,8 @@ inline at::Tensor gru_step(const at::Tensor& x, const MixerSpec& m, at::Tensor* 
   check_spec(kind, m, 4, 0, 0);
   const auto dt = x.scalar_type();
   const int64_t B = x.size(0), D = x.size(1);
-  TORCH_CHECK(m.w[1].dim() == 2 && m.w[1].size(0) % 3 == 0, "hybridssm step (gru): weight_hh must be [3H, H], got ",
-              m.w[1].sizes());
+  TORCH_CHECK(m.w[1].dim() == 2 && m.w[1].size(0) % 3 == 0,
+              "hybridssm step (gru): weight_hh must be [3H, H], got ", m.w[1].sizes());
   const int64_t H = m.w[1].size(0) / 3;
   const auto w_ih = weight(kind, m, 0, "weight_ih", {3 * H, D}, dt);
   const auto w_hh = weight(kind, m, 1, "weight_hh", {3 * H, H}, dt);

@@ -67,7 +67,7 @@ inline at::Tensor rglru_step(const at::Tensor& x, const MixerSpec& m, at::Tensor
     softplus_inplace(sp, W);  // softplus(Lambda), recomputed each step from the parameter
     int64_t* pos = states[2].data_ptr<int64_t>();
     for (int64_t b = 0; b < B; ++b) {
-      conv_step(xb.data_ptr<scalar_t>() + b * W, states[0].data_ptr<scalar_t>() + b * W * (K - 1),
+      depthwise_conv_step(xb.data_ptr<scalar_t>() + b * W, states[0].data_ptr<scalar_t>() + b * W * (K - 1),
                 cw.data_ptr<scalar_t>(), cb.data_ptr<scalar_t>(), u, W, K);
       std::copy(bi.data_ptr<scalar_t>(), bi.data_ptr<scalar_t>() + W, gi);
       std::copy(ba.data_ptr<scalar_t>(), ba.data_ptr<scalar_t>() + W, ga);

@@ -48,6 +48,13 @@ void layer_norm_row(const scalar_t* x, const scalar_t* w, const scalar_t* b, sca
 }
 
 template <typename scalar_t>
+void tanh_inplace(scalar_t* v, int64_t n) {
+  vec_chunks<scalar_t>(n, [&](int64_t i, int64_t cnt) {
+    hybridssm::store(hybridssm::load(v + i, cnt).tanh(), v + i, cnt);
+  });
+}
+
+template <typename scalar_t>
 inline const scalar_t* ptr_or_null(const std::optional<at::Tensor>& t) {
   return t ? t->data_ptr<scalar_t>() : nullptr;
 }
@@ -89,8 +96,10 @@ inline at::Tensor rwkv_step(const at::Tensor& x, const MixerSpec& m, at::Tensor*
   const auto Ck = weight(kind, m, 25, "channel key.weight", {Fn, D}, dt);
   const auto Cr = weight(kind, m, 26, "channel receptance.weight", {D, D}, dt);
   const auto Cv = weight(kind, m, 27, "channel value.weight", {D, Fn}, dt);
-  TORCH_CHECK(!ln1_b || ln1_b->numel() == D, "hybridssm step (rwkv): ln_time.bias must have ", D, " values");
-  TORCH_CHECK(!ln2_b || ln2_b->numel() == D, "hybridssm step (rwkv): ln_channel.bias must have ", D, " values");
+  TORCH_CHECK(!ln1_b || ln1_b->numel() == D, "hybridssm step (rwkv): ln_time.bias must have ", D,
+              " values");
+  TORCH_CHECK(!ln2_b || ln2_b->numel() == D, "hybridssm step (rwkv): ln_channel.bias must have ", D,
+              " values");
   check_state(kind, "shift_time", states[0], {B, D}, dt);
   check_state(kind, "wkv", states[1], {B, H, K, K}, dt);
   check_state(kind, "shift_channel", states[2], {B, D}, dt);
@@ -121,7 +130,7 @@ inline at::Tensor rwkv_step(const at::Tensor& x, const MixerSpec& m, at::Tensor*
       });
     }
     auto lora = matmul_small(xxx, mix_down);  // [B, 5R]
-    vec_chunks<scalar_t>(B * 5 * R, [&](int64_t i, int64_t cnt) { store(load(p(lora) + i, cnt).tanh(), p(lora) + i, cnt); });
+    tanh_inplace(p(lora), B * 5 * R);
     for (int64_t f = 0; f < 5; ++f) {  // x_f = h + xx (mu_f + lora_f @ mix_up[f])
       const auto mf = matmul_small(lora.narrow(1, f * R, R), mix_up.select(0, f));
       const auto xf = xs.select(0, f);
@@ -129,7 +138,8 @@ inline at::Tensor rwkv_step(const at::Tensor& x, const MixerSpec& m, at::Tensor*
         const scalar_t *hb = row(h, b), *xxb = row(xx, b), *mb = row(mf, b), *mu_f = p(mu[1 + f]);
         scalar_t* ob = row(xf, b);
         vec_chunks<scalar_t>(D, [&](int64_t i, int64_t cnt) {
-          store(load(hb + i, cnt) + load(xxb + i, cnt) * (load(mu_f + i, cnt) + load(mb + i, cnt)), ob + i, cnt);
+          const Vec mix = load(mu_f + i, cnt) + load(mb + i, cnt);
+          store(load(hb + i, cnt) + load(xxb + i, cnt) * mix, ob + i, cnt);
         });
       }
     }
@@ -140,7 +150,7 @@ inline at::Tensor rwkv_step(const at::Tensor& x, const MixerSpec& m, at::Tensor*
     auto g = linear_small(xs.select(0, 4), Wg, none);
     silu_inplace(p(g), B * D);
     auto dlo = matmul_small(xs.select(0, 0), decay_down);  // [B, Rd]
-    vec_chunks<scalar_t>(B * Rd, [&](int64_t i, int64_t cnt) { store(load(p(dlo) + i, cnt).tanh(), p(dlo) + i, cnt); });
+    tanh_inplace(p(dlo), B * Rd);
     auto e = matmul_small(dlo, decay_up);  // [B, D], becomes the decay factor exp(-exp(d))
 
     // WKV, per row and head, one pass over the state: o = r^T S + (r . (u * k)) v, then S <- e S + k v^T;
@@ -160,7 +170,9 @@ inline at::Tensor rwkv_step(const at::Tensor& x, const MixerSpec& m, at::Tensor*
         scalar_t* S = states[1].data_ptr<scalar_t>() + (b * H + hh) * K * K;
         scalar_t ruk = 0;
         for (int64_t j = 0; j < K; ++j) ruk += rh[j] * uh[j] * kh[j];
-        vec_chunks<scalar_t>(K, [&](int64_t i, int64_t cnt) { store(Vec(ruk) * load(vh + i, cnt), acc.data() + i, cnt); });
+        vec_chunks<scalar_t>(K, [&](int64_t i, int64_t cnt) {
+          store(Vec(ruk) * load(vh + i, cnt), acc.data() + i, cnt);
+        });
         for (int64_t j = 0; j < K; ++j) {
           const Vec rj(rh[j]), ej(eh[j]), kj(kh[j]);
           scalar_t* Sj = S + j * K;
@@ -173,7 +185,9 @@ inline at::Tensor rwkv_step(const at::Tensor& x, const MixerSpec& m, at::Tensor*
         scalar_t* ob = row(o, b) + off;
         layer_norm_row(acc.data(), p(lnx_w) + off, p(lnx_b) + off, ob, K, eps_x);
         const scalar_t* gb = row(g, b) + off;
-        vec_chunks<scalar_t>(K, [&](int64_t i, int64_t cnt) { store(load(ob + i, cnt) * load(gb + i, cnt), ob + i, cnt); });
+        vec_chunks<scalar_t>(K, [&](int64_t i, int64_t cnt) {
+          store(load(ob + i, cnt) * load(gb + i, cnt), ob + i, cnt);
+        });
       }
     }
     const auto a = linear_small(o, Wo, none);  // the time-mix's increment
@@ -182,7 +196,9 @@ inline at::Tensor rwkv_step(const at::Tensor& x, const MixerSpec& m, at::Tensor*
     std::vector<scalar_t> t(D), c(D);
     for (int64_t b = 0; b < B; ++b) {
       const scalar_t *xb = row(x, b), *ab = row(a, b);
-      vec_chunks<scalar_t>(D, [&](int64_t i, int64_t cnt) { store(load(xb + i, cnt) + load(ab + i, cnt), t.data() + i, cnt); });
+      vec_chunks<scalar_t>(D, [&](int64_t i, int64_t cnt) {
+        store(load(xb + i, cnt) + load(ab + i, cnt), t.data() + i, cnt);
+      });
       layer_norm_row(t.data(), p(ln2_w), ptr_or_null<scalar_t>(ln2_b), c.data(), D, eps2);
       scalar_t *sb = row(states[2], b), *kb = row(xx, b), *rb = row(xxx, b);
       vec_chunks<scalar_t>(D, [&](int64_t i, int64_t cnt) {
