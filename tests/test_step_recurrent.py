@@ -33,13 +33,13 @@ def _perturbed(mixer: torch.nn.Module) -> torch.nn.Module:
     return mixer.eval()
 
 
-def _prefilled(mixer, B: int, d: int):
+def _prefilled(mixer, B: int, d: int, dtype: torch.dtype = torch.float32):
     """A state after a prefill of random lengths (1..6) per row, with row 0 reset to the initial
     state (position 0) when B > 1; and each row's position."""
     T = 6
     lengths = torch.randint(1, T + 1, (B,))
     with torch.no_grad():
-        _, state = mixer(torch.randn(B, T, d), mixer.init_state(B), lengths=lengths)
+        _, state = mixer(torch.randn(B, T, d, dtype=dtype), mixer.init_state(B), lengths=lengths)
     pos = lengths.clone()
     if B > 1:
         fresh = mixer.init_state(1)
@@ -49,14 +49,14 @@ def _prefilled(mixer, B: int, d: int):
     return state, pos
 
 
-def check_step_matches_forward(mixer, d: int, B: int) -> None:
-    mixer = _perturbed(mixer)
+def check_step_matches_forward(mixer, d: int, B: int, dtype: torch.dtype = torch.float32) -> None:
+    mixer = _perturbed(mixer).to(dtype)
     spec = mixer.step_spec()
     assert spec is not None
-    ref_state, pos = _prefilled(mixer, B, d)
+    ref_state, pos = _prefilled(mixer, B, d, dtype)
     state = [s.clone().contiguous() for s in ref_state]
     for t in range(STEPS):
-        x = torch.randn(B, d)
+        x = torch.randn(B, d, dtype=dtype)
         with torch.no_grad():
             y_ref, ref_state = mixer(x[:, None], ref_state, inplace=True)
         y = mixer_step(spec, x, state, pos)
@@ -188,3 +188,38 @@ def test_gru_step_equals_forward(d, B):
 
 def test_gru_step_rejects_wrong_sizes():
     check_bad_sizes_raise(GRUMixer(12), 12)
+
+
+SMALL = {  # one small configuration of each kind
+    "griffin_lru": lambda: RGLRUMixer(20, gate_heads=2),
+    "rwkv": lambda: RWKVMixer(20, head_dim=5, mix_lora_rank=3, decay_lora_rank=4),
+    "delta_net": lambda: DeltaNetMixer(20, num_heads=2),
+    "gated_delta_net": lambda: GatedDeltaNetMixer(20, num_heads=2),
+    "gru": lambda: GRUMixer(20),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SMALL))
+def test_step_equals_forward_in_float64(kind):
+    check_step_matches_forward(SMALL[kind](), 20, 2, torch.float64)
+
+
+@pytest.mark.parametrize("kind", sorted(SMALL))
+def test_step_reads_the_current_weights(kind):
+    # a spec taken once keeps seeing the parameters after .data writes and load_state_dict
+    mixer = _perturbed(SMALL[kind]())
+    spec = mixer.step_spec()
+    assert spec.kind == kind
+    other = _perturbed(SMALL[kind]())
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    mixer.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        next(mixer.parameters()).data.mul_(0.5)
+    state, pos = _prefilled(mixer, 2, 20)
+    ours = [s.clone() for s in state]
+    x = torch.randn(2, 20)
+    with torch.no_grad():
+        y_ref, _ = mixer(x[:, None], state)
+    assert_close(mixer_step(spec, x, ours, pos), y_ref[:, 0])
