@@ -37,8 +37,9 @@ from hybridssm.layers import RMSNorm, mark_fp32_no_decay
 from hybridssm.mixers.base import Mixer, finish_state, state_dtype, valid_mask
 from hybridssm.ops.conv import causal_conv1d
 from hybridssm.ops.delta_rule import delta_rule
+from hybridssm.ops.step import MixerStep
 
-__all__ = ["DeltaNetMixer", "DeltaNetState"]
+__all__ = ["DeltaNetMixer", "DeltaNetState", "DeltaNetStepWeights"]
 
 QK_NORM_EPS = 1e-6
 
@@ -48,6 +49,17 @@ class DeltaNetState(NamedTuple):
     conv_k: Tensor  # [B, H*K, conv_size-1]
     conv_v: Tensor  # [B, H*Vh, conv_size-1]
     S: Tensor  # [B, H, K, Vh] fast-weight state, fp32 (at least)
+
+
+class DeltaNetStepWeights(NamedTuple):
+    """The parameters the fused step reads (``csrc/step/delta_rule.h``), in its order."""
+
+    in_proj: Tensor  # [2HK + HVh + H (+ H + HVh gated), d]
+    conv_weight: Tensor  # [2HK + HVh, conv_size]
+    A_log: Tensor | None  # [H], gated only
+    dt_bias: Tensor | None  # [H], gated only
+    o_norm_weight: Tensor  # [Vh]
+    o_proj: Tensor  # [d, H Vh]
 
 
 def _head_sizes(hidden_size: int, num_heads: int | None, head_dim: int | None) -> tuple[int, int]:
@@ -171,3 +183,16 @@ class DeltaNetMixer(Mixer):
         y = self.o_proj(o.reshape(B, T, H * Vh).to(x.dtype))
         new = DeltaNetState(conv_q=conv_q, conv_k=conv_k, conv_v=conv_v, S=S)
         return y, finish_state(state, new, inplace)
+
+    def step_spec(self) -> MixerStep:
+        """The fused one-frame step (kind ``delta_net`` or ``gated_delta_net``), for every
+        configuration."""
+        H, K, Vh = self.num_heads, self.head_dim, self.head_v_dim
+        weights = DeltaNetStepWeights(
+            self.in_proj.weight, self.conv_weight, getattr(self, "A_log", None),
+            getattr(self, "dt_bias", None), self.o_norm.weight, self.o_proj.weight,
+        )
+        kind = "gated_delta_net" if self.gated else "delta_net"
+        # K^-0.5 is the delta rule's default output scale (hybridssm.ops.delta_rule)
+        return MixerStep(kind, weights, (H, K, Vh, int(self.allow_neg_eigval)),
+                         (QK_NORM_EPS, self.o_norm.eps, K**-0.5))

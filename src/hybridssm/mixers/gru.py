@@ -27,12 +27,22 @@ from torch import Tensor, nn
 
 from hybridssm.mixers.base import Mixer, finish_state, state_dtype
 from hybridssm.ops.gru import gru, gru_cell
+from hybridssm.ops.step import MixerStep
 
-__all__ = ["GRUMixer", "GRUState"]
+__all__ = ["GRUMixer", "GRUState", "GRUStepWeights"]
 
 
 class GRUState(NamedTuple):
     h: Tensor  # [B, hidden] hidden state (the wider of fp32 and the parameters' dtype)
+
+
+class GRUStepWeights(NamedTuple):
+    """The parameters the fused step reads (``csrc/step/gru.h``), in its order."""
+
+    weight_ih: Tensor  # [3H, H]
+    weight_hh: Tensor  # [3H, H]
+    bias_ih: Tensor  # [3H]
+    bias_hh: Tensor  # [3H]
 
 
 class GRUMixer(Mixer):
@@ -91,3 +101,7 @@ class GRUMixer(Mixer):
             h_last = y.gather(1, idx).squeeze(1)
         new = GRUState(h=h_last.to(state.h.dtype))
         return y.to(x.dtype), finish_state(state, new, inplace)
+
+    def step_spec(self) -> MixerStep:
+        """The fused one-frame step (kind ``gru``), for every configuration."""
+        return MixerStep("gru", GRUStepWeights(*self._weights()))

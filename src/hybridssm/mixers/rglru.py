@@ -33,8 +33,9 @@ from hybridssm.layers import mark_fp32_no_decay
 from hybridssm.mixers.base import Mixer, finish_state, state_dtype, valid_mask
 from hybridssm.ops.conv import causal_conv1d
 from hybridssm.ops.linear_rnn import linear_rnn
+from hybridssm.ops.step import MixerStep
 
-__all__ = ["RGLRUMixer", "RGLRUState", "default_gate_heads"]
+__all__ = ["RGLRUMixer", "RGLRUState", "RGLRUStepWeights", "default_gate_heads"]
 
 MAX_SQRT_GRADIENT = 1000.0  # the references' bound on d sqrt(x) / dx
 RECURRENCE_POWER = 8.0  # c in a = sigma(Lambda)^(c r)
@@ -47,6 +48,24 @@ class RGLRUState(NamedTuple):
     conv: Tensor  # [B, W, K-1] last raw inputs of the conv (W = lru_width)
     h: Tensor  # [B, W] RG-LRU state, fp32 (the wider of fp32 and the parameters' dtype)
     pos: Tensor  # [B] int64 positions consumed (0: the next input is a sequence's first)
+
+
+class RGLRUStepWeights(NamedTuple):
+    """The parameters the fused step reads (``csrc/step/rglru.h``), in its order."""
+
+    linear_y_weight: Tensor  # [W, d]
+    linear_y_bias: Tensor  # [W]
+    linear_x_weight: Tensor  # [W, d]
+    linear_x_bias: Tensor  # [W]
+    conv_weight: Tensor  # [W, K]
+    conv_bias: Tensor  # [W]
+    input_gate_weight: Tensor  # [G, W/G, W/G]
+    input_gate_bias: Tensor  # [G, W/G]
+    a_gate_weight: Tensor  # [G, W/G, W/G]
+    a_gate_bias: Tensor  # [G, W/G]
+    a_param: Tensor  # [W] Lambda
+    linear_out_weight: Tensor  # [d, W]
+    linear_out_bias: Tensor  # [d]
 
 
 class _SqrtBoundDerivative(torch.autograd.Function):
@@ -179,3 +198,13 @@ class RGLRUMixer(Mixer):
         steps = lengths if lengths is not None else T
         new = RGLRUState(conv=conv_state, h=h_last.to(acc), pos=state.pos + steps)
         return out, finish_state(state, new, inplace)
+
+    def step_spec(self) -> MixerStep:
+        """The fused one-frame step (kind ``griffin_lru``), for every configuration. The kernel
+        keeps the first-position rule with the state's own ``pos`` and advances it."""
+        weights = RGLRUStepWeights(
+            self.linear_y.weight, self.linear_y.bias, self.linear_x.weight, self.linear_x.bias,
+            self.conv_weight, self.conv_bias, self.input_gate_weight, self.input_gate_bias,
+            self.a_gate_weight, self.a_gate_bias, self.a_param, self.linear_out.weight, self.linear_out.bias,
+        )
+        return MixerStep("griffin_lru", weights, (), (RECURRENCE_POWER,))

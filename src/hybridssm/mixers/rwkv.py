@@ -49,9 +49,10 @@ from torch import Tensor, nn
 
 from hybridssm.layers import LayerNorm, mark_fp32_no_decay
 from hybridssm.mixers.base import Mixer, finish_state, state_dtype, valid_mask
+from hybridssm.ops.step import MixerStep
 from hybridssm.ops.wkv import DEFAULT_CHUNK, wkv6
 
-__all__ = ["RWKVMixer", "RWKVState", "RWKVTimeMix", "RWKVChannelMix", "default_head_dim"]
+__all__ = ["RWKVMixer", "RWKVState", "RWKVStepWeights", "RWKVTimeMix", "RWKVChannelMix", "default_head_dim"]
 
 MAX_DECAY_EXPONENT = 30.0  # exp(-exp(30)) is 0 in any float: clamping keeps w finite for the op
 
@@ -60,6 +61,39 @@ class RWKVState(NamedTuple):
     shift_time: Tensor  # [B, D] last normalised input of the time-mix
     wkv: Tensor  # [B, H, K, V] WKV state, fp32 (the wider of fp32 and the parameters' dtype)
     shift_channel: Tensor  # [B, D] last normalised input of the channel-mix
+
+
+class RWKVStepWeights(NamedTuple):
+    """The parameters the fused step reads (``csrc/step/rwkv.h``), in its order."""
+
+    ln_time_weight: Tensor  # [D]
+    ln_time_bias: Tensor | None  # [D]
+    mu_x: Tensor  # [D] token-shift mix of the LoRA's input
+    mu_w: Tensor  # [D]
+    mu_k: Tensor  # [D]
+    mu_v: Tensor  # [D]
+    mu_r: Tensor  # [D]
+    mu_g: Tensor  # [D]
+    mix_down: Tensor  # [D, 5R]
+    mix_up: Tensor  # [5, R, D]
+    decay: Tensor  # [D]
+    decay_down: Tensor  # [D, Rd]
+    decay_up: Tensor  # [Rd, D]
+    bonus: Tensor  # [H, K]
+    receptance: Tensor  # [D, D]
+    key: Tensor  # [D, D]
+    value: Tensor  # [D, D]
+    gate: Tensor  # [D, D]
+    output: Tensor  # [D, D]
+    ln_x_weight: Tensor  # [D]
+    ln_x_bias: Tensor  # [D]
+    ln_channel_weight: Tensor  # [D]
+    ln_channel_bias: Tensor | None  # [D]
+    channel_mu_k: Tensor  # [D]
+    channel_mu_r: Tensor  # [D]
+    channel_key: Tensor  # [F, D]
+    channel_receptance: Tensor  # [D, D]
+    channel_value: Tensor  # [D, F]
 
 
 def default_head_dim(width: int) -> int:
@@ -283,3 +317,17 @@ class RWKVMixer(Mixer):
             shift_channel=_last_valid(c_in, lengths).to(state.shift_channel.dtype),
         )
         return y, finish_state(state, new, inplace)
+
+    def step_spec(self) -> MixerStep:
+        """The fused one-frame layer (kind ``rwkv``: norms, time-mix, WKV, channel-mix), for every
+        configuration; like ``forward`` it takes the raw residual stream and returns the increment."""
+        tm, cm = self.time_mix, self.channel_mix
+        weights = RWKVStepWeights(
+            self.ln_time.weight, self.ln_time.bias, tm.mu_x, tm.mu_w, tm.mu_k, tm.mu_v, tm.mu_r, tm.mu_g,
+            tm.mix_down, tm.mix_up, tm.decay, tm.decay_down, tm.decay_up, tm.bonus, tm.receptance.weight,
+            tm.key.weight, tm.value.weight, tm.gate.weight, tm.output.weight, tm.ln_x_weight, tm.ln_x_bias,
+            self.ln_channel.weight, self.ln_channel.bias, cm.mu_k, cm.mu_r, cm.key.weight,
+            cm.receptance.weight, cm.value.weight,
+        )
+        floats = (self.ln_time.eps, tm.ln_x_eps, self.ln_channel.eps, MAX_DECAY_EXPONENT)
+        return MixerStep("rwkv", weights, (), floats)

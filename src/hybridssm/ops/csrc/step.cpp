@@ -6,6 +6,10 @@
 
 // one include per mixer kind (each file registers its kernels)
 #include "step/attention.h"
+#include "step/delta_rule.h"
+#include "step/gru.h"
+#include "step/rglru.h"
+#include "step/rwkv.h"
 
 namespace {
 

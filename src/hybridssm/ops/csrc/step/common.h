@@ -165,4 +165,118 @@ void softplus_inplace(scalar_t* v, int64_t n) {
   }
 }
 
+// ---- helpers of the recurrent mixers' steps (gru, rwkv, delta rules, griffin_lru) ------------
+
+// Apply f(i, cnt) over [0, n) in SIMD-wide chunks (cnt < Vec::size() only for the tail).
+template <typename scalar_t, typename F>
+inline void vec_chunks(int64_t n, const F& f) {
+  constexpr int64_t W = Vectorized<scalar_t>::size();
+  for (int64_t i = 0; i < n; i += W) f(i, std::min<int64_t>(W, n - i));
+}
+
+// torch's CPU sigmoid: 1 / (1 + exp(-x)).
+template <typename scalar_t>
+inline Vectorized<scalar_t> sigmoid(const Vectorized<scalar_t>& x) {
+  using Vec = Vectorized<scalar_t>;
+  return (Vec(1) + x.neg().exp()).reciprocal();
+}
+
+// y[O] += sum_i x[i] * W[i, :] for a row-major W [I, O] (a vector times a matrix stored input-major,
+// as RWKV's LoRA factors and Griffin's block-diagonal gates): four rows of W per pass over y.
+template <typename scalar_t>
+void vecmat_add(const scalar_t* x, const scalar_t* W, scalar_t* y, int64_t I, int64_t O) {
+  using Vec = Vectorized<scalar_t>;
+  int64_t i = 0;
+  for (; i + 4 <= I; i += 4) {
+    const Vec x0(x[i]), x1(x[i + 1]), x2(x[i + 2]), x3(x[i + 3]);
+    const scalar_t* w = W + i * O;
+    vec_chunks<scalar_t>(O, [&](int64_t o, int64_t cnt) {
+      Vec acc = hybridssm::load(y + o, cnt);
+      acc = at::vec::fmadd(x0, hybridssm::load(w + o, cnt), acc);
+      acc = at::vec::fmadd(x1, hybridssm::load(w + O + o, cnt), acc);
+      acc = at::vec::fmadd(x2, hybridssm::load(w + 2 * O + o, cnt), acc);
+      acc = at::vec::fmadd(x3, hybridssm::load(w + 3 * O + o, cnt), acc);
+      hybridssm::store(acc, y + o, cnt);
+    });
+  }
+  for (; i < I; ++i) {
+    const Vec xi(x[i]);
+    vec_chunks<scalar_t>(O, [&](int64_t o, int64_t cnt) {
+      hybridssm::store(at::vec::fmadd(xi, hybridssm::load(W + i * O + o, cnt), hybridssm::load(y + o, cnt)),
+                       y + o, cnt);
+    });
+  }
+}
+
+// x [B, I] @ W [I, O] -> [B, O] (W input-major, contiguous, in x's dtype): vecmat_add per row for a
+// small batch, a GEMM otherwise.
+inline at::Tensor matmul_small(const at::Tensor& x, const at::Tensor& W) {
+  const int64_t B = x.size(0), I = x.size(1);
+  TORCH_CHECK(W.dim() == 2 && W.size(0) == I, "hybridssm step: product of input ", x.sizes(),
+              " with matrix ", W.sizes(), " does not fit");
+  if (B > 4) return at::mm(x, W);
+  const auto xc = x.contiguous();
+  auto y = at::zeros({B, W.size(1)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "matmul_small", [&] {
+    for (int64_t r = 0; r < B; ++r) {
+      vecmat_add<scalar_t>(xc.data_ptr<scalar_t>() + r * I, W.data_ptr<scalar_t>(),
+                           y.data_ptr<scalar_t>() + r * W.size(1), I, W.size(1));
+    }
+  });
+  return y;
+}
+
+// One frame of a depthwise causal conv over channels [0, C) of one row:
+//   out[c] = bias[c] + sum_{j < K-1} w[c, j] st[c, j] + w[c, K-1] u[c]
+// then st[c] drops its oldest input and takes u[c]. st [C, K-1] (the state's row), w [C, K];
+// bias may be null. u and out may not overlap st.
+template <typename scalar_t>
+void depthwise_conv_step(const scalar_t* u, scalar_t* st, const scalar_t* w, const scalar_t* bias,
+                         scalar_t* out, int64_t C, int64_t K) {
+  const int64_t S = K - 1;
+  for (int64_t c = 0; c < C; ++c) {
+    const scalar_t* wc = w + c * K;
+    scalar_t* sc = st + c * S;
+    scalar_t acc = bias != nullptr ? bias[c] : scalar_t(0);
+    for (int64_t j = 0; j < S; ++j) acc += wc[j] * sc[j];
+    acc += wc[S] * u[c];
+    for (int64_t j = 0; j + 1 < S; ++j) sc[j] = sc[j + 1];
+    if (S > 0) sc[S - 1] = u[c];
+    out[c] = acc;
+  }
+}
+
+// Checks shared by the step kernels: dtype of the compute (float / double) and of each state, and
+// a tensor's exact shape, each failing with the kernel's name and the expected and actual values.
+inline void check_compute_dtype(const char* kind, const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "hybridssm step (", kind,
+              "): input must be float32 or float64, got ", x.scalar_type());
+}
+
+inline void check_shape(const char* kind, const char* what, const at::Tensor& t, at::IntArrayRef shape) {
+  TORCH_CHECK(t.defined() && t.sizes() == shape, "hybridssm step (", kind, "): ", what, " must have shape ",
+              shape, ", got ", t.defined() ? t.sizes() : at::IntArrayRef{});
+}
+
+inline void check_state(const char* kind, const char* what, const at::Tensor& t, at::IntArrayRef shape,
+                        at::ScalarType dt) {
+  check_shape(kind, what, t, shape);
+  TORCH_CHECK(t.scalar_type() == dt && t.is_contiguous(), "hybridssm step (", kind, "): state ", what,
+              " must be contiguous ", dt, ", got ", t.scalar_type());
+}
+
+// The spec's arity: nw weights, ni integer and nf float options (a spec from another mixer fails here).
+inline void check_spec(const char* kind, const MixerSpec& m, size_t nw, size_t ni, size_t nf) {
+  TORCH_CHECK(m.w.size() == nw && m.i.size() == ni && m.f.size() == nf, "hybridssm step (", kind,
+              "): expected ", nw, " weights, ", ni, " integer and ", nf, " float options, got ", m.w.size(),
+              ", ", m.i.size(), " and ", m.f.size());
+}
+
+// Weight idx of m, checked against its expected shape, in the compute dtype (see as_).
+inline at::Tensor weight(const char* kind, const MixerSpec& m, size_t idx, const char* name,
+                         at::IntArrayRef shape, at::ScalarType dt) {
+  check_shape(kind, name, m.w[idx], shape);
+  return as_(m.w[idx], dt);
+}
+
 }  // namespace hybridssm::step

@@ -1,0 +1,127 @@
+// DeltaNet and Gated DeltaNet (mixers/delta_net.py), one frame, kinds "delta_net" and "gated_delta_net":
+//
+//   [q, k, v, b (, a, z)] = W_in x                                   one projection, split
+//   q, k, v = silu(conv_c(q)), silu(conv_c(k)), silu(conv_c(v));  q, k = q / |q|, k / |k|  per head
+//   beta = sigmoid(b) (2 sigmoid(b) with allow_neg_eigval);   alpha = exp(-exp(A_log) softplus(a + dt_bias))
+//   u = beta (v - alpha S^T k);   S = alpha S + k u^T;   o = S^T q * scale       per head (alpha = 1 ungated)
+//   y = W_o (RMSNorm_Vh(o) * w_norm (* silu(z) gated))
+//
+// Weights (DeltaNetStepWeights): in_proj.weight [P, d], conv_weight [2HK + HVh, c], A_log [H] and
+// dt_bias [H] (absent when ungated), o_norm.weight [Vh], o_proj.weight [d, H Vh]; P = 2HK + HVh + H,
+// plus H + HVh when gated. Ints: (H, K, Vh, allow_neg_eigval). Floats: (q/k norm eps, o_norm eps, scale).
+// States (DeltaNetState): conv_q [B, HK, c-1], conv_k [B, HK, c-1], conv_v [B, HVh, c-1], S [B, H, K, Vh].
+#pragma once
+
+#include "common.h"
+
+namespace hybridssm::step {
+
+template <bool kGated>
+at::Tensor delta_rule_step(const at::Tensor& x, const MixerSpec& m, at::Tensor* states, const at::Tensor&) {
+  constexpr const char* kind = kGated ? "gated_delta_net" : "delta_net";
+  check_compute_dtype(kind, x);
+  check_spec(kind, m, 6, 4, 3);
+  const auto dt = x.scalar_type();
+  const int64_t B = x.size(0), d = x.size(1);
+  const int64_t H = m.i[0], K = m.i[1], Vh = m.i[2];
+  const bool neg_eigval = m.i[3] != 0;
+  TORCH_CHECK(H >= 1 && K >= 1 && Vh >= 1, "hybridssm step (", kind, "): heads ", H, ", head_dim ", K,
+              " and value width ", Vh, " must be positive");
+  TORCH_CHECK(m.w[1].dim() == 2, "hybridssm step (", kind, "): conv_weight must be 2-D, got ",
+              m.w[1].sizes());
+  const int64_t HK = H * K, HV = H * Vh, C = 2 * HK + HV, c = m.w[1].size(1);
+  const int64_t P = C + H + (kGated ? H + HV : 0);
+  const auto Win = weight(kind, m, 0, "in_proj.weight", {P, d}, dt);
+  const auto cw = weight(kind, m, 1, "conv_weight", {C, c}, dt);
+  TORCH_CHECK(c >= 1, "hybridssm step (", kind, "): conv_weight must have at least one tap");
+  TORCH_CHECK(kGated == present(m.w[2]) && kGated == present(m.w[3]), "hybridssm step (", kind,
+              "): A_log and dt_bias must be given exactly when the mixer is gated");
+  at::Tensor A_log, dt_bias;
+  if (kGated) {
+    A_log = weight(kind, m, 2, "A_log", {H}, dt);
+    dt_bias = weight(kind, m, 3, "dt_bias", {H}, dt);
+  }
+  const auto wn = weight(kind, m, 4, "o_norm.weight", {Vh}, dt);
+  const auto Wo = weight(kind, m, 5, "o_proj.weight", {d, HV}, dt);
+  check_state(kind, "conv_q", states[0], {B, HK, c - 1}, dt);
+  check_state(kind, "conv_k", states[1], {B, HK, c - 1}, dt);
+  check_state(kind, "conv_v", states[2], {B, HV, c - 1}, dt);
+  check_state(kind, "S", states[3], {B, H, K, Vh}, dt);
+  const double qk_eps = m.f[0], o_eps = m.f[1], scale = m.f[2];
+
+  const auto proj = linear_small(x, Win, at::Tensor());  // [B, P]
+  auto o = at::empty({B, HV}, x.options());  // normed (and gated) output, the o_proj's input
+  AT_DISPATCH_FLOATING_TYPES(dt, "delta_rule_step", [&] {
+    using Vec = Vectorized<scalar_t>;
+    using hybridssm::load;
+    using hybridssm::store;
+    std::vector<scalar_t> qkv(C), kS(Vh);
+    const scalar_t* w = cw.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      const scalar_t* pb = proj.data_ptr<scalar_t>() + b * P;
+      // the three convs, each over its own state, then SiLU
+      const int64_t offs[3] = {0, HK, 2 * HK}, widths[3] = {HK, HK, HV};
+      for (int f = 0; f < 3; ++f) {
+        scalar_t* st = states[f].data_ptr<scalar_t>() + b * widths[f] * (c - 1);
+        depthwise_conv_step(pb + offs[f], st, w + offs[f] * c, static_cast<const scalar_t*>(nullptr),
+                            qkv.data() + offs[f], widths[f], c);
+      }
+      silu_inplace(qkv.data(), C);
+      scalar_t* ob = o.data_ptr<scalar_t>() + b * HV;
+      for (int64_t h = 0; h < H; ++h) {
+        scalar_t *q = qkv.data() + h * K, *k = qkv.data() + HK + h * K;
+        const scalar_t* v = qkv.data() + 2 * HK + h * Vh;
+        for (scalar_t* t : {q, k}) {  // x / sqrt(|x|^2 + eps)
+          const Vec inv(scalar_t(1) / std::sqrt(dot(t, t, K) + scalar_t(qk_eps)));
+          vec_chunks<scalar_t>(K, [&](int64_t i, int64_t cnt) { store(load(t + i, cnt) * inv, t + i, cnt); });
+        }
+        scalar_t beta = scalar_t(1) / (scalar_t(1) + std::exp(-pb[C + h]));
+        if (neg_eigval) beta = scalar_t(2) * beta;
+        scalar_t alpha = 1;
+        if (kGated) {
+          const scalar_t z = pb[C + H + h] + dt_bias.data_ptr<scalar_t>()[h];
+          const scalar_t sp = z > scalar_t(20) ? z : std::log1p(std::exp(z));
+          alpha = std::exp(-std::exp(A_log.data_ptr<scalar_t>()[h]) * sp);
+        }
+        scalar_t* S = states[3].data_ptr<scalar_t>() + (b * H + h) * K * Vh;
+        // kS = S^T k (the old state), then u = beta (v - alpha kS) in place
+        std::fill(kS.begin(), kS.end(), scalar_t(0));
+        vecmat_add(k, S, kS.data(), K, Vh);
+        vec_chunks<scalar_t>(Vh, [&](int64_t i, int64_t cnt) {
+          store(Vec(beta) * (load(v + i, cnt) - Vec(alpha) * load(kS.data() + i, cnt)), kS.data() + i, cnt);
+        });
+        // S <- alpha S + k u^T and o = S^T q, in one pass over S
+        scalar_t* oh = ob + h * Vh;
+        std::fill(oh, oh + Vh, scalar_t(0));
+        for (int64_t j = 0; j < K; ++j) {
+          const Vec kj(k[j]), qj(q[j]);
+          scalar_t* Sj = S + j * Vh;
+          vec_chunks<scalar_t>(Vh, [&](int64_t i, int64_t cnt) {
+            const Vec s = Vec(alpha) * load(Sj + i, cnt) + kj * load(kS.data() + i, cnt);
+            store(s, Sj + i, cnt);
+            store(at::vec::fmadd(qj, s, load(oh + i, cnt)), oh + i, cnt);
+          });
+        }
+        // o * scale, RMSNorm over the head (weights shared by heads), then the output gate
+        const Vec sc = Vec(static_cast<scalar_t>(scale));
+        vec_chunks<scalar_t>(Vh, [&](int64_t i, int64_t cnt) { store(load(oh + i, cnt) * sc, oh + i, cnt); });
+        const Vec inv(scalar_t(1) / std::sqrt(dot(oh, oh, Vh) / scalar_t(Vh) + scalar_t(o_eps)));
+        const scalar_t* zg = kGated ? pb + C + 2 * H + h * Vh : nullptr;
+        vec_chunks<scalar_t>(Vh, [&](int64_t i, int64_t cnt) {
+          Vec r = load(oh + i, cnt) * inv * load(wn.data_ptr<scalar_t>() + i, cnt);
+          if (kGated) {
+            const Vec z = load(zg + i, cnt);
+            r = r * (z / (Vec(1) + z.neg().exp()));
+          }
+          store(r, oh + i, cnt);
+        });
+      }
+    }
+  });
+  return linear_small(o, Wo, at::Tensor());
+}
+
+HYBRIDSSM_MIXER_STEP(delta_net, delta_rule_step<false>);
+HYBRIDSSM_MIXER_STEP(gated_delta_net, delta_rule_step<true>);
+
+}  // namespace hybridssm::step

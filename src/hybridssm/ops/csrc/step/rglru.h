@@ -1,0 +1,103 @@
+// Griffin's recurrent block (mixers/rglru.py), one frame, kind "griffin_lru":
+//
+//   y = gelu_tanh(W_y x + b_y);   u = conv_K(W_x x + b_x)                        [B, W]
+//   i = sigmoid(blockdiag(u; W_i) + b_i);   r = sigmoid(blockdiag(u; W_a) + b_a)
+//   log a = -c softplus(Lambda) r;   h = a h + sqrt(1 - a^2) (i u)   (a = 0, factor 1 at pos 0)
+//   out = W_out (h * y) + b_out
+//
+// Weights (RGLRUStepWeights): linear_y.weight [W, d], linear_y.bias [W], linear_x.weight [W, d],
+// linear_x.bias [W], conv_weight [W, K], conv_bias [W], input_gate_weight [G, bw, bw],
+// input_gate_bias [G, bw], a_gate_weight [G, bw, bw], a_gate_bias [G, bw], a_param [W],
+// linear_out.weight [d, W], linear_out.bias [d]; W = G * bw. Floats: (c,) the recurrence power.
+// States (RGLRUState): conv [B, W, K-1], h [B, W], pos [B] int64: the mixer's own positions, which the
+// first-position rule reads and the step advances (the model-level pos argument is not needed).
+#pragma once
+
+#include "common.h"
+
+namespace hybridssm::step {
+
+// torch's CPU gelu(approximate="tanh"): 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))).
+template <typename scalar_t>
+inline Vectorized<scalar_t> gelu_tanh(const Vectorized<scalar_t>& x) {
+  using Vec = Vectorized<scalar_t>;
+  const Vec beta(scalar_t(M_SQRT2 * M_2_SQRTPI * 0.5)), kappa(scalar_t(0.044715));
+  const Vec inner = beta * (x + kappa * (x * x * x));
+  return Vec(scalar_t(0.5)) * x * (Vec(1) + inner.tanh());
+}
+
+inline at::Tensor rglru_step(const at::Tensor& x, const MixerSpec& m, at::Tensor* states, const at::Tensor&) {
+  constexpr const char* kind = "griffin_lru";
+  check_compute_dtype(kind, x);
+  check_spec(kind, m, 13, 0, 1);
+  const auto dt = x.scalar_type();
+  const int64_t B = x.size(0), d = x.size(1);
+  TORCH_CHECK(m.w[0].dim() == 2 && m.w[4].dim() == 2 && m.w[6].dim() == 3 && m.w[6].size(0) >= 1,
+              "hybridssm step (griffin_lru): linear_y.weight, conv_weight and input_gate_weight must be 2-D, "
+              "2-D and 3-D, got ", m.w[0].sizes(), ", ", m.w[4].sizes(), " and ", m.w[6].sizes());
+  const int64_t W = m.w[0].size(0), K = m.w[4].size(1), G = m.w[6].size(0), bw = m.w[6].size(1);
+  TORCH_CHECK(K >= 1 && G * bw == W, "hybridssm step (griffin_lru): gates of ", G, " blocks of ", bw,
+              " do not cover lru_width ", W);
+  const auto Wy = weight(kind, m, 0, "linear_y.weight", {W, d}, dt);
+  const auto by = weight(kind, m, 1, "linear_y.bias", {W}, dt);
+  const auto Wx = weight(kind, m, 2, "linear_x.weight", {W, d}, dt);
+  const auto bx = weight(kind, m, 3, "linear_x.bias", {W}, dt);
+  const auto cw = weight(kind, m, 4, "conv_weight", {W, K}, dt);
+  const auto cb = weight(kind, m, 5, "conv_bias", {W}, dt);
+  const auto wi = weight(kind, m, 6, "input_gate_weight", {G, bw, bw}, dt);
+  const auto bi = weight(kind, m, 7, "input_gate_bias", {G, bw}, dt);
+  const auto wa = weight(kind, m, 8, "a_gate_weight", {G, bw, bw}, dt);
+  const auto ba = weight(kind, m, 9, "a_gate_bias", {G, bw}, dt);
+  const auto lam = weight(kind, m, 10, "a_param", {W}, dt);
+  const auto Wo = weight(kind, m, 11, "linear_out.weight", {d, W}, dt);
+  const auto bo = weight(kind, m, 12, "linear_out.bias", {d}, dt);
+  check_state(kind, "conv", states[0], {B, W, K - 1}, dt);
+  check_state(kind, "h", states[1], {B, W}, dt);
+  check_state(kind, "pos", states[2], {B}, at::kLong);
+
+  const auto yb = linear_small(x, Wy, by);  // [B, W] gate branch, before its GeLU
+  const auto xb = linear_small(x, Wx, bx);  // [B, W] conv input
+  auto hy = at::empty({B, W}, x.options());  // h * y, the output projection's input
+  AT_DISPATCH_FLOATING_TYPES(dt, "rglru_step", [&] {
+    using Vec = Vectorized<scalar_t>;
+    const Vec neg_c(scalar_t(-m.f[0]));
+    std::vector<scalar_t> buf(4 * W);
+    scalar_t *sp = buf.data(), *u = sp + W, *gi = u + W, *ga = gi + W;
+    std::copy(lam.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>() + W, sp);
+    softplus_inplace(sp, W);  // softplus(Lambda), recomputed each step from the parameter
+    int64_t* pos = states[2].data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      depthwise_conv_step(xb.data_ptr<scalar_t>() + b * W, states[0].data_ptr<scalar_t>() + b * W * (K - 1),
+                cw.data_ptr<scalar_t>(), cb.data_ptr<scalar_t>(), u, W, K);
+      std::copy(bi.data_ptr<scalar_t>(), bi.data_ptr<scalar_t>() + W, gi);
+      std::copy(ba.data_ptr<scalar_t>(), ba.data_ptr<scalar_t>() + W, ga);
+      for (int64_t g = 0; g < G; ++g) {  // block-diagonal gates: u_g @ weight[g]
+        vecmat_add(u + g * bw, wi.data_ptr<scalar_t>() + g * bw * bw, gi + g * bw, bw, bw);
+        vecmat_add(u + g * bw, wa.data_ptr<scalar_t>() + g * bw * bw, ga + g * bw, bw, bw);
+      }
+      const bool first = pos[b] == 0;
+      scalar_t* h = states[1].data_ptr<scalar_t>() + b * W;
+      const scalar_t* y = yb.data_ptr<scalar_t>() + b * W;
+      scalar_t* out = hy.data_ptr<scalar_t>() + b * W;
+      vec_chunks<scalar_t>(W, [&](int64_t o, int64_t cnt) {
+        const Vec log_a = neg_c * sigmoid(hybridssm::load(ga + o, cnt)) * hybridssm::load(sp + o, cnt);
+        Vec a = log_a.exp();
+        Vec mult = (Vec(2) * log_a).expm1().neg().sqrt();  // sqrt(1 - a^2)
+        if (first) {  // the first-position rule
+          a = Vec(0);
+          mult = Vec(1);
+        }
+        const Vec inp = hybridssm::load(u + o, cnt) * sigmoid(hybridssm::load(gi + o, cnt)) * mult;
+        const Vec hn = inp + a * hybridssm::load(h + o, cnt);
+        hybridssm::store(hn, h + o, cnt);
+        hybridssm::store(hn * gelu_tanh(hybridssm::load(y + o, cnt)), out + o, cnt);
+      });
+      pos[b] += 1;
+    }
+  });
+  return linear_small(hy, Wo, bo);
+}
+
+HYBRIDSSM_MIXER_STEP(griffin_lru, rglru_step);
+
+}  // namespace hybridssm::step

@@ -1,0 +1,227 @@
+// An RWKV-6 layer (mixers/rwkv.py: its own norms, time-mix, channel-mix), one frame, kind "rwkv".
+// The input is the raw residual stream x; the output is the layer's increment a + c (owns_norm):
+//
+//   h = LN_1(x);  xx = shift_time - h;  lora = tanh((h + xx mu_x) @ mix_down)           [B, 5R]
+//   x_f = h + xx (mu_f + lora_f @ mix_up[f])               f in (w, k, v, r, g)
+//   r, k, v = W_r x_r, W_k x_k, W_v x_v;   g = silu(W_g x_g)
+//   e = exp(-exp(min(decay + tanh(x_w @ decay_down) @ decay_up, 30)))     per-channel decay
+//   o = r^T (S + diag(u) k v^T);   S = diag(e) S + k v^T                  per head, one pass over S
+//   a = W_o ((GroupNorm_H(o) ln_x_weight + ln_x_bias) * g)
+//   c_in = LN_2(x + a);  xx' = shift_channel - c_in
+//   c = sigmoid(C_r (c_in + xx' mu'_r)) * C_v relu(C_k (c_in + xx' mu'_k))^2;    returns a + c
+//
+// Weights (RWKVStepWeights): ln_time.{weight [D], bias [D] or absent}, mu_x, mu_w, mu_k, mu_v, mu_r,
+// mu_g [D], mix_down [D, 5R], mix_up [5, R, D], decay [D], decay_down [D, Rd], decay_up [Rd, D],
+// bonus [H, K], receptance, key, value, gate, output [D, D], ln_x_weight [D], ln_x_bias [D],
+// ln_channel.{weight [D], bias [D] or absent}, channel mu_k, mu_r [D], channel key [F, D],
+// receptance [D, D], value [D, F]; D = H K.
+// Floats: ln_time eps, group-norm eps, ln_channel eps, the decay exponent's clamp.
+// States (RWKVState): shift_time [B, D], wkv [B, H, K, K], shift_channel [B, D].
+#pragma once
+
+#include "common.h"
+
+namespace hybridssm::step {
+
+// LayerNorm of one row of n values: (x - mean) / sqrt(var + eps) (* w + b where given).
+template <typename scalar_t>
+void layer_norm_row(const scalar_t* x, const scalar_t* w, const scalar_t* b, scalar_t* y, int64_t n,
+                    double eps) {
+  using Vec = Vectorized<scalar_t>;
+  Vec s(0);
+  vec_chunks<scalar_t>(n, [&](int64_t i, int64_t cnt) { s = s + hybridssm::load(x + i, cnt); });
+  const Vec mean(hybridssm::hsum(s) / scalar_t(n));
+  Vec q(0);
+  vec_chunks<scalar_t>(n, [&](int64_t i, int64_t cnt) {
+    // the tail's zero lanes would add mean^2: mask them back to zero
+    const Vec c = hybridssm::load(x + i, cnt) - mean;
+    const Vec c2 = c * c;
+    q = q + (cnt == Vec::size() ? c2 : Vec::set(Vec(0), c2, cnt));
+  });
+  const Vec rstd(scalar_t(1) / std::sqrt(hybridssm::hsum(q) / scalar_t(n) + scalar_t(eps)));
+  vec_chunks<scalar_t>(n, [&](int64_t i, int64_t cnt) {
+    Vec v = (hybridssm::load(x + i, cnt) - mean) * rstd;
+    if (w != nullptr) v = v * hybridssm::load(w + i, cnt);
+    if (b != nullptr) v = v + hybridssm::load(b + i, cnt);
+    hybridssm::store(v, y + i, cnt);
+  });
+}
+
+template <typename scalar_t>
+void tanh_inplace(scalar_t* v, int64_t n) {
+  vec_chunks<scalar_t>(n, [&](int64_t i, int64_t cnt) {
+    hybridssm::store(hybridssm::load(v + i, cnt).tanh(), v + i, cnt);
+  });
+}
+
+template <typename scalar_t>
+inline const scalar_t* ptr_or_null(const std::optional<at::Tensor>& t) {
+  return t ? t->data_ptr<scalar_t>() : nullptr;
+}
+
+inline at::Tensor rwkv_step(const at::Tensor& x, const MixerSpec& m, at::Tensor* states, const at::Tensor&) {
+  constexpr const char* kind = "rwkv";
+  check_compute_dtype(kind, x);
+  check_spec(kind, m, 28, 0, 4);
+  const auto dt = x.scalar_type();
+  const int64_t B = x.size(0), D = x.size(1);
+  TORCH_CHECK(m.w[9].dim() == 3 && m.w[11].dim() == 2 && m.w[13].dim() == 2 && m.w[25].dim() == 2,
+              "hybridssm step (rwkv): mix_up, decay_down, bonus and the channel key must be 3-D, 2-D, 2-D "
+              "and 2-D, got ", m.w[9].sizes(), ", ", m.w[11].sizes(), ", ", m.w[13].sizes(), " and ",
+              m.w[25].sizes());
+  const int64_t R = m.w[9].size(1), Rd = m.w[11].size(1), H = m.w[13].size(0), K = m.w[13].size(1);
+  const int64_t Fn = m.w[25].size(0);
+  TORCH_CHECK(H * K == D, "hybridssm step (rwkv): bonus [", H, ", ", K, "] does not cover width ", D);
+  const auto ln1_w = weight(kind, m, 0, "ln_time.weight", {D}, dt);
+  const auto ln1_b = opt(m.w[1], dt);
+  std::vector<at::Tensor> mu;  // mu_x, mu_w, mu_k, mu_v, mu_r, mu_g
+  for (size_t f = 0; f < 6; ++f) mu.push_back(weight(kind, m, 2 + f, "time-mix mu", {D}, dt));
+  const auto mix_down = weight(kind, m, 8, "mix_down", {D, 5 * R}, dt);
+  const auto mix_up = weight(kind, m, 9, "mix_up", {5, R, D}, dt);
+  const auto decay = weight(kind, m, 10, "decay", {D}, dt);
+  const auto decay_down = weight(kind, m, 11, "decay_down", {D, Rd}, dt);
+  const auto decay_up = weight(kind, m, 12, "decay_up", {Rd, D}, dt);
+  const auto bonus = weight(kind, m, 13, "bonus", {H, K}, dt);
+  const auto Wr = weight(kind, m, 14, "receptance.weight", {D, D}, dt);
+  const auto Wk = weight(kind, m, 15, "key.weight", {D, D}, dt);
+  const auto Wv = weight(kind, m, 16, "value.weight", {D, D}, dt);
+  const auto Wg = weight(kind, m, 17, "gate.weight", {D, D}, dt);
+  const auto Wo = weight(kind, m, 18, "output.weight", {D, D}, dt);
+  const auto lnx_w = weight(kind, m, 19, "ln_x_weight", {D}, dt);
+  const auto lnx_b = weight(kind, m, 20, "ln_x_bias", {D}, dt);
+  const auto ln2_w = weight(kind, m, 21, "ln_channel.weight", {D}, dt);
+  const auto ln2_b = opt(m.w[22], dt);
+  const auto cmu_k = weight(kind, m, 23, "channel mu_k", {D}, dt);
+  const auto cmu_r = weight(kind, m, 24, "channel mu_r", {D}, dt);
+  const auto Ck = weight(kind, m, 25, "channel key.weight", {Fn, D}, dt);
+  const auto Cr = weight(kind, m, 26, "channel receptance.weight", {D, D}, dt);
+  const auto Cv = weight(kind, m, 27, "channel value.weight", {D, Fn}, dt);
+  TORCH_CHECK(!ln1_b || ln1_b->numel() == D, "hybridssm step (rwkv): ln_time.bias must have ", D,
+              " values");
+  TORCH_CHECK(!ln2_b || ln2_b->numel() == D, "hybridssm step (rwkv): ln_channel.bias must have ", D,
+              " values");
+  check_state(kind, "shift_time", states[0], {B, D}, dt);
+  check_state(kind, "wkv", states[1], {B, H, K, K}, dt);
+  check_state(kind, "shift_channel", states[2], {B, D}, dt);
+  const double eps1 = m.f[0], eps_x = m.f[1], eps2 = m.f[2], max_exp = m.f[3];
+
+  // x_w, x_k, x_v, x_r, x_g in one buffer [5, B, D]; each slice is contiguous
+  auto xs = at::empty({5, B, D}, x.options());
+  auto xx = at::empty({B, D}, x.options());
+  auto xxx = at::empty({B, D}, x.options());
+  auto h = at::empty({B, D}, x.options());
+  at::Tensor y;
+  AT_DISPATCH_FLOATING_TYPES(dt, "rwkv_step", [&] {
+    using Vec = Vectorized<scalar_t>;
+    using hybridssm::load;
+    using hybridssm::store;
+    auto row = [&](const at::Tensor& t, int64_t b) { return t.data_ptr<scalar_t>() + b * t.size(-1); };
+    auto p = [](const at::Tensor& t) { return t.data_ptr<scalar_t>(); };
+
+    // token shift: h = LN_1(x), xx = shift - h, the LoRA's input h + xx mu_x; the shift takes h
+    for (int64_t b = 0; b < B; ++b) {
+      scalar_t *hb = row(h, b), *xxb = row(xx, b), *sb = row(states[0], b), *ib = row(xxx, b);
+      layer_norm_row(row(x, b), p(ln1_w), ptr_or_null<scalar_t>(ln1_b), hb, D, eps1);
+      vec_chunks<scalar_t>(D, [&](int64_t i, int64_t cnt) {
+        const Vec hv = load(hb + i, cnt), d = load(sb + i, cnt) - hv;
+        store(d, xxb + i, cnt);
+        store(hv + d * load(p(mu[0]) + i, cnt), ib + i, cnt);
+        store(hv, sb + i, cnt);
+      });
+    }
+    auto lora = matmul_small(xxx, mix_down);  // [B, 5R]
+    tanh_inplace(p(lora), B * 5 * R);
+    for (int64_t f = 0; f < 5; ++f) {  // x_f = h + xx (mu_f + lora_f @ mix_up[f])
+      const auto mf = matmul_small(lora.narrow(1, f * R, R), mix_up.select(0, f));
+      const auto xf = xs.select(0, f);
+      for (int64_t b = 0; b < B; ++b) {
+        const scalar_t *hb = row(h, b), *xxb = row(xx, b), *mb = row(mf, b), *mu_f = p(mu[1 + f]);
+        scalar_t* ob = row(xf, b);
+        vec_chunks<scalar_t>(D, [&](int64_t i, int64_t cnt) {
+          const Vec mix = load(mu_f + i, cnt) + load(mb + i, cnt);
+          store(load(hb + i, cnt) + load(xxb + i, cnt) * mix, ob + i, cnt);
+        });
+      }
+    }
+    const at::Tensor none;
+    const auto r = linear_small(xs.select(0, 3), Wr, none);
+    const auto k = linear_small(xs.select(0, 1), Wk, none);
+    const auto v = linear_small(xs.select(0, 2), Wv, none);
+    auto g = linear_small(xs.select(0, 4), Wg, none);
+    silu_inplace(p(g), B * D);
+    auto dlo = matmul_small(xs.select(0, 0), decay_down);  // [B, Rd]
+    tanh_inplace(p(dlo), B * Rd);
+    auto e = matmul_small(dlo, decay_up);  // [B, D], becomes the decay factor exp(-exp(d))
+
+    // WKV, per row and head, one pass over the state: o = r^T S + (r . (u * k)) v, then S <- e S + k v^T;
+    // then the group norm with its affine, times the gate (into o)
+    auto o = at::empty({B, D}, x.options());
+    std::vector<scalar_t> acc(K);
+    for (int64_t b = 0; b < B; ++b) {
+      scalar_t* eb = row(e, b);
+      vec_chunks<scalar_t>(D, [&](int64_t i, int64_t cnt) {
+        const Vec dd = at::vec::minimum(load(p(decay) + i, cnt) + load(eb + i, cnt), Vec(scalar_t(max_exp)));
+        store(dd.exp().neg().exp(), eb + i, cnt);
+      });
+      for (int64_t hh = 0; hh < H; ++hh) {
+        const int64_t off = hh * K;
+        const scalar_t *rh = row(r, b) + off, *kh = row(k, b) + off, *vh = row(v, b) + off;
+        const scalar_t *uh = p(bonus) + off, *eh = eb + off;
+        scalar_t* S = states[1].data_ptr<scalar_t>() + (b * H + hh) * K * K;
+        scalar_t ruk = 0;
+        for (int64_t j = 0; j < K; ++j) ruk += rh[j] * uh[j] * kh[j];
+        vec_chunks<scalar_t>(K, [&](int64_t i, int64_t cnt) {
+          store(Vec(ruk) * load(vh + i, cnt), acc.data() + i, cnt);
+        });
+        for (int64_t j = 0; j < K; ++j) {
+          const Vec rj(rh[j]), ej(eh[j]), kj(kh[j]);
+          scalar_t* Sj = S + j * K;
+          vec_chunks<scalar_t>(K, [&](int64_t i, int64_t cnt) {
+            const Vec s = load(Sj + i, cnt);
+            store(at::vec::fmadd(rj, s, load(acc.data() + i, cnt)), acc.data() + i, cnt);
+            store(at::vec::fmadd(ej, s, kj * load(vh + i, cnt)), Sj + i, cnt);
+          });
+        }
+        scalar_t* ob = row(o, b) + off;
+        layer_norm_row(acc.data(), p(lnx_w) + off, p(lnx_b) + off, ob, K, eps_x);
+        const scalar_t* gb = row(g, b) + off;
+        vec_chunks<scalar_t>(K, [&](int64_t i, int64_t cnt) {
+          store(load(ob + i, cnt) * load(gb + i, cnt), ob + i, cnt);
+        });
+      }
+    }
+    const auto a = linear_small(o, Wo, none);  // the time-mix's increment
+
+    // channel-mix on c_in = LN_2(x + a), with its own token shift (xk, xr reuse xx and xxx)
+    std::vector<scalar_t> t(D), c(D);
+    for (int64_t b = 0; b < B; ++b) {
+      const scalar_t *xb = row(x, b), *ab = row(a, b);
+      vec_chunks<scalar_t>(D, [&](int64_t i, int64_t cnt) {
+        store(load(xb + i, cnt) + load(ab + i, cnt), t.data() + i, cnt);
+      });
+      layer_norm_row(t.data(), p(ln2_w), ptr_or_null<scalar_t>(ln2_b), c.data(), D, eps2);
+      scalar_t *sb = row(states[2], b), *kb = row(xx, b), *rb = row(xxx, b);
+      vec_chunks<scalar_t>(D, [&](int64_t i, int64_t cnt) {
+        const Vec cv = load(c.data() + i, cnt), d = load(sb + i, cnt) - cv;
+        store(cv + d * load(p(cmu_k) + i, cnt), kb + i, cnt);
+        store(cv + d * load(p(cmu_r) + i, cnt), rb + i, cnt);
+        store(cv, sb + i, cnt);
+      });
+    }
+    auto kk = linear_small(xx, Ck, none);  // [B, F]
+    vec_chunks<scalar_t>(B * Fn, [&](int64_t i, int64_t cnt) {
+      const Vec z = at::vec::maximum(load(p(kk) + i, cnt), Vec(0));
+      store(z * z, p(kk) + i, cnt);
+    });
+    const auto rr = linear_small(xxx, Cr, none);
+    y = linear_small(kk, Cv, none);  // becomes a + sigmoid(rr) * (C_v kk)
+    vec_chunks<scalar_t>(B * D, [&](int64_t i, int64_t cnt) {
+      store(load(p(a) + i, cnt) + sigmoid(load(p(rr) + i, cnt)) * load(p(y) + i, cnt), p(y) + i, cnt);
+    });
+  });
+  return y;
+}
+
+HYBRIDSSM_MIXER_STEP(rwkv, rwkv_step);
+
+}  // namespace hybridssm::step
