@@ -10,7 +10,7 @@ Reproducibility is the design constraint:
 * Batch ``s`` is a pure function of ``(seed, s)`` (:meth:`hybridssm.tasks.Task.batch`), so the data
   order needs no loader state, and every rank draws the same global batch and keeps its slice.
 * A checkpoint holds the model, optimizer, scheduler, the torch / CUDA / numpy / Python RNG states,
-  the step and the run's config, written atomically (temporary file + ``os.replace``). ``resume``
+  the step and the run's config, written atomically (:func:`hybridssm.io.atomic_write`). ``resume``
   from it continues to bitwise the same parameters and metrics as an uninterrupted run.
 * A corrupt checkpoint, or one from another run (different model, task or settings), raises
   :class:`CheckpointError` before anything is modified.
@@ -29,7 +29,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hybridssm.io import atomic_write
 from hybridssm.registry import build, get_config_class
 from hybridssm.tasks import IGNORE, Task, TaskModel, build_task
 
@@ -260,22 +260,6 @@ def _set_rng_states(states: Mapping[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
-def atomic_write(target: Path, write) -> None:
-    """Write ``target`` through a temporary file in the same directory, then ``os.replace``: a
-    crash at any point leaves either the old file or the new one, never a partial file."""
-    target = Path(target)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(path: Path, *, step: int, config: TrainConfig, model: nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device,
                     log_sums: Tensor) -> None:
@@ -290,7 +274,12 @@ def save_checkpoint(path: Path, *, step: int, config: TrainConfig, model: nn.Mod
         "scheduler": scheduler.state_dict(),
         "rng": _rng_states(device),
     }
-    atomic_write(path, lambda fh: torch.save(payload, fh))
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            torch.save(payload, fh)
+
+    atomic_write(path, write)
 
 
 def load_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
@@ -335,7 +324,7 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def _write_metrics(path: Path, records: list[dict[str, Any]]) -> None:
     text = "".join(json.dumps(r) + "\n" for r in records)
-    atomic_write(path, lambda fh: fh.write(text.encode()))
+    atomic_write(path, lambda tmp: tmp.write_bytes(text.encode()))
 
 
 # -- the loop -------------------------------------------------------------------------------------

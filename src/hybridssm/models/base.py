@@ -6,9 +6,7 @@ forward, the streaming ``step``, states, padding, checkpointing, checks and save
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -16,16 +14,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from hybridssm import io as hsio
 from hybridssm.config import ModelConfig
 from hybridssm.layers import LayerNorm, is_fp32_no_decay
 from hybridssm.mixers.base import valid_mask
 from hybridssm.state import ModelState
 
-__all__ = ["SequenceModel", "FORMAT_VERSION"]
-
-FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
+__all__ = ["SequenceModel"]
 
 
 # "no tensor" for the fused step's optional arguments
@@ -475,22 +470,10 @@ class SequenceModel(nn.Module):
 
     # -- save / load ----------------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into the directory ``path``."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "model": self.model_name,
-            "dtype": str(self._compute_dtype()).removeprefix("torch."),
-            "config": self.config.to_dict(),
-        }
-        text = json.dumps(meta, indent=2)  # fails here (before writing) on unsavable options
-        path.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
-        _atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
-        return path
+        """Write ``config.json`` (model name, dtype, options) and ``model.safetensors`` into the
+        directory ``path``, each atomically; :func:`hybridssm.load` reads them back (in eval mode).
+        See :mod:`hybridssm.io`."""
+        return hsio.save_pretrained(self, path)
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """AdamW groups: marked parameters (SSM decays, ``D``, norms) and biases get no decay."""
@@ -503,15 +486,4 @@ class SequenceModel(nn.Module):
             {"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-
-
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
