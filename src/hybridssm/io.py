@@ -159,7 +159,8 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
             raise FileNotFoundError(f"{f} not found: expected a directory written by save_pretrained")
     model_class, config, dtype = read_config(cfg_path)
     found = read_header(w_path)
-    check_weights(found, _expected_tensors(model_class, config, dtype, found, w_path, cfg_path), w_path, cfg_path)
+    expected = _expected_tensors(model_class, config, dtype, found, w_path, cfg_path)
+    check_weights(found, expected, w_path, cfg_path)
 
     from safetensors.torch import load_file
 

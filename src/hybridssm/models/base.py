@@ -126,7 +126,15 @@ class SequenceModel(nn.Module):
             raise ValueError(f"max_len must be a positive integer or None, got {max_len!r}")
         p = self._ref_param()
         device = torch.device(device) if device is not None else p.device
-        dtype = dtype or self._compute_dtype()
+        want = self._compute_dtype()
+        if dtype is not None and dtype != want:
+            # every field's dtype follows the parameters (recurrences in the wider of fp32 and
+            # theirs); a state in another dtype would be refused by forward and step
+            raise ValueError(
+                f"dtype: a state's dtype follows the model's parameters ({want}), got {dtype}; "
+                f"cast the model instead (model.to({dtype}))"
+            )
+        dtype = want
         layers = tuple(
             b.init_state(batch_size, device=device, dtype=dtype, max_len=max_len)
             for b in self.blocks
@@ -268,6 +276,10 @@ class SequenceModel(nn.Module):
                 f"{name}: expected a ModelState from init_state() or forward(return_state=True) "
                 f"of this model, got {type(state).__name__}"
             )
+        if not isinstance(state.layers, tuple):
+            raise ValueError(
+                f"{name}.layers: expected a tuple of layer states, got {type(state.layers).__name__}"
+            )
         if len(state.layers) != len(self.blocks):
             raise ValueError(
                 f"{name}: expected {len(self.blocks)} layer states (this model's num_layers), got "
@@ -280,6 +292,26 @@ class SequenceModel(nn.Module):
             return
         for i, (block, s) in enumerate(zip(self.blocks, state.layers)):
             block.check_state(s, B, f"{name}.layers[{i}]")
+        self._check_state_dtypes(state, B, name)
+
+    def _check_state_dtypes(self, state: ModelState, B: int, name: str) -> None:
+        """Every buffer in the dtype and on the device :meth:`init_state` gives it (the structure
+        and shapes were checked by the blocks): the fields' dtypes, from a meta-device state."""
+        p = self._ref_param()
+        cap = self.state_max_len(state)
+        key = (B, cap, self._compute_dtype())
+        memo = self.__dict__.setdefault("_state_dtypes", {})
+        if key not in memo:
+            ref = SequenceModel.init_state(self, B, device="meta", max_len=cap)  # no Hymba prefill
+            memo[key] = [t.dtype for t in torch.utils._pytree.tree_leaves(ref)]
+        got, _ = torch.utils._pytree.tree_flatten_with_path(state)
+        for (path, t), want in zip(got, memo[key]):
+            if t.dtype != want or t.device != p.device:
+                field = name + torch.utils._pytree.keystr(path)
+                raise ValueError(
+                    f"{field}: expected dtype {want} on {p.device} (the model's: build states with "
+                    f"init_state() after casting or moving the model), got {t.dtype} on {t.device}"
+                )
 
     # -- running --------------------------------------------------------------------------------
     def _run_blocks(
