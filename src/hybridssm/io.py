@@ -21,6 +21,7 @@ import json
 import os
 import re
 import secrets
+import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -73,8 +74,11 @@ def atomic_write(target: str | os.PathLike, write: Callable[[Path], Any]) -> Pat
     """
     target = Path(target)
     tmp = _create_temp(target)
+    mode = stat.S_IMODE(tmp.stat().st_mode)  # the umask's mode, applied by the kernel
     try:
         write(tmp)
+        if stat.S_IMODE(tmp.stat().st_mode) != mode:  # a writer that replaced the file
+            os.chmod(tmp, mode)
         _fsync_path(tmp)
         os.replace(tmp, target)
     except BaseException:
@@ -274,7 +278,7 @@ def check_weights(
         problems.append(f"missing weights {_some(missing)}")
     if unexpected:
         problems.append(f"unexpected weights {_some(unexpected)}")
-    for key in sorted(set(expected) & set(found)):
+    for key in (k for k in expected if k in found):  # in the model's order: input first
         (want_shape, want_dtype), (shape, dtype_name) = expected[key], found[key]
         if shape != want_shape:
             problems.append(f"{key}: config wants shape {want_shape}, file has {shape}")
