@@ -166,10 +166,15 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
     expected = _expected_tensors(model_class, config, dtype, found, w_path, cfg_path)
     check_weights(found, expected, w_path, cfg_path)
 
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     model = model_class(config).to(dtype)
-    model.load_state_dict(load_file(str(w_path), device="cpu"))
+    try:
+        tensors = load_file(str(w_path), device="cpu")
+    except (SafetensorError, OSError, RuntimeError) as exc:  # e.g. truncated since the check
+        raise ValueError(f"{w_path} is corrupted or unreadable: {exc}") from None
+    model.load_state_dict(tensors)
     return model.to(map_location).eval()
 
 
