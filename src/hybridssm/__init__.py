@@ -52,6 +52,7 @@ from hybridssm.registry import (
     register_model,
 )
 from hybridssm.state import ModelState
+from hybridssm.tasks import register_task
 
 __version__ = "0.1.0"
 
@@ -102,5 +103,6 @@ __all__ = [
     "recommended_defaults",
     "register_backbone",
     "register_model",
+    "register_task",
     "use_kernels",
 ]

@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from hybridssm.config import suggest, unknown_option_error
+from hybridssm.registry import Registry
 
 __all__ = [
     "Backbone",
@@ -38,7 +39,9 @@ class Backbone:
     builtin: bool = False
 
 
-_BACKBONES: dict[str, Backbone] = {}
+_BACKBONES: Registry[Backbone] = Registry(
+    "backbone", hint="register your own with hybridssm.register_backbone"
+)
 
 
 def _describe(factory: Callable[..., nn.Module]) -> tuple[dict[str, Any], tuple[str, ...]]:
@@ -56,12 +59,15 @@ def _describe(factory: Callable[..., nn.Module]) -> tuple[dict[str, Any], tuple[
     return options, tuple(seed)
 
 
-def register_backbone(name: str, factory: Callable[..., nn.Module], *, builtin: bool = False) -> Backbone:
+def register_backbone(
+    name: str, factory: Callable[..., nn.Module], *, replace: bool = False, builtin: bool = False
+) -> Backbone:
     """Make ``hybrid(backbone=name)`` buildable, savable and loadable by name.
 
     ``factory(hidden_size, **options)`` returns a mixer (``forward(x, state=None, *, lengths=None)
     -> (y, state)`` and ``init_state(batch_size, *, device, dtype, max_len)``). Its keyword
-    arguments are the options ``backbone_options`` may set.
+    arguments are the options ``backbone_options`` may set. A name already registered to another
+    factory raises ``ValueError`` unless ``replace=True``; built-in backbones are never replaced.
     """
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"backbone name must be an identifier string, got {name!r}")
@@ -69,17 +75,18 @@ def register_backbone(name: str, factory: Callable[..., nn.Module], *, builtin: 
         raise ValueError("backbone name 'attention' is reserved for the attention layers")
     if not callable(factory):
         raise TypeError(f"backbone factory must be callable, got {type(factory).__name__}")
-    existing = _BACKBONES.get(name)
+    existing = _BACKBONES[name] if name in _BACKBONES else None
     if existing is not None and existing.builtin:
         raise ValueError(f"backbone {name!r} is built in and cannot be replaced")
+    if existing is not None and existing.factory is factory:
+        return existing  # the same factory again (a plugin module imported twice)
     options, seed = _describe(factory)
-    spec = Backbone(name, factory, options, seed, builtin)
-    _BACKBONES[name] = spec
-    return spec
+    return _BACKBONES.register(name, Backbone(name, factory, options, seed, builtin), replace=replace)
 
 
 def list_backbones() -> list[str]:
-    return sorted(_BACKBONES)
+    """Names of the registered backbones (built in and custom), sorted."""
+    return _BACKBONES.names()
 
 
 def get_backbone(backbone: str | Callable[..., nn.Module]) -> Backbone:

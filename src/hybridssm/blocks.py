@@ -200,7 +200,7 @@ class ParallelBlock(nn.Module):
     def check_state(self, state: Any, batch_size: int, where: str) -> None:
         if not isinstance(state, ParallelState):
             raise ValueError(
-                f"state {where}: expected a ParallelState, got {type(state).__name__} "
+                f"{where}: expected a ParallelState, got {type(state).__name__} "
                 "(a state from another model?)"
             )
         check_mixer_state(self.ssm, state.ssm, batch_size, f"{where}.ssm")

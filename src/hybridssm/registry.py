@@ -1,14 +1,18 @@
-"""The model registry: name -> (Config, Model), and the functions of the seeds' API."""
+"""Registries (one small type for models, backbones and tasks) and the model registry: name ->
+model class (its config class is ``model_class.config_class``), with the functions of the seeds' API.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
 
 import torch
 
 from hybridssm.config import ModelConfig, suggest
 
 __all__ = [
+    "Registry",
     "register_model",
     "build",
     "list_models",
@@ -17,38 +21,107 @@ __all__ = [
     "output_size",
     "param_count",
     "recommended_defaults",
+    "load",
 ]
 
-_MODELS: dict[str, tuple[type[ModelConfig], type]] = {}
+T = TypeVar("T")
 
 
-def register_model(name: str, config_class: type[ModelConfig]):
-    """Class decorator: register a :class:`~hybridssm.models.base.SequenceModel` under ``name``."""
+class Registry(Generic[T]):
+    """Names -> objects of one kind (``kind``: "model", "backbone", "task").
+
+    ``register(name, obj)`` or ``@register(name)``; an existing name raises ``ValueError`` unless
+    the same object is registered again (a module imported twice) or ``replace=True``. ``get``
+    of an unknown name raises ``ValueError`` with a "did you mean" and the available names (and
+    ``hint``, e.g. how to register one). It reads like a mapping: ``name in r``, ``r[name]``,
+    ``iter(r)`` (sorted names), ``r.items()``.
+    """
+
+    def __init__(self, kind: str, *, hint: str = "") -> None:
+        self.kind = kind
+        self.hint = hint
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str, obj: T | None = None, *, replace: bool = False) -> Any:
+        """Register ``obj`` under ``name`` and return it; without ``obj``, a decorator."""
+        if obj is None:
+            return lambda o: self.register(name, o, replace=replace)
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a {self.kind} name must be a non-empty string, got {name!r}")
+        old = self._items.get(name)
+        if old is not None and old is not obj and not replace:
+            raise ValueError(
+                f"{self.kind} {name!r} is already registered; pick another name, or pass "
+                "replace=True to replace it"
+            )
+        self._items[name] = obj
+        return obj
+
+    def get(self, name: str) -> T:
+        """The object registered as ``name``; ``ValueError`` with suggestions otherwise."""
+        if not isinstance(name, str) or name not in self._items:
+            hint = f" ({self.hint})" if self.hint else ""
+            raise ValueError(
+                f"unknown {self.kind} {name!r}{suggest(str(name), self._items)}; "
+                f"available: {', '.join(self.names())}{hint}"
+            )
+        return self._items[name]
+
+    def names(self) -> list[str]:
+        """The registered names, sorted."""
+        return sorted(self._items)
+
+    def pop(self, name: str, default: T | None = None) -> T | None:
+        """Remove ``name`` (a plugin unloaded, a test cleaning up); ``default`` if absent."""
+        return self._items.pop(name, default)
+
+    def items(self) -> list[tuple[str, T]]:
+        return sorted(self._items.items())
+
+    def values(self) -> list[T]:
+        return [v for _, v in self.items()]
+
+    def __getitem__(self, name: str) -> T:
+        return self.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, {self.names()})"
+
+
+MODELS: Registry[type] = Registry("model", hint="register your own with hybridssm.register_model")
+
+
+def register_model(name: str, config_class: type[ModelConfig]) -> Callable[[type], type]:
+    """Class decorator: register a :class:`~hybridssm.models.base.SequenceModel` under ``name``
+    with its config class (``build(name, **opts) == Model(Config(**opts))``)."""
 
     def deco(model_class: type) -> type:
-        if name in _MODELS:
-            raise ValueError(f"model {name!r} is already registered")
+        MODELS.register(name, model_class)
         config_class.model_name = name
         model_class.config_class = config_class
         model_class.model_name = name
-        _MODELS[name] = (config_class, model_class)
         return model_class
 
     return deco
 
 
 def _entry(name: str) -> tuple[type[ModelConfig], type]:
-    if not isinstance(name, str) or name not in _MODELS:
-        raise ValueError(
-            f"unknown model {name!r}{suggest(str(name), _MODELS)}; "
-            f"available: {', '.join(list_models())}"
-        )
-    return _MODELS[name]
+    model_class = MODELS.get(name)
+    return model_class.config_class, model_class
 
 
 def list_models() -> list[str]:
     """Names of the registered models, sorted."""
-    return sorted(_MODELS)
+    return MODELS.names()
 
 
 def get_config_class(name: str) -> type[ModelConfig]:
@@ -92,63 +165,14 @@ def recommended_defaults(name: str) -> dict[str, Any]:
 
 
 def load(path: str, *, map_location: str | torch.device = "cpu") -> torch.nn.Module:
-    """Load a model written by ``save_pretrained(path)``; bitwise the same outputs.
+    """Load a model written by ``save_pretrained(path)``: bitwise the same outputs, returned in
+    eval mode (as ``from_pretrained`` does; call ``.train()`` to fine-tune).
 
-    Raises ``FileNotFoundError`` for a missing directory or file, ``ValueError`` for a corrupted
-    file or a config/weights mismatch (naming the keys or shapes that differ).
+    Raises ``FileNotFoundError`` for a missing directory or file, ``ValueError`` naming the file for
+    a corrupt or foreign one or a config/weights mismatch (the tensors, expected and found shapes or
+    dtypes), checked from the config and the safetensors header before any weight is allocated.
+    See :mod:`hybridssm.io`.
     """
-    import json
-    from pathlib import Path
+    from hybridssm import io
 
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from hybridssm.models.base import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE
-
-    path = Path(path)
-    cfg_path, w_path = path / CONFIG_FILE, path / WEIGHTS_FILE
-    for f in (cfg_path, w_path):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} not found: expected a directory written by save_pretrained")
-    try:
-        meta = json.loads(cfg_path.read_text())
-        name, options = meta["model"], meta["config"]
-        version = meta.get("format_version", FORMAT_VERSION)
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"{cfg_path} is corrupted or not a hybridssm config: {exc}") from exc
-    if version > FORMAT_VERSION:
-        raise ValueError(
-            f"{cfg_path}: format_version {version} is newer than this hybridssm "
-            f"({FORMAT_VERSION}); upgrade hybridssm"
-        )
-    config_class, model_class = _entry(name)
-    model = model_class(config_class.from_dict(options))
-    if "task_model" in meta:  # `hybridssm train`'s model/: embedding + backbone + head
-        from hybridssm.tasks.model import TaskModel
-
-        model = TaskModel.around(model, meta["task_model"])
-    dtype = getattr(torch, meta.get("dtype", "float32"), None)
-    if isinstance(dtype, torch.dtype):
-        model.to(dtype)
-    try:
-        tensors = load_file(str(w_path), device=str(map_location))
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise ValueError(f"{w_path} is corrupted or unreadable: {exc}") from exc
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    shapes = [
-        f"{k}: config wants {tuple(expected[k].shape)}, file has {tuple(tensors[k].shape)}"
-        for k in sorted(set(expected) & set(tensors))
-        if expected[k].shape != tensors[k].shape
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing weights {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        if unexpected:
-            parts.append(f"unexpected weights {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-        parts += shapes[:5]
-        raise ValueError(f"{w_path} does not match {cfg_path}: " + "; ".join(parts))
-    model.load_state_dict(tensors)
-    return model.to(map_location)
+    return io.load(path, map_location=map_location)

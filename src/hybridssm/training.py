@@ -11,7 +11,7 @@ Reproducibility is the design constraint:
 * Batch ``s`` is a pure function of ``(seed, s)`` (:meth:`hybridssm.tasks.Task.batch`), so the data
   order needs no loader state, and every rank draws the same global batch and keeps its slice.
 * A checkpoint holds the model, optimizer, scheduler, the torch / CUDA / numpy / Python RNG states,
-  the step and the run's config, written atomically (temporary file + ``os.replace``). ``resume``
+  the step and the run's config, written atomically (:func:`hybridssm.io.atomic_write`). ``resume``
   from it continues to bitwise the same parameters and metrics as an uninterrupted run.
 * A corrupt checkpoint, or one from another run (different model, task or settings), raises
   :class:`CheckpointError` before anything is modified.
@@ -40,7 +40,6 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -53,6 +52,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hybridssm.io import atomic_write
 from hybridssm.registry import build, get_config_class
 from hybridssm.tasks import IGNORE, Task, TaskModel, build_task
 
@@ -329,22 +329,6 @@ def _set_rng_states(states: Mapping[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
-def atomic_write(target: Path, write) -> None:
-    """Write ``target`` through a temporary file in the same directory, then ``os.replace``: a
-    crash at any point leaves either the old file or the new one, never a partial file."""
-    target = Path(target)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(path: Path, *, step: int, config: TrainConfig, model: nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device,
                     log_sums: Tensor, data_digest: str | None = None) -> None:
@@ -362,8 +346,13 @@ def save_checkpoint(path: Path, *, step: int, config: TrainConfig, model: nn.Mod
         "scheduler": scheduler.state_dict(),
         "rng": _rng_states(device),
     }
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            torch.save(payload, fh)
+
     with _writing(path):
-        atomic_write(path, lambda fh: torch.save(payload, fh))
+        atomic_write(path, write)
 
 
 class _writing:
@@ -460,7 +449,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 def _write_metrics(path: Path, records: list[dict[str, Any]]) -> None:
     text = "".join(json.dumps(r) + "\n" for r in records)
     with _writing(path):
-        atomic_write(path, lambda fh: fh.write(text.encode()))
+        atomic_write(path, lambda tmp: tmp.write_bytes(text.encode()))
 
 
 def _append_metrics(path: Path, record: dict[str, Any]) -> None:
@@ -471,10 +460,11 @@ def _append_metrics(path: Path, record: dict[str, Any]) -> None:
 def _remove_orphans(out: Path) -> None:
     """Delete the temporary files of atomic writes that a killed run left behind (each may be as
     large as a checkpoint). Only the names this module writes are touched."""
-    from hybridssm.models.base import CONFIG_FILE, WEIGHTS_FILE
+    from hybridssm.io import CONFIG_FILE, TEMP_SUFFIX, WEIGHTS_FILE
 
-    found = [p for name in (CHECKPOINT_FILE, METRICS_FILE, RUN_FILE) for p in out.glob(f".{name}.*.tmp")]
-    found += [p for name in (CONFIG_FILE, WEIGHTS_FILE) for p in (out / MODEL_DIR).glob(f".{name}.*.tmp")]
+    names = [(out, n) for n in (CHECKPOINT_FILE, METRICS_FILE, RUN_FILE)]
+    names += [(out / MODEL_DIR, n) for n in (CONFIG_FILE, WEIGHTS_FILE)]
+    found = [p for folder, name in names for p in folder.glob(f".{name}.*{TEMP_SUFFIX}")]
     for p in found:
         p.unlink(missing_ok=True)
     if found:
@@ -634,7 +624,7 @@ def _train(config: TrainConfig, out: Path | None, resume: bool, stop_after: int 
     if out is not None and rank == 0:
         text = json.dumps(_run_info(config, task, n_params), indent=2)
         with _writing(out / RUN_FILE):
-            atomic_write(out / RUN_FILE, lambda fh: fh.write(text.encode()))
+            atomic_write(out / RUN_FILE, lambda tmp: tmp.write_text(text))
 
     ddp_model: nn.Module = model
     if world > 1:

@@ -87,19 +87,25 @@ def finish_state(old: NamedTuple | None, new: NamedTuple, inplace: bool) -> Name
 
 
 def check_mixer_state(mixer: nn.Module, state: Any, batch_size: int, where: str) -> None:
-    """Raise ``ValueError`` unless ``state`` has the structure and shapes ``mixer`` produces."""
+    """Raise ``ValueError`` unless ``state`` has the structure and shapes ``mixer`` produces.
+
+    ``where`` names the state in the message (``"state.layers[2]"``); the message gives the field,
+    the expected and the actual type or shape. Dtypes are checked by the model, which knows the
+    dtype its states are built in (``SequenceModel._check_state``).
+    """
+    where = where if where.startswith("state") else f"state {where}"
     state_type, shapes = _state_spec(mixer, state, batch_size)
     if type(state) is not state_type:
         raise ValueError(
-            f"state {where}: expected a {state_type.__name__} for {type(mixer).__name__}, "
+            f"{where}: expected a {state_type.__name__} for {type(mixer).__name__}, "
             f"got {type(state).__name__} (a state from another model?)"
         )
     for name, shape, s in zip(state_type._fields, shapes, state):
         if not isinstance(s, Tensor):
-            raise ValueError(f"state {where}.{name}: expected a tensor, got {type(s).__name__}")
+            raise ValueError(f"{where}.{name}: expected a tensor, got {type(s).__name__}")
         if tuple(s.shape) != shape:
             raise ValueError(
-                f"state {where}.{name}: expected shape {shape}, got {tuple(s.shape)} "
+                f"{where}.{name}: expected shape {shape}, got {tuple(s.shape)} "
                 f"(a state from another model or batch size?)"
             )
 

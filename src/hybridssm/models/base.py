@@ -6,9 +6,7 @@ forward, the streaming ``step``, states, padding, checkpointing, checks and save
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -16,16 +14,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from hybridssm import io as hsio
 from hybridssm.config import ModelConfig
 from hybridssm.layers import LayerNorm, is_fp32_no_decay
 from hybridssm.mixers.base import valid_mask
 from hybridssm.state import ModelState
 
-__all__ = ["SequenceModel", "FORMAT_VERSION"]
-
-FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
+__all__ = ["SequenceModel"]
 
 
 # "no tensor" for the fused step's optional arguments
@@ -131,7 +126,15 @@ class SequenceModel(nn.Module):
             raise ValueError(f"max_len must be a positive integer or None, got {max_len!r}")
         p = self._ref_param()
         device = torch.device(device) if device is not None else p.device
-        dtype = dtype or self._compute_dtype()
+        want = self._compute_dtype()
+        if dtype is not None and dtype != want:
+            # every field's dtype follows the parameters (recurrences in the wider of fp32 and
+            # theirs); a state in another dtype would be refused by forward and step
+            raise ValueError(
+                f"dtype: a state's dtype follows the model's parameters ({want}), got {dtype}; "
+                f"cast the model instead (model.to({dtype}))"
+            )
+        dtype = want
         layers = tuple(
             b.init_state(batch_size, device=device, dtype=dtype, max_len=max_len)
             for b in self.blocks
@@ -273,6 +276,10 @@ class SequenceModel(nn.Module):
                 f"{name}: expected a ModelState from init_state() or forward(return_state=True) "
                 f"of this model, got {type(state).__name__}"
             )
+        if not isinstance(state.layers, tuple):
+            raise ValueError(
+                f"{name}.layers: expected a tuple of layer states, got {type(state.layers).__name__}"
+            )
         if len(state.layers) != len(self.blocks):
             raise ValueError(
                 f"{name}: expected {len(self.blocks)} layer states (this model's num_layers), got "
@@ -285,6 +292,27 @@ class SequenceModel(nn.Module):
             return
         for i, (block, s) in enumerate(zip(self.blocks, state.layers)):
             block.check_state(s, B, f"{name}.layers[{i}]")
+        self._check_state_dtypes(state, name)
+
+    def _check_state_dtypes(self, state: ModelState, name: str) -> None:
+        """Every buffer in the dtype and on the device :meth:`init_state` gives it (the structure
+        and shapes were checked by the blocks). The dtypes depend only on the model's dtype: they
+        come from one meta-device state, remembered per dtype."""
+        p = self._ref_param()
+        want_dtype = self._compute_dtype()
+        memo = self.__dict__.setdefault("_state_dtypes", {})
+        if want_dtype not in memo:
+            ref = SequenceModel.init_state(self, 1, device="meta")  # no Hymba prefill
+            memo[want_dtype] = list(_tensors(ref))
+        for t, ref_t in zip(_tensors(state), memo[want_dtype]):
+            if t.dtype != ref_t.dtype or t.device != p.device:
+                # the slow path names the field
+                paths = torch.utils._pytree.tree_flatten_with_path(state)[0]
+                field = name + next(torch.utils._pytree.keystr(k) for k, v in paths if v is t)
+                raise ValueError(
+                    f"{field}: expected dtype {ref_t.dtype} on {p.device} (the model's: build states "
+                    f"with init_state() after casting or moving the model), got {t.dtype} on {t.device}"
+                )
 
     # -- running --------------------------------------------------------------------------------
     def _run_blocks(
@@ -475,22 +503,10 @@ class SequenceModel(nn.Module):
 
     # -- save / load ----------------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into the directory ``path``."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "model": self.model_name,
-            "dtype": str(self._compute_dtype()).removeprefix("torch."),
-            "config": self.config.to_dict(),
-        }
-        text = json.dumps(meta, indent=2)  # fails here (before writing) on unsavable options
-        path.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
-        _atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
-        return path
+        """Write ``config.json`` (model name, dtype, options) and ``model.safetensors`` into the
+        directory ``path``, each atomically; :func:`hybridssm.load` reads them back (in eval mode).
+        See :mod:`hybridssm.io`."""
+        return hsio.save_pretrained(self, path)
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """AdamW groups: marked parameters (SSM decays, ``D``, norms) and biases get no decay."""
@@ -505,13 +521,11 @@ class SequenceModel(nn.Module):
         ]
 
 
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
+def _tensors(tree: Any):
+    """The tensors of a state (nested tuples and NamedTuples), in pytree order; faster than
+    ``tree_leaves`` on the per-call check path."""
+    if isinstance(tree, Tensor):
+        yield tree
+    elif isinstance(tree, tuple):
+        for item in tree:
+            yield from _tensors(item)

@@ -3,7 +3,6 @@ sequence) -> linear head; saved whole by :meth:`TaskModel.save_pretrained`, load
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -52,28 +51,20 @@ class TaskModel(nn.Module):
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write ``config.json`` (the backbone's config plus ``task_model``: ``vocab_size``,
         ``num_outputs``) and ``model.safetensors`` (every weight) into the directory ``path``."""
-        from safetensors.torch import save_file
+        from hybridssm import io
 
-        from hybridssm.models.base import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, _atomic_write
-
-        path = Path(path)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "model": self.backbone.model_name,
-            "dtype": str(self.backbone._compute_dtype()).removeprefix("torch."),
-            "config": self.backbone.config.to_dict(),
-            "task_model": {"vocab_size": self.vocab_size, "num_outputs": self.num_outputs},
-        }
-        text = json.dumps(meta, indent=2)
-        path.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
-        _atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
-        return path
+        spec = {"vocab_size": self.vocab_size, "num_outputs": self.num_outputs}
+        return io.save_pretrained(self, path, backbone=self.backbone, extra={"task_model": spec})
 
     @classmethod
     def around(cls, backbone: nn.Module, spec: Any) -> TaskModel:
         """The task model described by a saved ``task_model`` entry, around ``backbone``."""
+        vocab, outputs = cls.check_spec(spec)
+        return cls(backbone, vocab, outputs)
+
+    @staticmethod
+    def check_spec(spec: Any) -> tuple[int | None, int]:
+        """``(vocab_size, num_outputs)`` of a saved ``task_model`` entry; ``ValueError`` otherwise."""
         if not isinstance(spec, dict) or set(spec) != {"vocab_size", "num_outputs"}:
             raise ValueError(f"'task_model' must hold vocab_size and num_outputs, got {spec!r}")
         vocab, outputs = spec["vocab_size"], spec["num_outputs"]
@@ -81,4 +72,4 @@ class TaskModel(nn.Module):
             if not (v is None and name == "vocab_size") and not (
                     isinstance(v, int) and not isinstance(v, bool) and v >= low):
                 raise ValueError(f"'task_model' {name} must be an integer >= {low}, got {v!r}")
-        return cls(backbone, vocab, outputs)
+        return vocab, outputs
