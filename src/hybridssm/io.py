@@ -24,7 +24,7 @@ import secrets
 import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -168,15 +168,15 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
     for f in (cfg_path, w_path):
         if not f.is_file():
             raise FileNotFoundError(f"{f} not found: expected a directory written by save_pretrained")
-    build, config, dtype = read_config(cfg_path)
+    saved = read_config(cfg_path)
     found = read_header(w_path)
-    expected = _expected_tensors(build, config, dtype, found, w_path, cfg_path)
+    expected = _expected_tensors(saved, found, w_path, cfg_path)
     check_weights(found, expected, w_path, cfg_path)
 
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    model = build().to(dtype)
+    model = saved.build().to(saved.dtype)
     try:
         tensors = load_file(str(w_path), device="cpu")
     except (SafetensorError, OSError, RuntimeError) as exc:  # e.g. truncated since the check
@@ -185,9 +185,19 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
     return model.to(map_location).eval()
 
 
-def read_config(cfg_path: Path) -> tuple[Callable[[], nn.Module], Any, torch.dtype]:
-    """``(build, config, dtype)`` from a :data:`CONFIG_FILE`: ``build()`` makes the model it describes (with
-    fresh weights; a ``task_model`` entry wraps it as ``hybridssm train``'s task model).
+class SavedConfig(NamedTuple):
+    """What a :data:`CONFIG_FILE` describes: ``build()`` makes the model (fresh weights; a
+    ``task_model`` entry wraps it as ``hybridssm train``'s task model) of registered model ``name``
+    with ``config``, saved in ``dtype``."""
+
+    build: Callable[[], nn.Module]
+    name: str
+    config: Any
+    dtype: torch.dtype
+
+
+def read_config(cfg_path: Path) -> SavedConfig:
+    """The :class:`SavedConfig` of a :data:`CONFIG_FILE`.
     ``ValueError`` naming the file and the problem for anything else (never a
     ``TypeError``/``RecursionError`` from the parse)."""
     from hybridssm.registry import get_model_class
@@ -238,14 +248,15 @@ def read_config(cfg_path: Path) -> tuple[Callable[[], nn.Module], Any, torch.dty
         raise ValueError(f"{cfg_path}: invalid options for model {name!r}: {exc}") from None
     task_spec = meta.get("task_model")
     if task_spec is None:
-        return (lambda: model_class(config)), config, _FLOAT_DTYPES[dtype_name]
+        return SavedConfig(lambda: model_class(config), name, config, _FLOAT_DTYPES[dtype_name])
     from hybridssm.tasks.model import TaskModel
 
     try:
         TaskModel.check_spec(task_spec)
     except ValueError as exc:
         raise bad(str(exc)) from None
-    return (lambda: TaskModel.around(model_class(config), task_spec)), config, _FLOAT_DTYPES[dtype_name]
+    return SavedConfig(lambda: TaskModel.around(model_class(config), task_spec), name, config,
+                       _FLOAT_DTYPES[dtype_name])
 
 
 def read_header(w_path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -264,14 +275,13 @@ def read_header(w_path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 def _expected_tensors(
-    build: Callable[[], nn.Module], config: Any, dtype: torch.dtype, found: Mapping[str, Any], w_path: Path,
-    cfg_path: Path,
+    saved: SavedConfig, found: Mapping[str, Any], w_path: Path, cfg_path: Path,
 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Name -> (shape, dtype) of the state dict ``config`` implies, from a meta-device model."""
     # Building costs time per layer even on the meta device: a config claiming more layers than
     # the file holds (num_layers=10**6) is refused before it is built.
     blocks = {int(m.group(1)) for k in found if (m := re.match(r"(?:backbone\.)?blocks\.(\d+)\.", k))}
-    num_layers = getattr(config, "num_layers", 0)
+    num_layers = getattr(saved.config, "num_layers", 0)
     if blocks and num_layers > max(blocks) + 1:
         held = max(blocks) + 1
         raise ValueError(
@@ -280,9 +290,9 @@ def _expected_tensors(
         )
     try:
         with torch.device("meta"):
-            model = build().to(dtype)
+            model = saved.build().to(saved.dtype)
     except (RuntimeError, ValueError, TypeError, OverflowError, MemoryError) as exc:
-        raise ValueError(f"{cfg_path}: cannot build the model it describes: {exc}") from None
+        raise ValueError(f"{cfg_path}: cannot build {saved.name!r} from it: {exc}") from None
     return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
 
 
