@@ -2,6 +2,7 @@
 
 A model subclass only says which blocks it stacks (:meth:`SequenceModel.build_blocks`); the
 forward, the streaming ``step``, states, padding, checkpointing, checks and save/load live here.
+The step's one-call fast path (a C++ plan of the whole model) lives in :mod:`hybridssm.streaming`.
 """
 
 from __future__ import annotations
