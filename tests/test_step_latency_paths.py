@@ -129,6 +129,16 @@ def test_falls_back_where_the_one_call_does_not_apply(case, count_stack_calls):
     assert count_stack_calls == []
 
 
+def test_training_mode_without_active_dropout_keeps_the_one_call(count_stack_calls):
+    model = _model().train()  # dropout 0: training mode changes nothing in the step
+    _assert_stream_equals_forward(model)
+    assert len(count_stack_calls) == 2 * 9
+    model.dropout.p = 0.1  # set after the plan was built: seen at the next step
+    with torch.no_grad():
+        _stream(model, torch.randn(1, 2, E_IN))
+    assert len(count_stack_calls) == 2 * 9
+
+
 def test_hybrid_with_mamba_blocks_streams_exactly():
     """Attention blocks between the Mamba blocks: one call where every kind has a kernel, else block
     by block (each Mamba mixer still fused); the same values either way."""

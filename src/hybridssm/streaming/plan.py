@@ -108,7 +108,7 @@ class StepPlan:
         self._cpp = cpp
         self.dtype: torch.dtype = next(iter(dtypes))
         self._params = tuple(tensors)
-        self.has_dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+        self._dropouts = tuple(m for m in model.modules() if isinstance(m, nn.Dropout))
         self._memo: tuple[Any, list[Tensor] | None] | None = None  # (state, its leaves) of inplace runs
 
     def _grad_needed(self, x: Tensor) -> bool:
@@ -133,7 +133,7 @@ class StepPlan:
         if (
             x.dtype is not self.dtype
             or x.device.type != "cpu"
-            or (training and self.has_dropout)
+            or (training and any(d.p > 0 for d in self._dropouts))
             or torch.is_autocast_enabled("cpu")
             or self._grad_needed(x)
         ):

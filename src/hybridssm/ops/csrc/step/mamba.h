@@ -37,40 +37,53 @@ void conv_step(const scalar_t* x, scalar_t* state, const scalar_t* w, const scal
   }
 }
 
+// u [B, E] = silu(conv([conv_state ; xi]) + conv_b), xi the first half of each row of xz [B, 2E]; the
+// conv windows shift in place
 template <typename scalar_t>
-void mamba_rows(const scalar_t* xz, scalar_t* conv_state, scalar_t* ssm_state, const scalar_t* conv_w,
-                const scalar_t* conv_b, const scalar_t* xproj_w, const scalar_t* dt_w, const scalar_t* dt_bias,
-                const scalar_t* A_log, const scalar_t* Dv, scalar_t* y, int64_t Bsz, int64_t E, int64_t K,
-                int64_t R, int64_t N) {
+void mamba_conv_rows(const scalar_t* xz, scalar_t* conv_state, const scalar_t* conv_w, const scalar_t* conv_b,
+                     scalar_t* u, int64_t Bsz, int64_t E, int64_t K) {
+  for (int64_t b = 0; b < Bsz; ++b) {
+    conv_step(xz + b * 2 * E, conv_state + b * E * (K - 1), conv_w, conv_b, u + b * E, E, K);
+    silu_inplace(u + b * E, E);
+  }
+}
+
+// The state update and gated output per row: h = exp(delta A) h + delta u Bn; y = (Cn . h + D u) silu(z),
+// with A = -exp(A_log) [E, N] computed once for the call.
+template <typename scalar_t>
+void mamba_update_rows(const scalar_t* xz, const scalar_t* u, const scalar_t* dbc, const scalar_t* delta,
+                       scalar_t* ssm_state, const scalar_t* A_log, const scalar_t* Dv, scalar_t* y, int64_t Bsz,
+                       int64_t E, int64_t R, int64_t N) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t W = Vec::size();
+  std::vector<scalar_t> A(E * N);
+  for (int64_t i = 0; i < E * N; i += W) {
+    const int64_t cnt = std::min(W, E * N - i);
+    hybridssm::store(hybridssm::load(A_log + i, cnt).exp().neg(), A.data() + i, cnt);
+  }
   at::parallel_for(0, Bsz, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> u(E), dbc(R + 2 * N), dt(E), gz(E);
+    std::vector<scalar_t> gz(E);
     for (int64_t b = begin; b < end; ++b) {
-      const scalar_t* x = xz + b * 2 * E;
-      conv_step(x, conv_state + b * E * (K - 1), conv_w, conv_b, u.data(), E, K);
-      silu_inplace(u.data(), E);
-      gemv_rows(xproj_w, u.data(), static_cast<const scalar_t*>(nullptr), dbc.data(), R + 2 * N, E);
-      gemv_rows(dt_w, dbc.data(), dt_bias, dt.data(), E, R);
-      softplus_inplace(dt.data(), E);
-      std::copy(x + E, x + 2 * E, gz.begin());
+      const scalar_t* z = xz + b * 2 * E + E;
+      std::copy(z, z + E, gz.begin());
       silu_inplace(gz.data(), E);
-      const scalar_t* Bn = dbc.data() + R;
+      const scalar_t* ub = u + b * E;
+      const scalar_t* dl_b = delta + b * E;
+      const scalar_t* Bn = dbc + b * (R + 2 * N) + R;
       const scalar_t* Cn = Bn + N;
       for (int64_t e = 0; e < E; ++e) {
         scalar_t* h = ssm_state + (b * E + e) * N;
-        const Vec dl(dt[e]), du(dt[e] * u[e]);
+        const Vec dl(dl_b[e]), du(dl_b[e] * ub[e]);
         Vec acc(0);
         for (int64_t n0 = 0; n0 < N; n0 += W) {
           const int64_t cnt = std::min(W, N - n0);
-          const Vec A = hybridssm::load(A_log + e * N + n0, cnt).exp().neg();
-          const Vec a = scan_decay_exp(dl * A);
+          const Vec a = scan_decay_exp(dl * hybridssm::load(A.data() + e * N + n0, cnt));
           const Vec hn = at::vec::fmadd(a, hybridssm::load(h + n0, cnt), du * hybridssm::load(Bn + n0, cnt));
           hybridssm::store(hn, h + n0, cnt);
           // lanes past cnt hold zeros (partial loads fill zeros), so they add nothing
           acc = at::vec::fmadd(hn, hybridssm::load(Cn + n0, cnt), acc);
         }
-        y[b * E + e] = (hybridssm::hsum(acc) + Dv[e] * u[e]) * gz[e];
+        y[b * E + e] = (hybridssm::hsum(acc) + Dv[e] * ub[e]) * gz[e];
       }
     }
   });
@@ -94,17 +107,24 @@ inline at::Tensor mamba_mixer_step(const at::Tensor& x, const MixerSpec& m, at::
                   ssm.dim() == 3 && ssm.size(0) == Bsz && ssm.size(1) == E && ssm.size(2) == N,
               "mamba step: states ", conv.sizes(), ", ", ssm.sizes(), " do not fit the weights (B=", Bsz,
               ", E=", E, ", K=", K, ", N=", N, ")");
-  const auto xz = linear_small(x, as_(m.w[0], dt), at::Tensor());
-  const auto conv_w = as_(m.w[1], dt), xproj_w = as_(m.w[3], dt), dt_w = as_(m.w[4], dt);
-  const auto dt_bias = as_(m.w[5], dt), A_log = as_(m.w[6], dt), Dv = as_(m.w[7], dt);
+  const auto xz = linear_small(x, as_(m.w[0], dt), at::Tensor()).contiguous();  // [B, 2E]
+  const auto conv_w = as_(m.w[1], dt);
   const auto conv_b = opt(m.w[2], dt);
+  auto u = at::empty({Bsz, E}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(dt, "mamba_conv", [&] {
+    mamba_conv_rows<scalar_t>(xz.data_ptr<scalar_t>(), conv.data_ptr<scalar_t>(), conv_w.data_ptr<scalar_t>(),
+                              conv_b ? conv_b->data_ptr<scalar_t>() : nullptr, u.data_ptr<scalar_t>(), Bsz, E, K);
+  });
+  // the x and dt projections: one gemv per row for a small batch, GEMMs for many streams
+  const auto dbc = linear_small(u, as_(m.w[3], dt), at::Tensor()).contiguous();  // [B, R + 2N]
+  auto delta = linear_small(dbc.narrow(1, 0, R), as_(m.w[4], dt), as_(m.w[5], dt)).contiguous();  // [B, E]
+  const auto A_log = as_(m.w[6], dt), Dv = as_(m.w[7], dt);
   auto y = at::empty({Bsz, E}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(dt, "mamba_mixer_step", [&] {
-    mamba_rows<scalar_t>(xz.data_ptr<scalar_t>(), conv.data_ptr<scalar_t>(), ssm.data_ptr<scalar_t>(),
-                         conv_w.data_ptr<scalar_t>(), conv_b ? conv_b->data_ptr<scalar_t>() : nullptr,
-                         xproj_w.data_ptr<scalar_t>(), dt_w.data_ptr<scalar_t>(), dt_bias.data_ptr<scalar_t>(),
-                         A_log.data_ptr<scalar_t>(), Dv.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), Bsz, E,
-                         K, R, N);
+  AT_DISPATCH_FLOATING_TYPES(dt, "mamba_update", [&] {
+    softplus_inplace(delta.data_ptr<scalar_t>(), Bsz * E);
+    mamba_update_rows<scalar_t>(xz.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), dbc.data_ptr<scalar_t>(),
+                                delta.data_ptr<scalar_t>(), ssm.data_ptr<scalar_t>(), A_log.data_ptr<scalar_t>(),
+                                Dv.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), Bsz, E, R, N);
   });
   return linear_small(y, as_(m.w[8], dt), at::Tensor());
 }
