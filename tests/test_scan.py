@@ -11,7 +11,6 @@ import torch
 from helpers import assert_close
 from hybridssm.ops import _kernels, use_kernels
 from hybridssm.ops import scan as scan_mod
-from hybridssm.ops.mamba_step import mamba_step, mamba_step_ref
 from hybridssm.ops.scan import selective_scan, selective_scan_ref
 
 FAST = ["torch", "fused"]
@@ -96,27 +95,6 @@ def test_gradcheck_fp64(backend, monkeypatch):
             return selective_scan(**dict(zip(NAMES, args)), delta_softplus=True)
 
     assert torch.autograd.gradcheck(f, tuple(inp[k] for k in NAMES))
-
-
-def test_fused_step_equals_eager_step():
-    g = torch.Generator().manual_seed(0)
-    Bsz, d, E, K, R, N = 3, 12, 20, 4, 2, 16
-
-    def r(*s):
-        return torch.randn(*s, generator=g)
-
-    in_w, out_w = r(2 * E, d) * 0.3, r(d, E) * 0.3
-    weights = (r(E, K), r(E), r(R + 2 * N, E) * 0.3, r(E, R), r(E), r(E, N), r(E), out_w)
-    conv0, ssm0 = r(Bsz, E, K - 1), r(Bsz, E, N)
-    conv_a, ssm_a, conv_b, ssm_b = conv0.clone(), ssm0.clone(), conv0.clone(), ssm0.clone()
-    for t in range(3):
-        x = r(Bsz, d)
-        with use_kernels("fused"):
-            y = mamba_step(x, in_w, conv_a, ssm_a, *weights)
-        y_ref = mamba_step_ref(x, in_w, conv_b, ssm_b, *weights)
-        assert_close(y, y_ref, msg=f"step {t}")
-        assert_close(conv_a, conv_b)
-        assert_close(ssm_a, ssm_b)
 
 
 def test_build_failure_falls_back_with_one_warning(monkeypatch):

@@ -1,6 +1,6 @@
-"""The fast streaming step: the one-call Mamba stack step (``mamba_stack_step``) against its eager
-twin, the model taking it (and falling back where it must), the cached ``-exp(A_log)`` never going
-stale, and the memoised step checks still rejecting bad inputs and states."""
+"""The one-call model step (hybridssm.streaming) on Mamba stacks: the model takes it (and falls back
+where it must), it never goes stale under any way of writing a parameter, and the memoised step
+checks still reject bad inputs and states."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ from torch import nn
 
 import hybridssm as hs
 from helpers import assert_close, assert_tree_close
-from hybridssm.ops import mamba_step as step_op
 from hybridssm.ops import use_kernels
-from hybridssm.ops.mamba_step import DerivedCache, mamba_stack_step, mamba_stack_step_ref
 from hybridssm.state import ModelState
+from hybridssm.streaming import plan as plan_mod
 
 E_IN, D, N, K = 6, 16, 4, 4
 
@@ -50,78 +49,18 @@ def _assert_stream_equals_forward(model, B=2, T=9, msg=""):
 
 @pytest.fixture
 def count_stack_calls(monkeypatch):
-    """Counts calls of the one-call stack step (looked up through the module on every step)."""
+    """Counts the steps the one-call plan ran (a run that does not apply returns None)."""
     calls = []
-    real = step_op.mamba_stack_step
+    real = plan_mod.StepPlan.run
 
-    def counted(*args):
-        calls.append(1)
-        return real(*args)
+    def counted(self, *args, **kw):
+        out = real(self, *args, **kw)
+        if out is not None:
+            calls.append(1)
+        return out
 
-    monkeypatch.setattr(step_op, "mamba_stack_step", counted)
+    monkeypatch.setattr(plan_mod.StepPlan, "run", counted)
     return calls
-
-
-# -- the fused op against its eager twin -----------------------------------------------------------
-def _stack_args(dtype, layers=2, B=3, proj=True, conv_bias=True, norm_bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
-    E, R = 2 * D, 2
-    none = torch.empty(0, dtype=dtype)
-    weights, eps, states = [], [], []
-    for _ in range(layers):
-        weights += [1 + 0.2 * r(D), 0.2 * r(D) if norm_bias else none, r(2 * E, D) / D**0.5, r(E, K) / 2,
-                    r(E) if conv_bias else none, r(R + 2 * N, E) / E**0.5, r(E, R), r(E) - 1,
-                    -torch.exp(r(E, N).abs()), r(E), r(D, E) / E**0.5]
-        eps.append(1e-5)
-        states += [r(B, E, K - 1), r(B, E, N)]
-    proj_w, proj_b = (r(D, E_IN), r(D)) if proj else (none, none)
-    x = r(B, E_IN if proj else D)
-    return x, proj_w, proj_b, weights, eps, states, 1 + 0.2 * r(D), 0.2 * r(D), 1e-5
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("variant", ["full", "no_proj", "no_biases", "one_layer_no_final", "batch_6"])
-def test_stack_step_equals_eager_twin(dtype, variant):
-    """Batch <= 4 takes the row-blocked gemv, batch 6 the GEMM call."""
-    kw = dict(proj=variant != "no_proj", conv_bias=variant != "no_biases", norm_bias=variant != "no_biases",
-              layers=1 if variant == "one_layer_no_final" else 2, B=6 if variant == "batch_6" else 3)
-    x, pw, pb, w, eps, states, fw, fb, feps = _stack_args(dtype, **kw)
-    B = x.shape[0]
-    if variant == "one_layer_no_final":
-        fw = fb = torch.empty(0, dtype=dtype)
-    states_ref = [s.clone() for s in states]
-    pos, pos_ref = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
-    for _ in range(3):  # a few steps: the state updates feed the next step
-        y = mamba_stack_step(x, pw, pb, w, eps, states, fw, fb, feps, pos)
-        y_ref = mamba_stack_step_ref(x, pw, pb, w, eps, states_ref, fw, fb, feps, pos_ref)
-        cls = "fp64" if dtype == torch.float64 else "fp32"
-        assert_close(y, y_ref, cls)
-        for s, s_ref in zip(states, states_ref):
-            assert_close(s, s_ref, cls)
-    assert pos.tolist() == pos_ref.tolist() == [3] * B
-
-
-def test_stack_step_rejects_states_that_do_not_fit():
-    x, pw, pb, w, eps, states, fw, fb, feps = _stack_args(torch.float32)
-    states[3] = torch.zeros(3, 2 * D, N + 1)  # layer 1's ssm state: wrong N
-    with pytest.raises(RuntimeError, match="do not fit"):
-        mamba_stack_step(x, pw, pb, w, eps, states, fw, fb, feps, torch.empty(0))
-
-
-def test_mixer_step_with_precomputed_A_equals_without():
-    m = _model().blocks[0].mixer
-    x = torch.randn(2, 1, D)
-    s1, s2 = m.init_state(2), m.init_state(2)
-    with torch.no_grad():
-        for _ in range(3):
-            y1, s1 = m(x, s1, inplace=True)  # the eager mixer path: A from the cache
-            y2 = step_op.mamba_step(
-                x[:, 0], m.in_proj.weight, s2.conv, s2.ssm, m.conv.weight, m.conv.bias, m.ssm.x_proj.weight,
-                m.ssm.dt_proj.weight, m.ssm.dt_bias, m.ssm.A_log, m.ssm.D, m.out_proj.weight,
-            )  # A computed here
-            assert_close(y1[:, 0], y2)
-    assert_tree_close(s1, s2)
 
 
 # -- the model takes the one-call path, and leaves it where it must --------------------------------
@@ -190,8 +129,19 @@ def test_falls_back_where_the_one_call_does_not_apply(case, count_stack_calls):
     assert count_stack_calls == []
 
 
-def test_hybrid_with_mamba_blocks_streams_exactly(count_stack_calls):
-    """Attention blocks between the Mamba blocks: block by block (each Mamba mixer still fused)."""
+def test_training_mode_without_active_dropout_keeps_the_one_call(count_stack_calls):
+    model = _model().train()  # dropout 0: training mode changes nothing in the step
+    _assert_stream_equals_forward(model)
+    assert len(count_stack_calls) == 2 * 9
+    model.dropout.p = 0.1  # set after the plan was built: seen at the next step
+    with torch.no_grad():
+        _stream(model, torch.randn(1, 2, E_IN))
+    assert len(count_stack_calls) == 2 * 9
+
+
+def test_hybrid_with_mamba_blocks_streams_exactly():
+    """Attention blocks between the Mamba blocks: one call where every kind has a kernel, else block
+    by block (each Mamba mixer still fused); the same values either way."""
     torch.manual_seed(0)
     model = hs.build("hybrid", embed_dim=E_IN, hidden_size=D, num_layers=2, num_heads=2, state_size=N,
                      backbone="mamba", attention_every=2).eval()
@@ -200,10 +150,9 @@ def test_hybrid_with_mamba_blocks_streams_exactly(count_stack_calls):
         want = model(x, return_sequence=True)
         got, _ = _stream(model, x)
     assert_close(got, want)
-    assert count_stack_calls == []
 
 
-# -- the cached -exp(A_log) can never go stale -----------------------------------------------------
+# -- nothing goes stale: every way of writing a parameter is seen by the next step ------------------
 def _warm(model):
     with torch.no_grad():
         _stream(model, torch.randn(1, 3, E_IN, dtype=model.input_proj.weight.dtype))
@@ -243,6 +192,18 @@ def _mutations():
         for blk in m.blocks:
             blk.mixer.ssm.A_log.data = blk.mixer.ssm.A_log.data + 0.3
 
+    def copy_into_data(m):  # EMA / target-network updates: .data bypasses the version counter
+        for blk in m.blocks:
+            blk.mixer.ssm.A_log.data.copy_(blk.mixer.ssm.A_log.data * 1.2)
+            blk.mixer.in_proj.weight.data.mul_(0.5)
+
+    def replace_module(m):
+        for blk in m.blocks:
+            old = blk.mixer.out_proj
+            blk.mixer.out_proj = nn.Linear(old.in_features, old.out_features, bias=False)
+            with torch.no_grad():
+                blk.mixer.ssm.A_log.add_(0.1)
+
     def replace_parameter(m):
         for blk in m.blocks:
             blk.mixer.ssm.A_log = nn.Parameter(blk.mixer.ssm.A_log.detach() - 0.3)
@@ -255,7 +216,7 @@ def _mutations():
         m.to(torch.float32)
 
     return [add_inplace, optimizer_step, adam_foreach_step, load_state_dict, load_state_dict_assign,
-            replace_data, replace_parameter, to_float64_and_back]
+            replace_data, copy_into_data, replace_parameter, replace_module, to_float64_and_back]
 
 
 @pytest.mark.parametrize("mutate", _mutations(), ids=lambda f: f.__name__)
@@ -276,31 +237,7 @@ def test_step_follows_a_cast_to_float64(count_stack_calls):
     _warm(model)
     model.to(torch.float64)
     _assert_stream_equals_forward(model)
-    assert model.blocks[0].mixer._neg_A._value.dtype == torch.float64
     assert count_stack_calls
-
-
-def test_derived_cache_rebuilds_only_on_change():
-    built = []
-
-    def build(src, dtype):
-        built.append(1)
-        return -torch.exp(src.to(dtype))
-
-    p = nn.Parameter(torch.randn(3, 2))
-    c = DerivedCache()
-    a = c.get(p, torch.float32, build)
-    assert c.get(p, torch.float32, build) is a and len(built) == 1
-    with torch.no_grad():
-        p.add_(1.0)
-    assert_close(c.get(p, torch.float32, build), -torch.exp(p.detach()))
-    assert c.get(p, torch.float64, build).dtype == torch.float64
-    q = nn.Parameter(p.detach().clone())  # same values, another parameter: rebuilt
-    c.get(q, torch.float64, build)
-    assert len(built) == 4
-    p.data.mul_(2)  # writes through .data bypass the version counter: clear() is the way
-    c.clear()
-    assert_close(c.get(p, torch.float32, build), -torch.exp(p.detach()))
 
 
 # -- the memoised checks still check ----------------------------------------------------------------
@@ -351,7 +288,7 @@ def test_deepcopy_and_pickle_keep_the_step_exact(tmp_path):
     _warm(model)
     twin = copy.deepcopy(model)
     with torch.no_grad():
-        twin.blocks[0].mixer.ssm.A_log.add_(0.2)  # must not leak into the original's cache
+        twin.blocks[0].mixer.ssm.A_log.add_(0.2)  # must not leak into the original's step
     _assert_stream_equals_forward(model, msg="original")
     _assert_stream_equals_forward(twin, msg="copy")
     torch.save(model, tmp_path / "m.pt")

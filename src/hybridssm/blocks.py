@@ -13,8 +13,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from hybridssm.layers import LayerNorm, RMSNorm
+from hybridssm.layers import FFN, LayerNorm, RMSNorm
 from hybridssm.mixers.base import check_mixer_state, finish_state
+from hybridssm.ops.step import BlockStep, FFNStep, FusionStep, MixerStep, NormStep
 
 __all__ = ["ResidualBlock", "ParallelBlock", "ParallelState", "GateFusion", "MeanFusion"]
 
@@ -45,6 +46,30 @@ class _FFNSublayer(nn.Module):
         if self.pre_norm:
             return x + self.ffn(self.norm(x))
         return self.norm(x + self.ffn(x))
+
+    def step_spec(self) -> FFNStep | None:
+        """The fused form of a GELU :class:`~hybridssm.layers.FFN` behind a known norm, else None."""
+        norm, f = norm_step(self.norm), self.ffn
+        if norm is None or type(f) is not FFN or type(f.up) is not nn.Linear or type(f.down) is not nn.Linear:
+            return None
+        return FFNStep(norm, f.up.weight, f.up.bias, f.down.weight, f.down.bias)
+
+
+def norm_step(norm: nn.Module) -> NormStep | None:
+    """The fused form of a norm module (LayerNorm, RMSNorm or Identity), else None."""
+    kind = type(norm)
+    if kind is LayerNorm:
+        return NormStep("layer", norm.weight, norm.bias, float(norm.eps))
+    if kind is RMSNorm:
+        return NormStep("rms", norm.weight, None, float(norm.eps))
+    if kind is nn.Identity:
+        return NormStep("identity")
+    return None
+
+
+def _mixer_step(mixer: nn.Module) -> MixerStep | None:
+    fn = getattr(mixer, "step_spec", None)
+    return fn() if fn is not None else None
 
 
 class ResidualBlock(nn.Module):
@@ -79,20 +104,15 @@ class ResidualBlock(nn.Module):
     def check_state(self, state: Any, batch_size: int, where: str) -> None:
         check_mixer_state(self.mixer, state, batch_size, where)
 
-    def fused_step_spec(self, dtype: torch.dtype) -> tuple | None:
-        """For a model's one-call step (:meth:`SequenceModel.step`): ``(op, weights, eps)`` with
-        ``weights = (norm_w, norm_b, *mixer weights)`` when this is a pre-norm LayerNorm block without
-        FFN around a mixer offering ``fused_step_weights(dtype) -> (op, weights) | None``; else None."""
-        m = self._modules
-        fn = getattr(m["mixer"], "fused_step_weights", None)
-        norm = m["norm"]
-        if fn is None or not self.pre_norm or self.ffn is not None or type(norm) is not LayerNorm:
+    def step_spec(self) -> BlockStep | None:
+        """This block in a fused model step (:mod:`hybridssm.streaming`), or None when its mixer,
+        norm or FFN has no fused form."""
+        mixer = _mixer_step(self.mixer)
+        norm = norm_step(self.norm)
+        ffn = self.ffn.step_spec() if self.ffn is not None else None
+        if mixer is None or norm is None or (self.ffn is not None and ffn is None):
             return None
-        spec = fn(dtype)
-        if spec is None:
-            return None
-        p = norm._parameters
-        return spec[0], (p["weight"], p.get("bias"), *spec[1]), norm.eps
+        return BlockStep(self.pre_norm, norm, (mixer,), None, ffn)
 
     def state_max_len(self, state: Any) -> int | None:
         fn = getattr(self.mixer, "state_max_len", None)
@@ -131,6 +151,13 @@ class GateFusion(nn.Module):
         g = torch.sigmoid(self.gate(h))
         return g * ssm + (1.0 - g) * attn
 
+    def step_spec(self) -> FusionStep | None:
+        """This fusion in a fused model step."""
+        norms = _path_norms(self)
+        if type(self.gate) is not nn.Linear or norms is None:
+            return None
+        return FusionStep("gate", self.gate.weight, self.gate.bias, *norms)
+
     def extra_repr(self) -> str:
         return f"normalize={self.normalize}"
 
@@ -150,8 +177,22 @@ class MeanFusion(nn.Module):
             ssm, attn = self.ssm_norm(ssm), self.attn_norm(attn)
         return 0.5 * (attn + ssm)
 
+    def step_spec(self) -> FusionStep | None:
+        """This fusion in a fused model step."""
+        norms = _path_norms(self)
+        return None if norms is None else FusionStep("mean", None, None, *norms)
+
     def extra_repr(self) -> str:
         return f"normalize={self.normalize}"
+
+
+def _path_norms(fusion: nn.Module) -> tuple[NormStep | None, NormStep | None] | None:
+    """``(ssm, attn)`` path norms, ``(None, None)`` without normalisation; None when a path norm is
+    not an RMSNorm (the fused fusion normalises with RMSNorm only)."""
+    if not fusion.normalize:
+        return None, None
+    norms = norm_step(fusion.ssm_norm), norm_step(fusion.attn_norm)
+    return norms if all(n is not None and n.kind == "rms" for n in norms) else None
 
 
 FUSIONS = {"gate": GateFusion, "mean": MeanFusion}
@@ -191,6 +232,18 @@ class ParallelBlock(nn.Module):
         if inplace and state is not None and s_state is state.ssm and a_state is state.attn:
             return x, state  # the mixers wrote into the given buffers: no new container
         return x, ParallelState(s_state, a_state)
+
+    def step_spec(self) -> BlockStep | None:
+        """This block in a fused model step (:mod:`hybridssm.streaming`), or None when a mixer, the
+        fusion, a norm or the FFN has no fused form."""
+        mixers = (_mixer_step(self.ssm), _mixer_step(self.attn))
+        fn = getattr(self.fusion, "step_spec", None)
+        fusion = fn() if fn is not None else None
+        norm = norm_step(self.norm)
+        ffn = self.ffn.step_spec() if self.ffn is not None else None
+        if None in mixers or fusion is None or norm is None or (self.ffn is not None and ffn is None):
+            return None
+        return BlockStep(self.pre_norm, norm, mixers, fusion, ffn)
 
     def init_state(self, batch_size: int, **kw: Any) -> ParallelState:
         return ParallelState(

@@ -28,8 +28,9 @@ from torch import Tensor, nn
 from hybridssm.mixers.base import Mixer, finish_state, state_dtype, valid_mask
 from hybridssm.ops.conv import causal_conv1d
 from hybridssm.ops.linear_rnn import linear_rnn
+from hybridssm.ops.step import MixerStep
 
-__all__ = ["GatedSSMMixer", "GatedSSMState", "CONTEXT_DECAY"]
+__all__ = ["GatedSSMMixer", "GatedSSMState", "GatedSSMStepWeights", "CONTEXT_DECAY"]
 
 CONTEXT_DECAY = 0.9  # the seed's EMA coefficient (alpha)
 
@@ -37,6 +38,23 @@ CONTEXT_DECAY = 0.9  # the seed's EMA coefficient (alpha)
 class GatedSSMState(NamedTuple):
     conv: Tensor  # [B, E, K-1] last raw inputs of the mean-pool conv
     ctx: Tensor  # [B, E] EMA context, fp32
+
+
+class GatedSSMStepWeights(NamedTuple):
+    """The weights of the fused step (``csrc/step/gated_ssm.h``), as the parameters themselves."""
+
+    in_w: Tensor  # [2E, d]
+    in_b: Tensor | None
+    conv_w: Tensor  # [E, E] (conv_proj)
+    conv_b: Tensor | None
+    bc_w: Tensor  # [2N, E]
+    bc_b: Tensor | None
+    down_w: Tensor  # [R, E]
+    down_b: Tensor | None
+    up_w: Tensor  # [E, R]
+    up_b: Tensor | None
+    out_w: Tensor  # [d, E]
+    out_b: Tensor | None
 
 
 class GatedSSMMixer(Mixer):
@@ -89,3 +107,9 @@ class GatedSSMMixer(Mixer):
         y = (g + (1.0 - gate) * ctx).to(x.dtype) * F.silu(z)
         new = GatedSSMState(conv=conv_state, ctx=ctx_last.to(acc))
         return self.out_proj(y), finish_state(state, new, inplace)
+
+    def step_spec(self) -> MixerStep:
+        """This mixer's fused step: kind ``"gated_ssm"``, floats ``(CONTEXT_DECAY,)``."""
+        lin = (self.in_proj, self.conv_proj, self.bc_proj, self.dt_down, self.dt_up, self.out_proj)
+        w = GatedSSMStepWeights(*(t for m in lin for t in (m.weight, m.bias)))
+        return MixerStep("gated_ssm", w, (), (CONTEXT_DECAY,))

@@ -10,8 +10,9 @@
     out    = out_proj(y)                                  # (no bias)
 
 State ``MambaState(conv [B, E, K-1], ssm [B, E, N] fp32)``. Padded steps (``lengths``) get
-``delta = 0``: identity steps of the recurrence. A single step (T = 1) without autograd takes a fused
-C++ update (conv + x_proj + dt + state update + gate in one call) when the fused kernels are in use.
+``delta = 0``: identity steps of the recurrence. A single step (T = 1) without autograd takes the
+fused C++ step (:meth:`MambaMixer.step_spec`, ``ops/csrc/step/mamba.h``: projections, conv, state
+update and gate in one call) when the fused kernels are in use, in eager mode.
 """
 
 from __future__ import annotations
@@ -26,15 +27,29 @@ from torch import Tensor, nn
 from hybridssm.layers import mark_fp32_no_decay
 from hybridssm.mixers.base import Mixer, finish_state, state_dtype, valid_mask
 from hybridssm.mixers.conv import CausalConv1d
-from hybridssm.ops import mamba_step as _step_op
 from hybridssm.ops.scan import selective_scan
+from hybridssm.ops.step import MixerStep, fused_step_available, mixer_step
 
-__all__ = ["MambaMixer", "MambaState", "SelectiveSSM"]
+__all__ = ["MambaMixer", "MambaState", "MambaStepWeights", "SelectiveSSM"]
 
 
 class MambaState(NamedTuple):
     conv: Tensor  # [B, E, K-1] last raw (pre-conv) inputs
     ssm: Tensor  # [B, E, N] SSM state, fp32 (at least)
+
+
+class MambaStepWeights(NamedTuple):
+    """The weights of the fused step (``csrc/step/mamba.h``), as the parameters themselves."""
+
+    in_w: Tensor  # [2E, d]
+    conv_w: Tensor  # [E, K]
+    conv_b: Tensor | None  # [E]
+    xproj_w: Tensor  # [R + 2N, E]
+    dt_w: Tensor  # [E, R]
+    dt_bias: Tensor  # [E]
+    A_log: Tensor  # [E, N]
+    D: Tensor  # [E]
+    out_w: Tensor  # [d, E]
 
 
 class SelectiveSSM(nn.Module):
@@ -121,8 +136,6 @@ class MambaMixer(Mixer):
         self.conv = CausalConv1d(E, conv_size)
         self.ssm = SelectiveSSM(E, state_size=state_size, dt_rank=dt_rank or math.ceil(d / 16))
         self.out_proj = nn.Linear(E, d, bias=False)
-        # -exp(A_log) for the fused step, kept until A_log changes (DerivedCache's key)
-        self._neg_A = _step_op.DerivedCache()
 
     def init_state(self, batch_size, *, device=None, dtype=None, max_len=None) -> MambaState:
         device, dtype = self._device_dtype(device, dtype)
@@ -138,9 +151,7 @@ class MambaMixer(Mixer):
         B, T, _ = x.shape
         if state is None:
             state = self.init_state(B, device=x.device, dtype=x.dtype)
-        if T == 1 and state.conv.dtype == state.ssm.dtype and _step_op.use_fused_step(
-            x, state.ssm.dtype, self.parameters()
-        ):
+        if T == 1 and self._fused_step_applies(x, state):
             return self._fused_step(x, state, inplace)
         xi, z = self.in_proj(x).chunk(2, dim=-1)  # [B, T, E] each
         xc, conv_state = self.conv(xi, state.conv, lengths)
@@ -149,49 +160,37 @@ class MambaMixer(Mixer):
         new = MambaState(conv=conv_state, ssm=h.to(state.ssm.dtype))
         return self.out_proj(y.to(x.dtype)), finish_state(state, new, inplace)
 
+    # -- the fused step (one C++ call: ops/csrc/step/mamba.h) -------------------------------------
+    def step_spec(self) -> MixerStep | None:
+        """This mixer's fused step: kind ``"mamba"`` with :class:`MambaStepWeights` (the parameters
+        themselves; ``-exp(A_log)`` is computed by the kernel on every call)."""
+        ssm = self.ssm
+        return MixerStep("mamba", MambaStepWeights(
+            self.in_proj.weight, self.conv.weight, self.conv.bias, ssm.x_proj.weight, ssm.dt_proj.weight,
+            ssm.dt_bias, ssm.A_log, ssm.D, self.out_proj.weight,
+        ))
+
+    def _fused_step_applies(self, x: Tensor, state: MambaState) -> bool:
+        """A T = 1 call in eager mode, on CPU, with no gradient needed, in one fp32/fp64 dtype for the
+        input, the states and the parameters (no autocast), with the fused backend selected."""
+        if torch.compiler.is_compiling() or x.device.type != "cpu" or not fused_step_available():
+            return False
+        dt = x.dtype
+        if dt not in (torch.float32, torch.float64) or torch.is_autocast_enabled("cpu"):
+            return False
+        if state.conv.dtype != dt or state.ssm.dtype != dt:
+            return False
+        params = list(self.parameters())
+        if any(p.dtype != dt for p in params):
+            return False
+        return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)))
+
     def _fused_step(self, x: Tensor, state: MambaState, inplace: bool) -> tuple[Tensor, MambaState]:
-        """T = 1 without autograd: one fused call for the whole mixer."""
         # the kernel updates contiguous buffers in place: the caller's own when allowed, else copies
         conv, h = (
             t if inplace and t.is_contiguous() else t.clone(memory_format=torch.contiguous_format)
             for t in state
         )
-        ssm = self.ssm
-        # eager: -exp(A_log) from the cache; a compiled graph computes it (no version reads in graphs)
-        A = None
-        if not torch.compiler.is_compiling():
-            A = self._neg_A_cache().get(ssm.A_log, h.dtype, _step_op.neg_exp)
-        out = _step_op.mamba_step(
-            x[:, 0], self.in_proj.weight, conv, h, self.conv.weight, self.conv.bias, ssm.x_proj.weight,
-            ssm.dt_proj.weight, ssm.dt_bias, ssm.A_log, ssm.D, self.out_proj.weight, A=A,
-        ).unsqueeze(1)  # [B, 1, d]
+        pos = torch.zeros(x.shape[0], dtype=torch.long)  # the kernel does not read positions
+        out = mixer_step(self.step_spec(), x[:, 0], (conv, h), pos).unsqueeze(1)  # [B, 1, d]
         return out, finish_state(state, MambaState(conv, h), inplace)
-
-    def _neg_A_cache(self) -> _step_op.DerivedCache:
-        cache = self.__dict__.get("_neg_A")  # absent on a module unpickled from an older version
-        return cache if cache is not None else self.__dict__.setdefault("_neg_A", _step_op.DerivedCache())
-
-    # -- one call for a whole stack of Mamba blocks (SequenceModel.step, through ResidualBlock) ------
-    def fused_step_weights(self, dtype: torch.dtype) -> tuple | None:
-        """``(op, weights)`` for :func:`hybridssm.ops.mamba_step.mamba_stack_step`: this mixer's 9
-        weights (in_w, conv_w, conv_b, xproj_w, dt_w, dt_bias, A = -exp(A_log), D, out_w; None for an
-        absent bias), read from the modules now; ``A`` comes from a cache keyed on ``A_log``'s
-        version and storage (never stale). None when the fused kernel is not the selected backend.
-        Eager only (callers skip it under ``torch.compile``)."""
-        if not _step_op.fused_selected("cpu"):
-            return None
-        # straight from the parameter dicts: module attribute lookups cost more than the check itself
-        try:
-            m = self._modules
-            ssm = m["ssm"]
-            sp, sm = ssm._parameters, ssm._modules
-            conv = m["conv"]._parameters
-            weights = (
-                m["in_proj"]._parameters["weight"], conv["weight"], conv.get("bias"),
-                sm["x_proj"]._parameters["weight"], sm["dt_proj"]._parameters["weight"], sp["dt_bias"],
-                sp["A_log"], sp["D"], m["out_proj"]._parameters["weight"],
-            )
-        except KeyError:  # a parametrised or replaced module: the generic path handles it
-            return None
-        A = self._neg_A_cache().get(weights[6], dtype, _step_op.neg_exp)
-        return _step_op.mamba_stack_step, (*weights[:6], A, *weights[7:])

@@ -31,8 +31,9 @@ from hybridssm.mixers.base import Mixer, finish_state, state_dtype, valid_mask
 from hybridssm.ops.conv_silu import causal_conv1d_silu
 from hybridssm.ops.gated_norm import gated_rmsnorm
 from hybridssm.ops.ssd import DEFAULT_CHUNK_SIZE, ssd
+from hybridssm.ops.step import MixerStep
 
-__all__ = ["Mamba2Mixer", "Mamba2State", "GatedRMSNorm", "default_ssm_head_dim"]
+__all__ = ["Mamba2Mixer", "Mamba2State", "Mamba2StepWeights", "GatedRMSNorm", "default_ssm_head_dim"]
 
 MAX_HEAD_DIM = 64  # the reference's head width
 
@@ -51,6 +52,19 @@ def _check_positive(name: str, value: object) -> None:
 class Mamba2State(NamedTuple):
     conv: Tensor  # [B, E + 2GN, K-1] last raw inputs of the conv over x, B, C
     ssm: Tensor  # [B, H, P, N] SSD state, fp32 at least
+
+
+class Mamba2StepWeights(NamedTuple):
+    """The weights of the fused step (``csrc/step/mamba2.h``), as the parameters themselves."""
+
+    in_w: Tensor  # [E + C + H, d] -> z, xBC, dt
+    conv_w: Tensor  # [C, 1, K]
+    conv_b: Tensor | None  # [C]
+    dt_bias: Tensor  # [H]
+    A_log: Tensor  # [H]
+    D: Tensor  # [H]
+    norm_w: Tensor  # [E]
+    out_w: Tensor  # [d, E]
 
 
 class GatedRMSNorm(nn.Module):
@@ -185,3 +199,12 @@ class Mamba2Mixer(Mixer):
         y = self.norm(y.reshape(Bsz, T, E), z)  # fp32 at least
         new = Mamba2State(conv=conv_state, ssm=ssm_state.to(acc))
         return self.out_proj(y.to(x.dtype)), finish_state(state, new, inplace)
+
+    def step_spec(self) -> MixerStep:
+        """This mixer's fused step: kind ``"mamba2"``, ints ``(H, P, G, N)``, floats ``(norm eps,)``."""
+        w = Mamba2StepWeights(
+            self.in_proj.weight, self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.A_log, self.D,
+            self.norm.weight, self.out_proj.weight,
+        )
+        ints = (self.num_heads, self.head_dim, self.num_groups, self.state_size)
+        return MixerStep("mamba2", w, ints, (float(self.norm.eps),))

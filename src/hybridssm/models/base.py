@@ -2,6 +2,7 @@
 
 A model subclass only says which blocks it stacks (:meth:`SequenceModel.build_blocks`); the
 forward, the streaming ``step``, states, padding, checkpointing, checks and save/load live here.
+The step's one-call fast path (a C++ plan of the whole model) lives in :mod:`hybridssm.streaming`.
 """
 
 from __future__ import annotations
@@ -15,16 +16,13 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from hybridssm import io as hsio
+from hybridssm import streaming
 from hybridssm.config import ModelConfig
 from hybridssm.layers import LayerNorm, is_fp32_no_decay
 from hybridssm.mixers.base import valid_mask
 from hybridssm.state import ModelState
 
 __all__ = ["SequenceModel"]
-
-
-# "no tensor" for the fused step's optional arguments
-_NONE = torch.empty(0)
 
 
 def _compiling() -> bool:
@@ -49,8 +47,9 @@ class SequenceModel(nn.Module):
 
     config_class: ClassVar[type[ModelConfig]] = ModelConfig
     model_name: ClassVar[str] = ""
-    #: whether :meth:`step` may run the whole step as one fused call where the blocks allow it
-    #: (Mamba stacks); False keeps the block-by-block path (same values; for comparisons)
+    #: whether :meth:`step` may run the whole step as one fused C++ call where the model's structure
+    #: allows it (:mod:`hybridssm.streaming`); False keeps the block-by-block path (same values; for
+    #: comparisons)
     use_fused_step: bool = True
 
     def __init__(self, config: ModelConfig) -> None:
@@ -100,6 +99,7 @@ class SequenceModel(nn.Module):
     def _apply(self, fn, recurse: bool = True):  # noqa: D401 - nn.Module hook
         super()._apply(fn, recurse)
         self._clear_step_memos()
+        streaming.forget(self)  # the parameters may have new storage, dtype or device
         for p in self.parameters():
             if is_fp32_no_decay(p) and p.is_floating_point():
                 wide = torch.promote_types(p.dtype, torch.float32)
@@ -169,7 +169,10 @@ class SequenceModel(nn.Module):
         return None
 
     def reset_rows(self, state: ModelState, done: Tensor, inplace: bool = False) -> ModelState:
-        """Rows where ``done`` is True restart from :meth:`init_state`."""
+        """Rows where ``done`` is True restart from :meth:`init_state` (built only when some row
+        restarts, in eager mode: Hymba's runs the meta tokens)."""
+        if not _compiling() and not bool(done.any()):
+            return state
         fresh = self.init_state(
             state.batch_size, device=state.pos.device, max_len=self.state_max_len(state)
         )
@@ -314,6 +317,22 @@ class SequenceModel(nn.Module):
                     f"with init_state() after casting or moving the model), got {t.dtype} on {t.device}"
                 )
 
+    @staticmethod
+    def _check_step_capacity(cap: int | None, pos: Tensor, reset: Tensor | None) -> None:
+        """A step past a full-attention cache's ``max_len`` (``cap`` input positions) raises here,
+        before any layer has been written (rows being reset start again from position 0)."""
+        if cap is None:
+            return
+        if reset is not None:
+            pos = pos.masked_fill(reset, 0)
+        need = int(pos.max()) + 1
+        if need > cap:
+            raise ValueError(
+                f"attention cache full: max_len={cap} input positions, but this step needs {need}; "
+                "raise it with init_state(max_len=...) or forward(..., max_len=...), or use a sliding "
+                "window (use_sliding_window=True / window_size) for an unbounded stream"
+            )
+
     # -- running --------------------------------------------------------------------------------
     def _run_blocks(
         self, h: Tensor, layer_states: tuple | None, lengths: Tensor | None, inplace: bool
@@ -410,6 +429,9 @@ class SequenceModel(nn.Module):
         memo = None if compiling else self.__dict__.get("_state_ok")
         if memo is None or memo[0] is not state or memo[1] != B:
             self._check_state(state, B)
+            cap = None if compiling else self.state_max_len(state)
+        else:
+            cap = memo[2]
         if reset is not None:
             if not isinstance(reset, Tensor):
                 raise TypeError(f"reset must be a bool tensor [batch], got {type(reset).__name__}")
@@ -418,9 +440,16 @@ class SequenceModel(nn.Module):
                     f"reset: expected a bool tensor of shape ({B},), got {reset.dtype} "
                     f"{tuple(reset.shape)}"
                 )
-            fresh = self.reset_rows(state, reset.to(state.pos.device), inplace)
+            reset = reset.to(state.pos.device)
+        if not compiling:
+            # before anything is written: a refused step leaves every layer as it was
+            self._check_step_capacity(cap, state.pos, reset)
+        if reset is not None:
+            fresh = self.reset_rows(state, reset, inplace)
             state = state if inplace else fresh  # inplace: the same buffers, rewritten
-        out = self._fused_step(x_t, state, inplace) if self.use_fused_step and not compiling else None
+        out = None
+        if self.use_fused_step and not compiling and streaming.fused_step_available():
+            out = streaming.fused_step(self, x_t, state, inplace)
         if out is None:
             x = x_t if x_t.dim() == 3 else x_t.unsqueeze(1)
             h = self._embed(x, state.pos)
@@ -435,71 +464,8 @@ class SequenceModel(nn.Module):
             else:
                 out = h, ModelState(tuple(layers), state.pos + 1)
         if not compiling:
-            self.__dict__["_state_ok"] = (out[1], B)
+            self.__dict__["_state_ok"] = (out[1], B, cap)
         return out
-
-    def _fused_step(self, x: Tensor, state: ModelState, inplace: bool) -> tuple[Tensor, ModelState] | None:
-        """The whole step as one fused call, when every block offers the same stack op
-        (``block.fused_step_spec``: Mamba blocks) and nothing else needs Python: an input projection
-        that is a Linear or nothing, no positional encoding, a LayerNorm final norm, no active dropout,
-        no autograd, no autocast, CPU, fp32/fp64 states in the input's dtype. None otherwise (the
-        generic path runs). Weights are read from the modules on every call; only ``-exp(A_log)`` is
-        cached (keyed on the parameter's version and storage), so nothing can go stale."""
-        dtype = x.dtype
-        if (
-            self.positional is not None
-            or (dtype is not torch.float32 and dtype is not torch.float64)
-            or x.device.type != "cpu"
-            or _autocast_on("cpu")
-        ):
-            return None
-        mods = self._modules
-        if self.training and mods["dropout"].p > 0:
-            return None
-        ip, fin = mods["input_proj"], mods["final_norm"]
-        if type(fin) is not LayerNorm:
-            return None
-        if type(ip) is nn.Linear:
-            weights: list = [ip._parameters["weight"], ip._parameters.get("bias")]
-        elif type(ip) is nn.Identity:
-            weights = [None, None]
-        else:
-            return None
-        op, eps, flat, new_layers = None, [], [], []
-        for block, s in zip(mods["blocks"], state.layers):
-            fn = getattr(block, "fused_step_spec", None)
-            spec = fn(dtype) if fn is not None else None
-            if spec is None or (op is not None and spec[0] is not op):
-                return None
-            op = spec[0]
-            weights += spec[1]
-            eps.append(spec[2])
-            if inplace:
-                for t in s:
-                    if t.dtype is not dtype or not t.is_contiguous():
-                        return None
-            else:
-                for t in s:
-                    if t.dtype is not dtype:
-                        return None
-                s = type(s)(*(t.clone(memory_format=torch.contiguous_format) for t in s))
-                new_layers.append(s)
-            flat += s
-        if op is None:
-            return None
-        fp = fin._parameters
-        weights += (fp["weight"], fp.get("bias"))
-        if torch.is_grad_enabled() and (
-            x.requires_grad or any(w is not None and w.requires_grad for w in weights)
-        ):
-            return None
-        w = [_NONE if t is None else t for t in weights]
-        pos = state.pos
-        # x: [B, E] or [B, 1, E] (the op takes either; no Python-side reshape)
-        h = op(x, w[0], w[1], w[2:-2], eps, flat, w[-2], w[-1], fin.eps, pos if inplace else _NONE)
-        if inplace:
-            return h, state
-        return h, ModelState(tuple(new_layers), pos + 1)
 
     # -- save / load ----------------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike) -> Path:

@@ -6,8 +6,8 @@ sequence before the first block. They pass through every layer, so both the atte
 Mamba state absorb them and their representations are updated layer by layer (cross-layer
 propagation); they are dropped at the output. Attention always sees them, under a sliding window
 too. Because they come first and the model is causal, the state after them does not depend on the
-input: :meth:`Hymba.init_state` is that state (cached while the parameters are unchanged and no
-gradient is being recorded), and ``forward(x) == forward(x, state=init_state(B))``.
+input: :meth:`Hymba.init_state` is that state (computed from the current parameters on every call),
+and ``forward(x) == forward(x, state=init_state(B))``.
 
 Fusion: the seed's learned sigmoid gate (``fusion="gate"``, default) or the paper's mean
 (``fusion="mean"``). Either way each path's output is first RMS-normalised with learnable
@@ -26,6 +26,7 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
 from hybridssm.backbones import SEED_OPTIONS, build_backbone_mixer, get_backbone
 from hybridssm.blocks import FUSIONS, ParallelBlock
@@ -34,7 +35,7 @@ from hybridssm.layers import FFN
 from hybridssm.mixers.attention import AttentionMixer
 from hybridssm.models.base import SequenceModel
 from hybridssm.registry import register_model
-from hybridssm.state import ModelState, map_state
+from hybridssm.state import ModelState
 
 __all__ = ["HymbaConfig", "Hymba"]
 
@@ -121,7 +122,6 @@ class Hymba(SequenceModel):
         self.num_prefix = M
         # Small random init, like token embeddings (the paper learns them from scratch).
         self.meta = nn.Parameter(torch.randn(M, config.hidden_size) * 0.02) if M else None
-        self._init_cache: tuple | None = None
 
     def build_blocks(self, c: HymbaConfig) -> list[nn.Module]:
         d = c.hidden_size
@@ -157,27 +157,24 @@ class Hymba(SequenceModel):
         return out[:, M:], states
 
     def init_state(self, batch_size: int, *, device=None, dtype=None, max_len=None) -> ModelState:
-        """The state after the meta tokens (``pos`` = 0): it depends only on the parameters."""
+        """The state after the meta tokens (``pos`` = 0): it depends only on the parameters.
+
+        Computed on every call (one forward over the ``M`` meta tokens), never cached, so it always
+        follows the current parameters, however they were written; a stream builds it once and
+        ``step(reset=...)`` only when some row restarts. The meta tokens run in the model's dtype;
+        the state's buffers take the dtypes asked for (``dtype``, as :meth:`SequenceModel.init_state`)."""
         zero = super().init_state(batch_size, device=device, dtype=dtype, max_len=max_len)
         if self.meta is None:
             return zero
-        key = (
-            zero.pos.device, dtype, max_len,
-            tuple((p.data_ptr(), p._version) for p in self.parameters()),
-        )
-        cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        if cacheable and self._init_cache is not None and self._init_cache[0] == key:
-            one = self._init_cache[1]
-        else:
-            one = self._prefill_meta(device=zero.pos.device, dtype=dtype, max_len=max_len)
-            self._init_cache = (key, one) if cacheable else None
-        layers = map_state(
-            lambda t: t.expand(batch_size, *t.shape[1:]).clone(), one
+        one = self._prefill_meta(device=zero.pos.device, max_len=max_len)
+        layers = pytree.tree_map(
+            lambda t, z: t.expand(batch_size, *t.shape[1:]).to(z.dtype, copy=True).contiguous(),
+            one, zero.layers,
         )
         return ModelState(layers, zero.pos)
 
-    def _prefill_meta(self, *, device, dtype, max_len) -> tuple:
-        zero = super().init_state(1, device=device, dtype=dtype, max_len=max_len)
-        meta = self.meta.to(device=device, dtype=dtype or self._compute_dtype()).unsqueeze(0)
+    def _prefill_meta(self, *, device, max_len) -> tuple:
+        zero = super().init_state(1, device=device, max_len=max_len)
+        meta = self.meta.to(device=device, dtype=self._compute_dtype()).unsqueeze(0)
         _, layers = super()._run_blocks(meta, zero.layers, None, False)
         return tuple(layers)

@@ -182,7 +182,7 @@ def selective_scan_fused(
     return _gate(y, z), hT
 
 
-_fused_probe = kernel_probe("selective_scan", "selective scan")  # shared with ops.mamba_step
+_fused_probe = kernel_probe("selective_scan", "selective scan")
 
 _kernels.register(
     "selective_scan",

@@ -10,18 +10,29 @@ current weights (``.data`` writes, ``copy_``, ``load_state_dict``, optimizer ste
 mixer's state tensors (contiguous; updated in place), ``pos [B]`` int64 each row's input position
 before this frame. The reference of every kernel is the mixer's own ``forward`` at T = 1 (the
 conformance suite holds the model's step to its forward).
+
+A whole model's step is one C++ call too (``csrc/step/plan.h``, driven by
+:mod:`hybridssm.streaming`): each block describes itself with :class:`BlockStep` (its norm, its
+mixers' :class:`MixerStep`, a :class:`FusionStep` for a parallel block, an :class:`FFNStep`), again
+holding the parameters themselves.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from hybridssm.ops import _kernels
 from hybridssm.ops._cpu_ext import load_extension
 
-__all__ = ["MixerStep", "mixer_step", "step_extension", "fused_step_kinds"]
+__all__ = [
+    "MixerStep", "NormStep", "FusionStep", "FFNStep", "BlockStep",
+    "mixer_step", "step_extension", "fused_step_kinds", "fused_step_available",
+]
 
 _EMPTY = torch.empty(0)
 
@@ -39,6 +50,51 @@ class MixerStep(NamedTuple):
         return [_EMPTY if w is None else w for w in self.weights]
 
 
+class NormStep(NamedTuple):
+    """A norm in a fused step: ``kind`` is ``"identity"``, ``"layer"`` (LayerNorm, optional bias) or
+    ``"rms"`` (RMSNorm, no bias)."""
+
+    kind: str
+    weight: Tensor | None = None
+    bias: Tensor | None = None
+    eps: float = 0.0
+
+
+class FusionStep(NamedTuple):
+    """How a parallel block fuses its two paths ``s`` (first mixer) and ``a`` (second): ``"gate"``
+    (``g * s + (1 - g) * a``, ``g = sigmoid(gate_w h + gate_b)``) or ``"mean"`` (``(a + s) / 2``),
+    each path first RMS-normalised when its norm is given."""
+
+    kind: str
+    gate_w: Tensor | None = None
+    gate_b: Tensor | None = None
+    ssm_norm: NormStep | None = None
+    attn_norm: NormStep | None = None
+
+
+class FFNStep(NamedTuple):
+    """A feed-forward sublayer: ``down(gelu(up(.)))`` behind ``norm`` (placed as the block's
+    ``pre_norm`` says)."""
+
+    norm: NormStep
+    up_w: Tensor
+    up_b: Tensor | None
+    down_w: Tensor
+    down_b: Tensor | None
+
+
+class BlockStep(NamedTuple):
+    """One block of a fused model step: ``norm`` (before the mixers when ``pre_norm``, else after
+    the residual add), one mixer (residual block) or two fused by ``fusion`` (parallel block), then
+    an optional FFN."""
+
+    pre_norm: bool
+    norm: NormStep
+    mixers: tuple[MixerStep, ...]
+    fusion: FusionStep | None = None
+    ffn: FFNStep | None = None
+
+
 def step_extension():
     """The compiled step kernels (built on first use, cached)."""
     return load_extension("step")
@@ -47,6 +103,26 @@ def step_extension():
 def fused_step_kinds() -> list[str]:
     """The mixer kinds that have a fused step kernel."""
     return list(step_extension().mixer_kinds())
+
+
+def fused_step_available() -> bool:
+    """Whether the fused step may run now: the kernel backend is ``auto`` or ``fused``
+    (:func:`hybridssm.ops.use_kernels`) and the extension builds (a failed build warns once; the
+    block-by-block step runs instead)."""
+    if _kernels.current_backend() not in ("auto", "fused"):
+        return False
+    return _build_ok()
+
+
+@functools.cache
+def _build_ok() -> bool:
+    try:
+        step_extension()
+    except Exception as exc:  # a build failure must never break the model
+        warnings.warn(f"hybridssm: the fused step did not build ({exc}); using the block-by-block step",
+                      stacklevel=3)
+        return False
+    return True
 
 
 def mixer_step(spec: MixerStep, x: Tensor, states: list[Tensor] | tuple[Tensor, ...], pos: Tensor) -> Tensor:

@@ -7,9 +7,15 @@
 // one include per mixer kind (each file registers its kernels)
 #include "step/attention.h"
 #include "step/delta_rule.h"
+#include "step/gated_ssm.h"
 #include "step/gru.h"
+#include "step/mamba.h"
+#include "step/mamba2.h"
 #include "step/rglru.h"
 #include "step/rwkv.h"
+
+// the model-level step (blocks, norms, fusions, FFNs around the mixers)
+#include "step/plan.h"
 
 namespace {
 
@@ -42,4 +48,18 @@ std::vector<std::string> mixer_kinds() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mixer_step", &mixer_step, "one fused mixer step (CPU, no autograd; states in place)");
   m.def("mixer_kinds", &mixer_kinds, "the mixer kinds that have a fused step");
+  using hybridssm::step::Plan;
+  pybind11::class_<Plan>(m, "Plan", "a model's whole step in one call (see step/plan.h)")
+      .def(pybind11::init<>())
+      .def("set_input", &Plan::set_input, pybind11::arg("w"), pybind11::arg("b"))
+      .def("set_final_norm", &Plan::set_final_norm, pybind11::arg("kind"), pybind11::arg("w"),
+           pybind11::arg("b"), pybind11::arg("eps"))
+      .def("add_block", &Plan::add_block, pybind11::arg("pre_norm"), pybind11::arg("norm_kind"),
+           pybind11::arg("norm_w"), pybind11::arg("norm_b"), pybind11::arg("norm_eps"), pybind11::arg("kinds"),
+           pybind11::arg("weights"), pybind11::arg("ints"), pybind11::arg("floats"), pybind11::arg("n_states"),
+           pybind11::arg("fusion"), pybind11::arg("fusion_w"), pybind11::arg("fusion_eps"),
+           pybind11::arg("ffn_norm_kind"), pybind11::arg("ffn"), pybind11::arg("ffn_eps"))
+      .def("num_states", &Plan::num_states)
+      .def("run", &Plan::run, pybind11::arg("x"), pybind11::arg("states"), pybind11::arg("pos"),
+           pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -1,0 +1,91 @@
+// GatedSSM mixer step (mixers/gated_ssm.py, GatedSSMStepWeights): one frame, states in place.
+//
+//   w: in_w [2E, d], in_b, conv_w [E, E], conv_b, bc_w [2N, E], bc_b, down_w [R, E], down_b,
+//      up_w [E, R], up_b, out_w [d, E], out_b        (biases may be empty)
+//   f: (alpha)  the context decay
+//   states: conv [B, E, K-1] (raw xb), ctx [B, E]
+//
+//   xb, z = in_proj(x); u = silu(conv_proj(mean([conv ; xb]))); Bt, Ct = bc_proj(u)
+//   dt = softplus(dt_up(dt_down(u))); gate = sigmoid(mean dt); bc = sigmoid(Bt . Ct)
+//   g = gate bc u; ctx = alpha ctx + (1 - alpha) g; out = out_proj((g + (1 - gate) ctx) * silu(z))
+
+#pragma once
+
+#include "common.h"
+
+namespace hybridssm::step {
+
+inline at::Tensor gated_ssm_mixer_step(const at::Tensor& x, const MixerSpec& m, at::Tensor* states,
+                                       const at::Tensor& /*pos*/) {
+  TORCH_CHECK(m.w.size() == 12 && m.f.size() == 1, "gated_ssm step: expected 12 weights and 1 float");
+  const auto dt = x.scalar_type();
+  const int64_t Bsz = x.size(0), E = m.w[2].size(0), N = m.w[4].size(0) / 2, R = m.w[6].size(0);
+  at::Tensor& conv = states[0];
+  at::Tensor& ctx = states[1];
+  const int64_t K = conv.size(2) + 1;
+  TORCH_CHECK(m.w[0].size(0) == 2 * E && m.w[2].size(1) == E && m.w[4].size(1) == E && m.w[6].size(1) == E &&
+                  m.w[8].size(0) == E && m.w[8].size(1) == R && m.w[10].size(1) == E,
+              "gated_ssm step: weights do not fit each other");
+  TORCH_CHECK(conv.scalar_type() == dt && ctx.scalar_type() == dt, "gated_ssm step: states must be in ", dt);
+  TORCH_CHECK(conv.dim() == 3 && conv.size(0) == Bsz && conv.size(1) == E && ctx.dim() == 2 &&
+                  ctx.size(0) == Bsz && ctx.size(1) == E,
+              "gated_ssm step: states ", conv.sizes(), ", ", ctx.sizes(), " do not fit the weights");
+  auto w = [&](int i) { return as_(m.w[i], dt); };
+  auto b = [&](int i) { return present(m.w[i]) ? as_(m.w[i], dt) : at::Tensor(); };
+  const auto xz = linear_small(x, w(0), b(1));  // [B, 2E]
+  auto pooled = at::empty({Bsz, E}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(dt, "gated_ssm_pool", [&] {
+    // the forward's mean pool: a depthwise conv whose K taps are all 1/K
+    const scalar_t inv = scalar_t(1) / scalar_t(K);
+    for (int64_t r = 0; r < Bsz; ++r) {
+      const scalar_t* xb = xz.data_ptr<scalar_t>() + r * 2 * E;
+      scalar_t* cs = conv.data_ptr<scalar_t>() + r * E * (K - 1);
+      scalar_t* out = pooled.data_ptr<scalar_t>() + r * E;
+      for (int64_t e = 0; e < E; ++e) {
+        scalar_t* s = cs + e * (K - 1);
+        scalar_t acc = 0;
+        for (int64_t k = 0; k < K - 1; ++k) acc += inv * s[k];
+        acc += inv * xb[e];
+        for (int64_t k = 0; k + 1 < K - 1; ++k) s[k] = s[k + 1];
+        if (K > 1) s[K - 2] = xb[e];
+        out[e] = acc;
+      }
+    }
+  });
+  auto u = linear_small(pooled, w(2), b(3)).contiguous();  // [B, E]
+  AT_DISPATCH_FLOATING_TYPES(dt, "gated_ssm_silu", [&] { silu_inplace(u.data_ptr<scalar_t>(), Bsz * E); });
+  auto dtv = linear_small(linear_small(u, w(6), b(7)), w(8), b(9));  // [B, E]
+  const auto bcv = linear_small(u, w(4), b(5));  // [B, 2N]
+  auto y = at::empty({Bsz, E}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(dt, "gated_ssm_step", [&] {
+    const scalar_t alpha = static_cast<scalar_t>(m.f[0]);
+    const scalar_t one_minus = static_cast<scalar_t>(1.0 - m.f[0]);
+    std::vector<scalar_t> gz(E);
+    for (int64_t r = 0; r < Bsz; ++r) {
+      scalar_t* ur = u.data_ptr<scalar_t>() + r * E;
+      scalar_t* dr = dtv.data_ptr<scalar_t>() + r * E;
+      const scalar_t* bc = bcv.data_ptr<scalar_t>() + r * 2 * N;
+      const scalar_t* z = xz.data_ptr<scalar_t>() + r * 2 * E + E;
+      scalar_t* c = ctx.data_ptr<scalar_t>() + r * E;
+      scalar_t* yr = y.data_ptr<scalar_t>() + r * E;
+      softplus_inplace(dr, E);
+      scalar_t mean = 0;
+      for (int64_t e = 0; e < E; ++e) mean += dr[e];
+      const scalar_t gate = scalar_t(1) / (scalar_t(1) + std::exp(-(mean / scalar_t(E))));
+      const scalar_t bsum = dot(bc, bc + N, N);
+      const scalar_t bcg = scalar_t(1) / (scalar_t(1) + std::exp(-bsum));
+      std::copy(z, z + E, gz.begin());
+      silu_inplace(gz.data(), E);
+      for (int64_t e = 0; e < E; ++e) {
+        const scalar_t g = gate * bcg * ur[e];
+        c[e] = alpha * c[e] + one_minus * g;
+        yr[e] = (g + (scalar_t(1) - gate) * c[e]) * gz[e];
+      }
+    }
+  });
+  return linear_small(y, w(10), b(11));
+}
+
+HYBRIDSSM_MIXER_STEP(gated_ssm, gated_ssm_mixer_step);
+
+}  // namespace hybridssm::step

@@ -1,0 +1,134 @@
+// Mamba-1 mixer step (mixers/mamba.py, MambaStepWeights): one frame, states in place.
+//
+//   w: in_w [2E, d], conv_w [E, 1, K] or [E, K], conv_b [E] or empty, xproj_w [R + 2N, E],
+//      dt_w [E, R], dt_bias [E], A_log [E, N], D [E], out_w [d, E]
+//   states: conv [B, E, K-1], ssm [B, E, N]
+//
+//   xi, z = in_proj(x); u = silu(conv([conv ; xi]) + conv_b); dt, Bn, Cn = x_proj(u)
+//   delta = softplus(dt_proj(dt) + dt_bias); h = exp(delta * A) h + delta u Bn, A = -exp(A_log)
+//   y = out_proj((Cn . h + D u) * silu(z))
+//
+// A is computed from A_log on every call (nothing derived is kept), with the same vectorised exp as
+// the forward's torch.exp; the decay uses the selective scan's exp (exp_u20 in fp32).
+
+#pragma once
+
+#include "common.h"
+
+namespace hybridssm::step {
+
+inline at::vec::Vectorized<float> scan_decay_exp(const at::vec::Vectorized<float>& x) { return x.exp_u20(); }
+inline at::vec::Vectorized<double> scan_decay_exp(const at::vec::Vectorized<double>& x) { return x.exp(); }
+
+// One step of the causal depthwise conv for row b: acc[c] = bias[c] + w[c, :K-1] . state[c] + w[c, K-1] x[c],
+// then the window shifts (state[c] <- [state[c, 1:], x[c]]).
+template <typename scalar_t>
+void conv_step(const scalar_t* x, scalar_t* state, const scalar_t* w, const scalar_t* bias, scalar_t* out,
+               int64_t C, int64_t K) {
+  for (int64_t c = 0; c < C; ++c) {
+    scalar_t* cs = state + c * (K - 1);
+    const scalar_t* wc = w + c * K;
+    scalar_t acc = bias != nullptr ? bias[c] : scalar_t(0);
+    for (int64_t k = 0; k < K - 1; ++k) acc += wc[k] * cs[k];
+    acc += wc[K - 1] * x[c];
+    for (int64_t k = 0; k + 1 < K - 1; ++k) cs[k] = cs[k + 1];
+    if (K > 1) cs[K - 2] = x[c];
+    out[c] = acc;
+  }
+}
+
+// u [B, E] = silu(conv([conv_state ; xi]) + conv_b), xi the first half of each row of xz [B, 2E]; the
+// conv windows shift in place
+template <typename scalar_t>
+void mamba_conv_rows(const scalar_t* xz, scalar_t* conv_state, const scalar_t* conv_w, const scalar_t* conv_b,
+                     scalar_t* u, int64_t Bsz, int64_t E, int64_t K) {
+  for (int64_t b = 0; b < Bsz; ++b) {
+    conv_step(xz + b * 2 * E, conv_state + b * E * (K - 1), conv_w, conv_b, u + b * E, E, K);
+    silu_inplace(u + b * E, E);
+  }
+}
+
+// The state update and gated output per row: h = exp(delta A) h + delta u Bn; y = (Cn . h + D u) silu(z),
+// with A = -exp(A_log) [E, N] computed once for the call.
+template <typename scalar_t>
+void mamba_update_rows(const scalar_t* xz, const scalar_t* u, const scalar_t* dbc, const scalar_t* delta,
+                       scalar_t* ssm_state, const scalar_t* A_log, const scalar_t* Dv, scalar_t* y, int64_t Bsz,
+                       int64_t E, int64_t R, int64_t N) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t W = Vec::size();
+  std::vector<scalar_t> A(E * N);
+  for (int64_t i = 0; i < E * N; i += W) {
+    const int64_t cnt = std::min(W, E * N - i);
+    hybridssm::store(hybridssm::load(A_log + i, cnt).exp().neg(), A.data() + i, cnt);
+  }
+  at::parallel_for(0, Bsz, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> gz(E);
+    for (int64_t b = begin; b < end; ++b) {
+      const scalar_t* z = xz + b * 2 * E + E;
+      std::copy(z, z + E, gz.begin());
+      silu_inplace(gz.data(), E);
+      const scalar_t* ub = u + b * E;
+      const scalar_t* dl_b = delta + b * E;
+      const scalar_t* Bn = dbc + b * (R + 2 * N) + R;
+      const scalar_t* Cn = Bn + N;
+      for (int64_t e = 0; e < E; ++e) {
+        scalar_t* h = ssm_state + (b * E + e) * N;
+        const Vec dl(dl_b[e]), du(dl_b[e] * ub[e]);
+        Vec acc(0);
+        for (int64_t n0 = 0; n0 < N; n0 += W) {
+          const int64_t cnt = std::min(W, N - n0);
+          const Vec a = scan_decay_exp(dl * hybridssm::load(A.data() + e * N + n0, cnt));
+          const Vec hn = at::vec::fmadd(a, hybridssm::load(h + n0, cnt), du * hybridssm::load(Bn + n0, cnt));
+          hybridssm::store(hn, h + n0, cnt);
+          // lanes past cnt hold zeros (partial loads fill zeros), so they add nothing
+          acc = at::vec::fmadd(hn, hybridssm::load(Cn + n0, cnt), acc);
+        }
+        y[b * E + e] = (hybridssm::hsum(acc) + Dv[e] * ub[e]) * gz[e];
+      }
+    }
+  });
+}
+
+inline at::Tensor mamba_mixer_step(const at::Tensor& x, const MixerSpec& m, at::Tensor* states,
+                                   const at::Tensor& /*pos*/) {
+  TORCH_CHECK(m.w.size() == 9, "mamba step: expected 9 weights, got ", m.w.size());
+  const auto dt = x.scalar_type();
+  const at::Tensor& conv = states[0];
+  const at::Tensor& ssm = states[1];
+  const int64_t Bsz = x.size(0), E = m.w[0].size(0) / 2, R = m.w[4].size(1), N = m.w[6].size(1);
+  const int64_t K = m.w[1].size(-1);
+  TORCH_CHECK(m.w[0].dim() == 2 && m.w[0].size(0) == 2 * E && m.w[1].numel() == E * K &&
+                  m.w[3].dim() == 2 && m.w[3].size(0) == R + 2 * N && m.w[3].size(1) == E &&
+                  m.w[4].size(0) == E && m.w[5].numel() == E && m.w[6].size(0) == E && m.w[7].numel() == E &&
+                  m.w[8].dim() == 2 && m.w[8].size(1) == E,
+              "mamba step: weights do not fit each other");
+  TORCH_CHECK(conv.scalar_type() == dt && ssm.scalar_type() == dt, "mamba step: states must be in ", dt);
+  TORCH_CHECK(conv.dim() == 3 && conv.size(0) == Bsz && conv.size(1) == E && conv.size(2) == K - 1 &&
+                  ssm.dim() == 3 && ssm.size(0) == Bsz && ssm.size(1) == E && ssm.size(2) == N,
+              "mamba step: states ", conv.sizes(), ", ", ssm.sizes(), " do not fit the weights (B=", Bsz,
+              ", E=", E, ", K=", K, ", N=", N, ")");
+  const auto xz = linear_small(x, as_(m.w[0], dt), at::Tensor()).contiguous();  // [B, 2E]
+  const auto conv_w = as_(m.w[1], dt);
+  const auto conv_b = opt(m.w[2], dt);
+  auto u = at::empty({Bsz, E}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(dt, "mamba_conv", [&] {
+    mamba_conv_rows<scalar_t>(xz.data_ptr<scalar_t>(), conv.data_ptr<scalar_t>(), conv_w.data_ptr<scalar_t>(),
+                              conv_b ? conv_b->data_ptr<scalar_t>() : nullptr, u.data_ptr<scalar_t>(), Bsz, E, K);
+  });
+  // the x and dt projections: one gemv per row for a small batch, GEMMs for many streams
+  const auto dbc = linear_small(u, as_(m.w[3], dt), at::Tensor()).contiguous();  // [B, R + 2N]
+  auto delta = linear_small(dbc.narrow(1, 0, R), as_(m.w[4], dt), as_(m.w[5], dt)).contiguous();  // [B, E]
+  const auto A_log = as_(m.w[6], dt), Dv = as_(m.w[7], dt);
+  auto y = at::empty({Bsz, E}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(dt, "mamba_update", [&] {
+    softplus_inplace(delta.data_ptr<scalar_t>(), Bsz * E);
+    mamba_update_rows<scalar_t>(xz.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), dbc.data_ptr<scalar_t>(),
+                                delta.data_ptr<scalar_t>(), ssm.data_ptr<scalar_t>(), A_log.data_ptr<scalar_t>(),
+                                Dv.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), Bsz, E, R, N);
+  });
+  return linear_small(y, as_(m.w[8], dt), at::Tensor());
+}
+
+HYBRIDSSM_MIXER_STEP(mamba, mamba_mixer_step);
+
+}  // namespace hybridssm::step

@@ -1,0 +1,112 @@
+// Mamba-2 mixer step (mixers/mamba2.py, Mamba2StepWeights): one frame, states in place.
+//
+//   w: in_w [E + C + H, d] (-> z, xBC, dt), conv_w [C, 1, K], conv_b [C] or empty, dt_bias [H],
+//      A_log [H], D [H], norm_w [E], out_w [d, E]        (C = E + 2GN, E = H P)
+//   i: (H, P, G, N);  f: (norm_eps)
+//   states: conv [B, C, K-1], ssm [B, H, P, N]
+//
+//   xBC = silu(conv([conv ; xBC]) + conv_b) -> x [H, P], B [G, N], C [G, N] (head h reads group h / (H/G))
+//   dt = softplus(dt + dt_bias); s = exp(dt A) s + dt x B, A = -exp(A_log); y = C . s + D x
+//   out = out_proj(rmsnorm_G(y * silu(z)) * norm_w)
+
+#pragma once
+
+#include "common.h"
+#include "mamba.h"  // conv_step
+
+namespace hybridssm::step {
+
+template <typename scalar_t>
+void mamba2_rows(const scalar_t* proj, scalar_t* conv_state, scalar_t* ssm_state, const scalar_t* conv_w,
+                 const scalar_t* conv_b, const scalar_t* dt_bias, const scalar_t* A_log, const scalar_t* Dv,
+                 const scalar_t* norm_w, scalar_t norm_eps, scalar_t* out, int64_t Bsz, int64_t H, int64_t P,
+                 int64_t G, int64_t N, int64_t K) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t W = Vec::size();
+  const int64_t E = H * P, C = E + 2 * G * N, row = E + C + H, heads_per_group = H / G, gw = E / G;
+  at::parallel_for(0, Bsz, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> xbc(C), gz(E);
+    for (int64_t b = begin; b < end; ++b) {
+      const scalar_t* z = proj + b * row;
+      const scalar_t* xin = z + E;
+      const scalar_t* dtr = xin + C;
+      conv_step(xin, conv_state + b * C * (K - 1), conv_w, conv_b, xbc.data(), C, K);
+      silu_inplace(xbc.data(), C);
+      std::copy(z, z + E, gz.begin());
+      silu_inplace(gz.data(), E);
+      const scalar_t* xs = xbc.data();
+      scalar_t* y = out + b * E;
+      for (int64_t h = 0; h < H; ++h) {
+        scalar_t dt = dtr[h] + dt_bias[h];
+        softplus_inplace(&dt, 1);
+        const scalar_t A = -std::exp(A_log[h]);
+        const Vec decay(std::exp(dt * A));
+        const int64_t g = h / heads_per_group;
+        const scalar_t* Bn = xs + E + g * N;
+        const scalar_t* Cn = xs + E + G * N + g * N;
+        for (int64_t p = 0; p < P; ++p) {
+          const scalar_t xv = xs[h * P + p];
+          const Vec dx(dt * xv);
+          scalar_t* s = ssm_state + ((b * H + h) * P + p) * N;
+          Vec acc(0);
+          for (int64_t n0 = 0; n0 < N; n0 += W) {
+            const int64_t cnt = std::min(W, N - n0);
+            const Vec sn = at::vec::fmadd(decay, hybridssm::load(s + n0, cnt), dx * hybridssm::load(Bn + n0, cnt));
+            hybridssm::store(sn, s + n0, cnt);
+            acc = at::vec::fmadd(sn, hybridssm::load(Cn + n0, cnt), acc);
+          }
+          y[h * P + p] = (hybridssm::hsum(acc) + Dv[h] * xv) * gz[h * P + p];
+        }
+      }
+      // gated RMSNorm per group of gw channels
+      for (int64_t g = 0; g < G; ++g) {
+        scalar_t* v = y + g * gw;
+        Vec sq(0);
+        for (int64_t i = 0; i < gw; i += W) {
+          const int64_t cnt = std::min(W, gw - i);
+          const Vec a = hybridssm::load(v + i, cnt);
+          sq = at::vec::fmadd(a, a, sq);
+        }
+        const scalar_t r = scalar_t(1) / std::sqrt(hybridssm::hsum(sq) / scalar_t(gw) + norm_eps);
+        for (int64_t i = 0; i < gw; ++i) v[i] = v[i] * r * norm_w[g * gw + i];
+      }
+    }
+  });
+}
+
+inline at::Tensor mamba2_mixer_step(const at::Tensor& x, const MixerSpec& m, at::Tensor* states,
+                                    const at::Tensor& /*pos*/) {
+  TORCH_CHECK(m.w.size() == 8 && m.i.size() == 4 && m.f.size() == 1,
+              "mamba2 step: expected 8 weights, 4 ints, 1 float");
+  const auto dt = x.scalar_type();
+  const int64_t H = m.i[0], P = m.i[1], G = m.i[2], N = m.i[3];
+  const int64_t E = H * P, C = E + 2 * G * N, Bsz = x.size(0), K = m.w[1].size(-1);
+  const at::Tensor& conv = states[0];
+  const at::Tensor& ssm = states[1];
+  TORCH_CHECK(G > 0 && H % G == 0 && E % G == 0 && m.w[0].dim() == 2 && m.w[0].size(0) == E + C + H &&
+                  m.w[1].numel() == C * K && m.w[3].numel() == H && m.w[4].numel() == H &&
+                  m.w[5].numel() == H && m.w[6].numel() == E && m.w[7].dim() == 2 && m.w[7].size(1) == E,
+              "mamba2 step: weights do not fit (H=", H, ", P=", P, ", G=", G, ", N=", N, ")");
+  TORCH_CHECK(conv.scalar_type() == dt && ssm.scalar_type() == dt, "mamba2 step: states must be in ", dt);
+  TORCH_CHECK(conv.dim() == 3 && conv.size(0) == Bsz && conv.size(1) == C && conv.size(2) == K - 1 &&
+                  ssm.dim() == 4 && ssm.size(0) == Bsz && ssm.size(1) == H && ssm.size(2) == P &&
+                  ssm.size(3) == N,
+              "mamba2 step: states ", conv.sizes(), ", ", ssm.sizes(), " do not fit the weights");
+  const auto proj = linear_small(x, as_(m.w[0], dt), at::Tensor());
+  const auto conv_w = as_(m.w[1], dt), dt_bias = as_(m.w[3], dt), A_log = as_(m.w[4], dt);
+  const auto Dv = as_(m.w[5], dt), norm_w = as_(m.w[6], dt);
+  const auto conv_b = opt(m.w[2], dt);
+  auto y = at::empty({Bsz, E}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(dt, "mamba2_mixer_step", [&] {
+    mamba2_rows<scalar_t>(proj.data_ptr<scalar_t>(), conv.data_ptr<scalar_t>(), ssm.data_ptr<scalar_t>(),
+                          conv_w.data_ptr<scalar_t>(), conv_b ? conv_b->data_ptr<scalar_t>() : nullptr,
+                          dt_bias.data_ptr<scalar_t>(), A_log.data_ptr<scalar_t>(), Dv.data_ptr<scalar_t>(),
+                          norm_w.data_ptr<scalar_t>(), static_cast<scalar_t>(m.f[0]), y.data_ptr<scalar_t>(),
+                          Bsz, H, P, G, N, K);
+  });
+  return linear_small(y, as_(m.w[7], dt), at::Tensor());
+}
+
+HYBRIDSSM_MIXER_STEP(mamba2, mamba2_mixer_step);
+
+}  // namespace hybridssm::step

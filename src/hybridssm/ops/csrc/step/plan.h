@@ -1,0 +1,208 @@
+// The model-level step in one call: input projection -> blocks -> final norm, one frame.
+//
+// A Plan is built once from Python (streaming/plan.py) and holds the parameters themselves (each
+// at::Tensor shares its Parameter's TensorImpl: writes through .data, copy_, load_state_dict or an
+// optimizer are seen by the next run). Per block:
+//
+//   residual:  h = norm(x) (pre-norm) | x;  y = mixer(h);  x = x + y (pre) | norm(x + y) (post)
+//   parallel:  h as above;  y = fuse(h, mixer_0(h), mixer_1(h));  x as above
+//   then, with an FFN:  x = x + down(gelu(up(norm_f(x)))) (pre) | norm_f(x + down(gelu(up(x)))) (post)
+//
+// fuse: gate  g = sigmoid(gate(h)),  g * s + (1 - g) * a      (s, a RMS-normalised first when asked)
+//       mean  (a + s) / 2                                      (likewise)
+// Norms are LayerNorm (at::layer_norm, the forward's own call), RMSNorm or the identity (a mixer that
+// owns its norms). The ATen calls are those of the eager forward, so the values are the forward's.
+
+#pragma once
+
+#include "common.h"
+
+#include <string>
+#include <vector>
+
+namespace hybridssm::step {
+
+enum NormKind : int64_t { kIdentity = 0, kLayerNorm = 1, kRMSNorm = 2 };
+enum FusionKind : int64_t { kNoFusion = 0, kGate = 1, kMean = 2 };
+
+struct Norm {
+  int64_t kind = kIdentity;
+  at::Tensor w, b;
+  double eps = 0;
+
+  at::Tensor operator()(const at::Tensor& x) const {
+    const auto dt = x.scalar_type();
+    if (kind == kLayerNorm) return at::layer_norm(x, {x.size(-1)}, opt(w, dt), opt(b, dt), eps);
+    if (kind == kIdentity) return x;
+    // RMSNorm: x * rsqrt(mean(x^2) + eps) * w, per row
+    const auto xc = x.contiguous();
+    const auto wc = as_(w, dt);
+    auto out = at::empty_like(xc);
+    const int64_t B = xc.size(0), d = xc.size(1);
+    TORCH_CHECK(wc.numel() == d, "step plan: RMSNorm weight of ", wc.numel(), " for width ", d);
+    AT_DISPATCH_FLOATING_TYPES(dt, "step_rmsnorm", [&] {
+      using Vec = Vectorized<scalar_t>;
+      for (int64_t r = 0; r < B; ++r) {
+        const scalar_t* v = xc.data_ptr<scalar_t>() + r * d;
+        scalar_t* o = out.data_ptr<scalar_t>() + r * d;
+        Vec sq(0);
+        for (int64_t i = 0; i < d; i += Vec::size()) {
+          const int64_t cnt = std::min<int64_t>(Vec::size(), d - i);
+          const Vec a = hybridssm::load(v + i, cnt);
+          sq = at::vec::fmadd(a, a, sq);
+        }
+        const scalar_t s = scalar_t(1) / std::sqrt(hybridssm::hsum(sq) / scalar_t(d) + static_cast<scalar_t>(eps));
+        const scalar_t* wp = wc.data_ptr<scalar_t>();
+        for (int64_t i = 0; i < d; ++i) o[i] = v[i] * s * wp[i];
+      }
+    });
+    return out;
+  }
+};
+
+struct Mixer {
+  std::string kind;
+  MixerFn fn = nullptr;
+  MixerSpec spec;
+  int64_t n_states = 0;
+};
+
+struct Block {
+  bool pre_norm = true;
+  Norm norm;
+  std::vector<Mixer> mixers;  // one (residual block) or two (parallel block: ssm, attn)
+  int64_t fusion = kNoFusion;
+  at::Tensor gate_w, gate_b;
+  Norm ssm_norm, attn_norm;  // identity when the fusion does not normalise
+  bool has_ffn = false;
+  Norm ffn_norm;
+  at::Tensor up_w, up_b, down_w, down_b;
+};
+
+class Plan {
+ public:
+  void set_input(const at::Tensor& w, const at::Tensor& b) { in_w_ = w, in_b_ = b; }
+
+  void set_final_norm(int64_t kind, const at::Tensor& w, const at::Tensor& b, double eps) {
+    final_norm_ = make_norm(kind, w, b, eps);
+  }
+
+  // mixers: (kind, weights, ints, floats, number of state tensors) each; fusion_w: (gate_w, gate_b,
+  // ssm_norm_w, attn_norm_w), fusion_eps: (ssm, attn) (ignored where absent); ffn: (norm_w, norm_b,
+  // up_w, up_b, down_w, down_b) or empty (no FFN).
+  void add_block(bool pre_norm, int64_t norm_kind, const at::Tensor& norm_w, const at::Tensor& norm_b,
+                 double norm_eps, const std::vector<std::string>& kinds,
+                 const std::vector<std::vector<at::Tensor>>& weights, const std::vector<std::vector<int64_t>>& ints,
+                 const std::vector<std::vector<double>>& floats, const std::vector<int64_t>& n_states,
+                 int64_t fusion, const std::vector<at::Tensor>& fusion_w, const std::vector<double>& fusion_eps,
+                 int64_t ffn_norm_kind, const std::vector<at::Tensor>& ffn, double ffn_eps) {
+    const size_t n = kinds.size();
+    TORCH_CHECK((n == 1 && fusion == kNoFusion) || (n == 2 && fusion != kNoFusion),
+                "step plan: a block has one mixer, or two with a fusion");
+    TORCH_CHECK(weights.size() == n && ints.size() == n && floats.size() == n && n_states.size() == n,
+                "step plan: one weight list, int list, float list and state count per mixer");
+    Block blk;
+    blk.pre_norm = pre_norm;
+    blk.norm = make_norm(norm_kind, norm_w, norm_b, norm_eps);
+    for (size_t j = 0; j < n; ++j) {
+      blk.mixers.push_back(Mixer{kinds[j], find_mixer(kinds[j]), MixerSpec{weights[j], ints[j], floats[j]},
+                                 n_states[j]});
+      n_states_ += n_states[j];
+    }
+    blk.fusion = fusion;
+    if (fusion != kNoFusion) {
+      TORCH_CHECK(fusion_w.size() == 4 && fusion_eps.size() == 2, "step plan: fusion takes 4 weights, 2 eps");
+      blk.gate_w = fusion_w[0], blk.gate_b = fusion_w[1];
+      TORCH_CHECK(fusion == kMean || present(blk.gate_w), "step plan: a gate fusion needs its gate weight");
+      blk.ssm_norm = make_norm(present(fusion_w[2]) ? kRMSNorm : kIdentity, fusion_w[2], {}, fusion_eps[0]);
+      blk.attn_norm = make_norm(present(fusion_w[3]) ? kRMSNorm : kIdentity, fusion_w[3], {}, fusion_eps[1]);
+    }
+    if (!ffn.empty()) {
+      TORCH_CHECK(ffn.size() == 6, "step plan: an FFN takes 6 tensors (norm_w, norm_b, up_w, up_b, down_w, down_b)");
+      blk.has_ffn = true;
+      blk.ffn_norm = make_norm(ffn_norm_kind, ffn[0], ffn[1], ffn_eps);
+      blk.up_w = ffn[2], blk.up_b = ffn[3], blk.down_w = ffn[4], blk.down_b = ffn[5];
+    }
+    blocks_.push_back(std::move(blk));
+  }
+
+  int64_t num_states() const { return n_states_; }
+
+  // x [B, embed_dim] (or [B, 1, embed_dim]); states: every block's state tensors in order, contiguous,
+  // updated in place; pos [B] int64, each row's input position, advanced by one here. Returns [B, d].
+  at::Tensor run(const at::Tensor& x_in, std::vector<at::Tensor> states, at::Tensor pos) const {
+    TORCH_CHECK(x_in.dim() == 2 || (x_in.dim() == 3 && x_in.size(1) == 1),
+                "step plan: x must be [B, embed_dim] or [B, 1, embed_dim], got ", x_in.sizes());
+    TORCH_CHECK(static_cast<int64_t>(states.size()) == n_states_, "step plan: expected ", n_states_,
+                " state tensors, got ", states.size());
+    const at::Tensor x = x_in.dim() == 3 ? x_in.select(1, 0) : x_in;
+    const int64_t B = x.size(0);
+    TORCH_CHECK(pos.dim() == 1 && pos.size(0) == B && pos.scalar_type() == at::kLong,
+                "step plan: pos must be int64 [", B, "]");
+    for (const auto& s : states) {
+      TORCH_CHECK(s.is_contiguous() && s.dim() >= 1 && s.size(0) == B,
+                  "step plan: states must be contiguous with batch ", B, " first, got ", s.sizes());
+    }
+    const auto dt = x.scalar_type();
+    at::Tensor h = present(in_w_) ? linear_small(x, as_(in_w_, dt), present(in_b_) ? as_(in_b_, dt) : in_b_)
+                                  : x.contiguous();
+    at::Tensor* st = states.data();
+    for (const auto& blk : blocks_) {
+      const at::Tensor hn = blk.pre_norm ? blk.norm(h).contiguous() : h;
+      at::Tensor y;
+      if (blk.fusion == kNoFusion) {
+        const auto& mx = blk.mixers[0];
+        y = mx.fn(hn, mx.spec, st, pos);
+        st += mx.n_states;
+      } else {
+        const auto& ms = blk.mixers[0];
+        const auto ys = ms.fn(hn, ms.spec, st, pos);
+        st += ms.n_states;
+        const auto& ma = blk.mixers[1];
+        const auto ya = ma.fn(hn, ma.spec, st, pos);
+        st += ma.n_states;
+        y = fuse(blk, hn, ys, ya);
+      }
+      h = blk.pre_norm ? h + y : blk.norm(h + y);
+      if (blk.has_ffn) {
+        if (blk.pre_norm) {
+          h = h + ffn(blk, blk.ffn_norm(h));
+        } else {
+          h = blk.ffn_norm(h + ffn(blk, h));
+        }
+      }
+    }
+    pos.add_(1);
+    return final_norm_(h);
+  }
+
+ private:
+  static Norm make_norm(int64_t kind, const at::Tensor& w, const at::Tensor& b, double eps) {
+    TORCH_CHECK(kind == kIdentity || kind == kLayerNorm || kind == kRMSNorm, "step plan: unknown norm kind ", kind);
+    TORCH_CHECK(kind != kRMSNorm || present(w), "step plan: an RMSNorm needs its weight");
+    return Norm{kind, w, b, eps};
+  }
+
+  static at::Tensor fuse(const Block& blk, const at::Tensor& h, const at::Tensor& ys, const at::Tensor& ya) {
+    const auto s = blk.ssm_norm(ys), a = blk.attn_norm(ya);
+    if (blk.fusion == kMean) return (a + s) * 0.5;
+    const auto dt = h.scalar_type();
+    const auto g = at::sigmoid(linear_small(h, as_(blk.gate_w, dt), present(blk.gate_b) ? as_(blk.gate_b, dt)
+                                                                                       : at::Tensor()));
+    return g * s + (1.0 - g) * a;
+  }
+
+  static at::Tensor ffn(const Block& blk, const at::Tensor& x) {
+    const auto dt = x.scalar_type();
+    auto bias = [dt](const at::Tensor& b) { return present(b) ? as_(b, dt) : at::Tensor(); };
+    const auto up = at::gelu(linear_small(x, as_(blk.up_w, dt), bias(blk.up_b)));
+    return linear_small(up, as_(blk.down_w, dt), bias(blk.down_b));
+  }
+
+  at::Tensor in_w_, in_b_;
+  Norm final_norm_;
+  std::vector<Block> blocks_;
+  int64_t n_states_ = 0;
+};
+
+}  // namespace hybridssm::step

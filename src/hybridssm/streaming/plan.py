@@ -1,0 +1,242 @@
+"""A model's streaming step in one C++ call.
+
+:class:`StepPlan` walks a model once (input projection, every block's :meth:`step_spec`, the final
+norm) and builds the C++ plan of ``ops/csrc/step/plan.h``, which holds the parameters themselves
+and calls each mixer's kernel by its kind. ``SequenceModel.step`` runs it when it applies
+(:func:`fused_step`); otherwise (and always under ``torch.compile``, and with
+``model.use_fused_step = False``) the block-by-block Python step runs, with the same values.
+
+Nothing goes stale: the plan keeps no value derived from a parameter (kernels compute, e.g.,
+``-exp(A_log)`` on every call), and the tensors it holds share the parameters' storage handles, so
+``p.data = ...``, ``p.data.copy_(...)``, ``load_state_dict``, optimizer steps and in-place casts are
+seen by the next step. A plan is rebuilt when the model's structure may have changed: after
+``model.to(...)`` / ``.double()`` (``_apply``) and after any module registers a parameter, buffer or
+submodule (a global generation counter fed by torch's registration hooks: a replaced Parameter or
+mixer, ``load_state_dict(assign=True)``).
+
+The plan applies on CPU, to fp32 or fp64 models whose step parameters share one dtype, for inputs
+and states in that dtype, without autocast, when no gradient is needed (under ``no_grad`` /
+``inference_mode``, or parameters that do not require grad), with dropout inactive (``eval()`` or
+p = 0), when every block and mixer has a fused form whose kernel is in the built extension, and
+the kernel backend is ``auto`` or ``fused`` (:func:`hybridssm.ops.use_kernels`).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from hybridssm.blocks import ParallelState, norm_step
+from hybridssm.ops.step import BlockStep, NormStep, fused_step_kinds, step_extension
+from hybridssm.state import ModelState
+
+__all__ = ["StepPlan", "fused_step", "plan_status"]
+
+_NORM_KIND = {"identity": 0, "layer": 1, "rms": 2}
+_FUSION_KIND = {None: 0, "gate": 1, "mean": 2}
+_EMPTY = torch.empty(0)
+
+# Bumped whenever any module registers a parameter, buffer or submodule: a plan built at an older
+# generation is rebuilt before its next run (a replaced Parameter is a new tensor the plan lacks).
+_generation = [0]
+
+
+def _bump(*_: Any) -> None:
+    _generation[0] += 1
+
+
+nn.modules.module.register_module_parameter_registration_hook(_bump)
+nn.modules.module.register_module_buffer_registration_hook(_bump)
+nn.modules.module.register_module_module_registration_hook(_bump)
+
+
+class _Refused(ValueError):
+    """The model has no fused step (the message says why)."""
+
+
+def _t(x: Tensor | None) -> Tensor:
+    return _EMPTY if x is None else x
+
+
+class StepPlan:
+    """A model's whole step as one C++ call (see the module docstring).
+
+    Build with ``StepPlan(model)`` (raises ``ValueError`` naming what has no fused form); run with
+    :meth:`run`, which returns None where the plan does not apply to this call.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        if getattr(model, "positional", None) is not None:
+            raise _Refused("an additive positional encoding (positional='sinusoidal'/'learned')")
+        kinds = set(fused_step_kinds())
+        cpp = step_extension().Plan()
+        tensors: list[Tensor] = []
+
+        ip = model.input_proj
+        if type(ip) is nn.Linear:
+            cpp.set_input(ip.weight, _t(ip.bias))
+            tensors += [ip.weight, *([ip.bias] if ip.bias is not None else [])]
+        elif type(ip) is not nn.Identity:
+            raise _Refused(f"input projection {type(ip).__name__}")
+
+        for i, block in enumerate(model.blocks):
+            fn = getattr(block, "step_spec", None)
+            spec: BlockStep | None = fn() if fn is not None else None
+            if spec is None:
+                raise _Refused(f"block {i} ({type(block).__name__}) has no fused step")
+            missing = [m.kind for m in spec.mixers if m.kind not in kinds]
+            if missing:
+                raise _Refused(f"block {i}: no fused kernel for mixer kind {missing[0]!r}")
+            counts = [len(pytree.tree_leaves(s)) for s in _mixer_states(block)]
+            tensors += _add_block(cpp, spec, counts)
+
+        fin = norm_step(model.final_norm)
+        if fin is None:
+            raise _Refused(f"final norm {type(model.final_norm).__name__}")
+        cpp.set_final_norm(_NORM_KIND[fin.kind], _t(fin.weight), _t(fin.bias), fin.eps)
+        tensors += [t for t in (fin.weight, fin.bias) if t is not None]
+
+        dtypes = {t.dtype for t in tensors}
+        if len(dtypes) != 1 or next(iter(dtypes)) not in (torch.float32, torch.float64):
+            raise _Refused(f"parameters in {sorted(map(str, dtypes))} (one of float32, float64 needed)")
+        if any(t.device.type != "cpu" for t in tensors):
+            raise _Refused("parameters not on the CPU")
+        self._cpp = cpp
+        self.dtype: torch.dtype = next(iter(dtypes))
+        self._params = tuple(tensors)
+        self._dropouts = tuple(m for m in model.modules() if isinstance(m, nn.Dropout))
+        self._memo: tuple[Any, list[Tensor] | None] | None = None  # (state, its leaves) of inplace runs
+
+    def _grad_needed(self, x: Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self._params))
+
+    def _leaves_ok(self, leaves: list[Tensor], contiguous: bool) -> bool:
+        if len(leaves) != self._cpp.num_states():
+            return False
+        for t in leaves:
+            if not isinstance(t, Tensor) or (contiguous and not t.is_contiguous()):
+                return False
+            if t.is_floating_point() and t.dtype is not self.dtype:
+                return False
+        return True
+
+    def run(
+        self, x: Tensor, state: ModelState, *, inplace: bool, training: bool
+    ) -> tuple[Tensor, ModelState] | None:
+        """One frame through the plan: ``(y [B, d], state)``, or None where it does not apply (the
+        caller then runs the block-by-block step). ``inplace`` writes into ``state``'s buffers (which
+        must be contiguous), else they are copied first."""
+        if (
+            x.dtype is not self.dtype
+            or x.device.type != "cpu"
+            or (training and any(d.p > 0 for d in self._dropouts))
+            or torch.is_autocast_enabled("cpu")
+            or self._grad_needed(x)
+        ):
+            return None
+        if inplace:
+            memo = self._memo
+            if memo is None or memo[0] is not state:
+                leaves = pytree.tree_leaves(state.layers)
+                memo = self._memo = (state, leaves if self._leaves_ok(leaves, True) else None)
+            if memo[1] is None:
+                return None
+            return self._cpp.run(x, memo[1], state.pos), state
+        leaves, spec = pytree.tree_flatten(state.layers)
+        if not self._leaves_ok(leaves, False):
+            return None
+        new = [t.clone(memory_format=torch.contiguous_format) for t in leaves]
+        pos = state.pos.clone()
+        y = self._cpp.run(x, new, pos)
+        return y, ModelState(pytree.tree_unflatten(new, spec), pos)
+
+
+def _mixer_states(block: nn.Module) -> list[Any]:
+    """One small state per mixer of ``block`` (to count its tensors)."""
+    s = block.init_state(1, max_len=1)
+    return list(s) if isinstance(s, ParallelState) else [s]
+
+
+def _add_block(cpp: Any, spec: BlockStep, counts: list[int]) -> list[Tensor]:
+    """Hand one block to the C++ plan; returns the tensors it holds."""
+    held: list[Tensor] = []
+
+    def norm(n: NormStep | None) -> tuple[int, Tensor, Tensor, float]:
+        if n is None:
+            return 0, _EMPTY, _EMPTY, 0.0
+        held.extend(t for t in (n.weight, n.bias) if t is not None)
+        return _NORM_KIND[n.kind], _t(n.weight), _t(n.bias), n.eps
+
+    nk, nw, nb, neps = norm(spec.norm)
+    weights = []
+    for m in spec.mixers:
+        w = m.flat_weights()
+        held.extend(t for t in w if t.numel())
+        weights.append(w)
+    fusion_w, fusion_eps = [], [0.0, 0.0]
+    if spec.fusion is not None:
+        f = spec.fusion
+        sk, sw, _, seps = norm(f.ssm_norm)
+        ak, aw, _, aeps = norm(f.attn_norm)
+        held.extend(t for t in (f.gate_w, f.gate_b) if t is not None)
+        fusion_w, fusion_eps = [_t(f.gate_w), _t(f.gate_b), sw, aw], [seps, aeps]
+    ffn, fk, feps = [], 0, 0.0
+    if spec.ffn is not None:
+        f = spec.ffn
+        fk, fw, fb, feps = norm(f.norm)
+        held.extend(t for t in (f.up_w, f.up_b, f.down_w, f.down_b) if t is not None)
+        ffn = [fw, fb, f.up_w, _t(f.up_b), f.down_w, _t(f.down_b)]
+    cpp.add_block(
+        spec.pre_norm, nk, nw, nb, neps,
+        [m.kind for m in spec.mixers], weights, [list(m.ints) for m in spec.mixers],
+        [[float(v) for v in m.floats] for m in spec.mixers], counts,
+        _FUSION_KIND[None if spec.fusion is None else spec.fusion.kind], fusion_w, fusion_eps, fk, ffn, feps,
+    )
+    return held
+
+
+class _Entry:
+    __slots__ = ("generation", "plan", "reason")
+
+    def __init__(self, generation: int, plan: StepPlan | None, reason: str) -> None:
+        self.generation, self.plan, self.reason = generation, plan, reason
+
+
+# model -> its plan (weakly: a plan never keeps a model alive, and copies / pickles never carry one)
+_PLANS: weakref.WeakKeyDictionary[nn.Module, _Entry] = weakref.WeakKeyDictionary()
+
+
+def _entry(model: nn.Module) -> _Entry:
+    entry = _PLANS.get(model)
+    gen = _generation[0]
+    if entry is None or entry.generation != gen:
+        try:
+            entry = _Entry(gen, StepPlan(model), "fused")
+        except _Refused as exc:
+            entry = _Entry(gen, None, str(exc))
+        _PLANS[model] = entry
+    return entry
+
+
+def forget(model: nn.Module) -> None:
+    """Drop ``model``'s plan (its parameters moved or changed dtype): the next step rebuilds it."""
+    _PLANS.pop(model, None)
+
+
+def plan_status(model: nn.Module) -> str:
+    """``"fused"`` when ``model``'s structure has a one-call step, else the reason it has none."""
+    return _entry(model).reason
+
+
+def fused_step(
+    model: nn.Module, x: Tensor, state: ModelState, inplace: bool
+) -> tuple[Tensor, ModelState] | None:
+    """``model``'s step through its plan, or None where none applies (see the module docstring)."""
+    plan = _entry(model).plan
+    if plan is None:
+        return None
+    return plan.run(x, state, inplace=inplace, training=model.training)
