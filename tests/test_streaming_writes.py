@@ -66,8 +66,14 @@ def test_hymba_reset_uses_the_current_parameters():
         assert_close(y[:1], model(x[:1, 1:2]))
 
 
-def test_hymba_init_state_in_float64():
+def test_hymba_init_state_in_another_dtype_is_a_clear_error_and_float64_models_work():
+    # a state's dtype follows the parameters (forward and step refuse any other), so asking for
+    # another one names the option instead of failing deep inside torch; a float64 model's
+    # init_state (its meta-token prefill) runs in float64
     model = _hymba()
+    with pytest.raises(ValueError, match=r"dtype: .*torch\.float32.*model\.to\(torch\.float64\)"):
+        model.init_state(2, dtype=torch.float64)
+    model = model.double()
     state = model.init_state(2, dtype=torch.float64)
     for t in (t for layer in state.layers for part in layer for t in part):
         assert t.dtype in (torch.float64, torch.long)
