@@ -56,6 +56,23 @@ def test_registry_duplicate_names():
         r.register("", a)
 
 
+def test_a_new_definition_of_the_same_code_replaces_it():
+    def define():  # a module or notebook cell run twice defines a new class of the same name
+        class Thing:
+            pass
+
+        return Thing
+
+    r: Registry[object] = Registry("widget")
+    first, second = define(), define()
+    r.register("thing", first)
+    r.register("thing", second)
+    assert r.get("thing") is second
+    r.register("f", lambda: 1)
+    with pytest.raises(ValueError, match="already registered"):  # lambdas share one name
+        r.register("f", lambda: 2)
+
+
 def test_models_backbones_and_tasks_share_the_type():
     assert all(isinstance(r, Registry) for r in (MODELS, backbones._BACKBONES, TASKS))
     assert MODELS.names() == hs.list_models() and TASKS.names() == list_tasks()

@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from hybridssm.config import suggest, unknown_option_error
-from hybridssm.registry import Registry
+from hybridssm.registry import Registry, same_definition
 
 __all__ = [
     "Backbone",
@@ -67,7 +67,8 @@ def register_backbone(
     ``factory(hidden_size, **options)`` returns a mixer (``forward(x, state=None, *, lengths=None)
     -> (y, state)`` and ``init_state(batch_size, *, device, dtype, max_len)``). Its keyword
     arguments are the options ``backbone_options`` may set. A name already registered to another
-    factory raises ``ValueError`` unless ``replace=True``; built-in backbones are never replaced.
+    factory raises ``ValueError`` unless ``replace=True`` (a new definition of the same factory, from
+    code run again, replaces it); built-in backbones are never replaced.
     """
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"backbone name must be an identifier string, got {name!r}")
@@ -80,6 +81,8 @@ def register_backbone(
         raise ValueError(f"backbone {name!r} is built in and cannot be replaced")
     if existing is not None and existing.factory is factory:
         return existing  # the same factory again (a plugin module imported twice)
+    # a new definition of the same factory (code run again) replaces it; another one needs replace=
+    replace = replace or (existing is not None and same_definition(existing.factory, factory))
     options, seed = _describe(factory)
     return _BACKBONES.register(name, Backbone(name, factory, options, seed, builtin), replace=replace)
 

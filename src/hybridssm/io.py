@@ -292,7 +292,9 @@ def _expected_tensors(
         with torch.device("meta"):
             model = saved.build().to(saved.dtype)
     except (RuntimeError, ValueError, TypeError, OverflowError, MemoryError) as exc:
-        raise ValueError(f"{cfg_path}: cannot build {saved.name!r} from it: {exc}") from None
+        # torch's message may carry a C++ stack trace after its first line
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"{cfg_path}: cannot build {saved.name!r} from it: {reason}") from None
     return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
 
 

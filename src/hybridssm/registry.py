@@ -13,6 +13,7 @@ from hybridssm.config import ModelConfig, suggest
 
 __all__ = [
     "Registry",
+    "same_definition",
     "register_model",
     "build",
     "list_models",
@@ -31,7 +32,8 @@ class Registry(Generic[T]):
     """Names -> objects of one kind (``kind``: "model", "backbone", "task").
 
     ``register(name, obj)`` or ``@register(name)``; an existing name raises ``ValueError`` unless
-    the same object is registered again (a module imported twice) or ``replace=True``. ``get``
+    the object is the same definition again (:func:`same_definition`: a module imported twice, a
+    notebook cell run again, which replaces it) or ``replace=True``. ``get``
     of an unknown name raises ``ValueError`` with a "did you mean" and the available names (and
     ``hint``, e.g. how to register one). It reads like a mapping: ``name in r``, ``r[name]``,
     ``iter(r)`` (sorted names), ``r.items()``.
@@ -49,7 +51,7 @@ class Registry(Generic[T]):
         if not isinstance(name, str) or not name:
             raise ValueError(f"a {self.kind} name must be a non-empty string, got {name!r}")
         old = self._items.get(name)
-        if old is not None and old is not obj and not replace:
+        if old is not None and not same_definition(old, obj) and not replace:
             raise ValueError(
                 f"{self.kind} {name!r} is already registered; pick another name, or pass "
                 "replace=True to replace it"
@@ -95,6 +97,16 @@ class Registry(Generic[T]):
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, {self.names()})"
+
+
+def same_definition(a: Any, b: Any) -> bool:
+    """Whether ``b`` is ``a`` or a new definition of it: a class or function of the same qualified
+    name (re-running the code that defines and registers it makes a new object). Lambdas, which all
+    share one name, count only when identical."""
+    if a is b:
+        return True
+    qa, qb = getattr(a, "__qualname__", None), getattr(b, "__qualname__", None)
+    return isinstance(qa, str) and qa == qb and "<lambda>" not in qa
 
 
 MODELS: Registry[type] = Registry("model", hint="register your own with hybridssm.register_model")

@@ -39,7 +39,8 @@ def register_task(name: str, factory: type[Task], *, replace: bool = False) -> t
     ``factory`` is a :class:`Task` subclass declared with ``@dataclass(frozen=True, kw_only=True)``:
     its fields are the task's options (the CLI parses ``--task-opt`` by their types), and it
     implements ``vocab_size`` and ``_generate(n, generator, split)``. A name already registered to
-    another class raises ``ValueError`` unless ``replace=True``. Returns ``factory``.
+    another class raises ``ValueError`` unless ``replace=True`` (a new definition of the same class,
+    from code run again, replaces it). Returns ``factory``.
     """
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"task name must be an identifier string, got {name!r}")
