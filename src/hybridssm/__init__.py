@@ -6,6 +6,7 @@
 from hybridssm.backbones import list_backbones, register_backbone
 from hybridssm.blocks import ParallelBlock, ParallelState, ResidualBlock
 from hybridssm.config import ModelConfig
+from hybridssm.export import export_step, forward_program, step_program
 from hybridssm.mixers import (
     AttentionMixer,
     CausalConv1d,
@@ -91,6 +92,8 @@ __all__ = [
     "TransformerConfig",
     "build",
     "build_layer",
+    "export_step",
+    "forward_program",
     "get_config_class",
     "kernels",
     "layer_pattern",
@@ -102,5 +105,6 @@ __all__ = [
     "recommended_defaults",
     "register_backbone",
     "register_model",
+    "step_program",
     "use_kernels",
 ]

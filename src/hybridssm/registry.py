@@ -130,6 +130,8 @@ def load(path: str, *, map_location: str | torch.device = "cpu") -> torch.nn.Mod
         tensors = load_file(str(w_path), device=str(map_location))
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise ValueError(f"{w_path} is corrupted or unreadable: {exc}") from exc
+    renamed = getattr(model, "renamed_weights", {})  # files from before a weight was renamed
+    tensors = {renamed.get(k, k): v for k, v in tensors.items()}
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

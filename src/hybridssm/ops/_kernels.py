@@ -103,6 +103,9 @@ def resolve(op: str, device_type: str = "cpu") -> tuple[str, str]:
     want = current_backend()
     if want in ("ref", "torch"):
         return want, "forced" if _FORCED or _ENV_BACKEND != "auto" else "default"
+    if torch.compiler.is_exporting():
+        # an exported program must run without this package (AOTInductor, ONNX): no custom ops
+        return "torch", "exporting"
     ok, reason = _fused_ok(entry, device_type)
     if want == "fused":
         if not ok:
