@@ -1,7 +1,7 @@
 """Streaming steps of every model: batch-1 latency against the machine's bar and against re-running
 the window, and many streams at once against the GEMM ceiling (DESIGN §5; issue 12).
 
-    PYTHONPATH=src python benchmarks/bench_step.py [--only NAMES] [--steps 1000] [--rounds 5]
+    PYTHONPATH=src python benchmarks/bench_step.py [--quick] [--only NAMES] [--steps 1000] [--rounds 5]
         [--threads 1] [--batches 16,64,256] [--out results/bench_step.md] [--json FILE]
         [--against /path/to/other/src --repeats 3]
 
@@ -50,8 +50,8 @@ def _harness():
     return mod
 
 
-def build_models(only: set[str] | None) -> dict:
-    """``label -> model`` (eval mode) of bench_models.py's step table."""
+def build_models(only: set[str] | None, quick: bool = False) -> dict:
+    """``label -> model`` (eval mode) of bench_models.py's step table (``quick``: its tiny sizes)."""
     import torch
 
     sys.path.insert(0, str(HERE))
@@ -59,7 +59,7 @@ def build_models(only: set[str] | None) -> dict:
 
     import hybridssm as hs
 
-    plan = bm.make_plan(False)
+    plan = bm.make_plan(quick)
     specs = [(m, m, bm.model_options(m, plan)) for m in bm.MODELS if bm.keep(only, m, m)]
     specs += [(f"hybrid[{bb}]", "hybrid", bm.model_options("hybrid", plan, backbone=bb))
               for bb in bm.builtin_backbones() if bm.keep(only, "hybrid", f"hybrid[{bb}]")]
@@ -75,9 +75,12 @@ def measure(args, batches: tuple[int, ...], window: bool) -> tuple[list[dict], d
 
     bench = _harness()
     torch.set_num_threads(args.threads)
-    models = build_models(set(args.only.split(",")) if args.only else None)
-    rates = bench.machine_rates()
-    plan = bench.StepBench(steps=args.steps, rounds=args.rounds, window=window, batches=batches)
+    models = build_models(set(args.only.split(",")) if args.only else None, args.quick)
+    rates = bench.machine_rates(seconds=0.05 if args.quick else 0.5)
+    quick = dict(warmup=1, max_time=0.05, max_iters=2) if args.quick else {}
+    settings = bench.BenchSettings(**quick)
+    plan = bench.StepBench(steps=args.steps, rounds=args.rounds, window=window, batches=batches,
+                           warmup=2 if args.quick else 20, settings=settings)
     return bench.bench_steps(models, rates, plan), rates
 
 
@@ -95,6 +98,7 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--steps", type=int, default=1000, help="batch-1 steps per model")
     p.add_argument("--rounds", type=int, default=5, help="interleaving rounds of the batch-1 steps")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="smoke test: tiny models, few iterations")
     p.add_argument("--batches", default="16,64,256", help="stream counts (comma list; '' for none)")
     p.add_argument("--out", help="write the markdown table (with its header) to this file")
     p.add_argument("--json", help="write the rows and the machine's rates as JSON to this file")

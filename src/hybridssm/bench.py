@@ -539,6 +539,7 @@ def bench_steps(models: Mapping[str, nn.Module], rates: Mapping[str, float],
         for b in plan.batches:
             st = streams[b][label]
             row[f"fps_{b}"] = st["fps"]
+            row[f"flops_{b}"] = st["flops_per_frame"]
             row[f"gemm_{b}"] = st["flops_per_frame"] * st["fps"] / (rates["gemm_gflops"] * 1e9)
         rows.append(row)
     return rows
