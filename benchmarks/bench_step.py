@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> str:
         "Streams: step(x, state, reset=done, inplace=True) with a random 1/60 of rows reset per step; "
         "(of GEMM) = matmul FLOPs per frame x frames/s / GEMM rate.",
         "",
+        "",
     ]
     text = "\n".join(head) + bench.format_step_table(rows, batches) + f"\n\nTotal {time.time() - t0:.0f} s."
     print(text)

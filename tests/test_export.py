@@ -123,7 +123,7 @@ def _onnx_session(program, tmp_path: Path, name: str):
     return ort.InferenceSession(str(f), providers=["CPUExecutionProvider"])
 
 
-def _check_onnx(case: Case, tmp_path: Path) -> None:
+def _check_onnx_step(case: Case, tmp_path: Path) -> None:
     model = case.build().eval()
     sess = _onnx_session(step_program(model, batch_size=BATCH, max_len=MAX_LEN), tmp_path, "step")
     names = [i.name for i in sess.get_inputs()]
@@ -133,6 +133,10 @@ def _check_onnx(case: Case, tmp_path: Path) -> None:
     for t, x_t in enumerate(frames):
         y, *leaves = sess.run(None, dict(zip(names, [x_t.numpy(), *leaves])))
         assert_close(torch.from_numpy(y), want[t], msg=f"{case.id}: onnx step {t}")
+
+
+def _check_onnx_forward(case: Case, tmp_path: Path) -> None:
+    model = case.build().eval()
     T = 7
     x = torch.randn(BATCH, T, model.config.embed_dim)
     sess = _onnx_session(forward_program(model, T, batch_size=BATCH), tmp_path, "forward")
@@ -142,13 +146,27 @@ def _check_onnx(case: Case, tmp_path: Path) -> None:
 
 
 def test_onnx_step_and_forward(tmp_path):
-    _check_onnx(_tiny_case("hybrid"), tmp_path)
+    _check_onnx_step(_tiny_case("hybrid"), tmp_path)
+    _check_onnx_forward(_tiny_case("hybrid"), tmp_path)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", tiny_cases(), ids=lambda c: c.id)
-def test_onnx_every_model(case, tmp_path):
-    _check_onnx(case, tmp_path)
+def test_onnx_step_every_model(case, tmp_path):
+    _check_onnx_step(case, tmp_path)
+
+
+# The delta rules' chunked forward solves a triangular system (aten.linalg_solve_triangular), which
+# has no ONNX op; their step exports (above). Strict: the mark fails once the forward converts.
+_NO_ONNX_FORWARD = pytest.mark.xfail(strict=True, reason="aten.linalg_solve_triangular has no ONNX op")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [
+    pytest.param(c, marks=_NO_ONNX_FORWARD) if "delta_net" in c.id else c for c in tiny_cases()
+], ids=lambda c: c.id)
+def test_onnx_forward_every_model(case, tmp_path):
+    _check_onnx_forward(case, tmp_path)
 
 
 # -- torch.export programs ---------------------------------------------------------------------------
