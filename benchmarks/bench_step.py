@@ -1,22 +1,35 @@
-"""Batch-1 streaming step latency of every model, optionally A/B against another checkout.
+"""Streaming steps of every model: batch-1 latency against the machine's bar and against re-running
+the window, and many streams at once against the GEMM ceiling (DESIGN §5; issue 12).
 
-    PYTHONPATH=src python benchmarks/bench_step.py [--only NAMES] [--steps 300] [--rounds 5]
-        [--against /path/to/other/src] [--repeats 3] [--threads 1]
+    PYTHONPATH=src python benchmarks/bench_step.py [--quick] [--only NAMES] [--steps 1000] [--rounds 5]
+        [--threads 1] [--batches 16,64,256] [--out results/bench_step.md] [--json FILE]
+        [--against /path/to/other/src --repeats 3]
 
 The models and options are ``bench_models.py``'s step table (the seeds' defaults at width 256,
-``hybrid`` with every built-in backbone); the step is ``model.step(x_t, state, inplace=True)`` under
-``torch.no_grad()``. In one process the models run interleaved, ``--rounds`` rounds of
-``--steps / --rounds`` steps each, so that a change in the machine's load hits them alike; the
-median of all steps is reported (µs). With ``--against SRC`` the same measurement runs in
-subprocesses alternating between this checkout's ``src`` and ``SRC`` (``--repeats`` times each), and
-the table gives each side's median over its runs and the ratio.
+``hybrid`` with every built-in backbone). Everything runs under ``torch.inference_mode()``
+(:func:`hybridssm.bench.bench_steps`):
+
+* step ms: ``model.step(x_t, state, inplace=True)`` at batch 1, from a state that has seen 60
+  frames; the models interleaved in ``--rounds`` rounds of ``--steps / --rounds`` steps, medians.
+* bar ms: parameter bytes + the attention cache bytes actually attended, over the single-thread
+  memory read rate measured in the same run; step / bar.
+* window ms: re-running the 60-frame window, ``model(x)`` (the seeds' alternative to a state);
+  window / step.
+* frames/s at B = 16, 64, 256 streams (a random 1/60 of rows reset each step, as episodes end),
+  with its fraction of the GEMM ceiling (matmul FLOPs per frame x frames/s / the measured GEMM rate).
+
+With ``--against SRC`` only the batch-1 step is measured, in subprocesses alternating between this
+checkout's ``src`` and ``SRC`` (``--repeats`` times each; both use this checkout's harness), and the
+table gives each side's median over its runs and the ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -27,8 +40,18 @@ HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
 
 
-def measure(only: set[str] | None, steps: int, rounds: int, threads: int) -> dict[str, float]:
-    """Median µs per step of each model, interleaved (runs in whatever ``hybridssm`` is imported)."""
+def _harness():
+    """This checkout's ``hybridssm/bench.py``, whichever ``hybridssm`` is imported (``--against``
+    runs it over another checkout's models)."""
+    spec = importlib.util.spec_from_file_location("_bench_harness", SRC / "hybridssm" / "bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def build_models(only: set[str] | None, quick: bool = False) -> dict:
+    """``label -> model`` (eval mode) of bench_models.py's step table (``quick``: its tiny sizes)."""
     import torch
 
     sys.path.insert(0, str(HERE))
@@ -36,31 +59,29 @@ def measure(only: set[str] | None, steps: int, rounds: int, threads: int) -> dic
 
     import hybridssm as hs
 
-    torch.set_num_threads(threads)
-    plan = bm.make_plan(False)
+    plan = bm.make_plan(quick)
     specs = [(m, m, bm.model_options(m, plan)) for m in bm.MODELS if bm.keep(only, m, m)]
     specs += [(f"hybrid[{bb}]", "hybrid", bm.model_options("hybrid", plan, backbone=bb))
               for bb in bm.builtin_backbones() if bm.keep(only, "hybrid", f"hybrid[{bb}]")]
-    runs = {}
-    with torch.no_grad():
-        for label, name, opts in specs:
-            torch.manual_seed(0)
-            model = hs.build(name, **opts).eval()
-            state = model.init_state(1)
-            x = torch.randn(1, model.config.embed_dim)
-            for _ in range(20):
-                model.step(x, state, inplace=True)
-            runs[label] = (model, state, x)
-        samples: dict[str, list[float]] = {k: [] for k in runs}
-        per_round = max(1, steps // rounds)
-        for _ in range(rounds):
-            for label, (model, state, x) in runs.items():
-                ts = samples[label]
-                for _ in range(per_round):
-                    t0 = time.perf_counter()
-                    model.step(x, state, inplace=True)
-                    ts.append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1e6 for k, v in samples.items()}
+    models = {}
+    for label, name, opts in specs:
+        torch.manual_seed(0)
+        models[label] = hs.build(name, **opts).eval()
+    return models
+
+
+def measure(args, batches: tuple[int, ...], window: bool) -> tuple[list[dict], dict]:
+    import torch
+
+    bench = _harness()
+    torch.set_num_threads(args.threads)
+    models = build_models(set(args.only.split(",")) if args.only else None, args.quick)
+    rates = bench.machine_rates(seconds=0.05 if args.quick else 0.5)
+    quick = dict(warmup=1, max_time=0.05, max_iters=2) if args.quick else {}
+    settings = bench.BenchSettings(**quick)
+    plan = bench.StepBench(steps=args.steps, rounds=args.rounds, window=window, batches=batches,
+                           warmup=2 if args.quick else 20, settings=settings)
+    return bench.bench_steps(models, rates, plan), rates
 
 
 def _child(src: Path, args) -> dict[str, float]:
@@ -74,23 +95,25 @@ def _child(src: Path, args) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", help="comma list of model names or labels (hybrid[gru]), as bench_models.py")
-    p.add_argument("--steps", type=int, default=300, help="steps per model (per run)")
-    p.add_argument("--rounds", type=int, default=5, help="interleaving rounds per run")
+    p.add_argument("--steps", type=int, default=1000, help="batch-1 steps per model")
+    p.add_argument("--rounds", type=int, default=5, help="interleaving rounds of the batch-1 steps")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--against", help="another checkout's src directory to compare with (A/B)")
+    p.add_argument("--quick", action="store_true", help="smoke test: tiny models, few iterations")
+    p.add_argument("--batches", default="16,64,256", help="stream counts (comma list; '' for none)")
+    p.add_argument("--out", help="write the markdown table (with its header) to this file")
+    p.add_argument("--json", help="write the rows and the machine's rates as JSON to this file")
+    p.add_argument("--against", help="another checkout's src directory to compare the step with (A/B)")
     p.add_argument("--repeats", type=int, default=3, help="runs per side with --against")
     p.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    only = set(args.only.split(",")) if args.only else None
     if args._child:
-        print(json.dumps(measure(only, args.steps, args.rounds, args.threads)))
+        rows, _ = measure(args, (), window=False)
+        print(json.dumps({r["model"]: r["step_ms"] for r in rows}))
         return ""
-    head = [f"# batch-1 step latency (µs, median; {args.threads} thread(s), {args.steps} steps per model "
-            f"per run, models interleaved in {args.rounds} rounds)", ""]
-    if not args.against:
-        res = measure(only, args.steps, args.rounds, args.threads)
-        lines = head + ["| model | step µs |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in res.items()]
-    else:
+    import torch
+
+    t0 = time.time()
+    if args.against:
         other = Path(args.against).resolve()
         mine: dict[str, list[float]] = {}
         theirs: dict[str, list[float]] = {}
@@ -98,13 +121,42 @@ def main(argv: list[str] | None = None) -> str:
             for src, acc in ((other, theirs), (SRC, mine)):
                 for k, v in _child(src, args).items():
                     acc.setdefault(k, []).append(v)
-        lines = head + [f"A = {other}, B = {SRC}; each cell: the median over {args.repeats} runs "
-                        "(alternating A, B)", "", "| model | A µs | B µs | A / B |", "|---|---|---|---|"]
+        lines = [f"# batch-1 step ms (median; {args.threads} thread(s), {args.steps} steps per model "
+                 "per run)",
+                 "", f"A = {other}, B = {SRC}; each cell: the median over {args.repeats} runs "
+                 "(alternating A, B)", "", "| model | A ms | B ms | A / B |", "|---|---|---|---|"]
         for k in theirs:
             a, b = statistics.median(theirs[k]), statistics.median(mine.get(k, [float("nan")]))
-            lines.append(f"| {k} | {a:.0f} | {b:.0f} | {a / b:.2f}x |")
-    text = "\n".join(lines)
+            lines.append(f"| {k} | {a:.3f} | {b:.3f} | {a / b:.2f}x |")
+        text = "\n".join(lines)
+        print(text)
+        return text
+    batches = tuple(int(b) for b in args.batches.split(",") if b)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    rows, rates = measure(args, batches, window=True)
+    bench = _harness()
+    head = [
+        f"{platform.processor() or platform.machine()}; torch {torch.__version__}; threads {args.threads}; "
+        f"measured: single-thread read {rates['read_gbs']:.1f} GB/s, fp32 GEMM {rates['gemm_gflops']:.1f} "
+        f"GFLOP/s; load average at start {load:.1f}",
+        "",
+        f"Step: batch 1, inplace, under inference_mode, median of {args.steps} steps ({args.rounds} "
+        "interleaved rounds) from a state that has seen 60 frames. Bar: (parameter bytes + attended "
+        "attention cache bytes) / read rate. Window: re-running the 60-frame window, model(x), median. "
+        "Streams: step(x, state, reset=done, inplace=True) with a random 1/60 of rows reset per step; "
+        "(of GEMM) = matmul FLOPs per frame x frames/s / GEMM rate.",
+        "",
+        "",
+    ]
+    text = "\n".join(head) + bench.format_step_table(rows, batches) + f"\n\nTotal {time.time() - t0:.0f} s."
     print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        record = {"rates": rates, "threads": args.threads, "rows": rows}
+        Path(args.json).write_text(json.dumps(record, indent=1))
     return text
 
 

@@ -31,7 +31,7 @@ def test_forced_gate_selects_one_path(name, gate_value):
     block.fusion.gate.bias.fill_(1e4 if gate_value == 1.0 else -1e4)  # sigmoid saturates exactly
     x = torch.randn(2, 7, 16)
     if name == "hymba":  # the attention path needs its meta tokens in front
-        x = torch.cat([model.meta.expand(2, -1, -1), x], 1)
+        x = torch.cat([model.meta_embedding.expand(2, -1, -1), x], 1)
     y, _ = block(x)
     h = block.norm(x)
     fusion = block.fusion
@@ -134,7 +134,7 @@ def test_changing_a_meta_token_changes_every_output():
     model = _model("hymba")
     x = torch.randn(2, 9, 5)
     before = model(x, return_sequence=True)
-    model.meta[1, 3] += 0.5
+    model.meta_embedding[1, 3] += 0.5
     after = model(x, return_sequence=True)
     assert ((after - before).abs().amax(-1) > 1e-6).all()
     # init_state follows the parameter change (its cache is invalidated)
@@ -184,7 +184,7 @@ def test_outputs_never_include_meta_positions():
 @torch.no_grad()
 def test_kv_meta_tokens_equal_attention_over_memory_and_causal_keys():
     model = _model("hymba", meta_tokens="kv", num_meta_tokens=3)
-    assert model.meta is None
+    assert model.meta_embedding is None
     attn = model.blocks[0].attn
     x = torch.randn(2, 6, 16)
     y, _ = attn(x)
@@ -218,4 +218,4 @@ def test_hymba_init_state_gradient_reaches_meta_tokens():
     x = torch.randn(2, 5, 5)
     y, _ = model(x, return_state=True)  # through init_state: must not use a cached, detached state
     (y * torch.randn_like(y)).sum().backward()
-    assert model.meta.grad is not None and model.meta.grad.abs().sum() > 0
+    assert model.meta_embedding.grad is not None and model.meta_embedding.grad.abs().sum() > 0

@@ -6,6 +6,7 @@
 from hybridssm.backbones import list_backbones, register_backbone
 from hybridssm.blocks import ParallelBlock, ParallelState, ResidualBlock
 from hybridssm.config import ModelConfig
+from hybridssm.export import export_step, forward_program, step_program
 from hybridssm.mixers import (
     AttentionMixer,
     CausalConv1d,
@@ -92,6 +93,8 @@ __all__ = [
     "TransformerConfig",
     "build",
     "build_layer",
+    "export_step",
+    "forward_program",
     "get_config_class",
     "kernels",
     "layer_pattern",
@@ -104,5 +107,6 @@ __all__ = [
     "register_backbone",
     "register_model",
     "register_task",
+    "step_program",
     "use_kernels",
 ]

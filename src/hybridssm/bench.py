@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hybridssm.ops._kernels import use_kernels
 from hybridssm.registry import build
 
 __all__ = [
@@ -46,7 +47,15 @@ __all__ = [
     "format_table",
     "workloads",
     "matmul_flops",
+    "read_rate",
+    "param_bytes",
+    "attended_cache_bytes",
+    "StepBench",
+    "bench_steps",
+    "format_step_table",
     "SHAPES",
+    "STREAM_BATCHES",
+    "WINDOW",
 ]
 
 # DESIGN §5: the seeds' real-time case and the long shapes (8,192 tokens per batch).
@@ -253,8 +262,26 @@ def peak_memory(model_name: str, options: Mapping[str, Any], shape: tuple[int, i
 
 
 # -- machine ceilings -----------------------------------------------------------------------------
+def read_rate(seconds: float = 0.5, mib: int = 128) -> float:
+    """Single-thread memory read rate (GB/s): ``sum`` of an fp32 buffer larger than the caches, on
+    one torch thread (the rate a batch-1 step that reads each weight once can reach)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        buf = torch.ones(mib * 2**20 // 4)
+        buf.sum()
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            buf.sum()
+            n += 1
+        return buf.numel() * 4 * n / (time.perf_counter() - t0) / 1e9
+    finally:
+        torch.set_num_threads(threads)
+
+
 def machine_rates(device: torch.device | str = "cpu", seconds: float = 0.5) -> dict[str, float]:
-    """Measured fp32 GEMM rate (GFLOP/s, 512^3) and ``exp`` rate (G elements/s, 4M elements)."""
+    """Measured fp32 GEMM rate (GFLOP/s, 512^3), ``exp`` rate (G elements/s, 4M elements) and,
+    on CPU, the single-thread memory read rate (``read_gbs``, :func:`read_rate`)."""
     device = torch.device(device)
     a = torch.randn(512, 512, device=device)
     v = torch.randn(1 << 22, device=device)
@@ -269,7 +296,10 @@ def machine_rates(device: torch.device | str = "cpu", seconds: float = 0.5) -> d
         _sync(device)
         return work * n / (time.perf_counter() - t0) / 1e9
 
-    return {"gemm_gflops": rate(lambda: a @ a, 2 * 512**3), "exp_gelems": rate(lambda: v.exp(), v.numel())}
+    out = {"gemm_gflops": rate(lambda: a @ a, 2 * 512**3), "exp_gelems": rate(lambda: v.exp(), v.numel())}
+    if device.type == "cpu":
+        out["read_gbs"] = read_rate(seconds)
+    return out
 
 
 # -- one model beside its baseline ----------------------------------------------------------------
@@ -374,6 +404,159 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{_fmt(r.get('ratio'), '.2f')} | {_fmt(r['fwd_tok_s'], ',.0f')} | "
             f"{_fmt(r['step_ms'], '.3f')} | {_fmt(r['window_ms'], '.3f')} | {_fmt(r['peak_mib'], '.1f')} |"
         )
+    return "\n".join(lines)
+
+
+# -- streaming steps (benchmarks/bench_step.py) -----------------------------------------------------
+WINDOW = 60  # the seeds' real-time window (frames)
+STREAM_BATCHES = (16, 64, 256)
+
+
+def param_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter: what a batch-1 step reads at least once."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def attended_cache_bytes(state: Any) -> int:
+    """Bytes of attention keys and values the next step attends: per attention layer, the filled
+    slots (prefix tokens and the new key included), at most the buffer (a full ring when the
+    window slides), at the furthest row's position."""
+    from hybridssm.mixers.attention import AttentionState
+
+    total, todo = 0, [state]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, AttentionState):
+            slots = node.k.shape[2]
+            filled = min(int(node.pos.max()) + 1, slots)
+            total += sum(t.numel() // slots * filled * t.element_size() for t in (node.k, node.v))
+        elif isinstance(node, tuple) and not isinstance(node, Tensor):
+            todo.extend(node)
+    return total
+
+
+def _restore(state: Any, saved: Any) -> None:
+    for a, b in zip(torch.utils._pytree.tree_leaves(state), torch.utils._pytree.tree_leaves(saved)):
+        a.copy_(b)
+
+
+def _prefilled(model: nn.Module, batch: int, max_len: int | None) -> Any:
+    """The state after ``WINDOW`` random frames (the seeds' real-time case: a window of history)."""
+    p = next(model.parameters())
+    x = torch.randn(batch, WINDOW, model.config.embed_dim, device=p.device, dtype=p.dtype)
+    return model(x, return_state=True, max_len=max_len)[1]
+
+
+@dataclass
+class StepBench:
+    """What :func:`bench_steps` measures. ``steps`` batch-1 steps per model, in ``rounds``
+    interleaved rounds (each round restarts from the prefilled state, so that full attention's
+    span stays near ``WINDOW``); the window and stream timings follow ``settings`` (2 warm-ups,
+    then until ``max_time`` s or ``max_iters``, medians, models interleaved)."""
+
+    steps: int = 1000
+    rounds: int = 5
+    warmup: int = 20
+    window: bool = True
+    batches: tuple[int, ...] = STREAM_BATCHES
+    settings: BenchSettings = field(default_factory=BenchSettings)
+
+
+def _latencies(models: Mapping[str, nn.Module], plan: StepBench) -> dict[str, dict[str, float]]:
+    """Median seconds of ``step(x_t, state, inplace=True)`` at batch 1 and the mean attended cache
+    bytes over the timed positions, models interleaved round by round."""
+    runs = {}
+    for label, model in models.items():
+        state = _prefilled(model, 1, None)  # the default capacity: what a user streams with
+        saved = state.clone()
+        p = next(model.parameters())
+        x = torch.randn(1, model.config.embed_dim, device=p.device, dtype=p.dtype)
+        for _ in range(plan.warmup):
+            model.step(x, state, inplace=True)
+        runs[label] = (model, state, saved, x, [], [])
+    per_round = max(1, plan.steps // plan.rounds)
+    for _ in range(plan.rounds):
+        for model, state, saved, x, times, cache in runs.values():
+            _restore(state, saved)
+            cache.append(attended_cache_bytes(state))
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                model.step(x, state, inplace=True)
+                _sync(x.device)
+                times.append(time.perf_counter() - t0)
+            cache.append(attended_cache_bytes(state))
+    return {k: {"step_s": statistics.median(r[4]), "cache_bytes": statistics.mean(r[5])}
+            for k, r in runs.items()}
+
+
+def _streams(models: Mapping[str, nn.Module], batch: int, plan: StepBench) -> dict[str, dict[str, float]]:
+    """Frames/s of ``step(x, state, reset=done, inplace=True)`` at ``batch`` streams, a random
+    1/``WINDOW`` of rows ending their episode each step, and the matmul FLOPs per frame."""
+    s = plan.settings
+    cap = WINDOW + s.warmup + s.max_iters + 1  # the most steps a row can take here
+    fns, flops = {}, {}
+    for label, model in models.items():
+        state = _prefilled(model, batch, cap)
+        p = next(model.parameters())
+        x = torch.randn(batch, model.config.embed_dim, device=p.device, dtype=p.dtype)
+        dones = iter(torch.rand(s.warmup + s.max_iters, batch, device=p.device) < 1 / WINDOW)
+        fns[label] = lambda m=model, x=x, st=state, d=dones: m.step(x, st, reset=next(d), inplace=True)
+        # counted on the PyTorch forms: fused kernels are opaque to the counter, and do the same products
+        with use_kernels("torch"):
+            flops[label] = matmul_flops(lambda m=model, x=x, st=state: m.step(x, st)) / batch
+    times = time_interleaved(fns, s, next(iter(models.values())).final_norm.weight.device)
+    return {k: {"fps": batch / times[k], "flops_per_frame": flops[k]} for k in models}
+
+
+@torch.inference_mode()
+def bench_steps(models: Mapping[str, nn.Module], rates: Mapping[str, float],
+                plan: StepBench | None = None) -> list[dict[str, Any]]:
+    """One row per model (``label -> model``, in eval mode): batch-1 step ms beside its bar
+    (parameter bytes + attended cache bytes over ``rates["read_gbs"]``), re-running the
+    ``WINDOW``-frame window, and frames/s of many streams with their fraction of the GEMM ceiling
+    (matmul FLOPs per frame x frames/s over ``rates["gemm_gflops"]``). Every ratio is computed
+    from the measured values in the row."""
+    plan = plan or StepBench()
+    lat = _latencies(models, plan)
+    windows: dict[str, float] = {}
+    if plan.window:
+        xs = {k: torch.randn(1, WINDOW, m.config.embed_dim, device=m.final_norm.weight.device)
+              for k, m in models.items()}
+        windows = time_interleaved({k: (lambda m=m, x=xs[k]: m(x)) for k, m in models.items()},
+                                   plan.settings, next(iter(xs.values())).device)
+    streams = {b: _streams(models, b, plan) for b in plan.batches}
+    rows = []
+    for label, model in models.items():
+        weights = param_bytes(model)
+        bar = (weights + lat[label]["cache_bytes"]) / (rates["read_gbs"] * 1e9)
+        row: dict[str, Any] = {
+            "model": label, "weights_mb": weights / 1e6, "cache_mb": lat[label]["cache_bytes"] / 1e6,
+            "bar_ms": bar * 1e3, "step_ms": lat[label]["step_s"] * 1e3,
+        }
+        row["step_bar"] = row["step_ms"] / row["bar_ms"]
+        row["window_ms"] = windows[label] * 1e3 if label in windows else None
+        row["window_step"] = None if row["window_ms"] is None else row["window_ms"] / row["step_ms"]
+        for b in plan.batches:
+            st = streams[b][label]
+            row[f"fps_{b}"] = st["fps"]
+            row[f"flops_{b}"] = st["flops_per_frame"]
+            row[f"gemm_{b}"] = st["flops_per_frame"] * st["fps"] / (rates["gemm_gflops"] * 1e9)
+        rows.append(row)
+    return rows
+
+
+def format_step_table(rows: list[dict[str, Any]], batches: tuple[int, ...] = STREAM_BATCHES) -> str:
+    """A markdown table of :func:`bench_steps` rows."""
+    head = ["model", "weights MB", "bar ms", "step ms (B=1)", "step / bar", f"window ms ({WINDOW} frames)",
+            "window / step"] + [f"frames/s B={b} (of GEMM)" for b in batches]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["model"], _fmt(r["weights_mb"], ".1f"), _fmt(r["bar_ms"], ".3f"),
+                 _fmt(r["step_ms"], ".3f"),
+                 _fmt(r["step_bar"], ".1f") + "x", _fmt(r["window_ms"], ".2f"),
+                 "—" if r["window_step"] is None else _fmt(r["window_step"], ".1f") + "x"]
+        cells += [f"{r[f'fps_{b}']:,.0f} ({r[f'gemm_{b}']:.0%})" for b in batches]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-__all__ = ["ModelState", "map_state"]
+__all__ = ["ModelState", "map_state", "register_state_types"]
 
 
 def map_state(fn, state: Any) -> Any:
@@ -51,3 +51,28 @@ class ModelState(NamedTuple):
     @property
     def batch_size(self) -> int:
         return self.pos.shape[0]
+
+
+def _is_namedtuple_type(cls: type) -> bool:
+    return issubclass(cls, tuple) and hasattr(cls, "_fields")
+
+
+def register_state_types(state: Any) -> None:
+    """Give every NamedTuple type in ``state`` (per-layer states, custom backbones' too) a
+    serialized pytree name, ``module.QualName``, unless it has one.
+
+    ``torch.export`` flattens NamedTuples without this, but writing an exported program's tree
+    spec (AOTInductor packages, ``torch.export.save``) needs a name for each type. Called by
+    :mod:`hybridssm.export`; call it before exporting your own function of a state."""
+    todo = [state]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, Tensor) or not isinstance(node, tuple):
+            continue
+        cls = type(node)
+        if _is_namedtuple_type(cls) and cls not in pytree.SUPPORTED_NODES:
+            pytree._register_namedtuple(cls, serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
+        todo.extend(node)
+
+
+pytree._register_namedtuple(ModelState, serialized_type_name="hybridssm.state.ModelState")

@@ -112,16 +112,30 @@ class HymbaConfig(ModelConfig):
         return self.global_layers is None or layer in self.global_layers
 
 
+# Weights saved under an older name -> their name now (read by `hs.load` and `load_state_dict`).
+RENAMED_WEIGHTS = {"meta": "meta_embedding"}
+
+
+def _rename_old_weights(state_dict, prefix, *_args) -> None:
+    for old, new in RENAMED_WEIGHTS.items():
+        if prefix + old in state_dict and prefix + new not in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)
+
+
 @register_model("hymba", HymbaConfig)
 class Hymba(SequenceModel):
     """Parallel Mamba + attention blocks with learnable meta tokens; see the module docstring."""
+
+    renamed_weights: ClassVar[dict[str, str]] = RENAMED_WEIGHTS
 
     def __init__(self, config: HymbaConfig) -> None:
         super().__init__(config)
         M = config.num_meta_tokens if config.meta_tokens == "sequence" else 0
         self.num_prefix = M
-        # Small random init, like token embeddings (the paper learns them from scratch).
-        self.meta = nn.Parameter(torch.randn(M, config.hidden_size) * 0.02) if M else None
+        # Small random init, like token embeddings (the paper learns them from scratch). Not named
+        # `meta`, a name torch uses internally and which collided with it under export.
+        self.meta_embedding = nn.Parameter(torch.randn(M, config.hidden_size) * 0.02) if M else None
+        self._register_load_state_dict_pre_hook(_rename_old_weights)
 
     def build_blocks(self, c: HymbaConfig) -> list[nn.Module]:
         d = c.hidden_size
@@ -147,11 +161,11 @@ class Hymba(SequenceModel):
         ]
 
     def _run_blocks(self, h: Tensor, layer_states, lengths, inplace):
-        if layer_states is not None or self.meta is None:
+        if layer_states is not None or self.meta_embedding is None:
             return super()._run_blocks(h, layer_states, lengths, inplace)
         # No state: the meta tokens lead the sequence (the training path), then are dropped.
         M = self.num_prefix
-        meta = self.meta.to(h.dtype).unsqueeze(0).expand(h.shape[0], -1, -1)
+        meta = self.meta_embedding.to(h.dtype).unsqueeze(0).expand(h.shape[0], -1, -1)
         lengths = None if lengths is None else lengths + M
         out, states = super()._run_blocks(torch.cat([meta, h], 1), None, lengths, inplace)
         return out[:, M:], states
@@ -164,7 +178,7 @@ class Hymba(SequenceModel):
         ``step(reset=...)`` only when some row restarts. The meta tokens run in the model's dtype;
         the state's buffers take the dtypes asked for (``dtype``, as :meth:`SequenceModel.init_state`)."""
         zero = super().init_state(batch_size, device=device, dtype=dtype, max_len=max_len)
-        if self.meta is None:
+        if self.meta_embedding is None:
             return zero
         one = self._prefill_meta(device=zero.pos.device, max_len=max_len)
         layers = pytree.tree_map(
@@ -175,6 +189,6 @@ class Hymba(SequenceModel):
 
     def _prefill_meta(self, *, device, max_len) -> tuple:
         zero = super().init_state(1, device=device, max_len=max_len)
-        meta = self.meta.to(device=device, dtype=self._compute_dtype()).unsqueeze(0)
+        meta = self.meta_embedding.to(device=device, dtype=self._compute_dtype()).unsqueeze(0)
         _, layers = super()._run_blocks(meta, zero.layers, None, False)
         return tuple(layers)

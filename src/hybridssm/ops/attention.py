@@ -363,7 +363,9 @@ def cache_slot_positions(
     last = pos.unsqueeze(1) - 1
     ring = last - (last - s).remainder(window)  # latest p <= last with p = s (mod W)
     is_prefix = s < num_prefix
-    return torch.where(is_prefix, s, ring), torch.where(is_prefix, s <= last, ring >= num_prefix)
+    # the mask as logic, not a where over bools (onnxruntime has no bool Where)
+    filled = (is_prefix & (s <= last)) | (~is_prefix & (ring >= num_prefix))
+    return torch.where(is_prefix, s, ring), filled
 
 
 def _cache_write(
