@@ -169,7 +169,7 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
         if not f.is_file():
             raise FileNotFoundError(f"{f} not found: expected a directory written by save_pretrained")
     saved = read_config(cfg_path)
-    found = read_header(w_path)
+    found = {saved.current_name(k): v for k, v in read_header(w_path).items()}
     expected = _expected_tensors(saved, found, w_path, cfg_path)
     check_weights(found, expected, w_path, cfg_path)
 
@@ -178,7 +178,7 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
 
     model = saved.build().to(saved.dtype)
     try:
-        tensors = load_file(str(w_path), device="cpu")
+        tensors = {saved.current_name(k): v for k, v in load_file(str(w_path), device="cpu").items()}
     except (SafetensorError, OSError, RuntimeError) as exc:  # e.g. truncated since the check
         raise ValueError(f"{w_path} is corrupted or unreadable: {exc}") from None
     model.load_state_dict(tensors)
@@ -194,6 +194,14 @@ class SavedConfig(NamedTuple):
     name: str
     config: Any
     dtype: torch.dtype
+    #: old weight name -> new, for files written before a weight was renamed
+    renamed: Mapping[str, str]
+
+    def current_name(self, key: str) -> str:
+        """``key`` as the model names it now (``meta`` -> ``meta_embedding``, also under a prefix)."""
+        head, _, last = key.rpartition(".")
+        new = self.renamed.get(last)
+        return key if new is None else (f"{head}.{new}" if head else new)
 
 
 def read_config(cfg_path: Path) -> SavedConfig:
@@ -246,9 +254,10 @@ def read_config(cfg_path: Path) -> SavedConfig:
     except (TypeError, ValueError, AttributeError, KeyError) as exc:
         # the config's own message names the option, the value and what is allowed
         raise ValueError(f"{cfg_path}: invalid options for model {name!r}: {exc}") from None
+    renamed = dict(getattr(model_class, "renamed_weights", {}))
     task_spec = meta.get("task_model")
     if task_spec is None:
-        return SavedConfig(lambda: model_class(config), name, config, _FLOAT_DTYPES[dtype_name])
+        return SavedConfig(lambda: model_class(config), name, config, _FLOAT_DTYPES[dtype_name], renamed)
     from hybridssm.tasks.model import TaskModel
 
     try:
@@ -256,7 +265,7 @@ def read_config(cfg_path: Path) -> SavedConfig:
     except ValueError as exc:
         raise bad(str(exc)) from None
     return SavedConfig(lambda: TaskModel.around(model_class(config), task_spec), name, config,
-                       _FLOAT_DTYPES[dtype_name])
+                       _FLOAT_DTYPES[dtype_name], renamed)
 
 
 def read_header(w_path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
