@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from hybridssm.layers import LayerNorm, RMSNorm
+from hybridssm.layers import LayerNorm, RMSNorm, make_norm
 from hybridssm.mixers.base import check_mixer_state, finish_state
 
 __all__ = ["ResidualBlock", "ParallelBlock", "ParallelState", "GateFusion", "MeanFusion"]
@@ -37,30 +37,51 @@ def call_mixer(
 
 
 class _FFNSublayer(nn.Module):
-    def __init__(self, ffn: nn.Module, dim: int, pre_norm: bool) -> None:
+    def __init__(
+        self, ffn: nn.Module, dim: int, pre_norm: bool, dropout: float = 0.0,
+        norm: nn.Module | None = None,
+    ) -> None:
         super().__init__()
-        self.norm, self.ffn, self.pre_norm = LayerNorm(dim), ffn, pre_norm
+        self.norm, self.ffn, self.pre_norm = norm if norm is not None else LayerNorm(dim), ffn, pre_norm
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+
+    def _drop(self, y: Tensor) -> Tensor:
+        return self.dropout(y) if self.dropout is not None else y
 
     def forward(self, x: Tensor) -> Tensor:
         if self.pre_norm:
-            return x + self.ffn(self.norm(x))
-        return self.norm(x + self.ffn(x))
+            return x + self._drop(self.ffn(self.norm(x)))
+        return self.norm(x + self._drop(self.ffn(x)))
 
 
 class ResidualBlock(nn.Module):
-    """``x + mixer(norm(x))`` (+ ``x + ffn(norm(x))`` when ``ffn`` is given)."""
+    """``x + drop(mixer(norm(x)))`` (+ ``x + drop(ffn(norm(x)))`` when ``ffn`` is given).
+
+    Args:
+        mixer, dim: the sequence mixer and the stream width.
+        ffn: the position-wise network of the second sublayer, or None.
+        pre_norm: norms before the sublayers (True) or after the residual adds (False).
+        dropout: applied to the mixer's and the FFN's outputs before each residual add (the seed
+            hybrid's layers); 0 adds no module.
+        norm: ``"layernorm"`` or ``"rmsnorm"``; ``norm_eps`` its epsilon (None: the norm's default).
+    """
 
     def __init__(
-        self, mixer: nn.Module, dim: int, *, ffn: nn.Module | None = None, pre_norm: bool = True
+        self, mixer: nn.Module, dim: int, *, ffn: nn.Module | None = None, pre_norm: bool = True,
+        dropout: float = 0.0, norm: str = "layernorm", norm_eps: float | None = None,
     ) -> None:
         super().__init__()
         # A mixer that normalises its own input (RWKV's layer holds both of its norms, since its
         # channel-mix needs the raw stream) gets no second pre-norm.
         owns_norm = pre_norm and getattr(mixer, "owns_norm", False)
-        self.norm = nn.Identity() if owns_norm else LayerNorm(dim)
+        self.norm = nn.Identity() if owns_norm else make_norm(norm, dim, norm_eps)
         self.mixer = mixer
         self.pre_norm = pre_norm
-        self.ffn = _FFNSublayer(ffn, dim, pre_norm) if ffn is not None else None
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.ffn = (
+            _FFNSublayer(ffn, dim, pre_norm, dropout, make_norm(norm, dim, norm_eps))
+            if ffn is not None else None
+        )
         self._inplace_ok = _accepts_inplace(mixer)
 
     def forward(
@@ -68,6 +89,8 @@ class ResidualBlock(nn.Module):
     ) -> tuple[Tensor, Any]:
         h = self.norm(x) if self.pre_norm else x
         y, state = call_mixer(self.mixer, self._inplace_ok, h, state, lengths, inplace)
+        if self.dropout is not None:
+            y = self.dropout(y)
         x = x + y if self.pre_norm else self.norm(x + y)
         if self.ffn is not None:
             x = self.ffn(x)
@@ -87,6 +110,8 @@ class ResidualBlock(nn.Module):
         fn = getattr(m["mixer"], "fused_step_weights", None)
         norm = m["norm"]
         if fn is None or not self.pre_norm or self.ffn is not None or type(norm) is not LayerNorm:
+            return None
+        if self.training and self.dropout is not None:  # the fused step has no dropout
             return None
         spec = fn(dtype)
         if spec is None:
@@ -169,12 +194,17 @@ class ParallelBlock(nn.Module):
         fusion: nn.Module,
         ffn: nn.Module | None = None,
         pre_norm: bool = True,
+        norm: str = "layernorm",
+        norm_eps: float | None = None,
     ) -> None:
         super().__init__()
-        self.norm = LayerNorm(dim)
+        self.norm = make_norm(norm, dim, norm_eps)
         self.ssm, self.attn, self.fusion = ssm, attn, fusion
         self.pre_norm = pre_norm
-        self.ffn = _FFNSublayer(ffn, dim, pre_norm) if ffn is not None else None
+        self.ffn = (
+            _FFNSublayer(ffn, dim, pre_norm, norm=make_norm(norm, dim, norm_eps))
+            if ffn is not None else None
+        )
         self._inplace_ok = (_accepts_inplace(ssm), _accepts_inplace(attn))
 
     def forward(

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hybridssm.config import check_bool, check_positive
+from hybridssm.checks import check_bool, check_positive
 from hybridssm.layers import RMSNorm, mark_fp32_no_decay
 from hybridssm.mixers.base import Mixer, finish_state, state_dtype, valid_mask
 from hybridssm.ops.conv import causal_conv1d

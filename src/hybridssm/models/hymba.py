@@ -142,6 +142,8 @@ class Hymba(SequenceModel):
                 d,
                 fusion=FUSIONS[c.fusion](d, normalize=c.fusion_norm),
                 ffn=FFN(d, 4),
+                norm=c.norm,
+                norm_eps=c.norm_eps,
             )
             for i in range(c.num_layers)
         ]
@@ -156,7 +158,7 @@ class Hymba(SequenceModel):
         out, states = super()._run_blocks(torch.cat([meta, h], 1), None, lengths, inplace)
         return out[:, M:], states
 
-    def init_state(self, batch_size: int, *, device=None, dtype=None, max_len=None) -> ModelState:
+    def init_state(self, batch_size: int = 1, *, device=None, dtype=None, max_len=None) -> ModelState:
         """The state after the meta tokens (``pos`` = 0): it depends only on the parameters."""
         zero = super().init_state(batch_size, device=device, dtype=dtype, max_len=max_len)
         if self.meta is None:

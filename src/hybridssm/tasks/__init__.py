@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hybridssm.config import suggest
+from hybridssm.checks import suggest
 from hybridssm.tasks.base import IGNORE, Task, derive_seed
 from hybridssm.tasks.model import TaskModel
 from hybridssm.tasks.mqar import MQAR
