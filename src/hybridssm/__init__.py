@@ -6,6 +6,7 @@
 from hybridssm.backbones import list_backbones, register_backbone
 from hybridssm.blocks import ParallelBlock, ParallelState, ResidualBlock
 from hybridssm.config import ModelConfig
+from hybridssm.convert import from_transformers
 from hybridssm.mixers import (
     AttentionMixer,
     CausalConv1d,
@@ -56,6 +57,7 @@ from hybridssm.state import ModelState
 __version__ = "0.1.0"
 
 __all__ = [
+    "from_transformers",
     "AttentionMixer",
     "CausalConv1d",
     "DeltaNetMixer",

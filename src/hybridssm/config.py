@@ -21,6 +21,7 @@ from hybridssm.checks import (
     check_positive,
     check_positive_float,
     check_probability,
+    suggest,
     unknown_option_error,
 )
 from hybridssm.layers import FFN_ACTIVATIONS, NORMS, POSITIONAL, check_dt_range
@@ -36,6 +37,9 @@ __all__ = [
     "check_probability",
     "check_choice",
     "check_bool",
+    "check_optional_positive",
+    "check_positive_float",
+    "suggest",
     "unknown_option_error",
 ]
 

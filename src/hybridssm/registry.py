@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from hybridssm.config import ModelConfig, suggest
+from hybridssm.checks import suggest
+from hybridssm.config import ModelConfig
 
 __all__ = [
     "register_model",
