@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hybridssm.checks import check_probability
+from hybridssm.checks import check_nonnegative, check_positive, check_probability
 from hybridssm.layers import LayerNorm, apply_rope, rope_cos_sin
 from hybridssm.mixers.base import Mixer, finish_state
 from hybridssm.ops.attention import IMPLS, attention, attention_cached
@@ -55,11 +55,6 @@ class AttentionState(NamedTuple):
     k: Tensor  # [B, H, P + S, Dh] keys (rotated when positional="rope")
     v: Tensor  # [B, H, P + S, Dh] values
     pos: Tensor  # [B] int64 tokens consumed by this layer (prefix tokens included)
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"option {name!r} must be an integer >= {minimum}, got {value!r}")
 
 
 class AttentionMixer(Mixer):
@@ -104,14 +99,14 @@ class AttentionMixer(Mixer):
         attention_dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        _check_int("hidden_size", hidden_size, 1)
-        _check_int("num_heads", num_heads, 1)
-        _check_int("head_dim", head_dim, 1)
+        check_positive("hidden_size", hidden_size)
+        check_positive("num_heads", num_heads)
+        check_positive("head_dim", head_dim)
         if window_size is not None:
-            _check_int("window_size", window_size, 1)
-        _check_int("chunk_size", chunk_size, 1)
-        _check_int("num_prefix", num_prefix, 0)
-        _check_int("num_memory_kv", num_memory_kv, 0)
+            check_positive("window_size", window_size)
+        check_positive("chunk_size", chunk_size)
+        check_nonnegative("num_prefix", num_prefix)
+        check_nonnegative("num_memory_kv", num_memory_kv)
         if positional not in POSITIONAL_IN_MIXER:
             raise ValueError(
                 f"option 'positional' of AttentionMixer must be one of "
@@ -122,7 +117,7 @@ class AttentionMixer(Mixer):
             raise ValueError(f"option 'impl' must be one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
         H, Dh = num_heads, head_dim
         Hk = H if num_kv_heads is None else num_kv_heads
-        _check_int("num_kv_heads", Hk, 1)
+        check_positive("num_kv_heads", Hk)
         if H % Hk:
             raise ValueError(f"option 'num_kv_heads' must divide num_heads={H}, got {num_kv_heads!r}")
         check_probability("attention_dropout", attention_dropout)
@@ -159,7 +154,7 @@ class AttentionMixer(Mixer):
             S = self.window_size
         else:
             S = DEFAULT_MAX_LEN if max_len is None else max_len
-            _check_int("max_len", S, 1)
+            check_positive("max_len", S)
         shape = (batch_size, self.num_kv_heads, self.num_prefix + S, self.head_dim)
         return AttentionState(
             k=torch.zeros(shape, device=device, dtype=dtype),

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hybridssm.checks import largest_divisor_at_most
 from hybridssm.layers import LayerNorm, mark_fp32_no_decay
 from hybridssm.mixers.base import Mixer, finish_state, state_dtype, valid_mask
 from hybridssm.ops.wkv import DEFAULT_CHUNK, wkv6
@@ -64,7 +65,7 @@ class RWKVState(NamedTuple):
 
 def default_head_dim(width: int) -> int:
     """The largest divisor of ``width`` that is at most 64 (64 when it divides, as RWKV-6)."""
-    return max(h for h in range(1, min(64, width) + 1) if width % h == 0)
+    return largest_divisor_at_most(width, 64)
 
 
 def _shifted(x: Tensor, last: Tensor) -> Tensor:
