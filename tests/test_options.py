@@ -12,6 +12,7 @@ import hybridssm as hs
 from helpers import assert_close
 from hybridssm.layers import FFN, LayerNorm, RMSNorm
 from hybridssm.mixers.attention import AttentionMixer
+from hybridssm.mixers.mamba import MambaMixer
 from hybridssm.mixers.mamba2 import GatedRMSNorm, Mamba2Mixer
 
 SMALL = dict(embed_dim=4, hidden_size=16, num_layers=1, dropout=0.0)
@@ -210,3 +211,12 @@ def test_ffn_multiplier_and_swiglu():
     with pytest.raises(ValueError, match="'ffn_activation' must be one of 'gelu', 'swiglu'; got 'relu'"):
         hs.build("hybrid", embed_dim=4, ffn_activation="relu")
     assert math.isclose(hs.HybridConfig(embed_dim=4).ffn_multiplier, 4)
+
+
+def test_hybrid_mamba_backbones_take_the_mamba_options_through_backbone_options():
+    model = hs.build("hybrid", **SMALL, num_heads=2, head_dim=8, attention_every=2,
+                     backbone_options={"dt_rank": 3, "proj_bias": True, "dt_init": "constant"})
+    m = model.blocks[0].mixer
+    assert isinstance(m, MambaMixer) and m.ssm.dt_rank == 3 and m.in_proj.bias is not None
+    with pytest.raises(ValueError, match="'dt_init' must be one of 'random', 'constant'"):
+        hs.build("hybrid", **SMALL, backbone_options={"dt_init": "zeros"})
