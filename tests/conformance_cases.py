@@ -37,11 +37,27 @@ LENGTHS = sorted({1, 2, CONV - 1, CONV, W, W + 1, CHUNK + 1, 2 * CHUNK + 3})
 DEFAULT_EMBED = 20  # != hidden_size, so the input projection is exercised
 
 # Extra tiny variants per model: options that switch code paths (sliding windows, global layers).
+# The options users of transformers / mamba_ssm expect, at non-default values, a few per case.
 VARIANTS: dict[str, list[dict[str, Any]]] = {
-    "hybrid": [dict(use_sliding_window=False)],
+    "hybrid": [
+        dict(use_sliding_window=False),
+        dict(num_kv_heads=1, positional="rope", rope_theta=500.0, ffn_activation="swiglu",
+             ffn_multiplier=2, attention_offset=0, norm="rmsnorm", norm_eps=1e-5),
+    ],
     "hymba": [dict(global_layers=(0,)), dict(meta_tokens="kv")],
-    "transformer": [dict(use_sliding_window=True)],
+    "transformer": [
+        dict(use_sliding_window=True),
+        dict(num_kv_heads=1, positional="seed_sinusoidal", norm="rmsnorm"),
+    ],
     "ss_transformer": [dict(ssm="mamba2")],
+    "mamba": [
+        dict(norm="rmsnorm", norm_eps=1e-5, dt_rank=3, dt_init="constant", conv_bias=False,
+             proj_bias=True),
+    ],
+    "mamba2": [
+        dict(norm="rmsnorm", D_has_hdim=True, norm_before_gate=True, dt_limit=(0.001, 0.2),
+             A_init_range=(2.0, 4.0), conv_bias=False, proj_bias=True),
+    ],
 }
 
 

@@ -35,6 +35,8 @@ def test_model_is_built_from_its_pattern(backbone):
         if kind == "attention":
             assert isinstance(block.mixer, hs.AttentionMixer) and block.ffn is not None
             assert block.mixer.window_size == 4  # use_sliding_window defaults on
+        elif backbone == "griffin_lru":  # the seed's Griffin layer includes its gated MLP
+            assert isinstance(block.ffn.ffn, FFN) and block.ffn.ffn.activation == "geglu"
         else:
             assert not isinstance(block.mixer, hs.AttentionMixer) and block.ffn is None
 
@@ -155,7 +157,8 @@ def test_unregistered_factory_works_in_memory_and_asks_to_register_on_save(tmp_p
         return EMAMixer(hidden_size, init_decay=init_decay)
 
     model = hs.build("hybrid", **TINY, num_layers=2, attention_every=2, backbone=factory)
-    assert model.layer_pattern == ["factory", "attention"]
+    assert model.layer_pattern == ["custom", "attention"]  # the seed's name for a custom backbone
+    assert hs.layer_pattern(3, 3, factory) == ["custom", "custom", "attention"]
     assert model(torch.randn(1, 3, 5)).shape == (1, 16)
     with pytest.raises(ValueError, match="register_backbone"):
         model.save_pretrained(tmp_path / "m")
@@ -167,3 +170,109 @@ def test_builtin_backbones_cannot_be_replaced():
         hs.register_backbone("mamba", EMAMixer)
     with pytest.raises(ValueError, match="reserved"):
         hs.register_backbone("attention", EMAMixer)
+
+
+# -- seed fidelity: dropout inside every layer, options the seed passes to backbones -------------
+def _two_training_calls(module, x):
+    module.train()
+    torch.manual_seed(0)
+    return [module(x)[0] for _ in range(2)]
+
+
+def test_dropout_applies_inside_every_layer_not_between_layers():
+    model = hs.build("hybrid", **{**TINY, "dropout": 0.5}, num_layers=3, attention_every=3,
+                     backbone="gru")
+    assert model.dropout.p == 0.0  # nothing between the layers: the identity path is never dropped
+    assert all(block.dropout.p == 0.5 for block in model.blocks)
+    attn = model.blocks[2]
+    assert attn.ffn.dropout.p == 0.5
+    # with the attention's and FFN's outputs zeroed the layer is the identity, whatever is dropped
+    x = torch.randn(2, 4, 16)
+    with torch.no_grad():
+        for p in (*attn.mixer.o_proj.parameters(), *attn.ffn.ffn.down.parameters()):
+            p.zero_()
+        attn.train()
+        assert torch.equal(attn(x)[0], x)
+
+
+def test_dropout_form_is_the_seeds_output_dropped_then_added():
+    block = hs.build_layer("gru", hidden_size=8, dropout=0.5)
+    x = torch.randn(3, 5, 8)
+    block.train()
+    torch.manual_seed(7)
+    got = block(x)[0]
+    torch.manual_seed(7)
+    y, _ = block.mixer(block.norm(x))
+    want = x + torch.nn.functional.dropout(y, 0.5, training=True)
+    assert_close(got, want)
+
+
+def test_build_layer_dropout_takes_effect():
+    layer = hs.build_layer("gru", hidden_size=16, dropout=0.3)
+    x = torch.randn(2, 6, 16)
+    a, b = _two_training_calls(layer, x)
+    assert not torch.equal(a, b)  # two training calls differ
+    layer.eval()
+    assert torch.equal(layer(x)[0], layer(x)[0])
+    a, b = _two_training_calls(hs.build_layer("gru", hidden_size=16, dropout=0.0), x)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backbone", ["rwkv", "delta_net", "gated_delta_net"])
+def test_model_num_heads_reaches_the_backbones_the_seed_gives_it(backbone):
+    opts = dict(TINY, num_heads=4, num_layers=1, backbone=backbone)
+    assert hs.build("hybrid", **opts).blocks[0].mixer.num_heads == 4
+    # an explicit backbone_options value wins (num_heads, or a head_dim)
+    model = hs.build("hybrid", **opts, backbone_options={"num_heads": 2})
+    assert model.blocks[0].mixer.num_heads == 2
+    model = hs.build("hybrid", **opts, backbone_options={"head_dim": 16})
+    assert model.blocks[0].mixer.head_dim == 16
+
+
+def test_rwkv_num_heads_must_divide_the_width():
+    with pytest.raises(ValueError, match="'num_heads' of the rwkv backbone.*hidden_size=16.*3"):
+        hs.build("hybrid", **{**TINY, "num_heads": 3}, num_layers=1, backbone="rwkv")
+
+
+def test_griffin_layer_param_count_includes_its_gated_mlp():
+    opts = dict(TINY, num_layers=1, backbone="griffin_lru")
+    model = hs.build("hybrid", **opts)
+    d = 16
+    # norm (2d) + gate and up (d x 3d + 3d each) + down (3d x d + d)
+    mlp = sum(p.numel() for p in model.blocks[0].ffn.parameters())
+    assert mlp == 2 * d + 2 * (3 * d * d + 3 * d) + 3 * d * d + d
+    assert hs.param_count("hybrid", **opts) == sum(p.numel() for p in model.parameters())
+
+
+def test_init_state_defaults_to_one_row_as_the_seed():
+    assert hs.build("hybrid", **TINY, num_layers=2, attention_every=2).init_state().batch_size == 1
+
+
+# -- layout options: attention_offset (Jamba), explicit layer_pattern ------------------------------
+def test_attention_offset_is_jambas_rule():
+    assert hs.layer_pattern(8, 4, attention_offset=1) == [
+        "mamba", "attention", "mamba", "mamba", "mamba", "attention", "mamba", "mamba",
+    ]
+    model = hs.build("hybrid", **TINY, num_layers=4, attention_every=2, attention_offset=0,
+                     backbone="gru")
+    assert model.layer_pattern == ["attention", "gru", "attention", "gru"]
+    with pytest.raises(ValueError, match="'attention_offset' must be an integer in 0.*= 1.*got 2"):
+        hs.build("hybrid", **TINY, attention_every=2, attention_offset=2)
+
+
+def test_explicit_layer_pattern_is_built_and_saved(tmp_path):
+    pattern = ["attention", "gru", "gru", "attention"]
+    model = hs.build("hybrid", **TINY, num_layers=4, backbone="gru", layer_pattern=pattern).eval()
+    assert model.layer_pattern == pattern
+    loaded = hs.load(model.save_pretrained(tmp_path / "m")).eval()
+    assert loaded.layer_pattern == pattern
+    x = torch.randn(1, 3, 5)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    with pytest.raises(ValueError, match="'layer_pattern' has 4 layers but num_layers=6"):
+        hs.build("hybrid", embed_dim=4, backbone="gru", layer_pattern=pattern)
+    with pytest.raises(ValueError, match="'layer_pattern' must be a list of .*'attention', 'gru'"):
+        hs.build("hybrid", embed_dim=4, num_layers=1, backbone="gru", layer_pattern=["mamba"])
+    with pytest.raises(ValueError, match="change nothing with an explicit 'layer_pattern'"):
+        hs.build("hybrid", embed_dim=4, num_layers=4, backbone="gru", layer_pattern=pattern,
+                 attention_every=2)

@@ -163,7 +163,11 @@ def test_model_registration_and_sizes():
     assert "mamba2" in hs.list_models()
     spec = get_backbone("mamba2")
     assert spec.seed_options == ("state_size", "expand_factor", "conv_size")
-    assert set(spec.options) == {"ssm_head_dim", "num_groups", "scan_chunk_size"}
+    assert set(spec.options) == {
+        "ssm_head_dim", "num_groups", "scan_chunk_size", "A_init_range", "dt_min", "dt_max",
+        "dt_init_floor", "dt_limit", "D_has_hdim", "norm_before_gate", "conv_bias", "proj_bias",
+        "norm_eps",
+    }
 
 
 def test_model_step_equals_forward_and_padding():

@@ -7,8 +7,15 @@ import math
 import pytest
 import torch
 
+import hybridssm as hs
 from helpers import assert_close
-from hybridssm.layers import LearnedPositions, SinusoidalPositions, apply_rope, sinusoidal_encoding
+from hybridssm.layers import (
+    LearnedPositions,
+    SinusoidalPositions,
+    apply_rope,
+    seed_sinusoidal_encoding,
+    sinusoidal_encoding,
+)
 
 
 def test_sinusoidal_values():
@@ -20,7 +27,32 @@ def test_sinusoidal_values():
     assert sinusoidal_encoding(torch.tensor([1]), 5).shape == (1, 5)  # odd widths work
 
 
-@pytest.mark.parametrize("pe", [SinusoidalPositions(6), LearnedPositions(6, 16)])
+def test_seed_sinusoid_is_the_seeds_formula_in_fp64():
+    # the seeds' add_positional_encoding: pe[t, j] = sin(t * 1 / (1 + j * 0.01)), positions from 0
+    T, D = 70, 287
+    want = torch.tensor(
+        [[math.sin(t * (1.0 / (1.0 + j * 0.01))) for j in range(D)] for t in range(T)],
+        dtype=torch.float64,
+    )
+    got = seed_sinusoidal_encoding(torch.arange(T, dtype=torch.float64), D)
+    assert got.dtype == torch.float64
+    assert_close(got, want, "fp64")
+    # the fp32 integer-position path used by the models
+    assert_close(seed_sinusoidal_encoding(torch.arange(T), D), want.float())
+
+
+@pytest.mark.parametrize("name", ["hybrid", "transformer"])
+def test_seed_sinusoid_is_reachable_by_name_and_added_after_the_projection(name):
+    model = hs.build(name, embed_dim=6, hidden_size=6, num_layers=1, num_heads=2, head_dim=3,
+                     positional="seed_sinusoidal", dropout=0.0)
+    assert model.positional.seed
+    h = torch.zeros(1, 4, 6)
+    enc = model.positional(h, torch.zeros(1, dtype=torch.long))
+    assert_close(enc[0], seed_sinusoidal_encoding(torch.arange(4), 6))
+
+
+@pytest.mark.parametrize("pe", [SinusoidalPositions(6), SinusoidalPositions(6, seed=True),
+                                LearnedPositions(6, 16)])
 def test_additive_positions_stream_per_row(pe):
     h = torch.randn(2, 5, 6)
     full = pe(h, torch.zeros(2, dtype=torch.long))

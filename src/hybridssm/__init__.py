@@ -6,6 +6,7 @@
 from hybridssm.backbones import list_backbones, register_backbone
 from hybridssm.blocks import ParallelBlock, ParallelState, ResidualBlock
 from hybridssm.config import ModelConfig
+from hybridssm.convert import from_transformers
 from hybridssm.export import export_step, forward_program, step_program
 from hybridssm.mixers import (
     AttentionMixer,
@@ -58,6 +59,7 @@ from hybridssm.tasks import register_task
 __version__ = "0.1.0"
 
 __all__ = [
+    "from_transformers",
     "AttentionMixer",
     "CausalConv1d",
     "DeltaNetMixer",

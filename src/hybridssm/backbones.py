@@ -15,12 +15,14 @@ from typing import Any
 
 from torch import nn
 
-from hybridssm.config import suggest, unknown_option_error
+from hybridssm.checks import suggest, unknown_option_error
 from hybridssm.registry import Registry, same_definition
 
 __all__ = [
     "Backbone",
     "SEED_OPTIONS",
+    "MODEL_DEFAULTS",
+    "backbone_kwargs",
     "register_backbone",
     "get_backbone",
     "list_backbones",
@@ -28,6 +30,13 @@ __all__ = [
 ]
 
 SEED_OPTIONS = ("state_size", "expand_factor", "conv_size")
+# Model options the seed's hybrid also hands to a backbone that takes them (rwkv, delta_net,
+# gated_delta_net get the model's ``num_heads``); unlike SEED_OPTIONS, an explicit
+# ``backbone_options`` value wins (and a ``head_dim`` there keeps the backbone's own head count).
+MODEL_DEFAULTS = ("num_heads",)
+# The position-wise MLP a backbone's seed layer includes after its mixer: (activation, multiplier).
+# Griffin's residual block is the RG-LRU temporal block followed by its gated MLP (x3, GeGLU).
+BACKBONE_MLP: dict[str, tuple[str, int]] = {"griffin_lru": ("geglu", 3)}
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,16 @@ class Backbone:
     options: Mapping[str, Any] = field(default_factory=dict)  # backbone_options and defaults
     seed_options: tuple[str, ...] = ()  # which of SEED_OPTIONS the factory takes
     builtin: bool = False
+
+    @property
+    def model_options(self) -> tuple[str, ...]:
+        """Which of MODEL_DEFAULTS the factory takes (the model's value unless overridden)."""
+        return tuple(k for k in MODEL_DEFAULTS if k in self.options)
+
+    @property
+    def mlp(self) -> tuple[str, int] | None:
+        """``(activation, multiplier)`` of the MLP the backbone's layer includes, or None."""
+        return BACKBONE_MLP.get(self.name) if self.builtin else None
 
 
 _BACKBONES: Registry[Backbone] = Registry(
@@ -99,7 +118,7 @@ def get_backbone(backbone: str | Callable[..., nn.Module]) -> Backbone:
             if spec.factory is backbone:
                 return spec
         options, seed = _describe(backbone)
-        return Backbone(getattr(backbone, "__name__", "custom"), backbone, options, seed)
+        return Backbone("custom", backbone, options, seed)  # the seed's name for a custom backbone
     if backbone not in _BACKBONES:
         raise ValueError(
             f"option 'backbone' must be one of {', '.join(map(repr, list_backbones()))} or a "
@@ -121,14 +140,25 @@ def validate_backbone_options(spec: Backbone, options: Mapping[str, Any]) -> Non
             raise unknown_option_error(f"backbone {spec.name!r}", key, spec.options)
 
 
-def build_backbone_mixer(
-    spec: Backbone, hidden_size: int, seed_values: Mapping[str, Any], options: Mapping[str, Any]
-) -> nn.Module:
-    """Call the factory with the seed options it takes and the validated ``backbone_options``."""
+def backbone_kwargs(
+    spec: Backbone, model_values: Mapping[str, Any], options: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The keyword arguments the factory gets: the seed options it takes, the model's values of
+    MODEL_DEFAULTS it takes (unless ``backbone_options`` sets them or a ``head_dim``), and the
+    validated ``backbone_options``."""
     validate_backbone_options(spec, options)
-    kwargs = {k: seed_values[k] for k in spec.seed_options}
+    kwargs = {k: model_values[k] for k in spec.seed_options}
+    if "head_dim" not in options:
+        kwargs.update({k: model_values[k] for k in spec.model_options if k in model_values})
     kwargs.update(options)
-    return spec.factory(hidden_size, **kwargs)
+    return kwargs
+
+
+def build_backbone_mixer(
+    spec: Backbone, hidden_size: int, model_values: Mapping[str, Any], options: Mapping[str, Any]
+) -> nn.Module:
+    """Call the factory with :func:`backbone_kwargs`."""
+    return spec.factory(hidden_size, **backbone_kwargs(spec, model_values, options))
 
 
 # Built-in backbones: name -> "module:factory" (imported here, once).

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from hybridssm.layers import FFN, LayerNorm, RMSNorm
+from hybridssm.layers import FFN, LayerNorm, RMSNorm, make_norm
 from hybridssm.mixers.base import check_mixer_state, finish_state
 from hybridssm.ops.step import BlockStep, FFNStep, FusionStep, MixerStep, NormStep
 
@@ -38,21 +38,35 @@ def call_mixer(
 
 
 class _FFNSublayer(nn.Module):
-    def __init__(self, ffn: nn.Module, dim: int, pre_norm: bool) -> None:
+    def __init__(
+        self, ffn: nn.Module, dim: int, pre_norm: bool, dropout: float = 0.0,
+        norm: nn.Module | None = None,
+    ) -> None:
         super().__init__()
-        self.norm, self.ffn, self.pre_norm = LayerNorm(dim), ffn, pre_norm
+        self.norm, self.ffn, self.pre_norm = norm if norm is not None else LayerNorm(dim), ffn, pre_norm
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+
+    def _drop(self, y: Tensor) -> Tensor:
+        return self.dropout(y) if self.dropout is not None else y
 
     def forward(self, x: Tensor) -> Tensor:
         if self.pre_norm:
-            return x + self.ffn(self.norm(x))
-        return self.norm(x + self.ffn(x))
+            return x + self._drop(self.ffn(self.norm(x)))
+        return self.norm(x + self._drop(self.ffn(x)))
 
     def step_spec(self) -> FFNStep | None:
-        """The fused form of a GELU :class:`~hybridssm.layers.FFN` behind a known norm, else None."""
+        """The fused form of a :class:`~hybridssm.layers.FFN` (any of its activations) behind a known
+        norm, else None."""
         norm, f = norm_step(self.norm), self.ffn
         if norm is None or type(f) is not FFN or type(f.up) is not nn.Linear or type(f.down) is not nn.Linear:
             return None
-        return FFNStep(norm, f.up.weight, f.up.bias, f.down.weight, f.down.bias)
+        gate = f.gate
+        if gate is not None and type(gate) is not nn.Linear:
+            return None
+        return FFNStep(
+            norm, f.up.weight, f.up.bias, f.down.weight, f.down.bias, f.activation,
+            None if gate is None else gate.weight, None if gate is None else gate.bias,
+        )
 
 
 def norm_step(norm: nn.Module) -> NormStep | None:
@@ -73,19 +87,33 @@ def _mixer_step(mixer: nn.Module) -> MixerStep | None:
 
 
 class ResidualBlock(nn.Module):
-    """``x + mixer(norm(x))`` (+ ``x + ffn(norm(x))`` when ``ffn`` is given)."""
+    """``x + drop(mixer(norm(x)))`` (+ ``x + drop(ffn(norm(x)))`` when ``ffn`` is given).
+
+    Args:
+        mixer, dim: the sequence mixer and the stream width.
+        ffn: the position-wise network of the second sublayer, or None.
+        pre_norm: norms before the sublayers (True) or after the residual adds (False).
+        dropout: applied to the mixer's and the FFN's outputs before each residual add (the seed
+            hybrid's layers); 0 adds no module.
+        norm: ``"layernorm"`` or ``"rmsnorm"``; ``norm_eps`` its epsilon (None: the norm's default).
+    """
 
     def __init__(
-        self, mixer: nn.Module, dim: int, *, ffn: nn.Module | None = None, pre_norm: bool = True
+        self, mixer: nn.Module, dim: int, *, ffn: nn.Module | None = None, pre_norm: bool = True,
+        dropout: float = 0.0, norm: str = "layernorm", norm_eps: float | None = None,
     ) -> None:
         super().__init__()
         # A mixer that normalises its own input (RWKV's layer holds both of its norms, since its
         # channel-mix needs the raw stream) gets no second pre-norm.
         owns_norm = pre_norm and getattr(mixer, "owns_norm", False)
-        self.norm = nn.Identity() if owns_norm else LayerNorm(dim)
+        self.norm = nn.Identity() if owns_norm else make_norm(norm, dim, norm_eps)
         self.mixer = mixer
         self.pre_norm = pre_norm
-        self.ffn = _FFNSublayer(ffn, dim, pre_norm) if ffn is not None else None
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.ffn = (
+            _FFNSublayer(ffn, dim, pre_norm, dropout, make_norm(norm, dim, norm_eps))
+            if ffn is not None else None
+        )
         self._inplace_ok = _accepts_inplace(mixer)
 
     def forward(
@@ -93,6 +121,8 @@ class ResidualBlock(nn.Module):
     ) -> tuple[Tensor, Any]:
         h = self.norm(x) if self.pre_norm else x
         y, state = call_mixer(self.mixer, self._inplace_ok, h, state, lengths, inplace)
+        if self.dropout is not None:
+            y = self.dropout(y)
         x = x + y if self.pre_norm else self.norm(x + y)
         if self.ffn is not None:
             x = self.ffn(x)
@@ -210,12 +240,17 @@ class ParallelBlock(nn.Module):
         fusion: nn.Module,
         ffn: nn.Module | None = None,
         pre_norm: bool = True,
+        norm: str = "layernorm",
+        norm_eps: float | None = None,
     ) -> None:
         super().__init__()
-        self.norm = LayerNorm(dim)
+        self.norm = make_norm(norm, dim, norm_eps)
         self.ssm, self.attn, self.fusion = ssm, attn, fusion
         self.pre_norm = pre_norm
-        self.ffn = _FFNSublayer(ffn, dim, pre_norm) if ffn is not None else None
+        self.ffn = (
+            _FFNSublayer(ffn, dim, pre_norm, norm=make_norm(norm, dim, norm_eps))
+            if ffn is not None else None
+        )
         self._inplace_ok = (_accepts_inplace(ssm), _accepts_inplace(attn))
 
     def forward(

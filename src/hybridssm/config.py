@@ -8,73 +8,40 @@ Every model has one config class (``MambaConfig``, ``HymbaConfig``, ...) derived
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
+
+from hybridssm.checks import (
+    check_bool,
+    check_choice,
+    check_nonnegative,
+    check_optional_positive,
+    check_positive,
+    check_positive_float,
+    check_probability,
+    suggest,
+    unknown_option_error,
+)
+from hybridssm.layers import FFN_ACTIVATIONS, NORMS, POSITIONAL, check_dt_range
+from hybridssm.mixers.attention import attention_impl
 
 __all__ = [
     "ModelConfig",
     "SSMConfig",
+    "AttentionConfig",
+    "SelectiveSSMConfig",
     "check_positive",
     "check_nonnegative",
     "check_probability",
     "check_choice",
     "check_bool",
+    "check_optional_positive",
+    "check_positive_float",
+    "suggest",
     "unknown_option_error",
 ]
-
-
-def suggest(name: str, choices: Iterable[str]) -> str:
-    """A " (did you mean 'x'?)" suffix when ``name`` is close to one of ``choices``."""
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def unknown_option_error(what: str, name: str, choices: Iterable[str]) -> TypeError:
-    choices = sorted(choices)
-    return TypeError(
-        f"{what} got an unknown option {name!r}{suggest(name, choices)}; "
-        f"valid options are: {', '.join(choices)}"
-    )
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def check_positive(name: str, value: Any) -> None:
-    """``value`` must be an int >= 1."""
-    if not _is_int(value) or value < 1:
-        raise ValueError(f"option {name!r} must be a positive integer (>= 1), got {value!r}")
-
-
-def check_nonnegative(name: str, value: Any) -> None:
-    """``value`` must be an int >= 0."""
-    if not _is_int(value) or value < 0:
-        raise ValueError(f"option {name!r} must be a non-negative integer (>= 0), got {value!r}")
-
-
-def check_probability(name: str, value: Any) -> None:
-    """``value`` must be a float in [0, 1)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"option {name!r} must be a number in [0, 1), got {value!r}")
-
-
-def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
-    """``value`` must be one of ``choices``."""
-    choices = list(choices)
-    if value not in choices:
-        hint = suggest(value, [str(c) for c in choices]) if isinstance(value, str) else ""
-        raise ValueError(
-            f"option {name!r} must be one of {', '.join(map(repr, choices))}; got {value!r}{hint}"
-        )
-
-
-def check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"option {name!r} must be True or False, got {value!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,6 +57,11 @@ class ModelConfig:
             the attention window (W keys, the current one included). Never a length limit elsewhere.
         seq_len: the seeds' fixed length for JIT; stored only (defaults to ``window_size``).
         checkpoint_every: gradient checkpointing, one segment of this many blocks (0 = off).
+        norm: the block and final norms, ``"layernorm"`` (the seeds') or ``"rmsnorm"``
+            (``transformers``' Mamba, Mamba2 and Jamba; ``mamba_ssm``'s ``rms_norm=True``).
+        norm_eps: their epsilon; None (default) keeps each norm's own (LayerNorm 1e-5,
+            RMSNorm 1e-6; ``transformers``' ``layer_norm_epsilon`` is 1e-5, Jamba's
+            ``rms_norm_eps`` 1e-6).
     """
 
     model_name: ClassVar[str] = ""
@@ -102,6 +74,8 @@ class ModelConfig:
     window_size: int = 60
     seq_len: int | None = None
     checkpoint_every: int = 0
+    norm: str = "layernorm"
+    norm_eps: float | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -114,6 +88,9 @@ class ModelConfig:
             check_positive("seq_len", self.seq_len)
         check_nonnegative("checkpoint_every", self.checkpoint_every)
         check_probability("dropout", self.dropout)
+        check_choice("norm", self.norm, NORMS)
+        if self.norm_eps is not None:
+            check_positive_float("norm_eps", self.norm_eps)
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -186,6 +163,120 @@ class SSMConfig(ModelConfig):
         super().validate()
         for name in ("state_size", "expand_factor", "conv_size"):
             check_positive(name, getattr(self, name))
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionConfig(ModelConfig):
+    """The attention and FFN options shared by ``hybrid`` and ``transformer`` (each sets its own
+    defaults: the seed's for ``hybrid``, ours for ``transformer``).
+
+    Attributes:
+        num_heads: query heads H.
+        head_dim: width per head Dh (see :attr:`attn_head_dim` for None).
+        num_kv_heads: key/value heads (grouped-query attention, Ainslie et al. 2023); must divide
+            ``num_heads``; None (default) = ``num_heads`` (``transformers``' ``num_key_value_heads``).
+            The streaming cache holds ``num_kv_heads`` heads.
+        rope_theta: RoPE's frequency base (10000, ``transformers``' default); only with
+            ``positional="rope"``.
+        attention_dropout: dropout on the attention probabilities in training (0, the seeds' and
+            ``transformers``' default); needs full attention in the ``"sdpa"`` form.
+        qk_layernorm: LayerNorm over Dh of q and k.
+        use_sliding_window: attend to the last ``window_size`` keys (self included) instead of all.
+        chunked_attention, memory_efficient_attention: the seed's attention variants (its
+            ``build_attention_layer`` calls them ``chunked`` and ``memory_efficient``): training
+            forms ``"chunked"`` / ``"memory_efficient"`` (O(T) memory); neither = ``"sdpa"``.
+        chunk_size: their chunk (and the block of the sliding-window forms).
+        positional: ``"none"``, ``"sinusoidal"`` (textbook), ``"seed_sinusoidal"`` (the seeds'
+            ``add_positional_encoding``), ``"rope"`` or ``"learned"`` (up to ``max_positions``).
+        ffn_multiplier: the attention layers' FFN width is ``ffn_multiplier * hidden_size`` (4).
+        ffn_activation: ``"gelu"`` (the seeds') or ``"swiglu"`` (LLaMA, Jamba).
+    """
+
+    num_heads: int = 4
+    head_dim: int | None = 64
+    num_kv_heads: int | None = None
+    rope_theta: float = 10000.0
+    attention_dropout: float = 0.0
+    qk_layernorm: bool = False
+    use_sliding_window: bool = False
+    chunked_attention: bool = False
+    memory_efficient_attention: bool = False
+    chunk_size: int = 32
+    positional: str = "none"
+    max_positions: int = 4096
+    ffn_multiplier: int = 4
+    ffn_activation: str = "gelu"
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("num_heads", "chunk_size", "max_positions", "ffn_multiplier"):
+            check_positive(name, getattr(self, name))
+        check_optional_positive("head_dim", self.head_dim)
+        check_optional_positive("num_kv_heads", self.num_kv_heads)
+        if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"option 'num_kv_heads' must divide num_heads={self.num_heads}, got {self.num_kv_heads}"
+            )
+        for name in ("qk_layernorm", "use_sliding_window", "chunked_attention",
+                     "memory_efficient_attention"):
+            check_bool(name, getattr(self, name))
+        impl = attention_impl(self.chunked_attention, self.memory_efficient_attention)
+        check_choice("positional", self.positional, POSITIONAL)
+        check_choice("ffn_activation", self.ffn_activation, FFN_ACTIVATIONS[:2])
+        check_positive_float("rope_theta", self.rope_theta)
+        if self.rope_theta != 10000.0 and self.positional != "rope":
+            raise ValueError(
+                f"option 'rope_theta'={self.rope_theta!r} changes nothing with "
+                f"positional={self.positional!r}; it is allowed only with positional='rope'"
+            )
+        check_probability("attention_dropout", self.attention_dropout)
+        if self.attention_dropout > 0 and (self.use_sliding_window or impl != "sdpa"):
+            raise ValueError(
+                f"option 'attention_dropout'={self.attention_dropout!r} needs full attention in the "
+                "'sdpa' form (use_sliding_window=False, chunked_attention=False, "
+                "memory_efficient_attention=False)"
+            )
+
+    @property
+    def attn_head_dim(self) -> int:
+        """The head width used: ``head_dim``, else ``min(64, max(1, hidden_size // num_heads))``."""
+        if self.head_dim is not None:
+            return self.head_dim
+        return min(64, max(1, self.hidden_size // self.num_heads))
+
+
+@dataclass(frozen=True, kw_only=True)
+class SelectiveSSMConfig(SSMConfig):
+    """The options ``mamba`` and ``mamba2`` share with ``mamba_ssm`` / ``transformers`` (their
+    defaults).
+
+    Attributes:
+        dt_min, dt_max: the initial time steps ``softplus(dt_bias)`` are log-uniform in this range
+            (``time_step_min`` / ``time_step_max``: 1e-3, 1e-1).
+        dt_init_floor: the smallest initial time step (``time_step_floor``: 1e-4).
+        conv_bias: a bias in the causal conv (``use_conv_bias``: True).
+        proj_bias: biases in the input and output projections (``use_bias``: False).
+    """
+
+    dt_min: float = 1e-3
+    dt_max: float = 1e-1
+    dt_init_floor: float = 1e-4
+    conv_bias: bool = True
+    proj_bias: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        check_dt_range(self.dt_min, self.dt_max, self.dt_init_floor)
+        check_bool("conv_bias", self.conv_bias)
+        check_bool("proj_bias", self.proj_bias)
+
+    def mixer_options(self) -> dict[str, Any]:
+        """The mixer keyword arguments these options give (shared ones; subclasses add theirs)."""
+        return dict(
+            state_size=self.state_size, expand_factor=self.expand_factor, conv_size=self.conv_size,
+            dt_min=self.dt_min, dt_max=self.dt_max, dt_init_floor=self.dt_init_floor,
+            conv_bias=self.conv_bias, proj_bias=self.proj_bias,
+        )
 
 
 def _to_jsonable(value: Any) -> Any:

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hybridssm.checks import check_positive_float
+
 __all__ = [
     "LayerNorm",
     "RMSNorm",
@@ -17,6 +19,13 @@ __all__ = [
     "SinusoidalPositions",
     "LearnedPositions",
     "sinusoidal_encoding",
+    "seed_sinusoidal_encoding",
+    "make_norm",
+    "inverse_softplus",
+    "init_dt_bias",
+    "check_dt_range",
+    "NORMS",
+    "FFN_ACTIVATIONS",
     "apply_rope",
     "rope_cos_sin",
 ]
@@ -34,6 +43,29 @@ def mark_fp32_no_decay(param: nn.Parameter) -> nn.Parameter:
 def is_fp32_no_decay(param: Tensor) -> bool:
     """Whether :func:`mark_fp32_no_decay` marked ``param``."""
     return getattr(param, _MARK, False)
+
+
+def inverse_softplus(x: Tensor) -> Tensor:
+    """``softplus^-1(x) = x + log(-expm1(-x))`` for ``x > 0``: a bias whose softplus is ``x``."""
+    return x + torch.log(-torch.expm1(-x))
+
+
+def init_dt_bias(
+    n: int, dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4
+) -> Tensor:
+    """Mamba's ``dt_bias`` init (Gu & Dao 2023, §3.6; ``mamba_ssm``): ``dt ~ exp(U(log dt_min,
+    log dt_max))`` clamped at ``dt_init_floor``, stored as its inverse softplus, so that
+    ``softplus(0 + dt_bias)`` starts at a spread of time scales. ``[n]`` fp32."""
+    log_dt = torch.empty(n).uniform_(math.log(dt_min), math.log(dt_max))
+    return inverse_softplus(torch.exp(log_dt).clamp(min=dt_init_floor))
+
+
+def check_dt_range(dt_min: float, dt_max: float, dt_init_floor: float) -> None:
+    """The options of :func:`init_dt_bias`: ``0 < dt_min <= dt_max`` and ``dt_init_floor > 0``."""
+    for name, v in (("dt_min", dt_min), ("dt_max", dt_max), ("dt_init_floor", dt_init_floor)):
+        check_positive_float(name, v)
+    if dt_min > dt_max:
+        raise ValueError(f"options 'dt_min'={dt_min!r} and 'dt_max'={dt_max!r}: need dt_min <= dt_max")
 
 
 class LayerNorm(nn.Module):
@@ -67,17 +99,59 @@ class RMSNorm(nn.Module):
         return (y * self.weight.to(acc)).to(x.dtype)
 
 
-class FFN(nn.Module):
-    """Position-wise feed-forward network: Linear(d, mult*d) -> GELU -> Linear(mult*d, d)."""
+FFN_ACTIVATIONS = ("gelu", "swiglu", "geglu")
 
-    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0) -> None:
+
+class FFN(nn.Module):
+    """Position-wise feed-forward network of hidden width ``mult * dim``.
+
+    ``activation="gelu"``: ``down(gelu(up(x)))`` (the seeds' attention layers, Vaswani et al.).
+    ``"swiglu"``: ``down(silu(gate(x)) * up(x))`` (Shazeer 2020; LLaMA, Jamba's MLP).
+    ``"geglu"``: ``down(gelu_tanh(gate(x)) * up(x))``, Griffin's gated MLP (De et al. 2024; the
+    tanh-approximate GELU as recurrentgemma). ``bias``: biases on every projection.
+    """
+
+    def __init__(
+        self, dim: int, mult: int = 4, dropout: float = 0.0, *, activation: str = "gelu",
+        bias: bool = True,
+    ) -> None:
         super().__init__()
-        self.up = nn.Linear(dim, mult * dim)
-        self.down = nn.Linear(mult * dim, dim)
+        if activation not in FFN_ACTIVATIONS:
+            raise ValueError(
+                f"option 'ffn_activation' must be one of {', '.join(map(repr, FFN_ACTIVATIONS))}; "
+                f"got {activation!r}"
+            )
+        inner = mult * dim
+        self.activation = activation
+        self.up = nn.Linear(dim, inner, bias=bias)
+        self.gate = nn.Linear(dim, inner, bias=bias) if activation != "gelu" else None
+        self.down = nn.Linear(inner, dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(self.dropout(F.gelu(self.up(x))))
+        if self.gate is None:
+            h = F.gelu(self.up(x))
+        elif self.activation == "swiglu":
+            h = F.silu(self.gate(x)) * self.up(x)
+        else:
+            h = F.gelu(self.gate(x), approximate="tanh") * self.up(x)
+        return self.down(self.dropout(h))
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
+
+
+NORMS = ("layernorm", "rmsnorm")
+
+
+def make_norm(kind: str, dim: int, eps: float | None = None) -> nn.Module:
+    """``"layernorm"`` (eps 1e-5 by default) or ``"rmsnorm"`` (eps 1e-6 by default; ``transformers``'
+    Mamba uses 1e-5 through ``layer_norm_epsilon``)."""
+    if kind == "layernorm":
+        return LayerNorm(dim) if eps is None else LayerNorm(dim, eps=eps)
+    if kind == "rmsnorm":
+        return RMSNorm(dim) if eps is None else RMSNorm(dim, eps=eps)
+    raise ValueError(f"option 'norm' must be one of {', '.join(map(repr, NORMS))}; got {kind!r}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -100,16 +174,36 @@ def sinusoidal_encoding(positions: Tensor, dim: int) -> Tensor:
     return enc[..., :dim]
 
 
+SEED_SINUSOID_SCALE = 0.01
+
+
+def seed_sinusoidal_encoding(positions: Tensor, dim: int) -> Tensor:
+    """``[..., dim]`` (fp32 at least): the seeds' ``add_positional_encoding``, used by their
+    ``Hybrid.build``: ``pe[t, j] = sin(t / (1 + 0.01 j))`` for channel ``j`` (sine only, one
+    frequency per channel, positions from 0). Not the textbook encoding (:func:`sinusoidal_encoding`)."""
+    acc = torch.float32
+    if positions.is_floating_point():
+        acc = torch.promote_types(positions.dtype, acc)
+    j = torch.arange(dim, device=positions.device, dtype=acc)
+    freq = 1.0 / (1.0 + j * SEED_SINUSOID_SCALE)
+    return torch.sin(positions.to(acc).unsqueeze(-1) * freq)
+
+
 class SinusoidalPositions(nn.Module):
     """Fixed sinusoidal positions, added: ``pe(h [B, T, d], start [B]) -> h + enc[start + t]``.
-    No parameters and no length limit."""
+    No parameters and no length limit. ``seed=True``: the seeds' encoding
+    (:func:`seed_sinusoidal_encoding`), else the textbook one (:func:`sinusoidal_encoding`)."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, *, seed: bool = False) -> None:
         super().__init__()
-        self.dim = dim
+        self.dim, self.seed = dim, seed
 
     def forward(self, h: Tensor, start: Tensor) -> Tensor:
-        return h + sinusoidal_encoding(_positions(h, start), self.dim).to(h.dtype)
+        encode = seed_sinusoidal_encoding if self.seed else sinusoidal_encoding
+        return h + encode(_positions(h, start), self.dim).to(h.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, seed={self.seed}"
 
 
 class LearnedPositions(nn.Module):
@@ -168,14 +262,14 @@ def apply_rope(
     return out.to(x.dtype)
 
 
-POSITIONAL = ("none", "sinusoidal", "rope", "learned")
+POSITIONAL = ("none", "sinusoidal", "seed_sinusoidal", "rope", "learned")
 
 
 def additive_positions(kind: str, dim: int, max_positions: int) -> nn.Module | None:
     """The model-level encoding for ``positional=kind``: sinusoidal or learned tables are added
     after the input projection; ``"rope"`` lives inside attention and ``"none"`` adds nothing."""
-    if kind == "sinusoidal":
-        return SinusoidalPositions(dim)
+    if kind in ("sinusoidal", "seed_sinusoidal"):
+        return SinusoidalPositions(dim, seed=kind == "seed_sinusoidal")
     if kind == "learned":
         return LearnedPositions(dim, max_positions)
     return None

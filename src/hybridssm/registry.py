@@ -9,7 +9,8 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
-from hybridssm.config import ModelConfig, suggest
+from hybridssm.checks import suggest
+from hybridssm.config import ModelConfig
 
 __all__ = [
     "Registry",

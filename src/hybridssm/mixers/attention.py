@@ -25,8 +25,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hybridssm.checks import check_nonnegative, check_positive, check_probability
 from hybridssm.layers import LayerNorm, apply_rope, rope_cos_sin
 from hybridssm.mixers.base import Mixer, finish_state
 from hybridssm.ops.attention import IMPLS, attention, attention_cached
@@ -79,11 +81,6 @@ class AttentionStepWeights(NamedTuple):
     mem_v: Tensor | None
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"option {name!r} must be an integer >= {minimum}, got {value!r}")
-
-
 class AttentionMixer(Mixer):
     """Causal self-attention ``[B, T, d] -> [B, T, d]`` with a fixed-size streaming cache.
 
@@ -100,7 +97,12 @@ class AttentionMixer(Mixer):
             the sliding-window forms.
         num_prefix: P global prefix tokens (Hymba's meta tokens).
         num_memory_kv: M learned always-visible key/value pairs per head.
-        rope_base: RoPE's frequency base.
+        rope_theta: RoPE's frequency base (10000).
+        num_kv_heads: key/value heads Hk (grouped-query attention; must divide H; default H).
+            The projection makes ``H + 2 Hk`` heads and the cache holds ``Hk``; each key/value
+            head serves ``H / Hk`` consecutive query heads (``transformers``' ``repeat_kv``).
+        attention_dropout: dropout on the attention probabilities, in training without a state
+            (needs ``impl="sdpa"`` and full attention without prefix or memory keys).
     """
 
     def __init__(
@@ -116,17 +118,19 @@ class AttentionMixer(Mixer):
         chunk_size: int = 32,
         num_prefix: int = 0,
         num_memory_kv: int = 0,
-        rope_base: float = 10000.0,
+        rope_theta: float = 10000.0,
+        num_kv_heads: int | None = None,
+        attention_dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        _check_int("hidden_size", hidden_size, 1)
-        _check_int("num_heads", num_heads, 1)
-        _check_int("head_dim", head_dim, 1)
+        check_positive("hidden_size", hidden_size)
+        check_positive("num_heads", num_heads)
+        check_positive("head_dim", head_dim)
         if window_size is not None:
-            _check_int("window_size", window_size, 1)
-        _check_int("chunk_size", chunk_size, 1)
-        _check_int("num_prefix", num_prefix, 0)
-        _check_int("num_memory_kv", num_memory_kv, 0)
+            check_positive("window_size", window_size)
+        check_positive("chunk_size", chunk_size)
+        check_nonnegative("num_prefix", num_prefix)
+        check_nonnegative("num_memory_kv", num_memory_kv)
         if positional not in POSITIONAL_IN_MIXER:
             raise ValueError(
                 f"option 'positional' of AttentionMixer must be one of "
@@ -136,18 +140,31 @@ class AttentionMixer(Mixer):
         if impl not in IMPLS:
             raise ValueError(f"option 'impl' must be one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
         H, Dh = num_heads, head_dim
-        self.num_heads, self.head_dim = H, Dh
+        Hk = H if num_kv_heads is None else num_kv_heads
+        check_positive("num_kv_heads", Hk)
+        if H % Hk:
+            raise ValueError(f"option 'num_kv_heads' must divide num_heads={H}, got {num_kv_heads!r}")
+        check_probability("attention_dropout", attention_dropout)
+        if attention_dropout > 0 and (
+            impl != "sdpa" or window_size is not None or num_prefix or num_memory_kv
+        ):
+            raise ValueError(
+                f"option 'attention_dropout'={attention_dropout!r} needs impl='sdpa' and full "
+                "attention without prefix tokens or memory keys"
+            )
+        self.num_heads, self.num_kv_heads, self.head_dim = H, Hk, Dh
         self.window_size, self.num_prefix = window_size, num_prefix
         self.impl, self.chunk_size = impl, chunk_size
-        self.positional, self.rope_base = positional, rope_base
-        self.qkv_proj = nn.Linear(hidden_size, 3 * H * Dh)  # q, k, v in one GEMM
+        self.positional, self.rope_theta = positional, float(rope_theta)
+        self.attention_dropout = float(attention_dropout)
+        self.qkv_proj = nn.Linear(hidden_size, (H + 2 * Hk) * Dh)  # q, k, v in one GEMM
         self.o_proj = nn.Linear(H * Dh, hidden_size)
         self.q_norm = LayerNorm(Dh) if qk_layernorm else None
         self.k_norm = LayerNorm(Dh) if qk_layernorm else None
         if num_memory_kv:
             # small random init, as learned prefix / register tokens usually get (std 0.02)
-            self.mem_k = nn.Parameter(torch.empty(num_memory_kv, H, Dh))
-            self.mem_v = nn.Parameter(torch.empty(num_memory_kv, H, Dh))
+            self.mem_k = nn.Parameter(torch.empty(num_memory_kv, Hk, Dh))
+            self.mem_v = nn.Parameter(torch.empty(num_memory_kv, Hk, Dh))
             nn.init.normal_(self.mem_k, std=0.02)
             nn.init.normal_(self.mem_v, std=0.02)
         else:
@@ -161,8 +178,8 @@ class AttentionMixer(Mixer):
             S = self.window_size
         else:
             S = DEFAULT_MAX_LEN if max_len is None else max_len
-            _check_int("max_len", S, 1)
-        shape = (batch_size, self.num_heads, self.num_prefix + S, self.head_dim)
+            check_positive("max_len", S)
+        shape = (batch_size, self.num_kv_heads, self.num_prefix + S, self.head_dim)
         return AttentionState(
             k=torch.zeros(shape, device=device, dtype=dtype),
             v=torch.zeros(shape, device=device, dtype=dtype),
@@ -193,13 +210,14 @@ class AttentionMixer(Mixer):
     # -- forward --------------------------------------------------------------------------------
     def _qkv(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B, T, _ = x.shape
-        H, Dh = self.num_heads, self.head_dim
-        q, k, v = self.qkv_proj(x).view(B, T, 3, H, Dh).unbind(2)  # [B, T, H, Dh] each
+        H, Hk, Dh = self.num_heads, self.num_kv_heads, self.head_dim
+        # q [B, T, H, Dh]; k, v [B, T, Hk, Dh]
+        q, k, v = self.qkv_proj(x).view(B, T, H + 2 * Hk, Dh).split([H, Hk, Hk], dim=2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.positional == "rope":
             acc = torch.promote_types(q.dtype, torch.float32)
-            cs = rope_cos_sin(positions, Dh, self.rope_base, acc)
+            cs = rope_cos_sin(positions, Dh, self.rope_theta, acc)
             q = apply_rope(q, positions, cos_sin=cs)
             k = apply_rope(k, positions, cos_sin=cs)
         return q, k, v
@@ -214,9 +232,21 @@ class AttentionMixer(Mixer):
         t = torch.arange(T, device=x.device)
         if state is None:
             q, k, v = self._qkv(x, t.unsqueeze(0).expand(B, T))
+            g = self.num_heads // self.num_kv_heads
+            if g > 1:  # each key/value head serves g consecutive query heads
+                k, v = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
+            mk, mv = (None, None) if self.mem_k is None else (
+                self.mem_k.repeat_interleave(g, dim=1), self.mem_v.repeat_interleave(g, dim=1)
+            )
+            if self.training and self.attention_dropout > 0:  # full causal sdpa (checked at build)
+                out = F.scaled_dot_product_attention(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                    dropout_p=self.attention_dropout,
+                ).transpose(1, 2)
+                return self.o_proj(out.reshape(B, T, -1).to(x.dtype)), None
             out = attention(
-                q, k, v, window=self.window_size, num_prefix=self.num_prefix, mem_k=self.mem_k,
-                mem_v=self.mem_v, impl=self.impl, chunk_size=self.chunk_size,
+                q, k, v, window=self.window_size, num_prefix=self.num_prefix, mem_k=mk,
+                mem_v=mv, impl=self.impl, chunk_size=self.chunk_size,
             )
             return self.o_proj(out.reshape(B, T, -1).to(x.dtype)), None
         self._check_capacity(state, lengths, T)

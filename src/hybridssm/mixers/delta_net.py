@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hybridssm.config import check_bool, check_positive
-from hybridssm.layers import RMSNorm, mark_fp32_no_decay
+from hybridssm.checks import check_bool, check_positive
+from hybridssm.layers import RMSNorm, init_dt_bias, mark_fp32_no_decay
 from hybridssm.mixers.base import Mixer, finish_state, state_dtype, valid_mask
 from hybridssm.ops.conv import causal_conv1d
 from hybridssm.ops.delta_rule import delta_rule
@@ -132,8 +132,7 @@ class DeltaNetMixer(Mixer):
         if self.gated:
             # Mamba-2: A ~ U(1, 16) per head; dt ~ logU(1e-3, 1e-1) through an inverse softplus
             self.A_log = mark_fp32_no_decay(nn.Parameter(torch.empty(H).uniform_(1, 16).log()))
-            dt = torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)).exp().clamp(min=1e-4)
-            self.dt_bias = mark_fp32_no_decay(nn.Parameter(dt + torch.log(-torch.expm1(-dt))))
+            self.dt_bias = mark_fp32_no_decay(nn.Parameter(init_dt_bias(H)))
         self.o_norm = RMSNorm(Vh, eps=1e-5)  # per head, weights shared over heads (as FLA)
         self.o_proj = nn.Linear(H * Vh, hidden_size, bias=False)
 

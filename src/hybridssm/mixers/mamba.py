@@ -2,12 +2,12 @@
 
 ``x [B, T, d] -> y [B, T, d]``, ``E = d_inner = expand_factor * d``, ``N = state_size``::
 
-    x, z   = in_proj(x)                                   # [B, T, E] each (no bias)
+    x, z   = in_proj(x)                                   # [B, T, E] each (bias: proj_bias)
     u      = silu(conv(x))                                # depthwise causal conv, kernel K, bias
     dt, B, C = x_proj(u)                                  # [B, T, R], [B, T, N], [B, T, N]; R = ceil(d/16)
     delta  = softplus(dt_proj(dt) + dt_bias)              # [B, T, E]
     y      = selective_scan(u, delta, A = -exp(A_log), B, C, D) * silu(z)
-    out    = out_proj(y)                                  # (no bias)
+    out    = out_proj(y)                                  # (bias: proj_bias)
 
 State ``MambaState(conv [B, E, K-1], ssm [B, E, N] fp32)``. Padded steps (``lengths``) get
 ``delta = 0``: identity steps of the recurrence. A single step (T = 1) without autograd takes the
@@ -24,13 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hybridssm.layers import mark_fp32_no_decay
+from hybridssm.checks import check_bool, check_choice, check_optional_positive, check_positive
+from hybridssm.layers import check_dt_range, init_dt_bias, mark_fp32_no_decay
 from hybridssm.mixers.base import Mixer, finish_state, state_dtype, valid_mask
 from hybridssm.mixers.conv import CausalConv1d
 from hybridssm.ops.scan import selective_scan
 from hybridssm.ops.step import MixerStep, fused_step_available, mixer_step
 
-__all__ = ["MambaMixer", "MambaState", "MambaStepWeights", "SelectiveSSM"]
+__all__ = ["MambaMixer", "MambaState", "MambaStepWeights", "SelectiveSSM", "DT_INITS"]
+
+DT_INITS = ("random", "constant")
 
 
 class MambaState(NamedTuple):
@@ -59,7 +62,8 @@ class SelectiveSSM(nn.Module):
     -> (y [B, T, E] in the state dtype, h_T [B, E, N])``.
 
     Init (Mamba reference): ``A_log[e, n] = log(n + 1)`` (S4D-real), ``D = 1``, ``dt_proj`` weight
-    U(+-R^-0.5), ``dt_bias`` = inverse softplus of ``dt ~ exp(U(log 1e-3, log 1e-1))`` (>= 1e-4).
+    U(+-R^-0.5) (``dt_init="random"``) or the constant R^-0.5 (``"constant"``), ``dt_bias`` =
+    inverse softplus of ``dt ~ exp(U(log dt_min, log dt_max))`` (>= ``dt_init_floor``).
     """
 
     def __init__(
@@ -70,18 +74,21 @@ class SelectiveSSM(nn.Module):
         dt_rank: int,
         dt_min: float = 1e-3,
         dt_max: float = 1e-1,
-        dt_floor: float = 1e-4,
+        dt_init_floor: float = 1e-4,
+        dt_init: str = "random",
     ) -> None:
         super().__init__()
+        check_dt_range(dt_min, dt_max, dt_init_floor)
+        check_choice("dt_init", dt_init, DT_INITS)
         E, N, R = d_inner, state_size, dt_rank
         self.d_inner, self.state_size, self.dt_rank = E, N, R
         self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
         self.dt_proj = nn.Linear(R, E, bias=False)
-        nn.init.uniform_(self.dt_proj.weight, -(R**-0.5), R**-0.5)
-        # dt_bias = softplus^-1(dt) so that softplus(dt_bias) starts in [dt_min, dt_max] (log-uniform).
-        log_dt = torch.empty(E).uniform_(math.log(dt_min), math.log(dt_max))
-        dt = torch.exp(log_dt).clamp(min=dt_floor)
-        self.dt_bias = mark_fp32_no_decay(nn.Parameter(dt + torch.log(-torch.expm1(-dt))))
+        if dt_init == "random":
+            nn.init.uniform_(self.dt_proj.weight, -(R**-0.5), R**-0.5)
+        else:
+            nn.init.constant_(self.dt_proj.weight, R**-0.5)
+        self.dt_bias = mark_fp32_no_decay(nn.Parameter(init_dt_bias(E, dt_min, dt_max, dt_init_floor)))
         # S4D-real: A = -(1, 2, ..., N) for every channel, stored as its log.
         A = torch.arange(1, N + 1, dtype=torch.float32).repeat(E, 1)
         self.A_log = mark_fp32_no_decay(nn.Parameter(torch.log(A)))
@@ -113,7 +120,12 @@ class MambaMixer(Mixer):
         state_size: N (16).
         expand_factor: E = expand_factor * d (2).
         conv_size: K, the causal conv width (4).
-        dt_rank: R, the rank of the delta projection (default ``ceil(d / 16)``).
+        dt_rank: R, the rank of the delta projection (None: ``ceil(d / 16)``, the reference's
+            ``"auto"``).
+        dt_min, dt_max, dt_init_floor, dt_init: the delta init (:class:`SelectiveSSM`; the
+            reference's 1e-3, 1e-1, 1e-4, ``"random"``).
+        conv_bias: a bias in the causal conv (True, as ``use_conv_bias``).
+        proj_bias: biases in the input and output projections (False, as ``use_bias``).
     """
 
     def __init__(
@@ -124,18 +136,30 @@ class MambaMixer(Mixer):
         expand_factor: int = 2,
         conv_size: int = 4,
         dt_rank: int | None = None,
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        dt_init_floor: float = 1e-4,
+        dt_init: str = "random",
+        conv_bias: bool = True,
+        proj_bias: bool = False,
     ) -> None:
         super().__init__()
         for name, v in (("hidden_size", hidden_size), ("state_size", state_size),
                         ("expand_factor", expand_factor), ("conv_size", conv_size)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"option {name!r} must be a positive integer (>= 1), got {v!r}")
+            check_positive(name, v)
+        check_optional_positive("dt_rank", dt_rank)
+        check_bool("conv_bias", conv_bias)
+        check_bool("proj_bias", proj_bias)
         d, E = hidden_size, expand_factor * hidden_size
         self.hidden_size, self.d_inner, self.state_size, self.conv_size = d, E, state_size, conv_size
-        self.in_proj = nn.Linear(d, 2 * E, bias=False)
-        self.conv = CausalConv1d(E, conv_size)
-        self.ssm = SelectiveSSM(E, state_size=state_size, dt_rank=dt_rank or math.ceil(d / 16))
-        self.out_proj = nn.Linear(E, d, bias=False)
+        self.proj_bias = proj_bias
+        self.in_proj = nn.Linear(d, 2 * E, bias=proj_bias)
+        self.conv = CausalConv1d(E, conv_size, bias=conv_bias)
+        self.ssm = SelectiveSSM(
+            E, state_size=state_size, dt_rank=dt_rank or math.ceil(d / 16), dt_min=dt_min,
+            dt_max=dt_max, dt_init_floor=dt_init_floor, dt_init=dt_init,
+        )
+        self.out_proj = nn.Linear(E, d, bias=proj_bias)
 
     def init_state(self, batch_size, *, device=None, dtype=None, max_len=None) -> MambaState:
         device, dtype = self._device_dtype(device, dtype)
@@ -163,7 +187,10 @@ class MambaMixer(Mixer):
     # -- the fused step (one C++ call: ops/csrc/step/mamba.h) -------------------------------------
     def step_spec(self) -> MixerStep | None:
         """This mixer's fused step: kind ``"mamba"`` with :class:`MambaStepWeights` (the parameters
-        themselves; ``-exp(A_log)`` is computed by the kernel on every call)."""
+        themselves; ``-exp(A_log)`` is computed by the kernel on every call). None with
+        ``proj_bias=True`` (the kernel's projections have no biases, the reference's default)."""
+        if self.proj_bias:
+            return None
         ssm = self.ssm
         return MixerStep("mamba", MambaStepWeights(
             self.in_proj.weight, self.conv.weight, self.conv.bias, ssm.x_proj.weight, ssm.dt_proj.weight,
@@ -173,7 +200,8 @@ class MambaMixer(Mixer):
     def _fused_step_applies(self, x: Tensor, state: MambaState) -> bool:
         """A T = 1 call in eager mode, on CPU, with no gradient needed, in one fp32/fp64 dtype for the
         input, the states and the parameters (no autocast), with the fused backend selected."""
-        if torch.compiler.is_compiling() or x.device.type != "cpu" or not fused_step_available():
+        if (torch.compiler.is_compiling() or x.device.type != "cpu" or self.proj_bias
+                or not fused_step_available()):
             return False
         dt = x.dtype
         if dt not in (torch.float32, torch.float64) or torch.is_autocast_enabled("cpu"):

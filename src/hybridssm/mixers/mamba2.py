@@ -26,14 +26,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hybridssm.layers import mark_fp32_no_decay
+from hybridssm.checks import (
+    check_bool,
+    check_positive,
+    check_positive_float,
+    largest_divisor_at_most,
+)
+from hybridssm.layers import check_dt_range, init_dt_bias, mark_fp32_no_decay
 from hybridssm.mixers.base import Mixer, finish_state, state_dtype, valid_mask
 from hybridssm.ops.conv_silu import causal_conv1d_silu
 from hybridssm.ops.gated_norm import gated_rmsnorm
 from hybridssm.ops.ssd import DEFAULT_CHUNK_SIZE, ssd
 from hybridssm.ops.step import MixerStep
 
-__all__ = ["Mamba2Mixer", "Mamba2State", "Mamba2StepWeights", "GatedRMSNorm", "default_ssm_head_dim"]
+__all__ = [
+    "Mamba2Mixer", "Mamba2State", "Mamba2StepWeights", "GatedRMSNorm", "default_ssm_head_dim",
+    "check_mamba2_options",
+]
 
 MAX_HEAD_DIM = 64  # the reference's head width
 
@@ -41,12 +50,25 @@ MAX_HEAD_DIM = 64  # the reference's head width
 def default_ssm_head_dim(d_inner: int) -> int:
     """The largest divisor of ``d_inner`` that is at most 64 (64 whenever 64 divides it), so that
     every width builds."""
-    return max(p for p in range(1, min(MAX_HEAD_DIM, d_inner) + 1) if d_inner % p == 0)
+    return largest_divisor_at_most(d_inner, MAX_HEAD_DIM)
 
 
-def _check_positive(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"option {name!r} must be a positive integer (>= 1), got {value!r}")
+def check_mamba2_options(A_init_range: object, dt_limit: object) -> None:
+    """``A_init_range = (lo, hi)`` with ``0 < lo <= hi``; ``dt_limit = (lo, hi)`` with
+    ``0 <= lo < hi`` (``hi`` may be inf)."""
+    def pair(v: object) -> bool:
+        return (isinstance(v, (tuple, list)) and len(v) == 2
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v))
+
+    if not pair(A_init_range) or not 0 < A_init_range[0] <= A_init_range[1] < math.inf:
+        raise ValueError(
+            f"option 'A_init_range' must be a pair (lo, hi) with 0 < lo <= hi, got {A_init_range!r}"
+        )
+    if not pair(dt_limit) or not 0 <= dt_limit[0] < dt_limit[1]:
+        raise ValueError(
+            f"option 'dt_limit' must be a pair (lo, hi) with 0 <= lo < hi (hi may be inf), "
+            f"got {dt_limit!r}"
+        )
 
 
 class Mamba2State(NamedTuple):
@@ -68,15 +90,22 @@ class Mamba2StepWeights(NamedTuple):
 
 
 class GatedRMSNorm(nn.Module):
-    """``rmsnorm(y * silu(z))`` over groups of ``dim // groups`` channels, in fp32 at least."""
+    """``rmsnorm(y * silu(z))`` over groups of ``dim // groups`` channels, in fp32 at least
+    (``norm_before_gate=False``, the reference's); ``norm_before_gate=True``:
+    ``rmsnorm(y) * silu(z)``."""
 
-    def __init__(self, dim: int, groups: int, eps: float = 1e-5) -> None:
+    def __init__(self, dim: int, groups: int, eps: float = 1e-5, *, norm_before_gate: bool = False) -> None:
         super().__init__()
-        self.groups, self.eps = groups, eps
+        self.groups, self.eps, self.norm_before_gate = groups, eps, norm_before_gate
         self.weight = mark_fp32_no_decay(nn.Parameter(torch.ones(dim)))
 
     def forward(self, y: Tensor, z: Tensor) -> Tensor:
-        return gated_rmsnorm(y, z, self.weight, self.groups, self.eps)  # ops.gated_norm
+        if not self.norm_before_gate:
+            return gated_rmsnorm(y, z, self.weight, self.groups, self.eps)  # ops.gated_norm
+        acc = torch.promote_types(y.dtype, self.weight.dtype)
+        g = y.to(acc).unflatten(-1, (self.groups, -1))  # [..., G, E/G]
+        g = (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2)
+        return g * self.weight.to(acc) * F.silu(z.to(acc))
 
 
 class Mamba2Mixer(Mixer):
@@ -93,6 +122,13 @@ class Mamba2Mixer(Mixer):
         num_groups: ``G``, groups of heads sharing B and C; must divide the number of heads.
         scan_chunk_size: chunk length of the chunked SSD scan (a speed knob; values do not depend
             on it beyond fp32 rounding).
+        A_init_range: ``A = -exp(A_log)`` starts at ``-U(lo, hi)`` per head ((1, 16)).
+        dt_min, dt_max, dt_init_floor: the ``dt_bias`` init (1e-3, 1e-1, 1e-4).
+        dt_limit: ``dt`` is clamped to ``[lo, hi]`` after the softplus ((0, inf): no clamp).
+        D_has_hdim: ``D`` per channel ``[H * P]`` instead of per head ``[H]`` (False).
+        norm_before_gate: ``rmsnorm(y) * silu(z)`` instead of ``rmsnorm(y * silu(z))`` (False).
+        conv_bias: a bias in the causal conv (True); proj_bias: in the projections (False).
+        norm_eps: epsilon of the gated RMSNorm (1e-5, ``transformers``' ``layer_norm_epsilon``).
     """
 
     def __init__(
@@ -105,17 +141,33 @@ class Mamba2Mixer(Mixer):
         ssm_head_dim: int | None = None,
         num_groups: int = 1,
         scan_chunk_size: int = DEFAULT_CHUNK_SIZE,
+        A_init_range: tuple[float, float] = (1.0, 16.0),
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        dt_init_floor: float = 1e-4,
+        dt_limit: tuple[float, float] = (0.0, math.inf),
+        D_has_hdim: bool = False,
+        norm_before_gate: bool = False,
+        conv_bias: bool = True,
+        proj_bias: bool = False,
+        norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         for name, value in (
             ("hidden_size", hidden_size), ("state_size", state_size), ("expand_factor", expand_factor),
             ("conv_size", conv_size), ("num_groups", num_groups), ("scan_chunk_size", scan_chunk_size),
         ):
-            _check_positive(name, value)
+            check_positive(name, value)
+        check_mamba2_options(A_init_range, dt_limit)
+        check_dt_range(dt_min, dt_max, dt_init_floor)
+        for name, value in (("D_has_hdim", D_has_hdim), ("norm_before_gate", norm_before_gate),
+                            ("conv_bias", conv_bias), ("proj_bias", proj_bias)):
+            check_bool(name, value)
+        check_positive_float("norm_eps", norm_eps)
         E = expand_factor * hidden_size
         if ssm_head_dim is None:
             ssm_head_dim = default_ssm_head_dim(E)
-        _check_positive("ssm_head_dim", ssm_head_dim)
+        check_positive("ssm_head_dim", ssm_head_dim)
         if E % ssm_head_dim:
             raise ValueError(
                 f"option 'ssm_head_dim' must divide d_inner = expand_factor * hidden_size = {E}, "
@@ -133,21 +185,17 @@ class Mamba2Mixer(Mixer):
         self.scan_chunk_size = scan_chunk_size
         self.conv_dim = E + 2 * G * N
 
-        self.in_proj = nn.Linear(hidden_size, E + self.conv_dim + H, bias=False)  # -> z, xBC, dt
+        self.dt_limit = (float(dt_limit[0]), float(dt_limit[1]))
+        self.in_proj = nn.Linear(hidden_size, E + self.conv_dim + H, bias=proj_bias)  # -> z, xBC, dt
         # Depthwise causal conv; nn.Conv1d for its default init (the reference's), applied through
         # ops.conv with the weight as [C, K].
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, K, groups=self.conv_dim, bias=True)
-        # S4D-style scalar decay per head: A = -exp(A_log), A ~ U(1, 16) (Mamba-2 reference).
-        self.A_log = mark_fp32_no_decay(nn.Parameter(torch.empty(H).uniform_(1, 16).log()))
-        self.D = mark_fp32_no_decay(nn.Parameter(torch.ones(H)))
-        # dt_bias = softplus^-1(dt) with dt log-uniform in [1e-3, 1e-1] (floor 1e-4), so that
-        # softplus(0 + dt_bias) starts at a spread of time scales (Mamba, §3.6).
-        dt = torch.exp(
-            torch.rand(H) * (math.log(1e-1) - math.log(1e-3)) + math.log(1e-3)
-        ).clamp(min=1e-4)
-        self.dt_bias = mark_fp32_no_decay(nn.Parameter(dt + torch.log(-torch.expm1(-dt))))
-        self.norm = GatedRMSNorm(E, G)
-        self.out_proj = nn.Linear(E, hidden_size, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, K, groups=self.conv_dim, bias=conv_bias)
+        # S4D-style scalar decay per head: A = -exp(A_log), A ~ U(A_init_range) (Mamba-2 reference).
+        self.A_log = mark_fp32_no_decay(nn.Parameter(torch.empty(H).uniform_(*A_init_range).log()))
+        self.D = mark_fp32_no_decay(nn.Parameter(torch.ones(E if D_has_hdim else H)))
+        self.dt_bias = mark_fp32_no_decay(nn.Parameter(init_dt_bias(H, dt_min, dt_max, dt_init_floor)))
+        self.norm = GatedRMSNorm(E, G, norm_eps, norm_before_gate=norm_before_gate)
+        self.out_proj = nn.Linear(E, hidden_size, bias=proj_bias)
 
     def init_state(self, batch_size, *, device=None, dtype=None, max_len=None) -> Mamba2State:
         device, dtype = self._device_dtype(device, dtype)
@@ -182,26 +230,37 @@ class Mamba2Mixer(Mixer):
 
         acc = state.ssm.dtype
         dt = F.softplus(dt.to(acc) + self.dt_bias.to(acc))  # [B, T, H]
+        if self.dt_limit != (0.0, math.inf):
+            dt = dt.clamp(*self.dt_limit)
         mask = valid_mask(lengths, T, x.device)
         if mask is not None:  # padded steps: dt = 0 leaves the state untouched
             dt = torch.where(mask.unsqueeze(-1), dt, 0.0)
         A = -torch.exp(self.A_log.to(acc))  # [H]
+        per_head = self.D.shape[0] == H  # D [H] goes into the scan; D [H * P] is added here
+        xh = xs.reshape(Bsz, T, H, P)
         y, ssm_state = ssd(
-            xs.reshape(Bsz, T, H, P),
+            xh,
             dt,
             A,
             Bm.reshape(Bsz, T, G, N),
             Cm.reshape(Bsz, T, G, N),
-            D=self.D.to(acc),
+            D=self.D.to(acc) if per_head else None,
             state=None if fresh else state.ssm,
             chunk_size=self.scan_chunk_size,
         )
+        if not per_head:
+            y = y + xh.to(y.dtype) * self.D.to(y.dtype).view(H, P)
         y = self.norm(y.reshape(Bsz, T, E), z)  # fp32 at least
         new = Mamba2State(conv=conv_state, ssm=ssm_state.to(acc))
         return self.out_proj(y.to(x.dtype)), finish_state(state, new, inplace)
 
-    def step_spec(self) -> MixerStep:
-        """This mixer's fused step: kind ``"mamba2"``, ints ``(H, P, G, N)``, floats ``(norm eps,)``."""
+    def step_spec(self) -> MixerStep | None:
+        """This mixer's fused step: kind ``"mamba2"``, ints ``(H, P, G, N)``, floats ``(norm eps,)``.
+        None for the options its kernel does not cover (all off by default, as in the reference):
+        ``proj_bias``, ``D_has_hdim``, ``norm_before_gate``, a ``dt_limit`` clamp."""
+        if (self.in_proj.bias is not None or self.D.numel() != self.num_heads or self.norm.norm_before_gate
+                or self.dt_limit != (0.0, math.inf)):
+            return None
         w = Mamba2StepWeights(
             self.in_proj.weight, self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.A_log, self.D,
             self.norm.weight, self.out_proj.weight,

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hybridssm.layers import mark_fp32_no_decay
+from hybridssm.checks import check_positive, largest_divisor_at_most
+from hybridssm.layers import inverse_softplus, mark_fp32_no_decay
 from hybridssm.mixers.base import Mixer, finish_state, state_dtype, valid_mask
 from hybridssm.ops.conv import causal_conv1d
 from hybridssm.ops.linear_rnn import linear_rnn
@@ -84,10 +85,7 @@ class _SqrtBoundDerivative(torch.autograd.Function):
 
 def default_gate_heads(width: int) -> int:
     """The smallest number of gate heads dividing ``width`` with blocks of at most 64 channels."""
-    for h in range(1, width + 1):
-        if width % h == 0 and width // h <= 64:
-            return h
-    return width  # unreachable: h = width gives blocks of 1
+    return width // largest_divisor_at_most(width, 64)
 
 
 class RGLRUMixer(Mixer):
@@ -110,8 +108,7 @@ class RGLRUMixer(Mixer):
         gate_heads: int | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(conv_size, int) or conv_size < 1:
-            raise ValueError(f"option 'conv_size' must be a positive integer, got {conv_size!r}")
+        check_positive("conv_size", conv_size)
         W = hidden_size if lru_width is None else lru_width
         if not isinstance(W, int) or W < 1:
             raise ValueError(f"option 'lru_width' must be a positive integer or None, got {lru_width!r}")
@@ -144,7 +141,7 @@ class RGLRUMixer(Mixer):
         # sigma(Lambda) = exp(-softplus(Lambda)) in [0.9, 0.999] (Griffin appendix A).
         u = torch.empty(W).uniform_(0.9**2, 0.999**2)
         sp = -0.5 * torch.log(u)
-        self.a_param = mark_fp32_no_decay(nn.Parameter(sp + torch.log(-torch.expm1(-sp))))
+        self.a_param = mark_fp32_no_decay(nn.Parameter(inverse_softplus(sp)))
 
     def init_state(self, batch_size, *, device=None, dtype=None, max_len=None) -> RGLRUState:
         device, dtype = self._device_dtype(device, dtype)

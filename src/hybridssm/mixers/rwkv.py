@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hybridssm.checks import largest_divisor_at_most
 from hybridssm.layers import LayerNorm, mark_fp32_no_decay
 from hybridssm.mixers.base import Mixer, finish_state, state_dtype, valid_mask
 from hybridssm.ops.step import MixerStep
@@ -98,7 +99,7 @@ class RWKVStepWeights(NamedTuple):
 
 def default_head_dim(width: int) -> int:
     """The largest divisor of ``width`` that is at most 64 (64 when it divides, as RWKV-6)."""
-    return max(h for h in range(1, min(64, width) + 1) if width % h == 0)
+    return largest_divisor_at_most(width, 64)
 
 
 def _shifted(x: Tensor, last: Tensor) -> Tensor:
@@ -238,7 +239,10 @@ class RWKVMixer(Mixer):
 
     Args:
         hidden_size: ``D``.
-        head_dim: WKV head width ``K = V`` (must divide ``D``; default :func:`default_head_dim`).
+        head_dim: WKV head width ``K = V`` (must divide ``D``; default :func:`default_head_dim`,
+            or ``D / num_heads`` when ``num_heads`` is given).
+        num_heads: number of WKV heads (must divide ``D``; the seed's hybrid passes its own
+            ``num_heads``); with ``head_dim`` too, the two must agree.
         mix_lora_rank: rank of the token-shift LoRA (RWKV-6: 32).
         decay_lora_rank: rank of the decay LoRA (RWKV-6: 64).
         ffn_size: channel-mix width (default ``int(3.5 D) // 32 * 32`` as RWKV-6, at least 32).
@@ -253,6 +257,7 @@ class RWKVMixer(Mixer):
         hidden_size: int,
         *,
         head_dim: int | None = None,
+        num_heads: int | None = None,
         mix_lora_rank: int = 32,
         decay_lora_rank: int = 64,
         ffn_size: int | None = None,
@@ -261,6 +266,19 @@ class RWKVMixer(Mixer):
     ) -> None:
         super().__init__()
         D = hidden_size
+        if num_heads is not None:
+            bad = isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1
+            if bad or D % num_heads:
+                raise ValueError(
+                    f"option 'num_heads' of the rwkv backbone must be a positive divisor of "
+                    f"hidden_size={D}, got {num_heads!r} (or set backbone_options={{'head_dim': ...}})"
+                )
+            if head_dim is not None and head_dim * num_heads != D:
+                raise ValueError(
+                    f"options 'head_dim'={head_dim!r} and 'num_heads'={num_heads!r} of the rwkv "
+                    f"backbone disagree: head_dim * num_heads must equal hidden_size={D}"
+                )
+            head_dim = D // num_heads
         K = default_head_dim(D) if head_dim is None else head_dim
         if not isinstance(K, int) or K < 1 or D % K:
             raise ValueError(

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from hybridssm import io as hsio
 from hybridssm import streaming
 from hybridssm.config import ModelConfig
-from hybridssm.layers import LayerNorm, is_fp32_no_decay
+from hybridssm.layers import is_fp32_no_decay, make_norm
 from hybridssm.mixers.base import valid_mask
 from hybridssm.state import ModelState
 
@@ -41,8 +41,11 @@ class SequenceModel(nn.Module):
     ``return_sequence=True``, to ``[B, T, hidden_size]``; streams with ``init_state`` + ``step``.
 
     Subclasses set ``config_class`` (through :func:`hybridssm.registry.register_model`) and
-    implement :meth:`build_blocks`. Dropout (``config.dropout``) applies between blocks, as in the
-    seeds; ``checkpoint_every=N`` recomputes each segment of N blocks in the backward pass.
+    implement :meth:`build_blocks`. Dropout (``config.dropout``) applies to the residual stream
+    between blocks, as in the seeds' Mamba, GatedSSM, Hymba and SSTransformer; a model whose blocks
+    drop inside (``hybrid``, as its seed: each mixer's and FFN's output before the residual add) sets
+    ``dropout_between_blocks = False``. ``checkpoint_every=N`` recomputes each segment of N blocks in
+    the backward pass.
     """
 
     config_class: ClassVar[type[ModelConfig]] = ModelConfig
@@ -51,6 +54,8 @@ class SequenceModel(nn.Module):
     #: allows it (:mod:`hybridssm.streaming`); False keeps the block-by-block path (same values; for
     #: comparisons)
     use_fused_step: bool = True
+    #: whether ``config.dropout`` applies between blocks (False: the blocks apply it themselves)
+    dropout_between_blocks: ClassVar[bool] = True
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -67,8 +72,8 @@ class SequenceModel(nn.Module):
         )
         self.positional = self.build_positional(config)
         self.blocks = nn.ModuleList(self.build_blocks(config))
-        self.final_norm = LayerNorm(d)
-        self.dropout = nn.Dropout(config.dropout)
+        self.final_norm = make_norm(config.norm, d, config.norm_eps)
+        self.dropout = nn.Dropout(config.dropout if self.dropout_between_blocks else 0.0)
 
     def build_blocks(self, config: ModelConfig) -> list[nn.Module]:  # pragma: no cover
         raise NotImplementedError
@@ -110,13 +115,14 @@ class SequenceModel(nn.Module):
     # -- states ---------------------------------------------------------------------------------
     def init_state(
         self,
-        batch_size: int,
+        batch_size: int = 1,
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         max_len: int | None = None,
     ) -> ModelState:
-        """The state before the first input. Device and dtype follow the parameters unless given;
+        """The state before the first input (``batch_size`` 1 by default, as the seed's
+        ``init_cache``). Device and dtype follow the parameters unless given;
         ``max_len`` is the capacity of full-attention caches (input positions, default 4096)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")

@@ -33,6 +33,8 @@ class GatedSSM(SequenceModel):
                     conv_size=c.conv_size,
                 ),
                 c.hidden_size,
+                norm=c.norm,
+                norm_eps=c.norm_eps,
             )
             for _ in range(c.num_layers)
         ]

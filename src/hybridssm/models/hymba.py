@@ -156,6 +156,8 @@ class Hymba(SequenceModel):
                 d,
                 fusion=FUSIONS[c.fusion](d, normalize=c.fusion_norm),
                 ffn=FFN(d, 4),
+                norm=c.norm,
+                norm_eps=c.norm_eps,
             )
             for i in range(c.num_layers)
         ]
@@ -170,13 +172,12 @@ class Hymba(SequenceModel):
         out, states = super()._run_blocks(torch.cat([meta, h], 1), None, lengths, inplace)
         return out[:, M:], states
 
-    def init_state(self, batch_size: int, *, device=None, dtype=None, max_len=None) -> ModelState:
+    def init_state(self, batch_size: int = 1, *, device=None, dtype=None, max_len=None) -> ModelState:
         """The state after the meta tokens (``pos`` = 0): it depends only on the parameters.
 
         Computed on every call (one forward over the ``M`` meta tokens), never cached, so it always
         follows the current parameters, however they were written; a stream builds it once and
-        ``step(reset=...)`` only when some row restarts. The meta tokens run in the model's dtype;
-        the state's buffers take the dtypes asked for (``dtype``, as :meth:`SequenceModel.init_state`)."""
+        ``step(reset=...)`` only when some row restarts."""
         zero = super().init_state(batch_size, device=device, dtype=dtype, max_len=max_len)
         if self.meta_embedding is None:
             return zero

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from hybridssm.blocks import ResidualBlock
-from hybridssm.config import SSMConfig
-from hybridssm.mixers.mamba import MambaMixer
+from hybridssm.config import SelectiveSSMConfig, check_choice, check_optional_positive
+from hybridssm.mixers.mamba import DT_INITS, MambaMixer
 from hybridssm.models.base import SequenceModel
 from hybridssm.registry import register_model
 
@@ -14,18 +15,38 @@ __all__ = ["MambaConfig", "Mamba", "MambaBlock"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class MambaConfig(SSMConfig):
-    """Options of ``mamba``: the seed's Mamba options and defaults (:class:`SSMConfig`);
+class MambaConfig(SelectiveSSMConfig):
+    """Options of ``mamba``: the seed's Mamba options and defaults (:class:`SSMConfig`), the
+    ``mamba_ssm`` / ``transformers`` ones of :class:`SelectiveSSMConfig`, and:
+
+    Attributes:
+        dt_rank: rank of the time-step projection; None = ``ceil(hidden_size / 16)`` (``"auto"``).
+        dt_init: ``"random"`` (U(+-dt_rank^-0.5), the default) or ``"constant"`` initial
+            time-step projection (``time_step_init_scheme``).
+
     ``window_size`` is the expected sequence length (stored only; never a limit)."""
+
+    dt_rank: int | None = None
+    dt_init: str = "random"
+
+    def validate(self) -> None:
+        super().validate()
+        check_optional_positive("dt_rank", self.dt_rank)
+        check_choice("dt_init", self.dt_init, DT_INITS)
+
+    def mixer_options(self) -> dict[str, Any]:
+        return dict(super().mixer_options(), dt_rank=self.dt_rank, dt_init=self.dt_init)
 
 
 def MambaBlock(
     hidden_size: int, *, state_size: int = 16, expand_factor: int = 2, conv_size: int = 4,
-    pre_norm: bool = True,
+    pre_norm: bool = True, norm: str = "layernorm", norm_eps: float | None = None, **mixer_options: Any,
 ) -> ResidualBlock:
-    """The seed's Mamba layer: ``x + MambaMixer(LayerNorm(x))`` (no FFN), with its streaming state."""
-    mixer = MambaMixer(hidden_size, state_size=state_size, expand_factor=expand_factor, conv_size=conv_size)
-    return ResidualBlock(mixer, hidden_size, pre_norm=pre_norm)
+    """The seed's Mamba layer: ``x + MambaMixer(norm(x))`` (no FFN), with its streaming state;
+    ``mixer_options`` are :class:`~hybridssm.mixers.mamba.MambaMixer`'s (``dt_rank``, ...)."""
+    mixer = MambaMixer(hidden_size, state_size=state_size, expand_factor=expand_factor,
+                       conv_size=conv_size, **mixer_options)
+    return ResidualBlock(mixer, hidden_size, pre_norm=pre_norm, norm=norm, norm_eps=norm_eps)
 
 
 @register_model("mamba", MambaConfig)
@@ -34,7 +55,7 @@ class Mamba(SequenceModel):
 
     def build_blocks(self, c: MambaConfig) -> list:
         return [
-            MambaBlock(c.hidden_size, state_size=c.state_size, expand_factor=c.expand_factor,
-                       conv_size=c.conv_size)
+            ResidualBlock(MambaMixer(c.hidden_size, **c.mixer_options()), c.hidden_size,
+                          norm=c.norm, norm_eps=c.norm_eps)
             for _ in range(c.num_layers)
         ]

@@ -84,6 +84,8 @@ class SSTransformer(SequenceModel):
                 d,
                 fusion=FUSIONS[c.fusion](d, **norm),
                 ffn=FFN(d, 4),
+                norm=c.norm,
+                norm_eps=c.norm_eps,
             )
             for _ in range(c.num_layers)
         ]

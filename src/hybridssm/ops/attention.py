@@ -434,8 +434,22 @@ def _cached_masks(
     return old, new
 
 
+def _repeat_kv(q_heads: Tensor, k, v, ck, cv, mk, mv, kv_dim: int, mem_dim: int):
+    """Grouped-query attention: each of the ``Hk`` key/value heads (cache, new keys, memory) serves
+    ``H / Hk`` consecutive query heads; repeated here so the attend below stays per head."""
+    g = q_heads // ck.shape[1]
+    if g == 1:
+        return k, v, ck, cv, mk, mv
+    k, v = k.repeat_interleave(g, dim=kv_dim), v.repeat_interleave(g, dim=kv_dim)
+    ck, cv = ck.repeat_interleave(g, dim=1), cv.repeat_interleave(g, dim=1)
+    if mk is not None:
+        mk, mv = mk.repeat_interleave(g, dim=mem_dim), mv.repeat_interleave(g, dim=mem_dim)
+    return k, v, ck, cv, mk, mv
+
+
 def _cached_attend_ref(q, k, v, ck, cv, pos, window, num_prefix, mem_k, mem_v) -> Tensor:
     B, T, H, D = q.shape
+    k, v, ck, cv, mem_k, mem_v = _repeat_kv(H, k, v, ck, cv, mem_k, mem_v, 2, 1)
     acc = _acc_dtype(q)
     old, new = _cached_masks(pos, T, ck.shape[2], num_prefix, window)
     keys = [ck.to(acc), k.to(acc).transpose(1, 2)]
@@ -485,6 +499,7 @@ def _cached_attend(q, k, v, ck, cv, pos, window, num_prefix, mk, mv) -> Tensor:
     """Fast streaming attention, ``q, k, v [B, H, T, D]``: scores against the cache and the new
     keys separately (no copy of the cache), one softmax in fp32 (at least)."""
     T = q.shape[2]
+    k, v, ck, cv, mk, mv = _repeat_kv(q.shape[1], k, v, ck, cv, mk, mv, 1, 1)
     old, new = _cached_masks(pos, T, ck.shape[2], num_prefix, window)
     scale = q.shape[-1] ** -0.5
     qc = q.to(ck.dtype)
@@ -564,8 +579,9 @@ def attention_cached(
     """Streaming attention for ``T`` new tokens of each row at positions ``pos[b] + t``.
 
     Args:
-        q, k, v: ``[B, T, H, Dh]`` (keys already rotated for their positions).
-        cache_k, cache_v: ``[B, H, P + S, Dh]``; slots as in :func:`cache_slot_positions`.
+        q, k, v: ``[B, T, H, Dh]`` (keys already rotated for their positions); ``k, v`` may have
+            ``Hk`` heads dividing ``H`` (grouped-query attention; the cache then has ``Hk``).
+        cache_k, cache_v: ``[B, Hk, P + S, Dh]``; slots as in :func:`cache_slot_positions`.
         pos: ``[B]`` int64, tokens each row has consumed (prefix tokens included).
         lengths: ``[B]`` valid new tokens per row (right padding); only those are written.
         inplace: write into ``cache_k, cache_v`` (O(T) copies) instead of new buffers.

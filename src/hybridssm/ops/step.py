@@ -73,14 +73,18 @@ class FusionStep(NamedTuple):
 
 
 class FFNStep(NamedTuple):
-    """A feed-forward sublayer: ``down(gelu(up(.)))`` behind ``norm`` (placed as the block's
-    ``pre_norm`` says)."""
+    """A feed-forward sublayer behind ``norm`` (placed as the block's ``pre_norm`` says), of the
+    form ``activation`` (:class:`hybridssm.layers.FFN`): ``"gelu"`` ``down(gelu(up(.)))``,
+    ``"swiglu"`` ``down(silu(gate(.)) * up(.))``, ``"geglu"`` ``down(gelu_tanh(gate(.)) * up(.))``."""
 
     norm: NormStep
     up_w: Tensor
     up_b: Tensor | None
     down_w: Tensor
     down_b: Tensor | None
+    activation: str = "gelu"
+    gate_w: Tensor | None = None
+    gate_b: Tensor | None = None
 
 
 class BlockStep(NamedTuple):

@@ -38,6 +38,7 @@ __all__ = ["StepPlan", "fused_step", "plan_status"]
 
 _NORM_KIND = {"identity": 0, "layer": 1, "rms": 2}
 _FUSION_KIND = {None: 0, "gate": 1, "mean": 2}
+_FFN_KIND = {"gelu": 0, "swiglu": 1, "geglu": 2}
 _EMPTY = torch.empty(0)
 
 # Bumped whenever any module registers a parameter, buffer or submodule: a plan built at an older
@@ -184,17 +185,21 @@ def _add_block(cpp: Any, spec: BlockStep, counts: list[int]) -> list[Tensor]:
         ak, aw, _, aeps = norm(f.attn_norm)
         held.extend(t for t in (f.gate_w, f.gate_b) if t is not None)
         fusion_w, fusion_eps = [_t(f.gate_w), _t(f.gate_b), sw, aw], [seps, aeps]
-    ffn, fk, feps = [], 0, 0.0
+    ffn, fk, feps, form = [], 0, 0.0, 0
     if spec.ffn is not None:
         f = spec.ffn
         fk, fw, fb, feps = norm(f.norm)
-        held.extend(t for t in (f.up_w, f.up_b, f.down_w, f.down_b) if t is not None)
+        held.extend(t for t in (f.up_w, f.up_b, f.down_w, f.down_b, f.gate_w, f.gate_b) if t is not None)
         ffn = [fw, fb, f.up_w, _t(f.up_b), f.down_w, _t(f.down_b)]
+        form = _FFN_KIND[f.activation]
+        if f.gate_w is not None:
+            ffn += [f.gate_w, _t(f.gate_b)]
     cpp.add_block(
         spec.pre_norm, nk, nw, nb, neps,
         [m.kind for m in spec.mixers], weights, [list(m.ints) for m in spec.mixers],
         [[float(v) for v in m.floats] for m in spec.mixers], counts,
-        _FUSION_KIND[None if spec.fusion is None else spec.fusion.kind], fusion_w, fusion_eps, fk, ffn, feps,
+        _FUSION_KIND[None if spec.fusion is None else spec.fusion.kind], fusion_w, fusion_eps,
+        fk, ffn, feps, form,
     )
     return held
 

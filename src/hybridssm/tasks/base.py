@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hybridssm.config import unknown_option_error
+from hybridssm.checks import unknown_option_error
 
 __all__ = ["IGNORE", "Task", "derive_seed", "SPLITS"]
 

@@ -58,7 +58,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("norm_w"), pybind11::arg("norm_b"), pybind11::arg("norm_eps"), pybind11::arg("kinds"),
            pybind11::arg("weights"), pybind11::arg("ints"), pybind11::arg("floats"), pybind11::arg("n_states"),
            pybind11::arg("fusion"), pybind11::arg("fusion_w"), pybind11::arg("fusion_eps"),
-           pybind11::arg("ffn_norm_kind"), pybind11::arg("ffn"), pybind11::arg("ffn_eps"))
+           pybind11::arg("ffn_norm_kind"), pybind11::arg("ffn"), pybind11::arg("ffn_eps"),
+           pybind11::arg("ffn_kind"))
       .def("num_states", &Plan::num_states)
       .def("run", &Plan::run, pybind11::arg("x"), pybind11::arg("states"), pybind11::arg("pos"),
            pybind11::call_guard<pybind11::gil_scoped_release>());

@@ -24,6 +24,8 @@ namespace hybridssm::step {
 
 enum NormKind : int64_t { kIdentity = 0, kLayerNorm = 1, kRMSNorm = 2 };
 enum FusionKind : int64_t { kNoFusion = 0, kGate = 1, kMean = 2 };
+// the FFN's form (layers.FFN): down(gelu(up x)), down(silu(gate x) * up x), down(gelu_tanh(gate x) * up x)
+enum FFNKind : int64_t { kGeluFFN = 0, kSwiGLU = 1, kGeGLU = 2 };
 
 struct Norm {
   int64_t kind = kIdentity;
@@ -76,7 +78,8 @@ struct Block {
   Norm ssm_norm, attn_norm;  // identity when the fusion does not normalise
   bool has_ffn = false;
   Norm ffn_norm;
-  at::Tensor up_w, up_b, down_w, down_b;
+  int64_t ffn_kind = kGeluFFN;
+  at::Tensor up_w, up_b, down_w, down_b, gate_w_ffn, gate_b_ffn;
 };
 
 class Plan {
@@ -89,13 +92,15 @@ class Plan {
 
   // mixers: (kind, weights, ints, floats, number of state tensors) each; fusion_w: (gate_w, gate_b,
   // ssm_norm_w, attn_norm_w), fusion_eps: (ssm, attn) (ignored where absent); ffn: (norm_w, norm_b,
-  // up_w, up_b, down_w, down_b) or empty (no FFN).
+  // up_w, up_b, down_w, down_b[, gate_w, gate_b]) or empty (no FFN), with ffn_kind (FFNKind: the
+  // gated forms take the gate's weights too).
   void add_block(bool pre_norm, int64_t norm_kind, const at::Tensor& norm_w, const at::Tensor& norm_b,
                  double norm_eps, const std::vector<std::string>& kinds,
                  const std::vector<std::vector<at::Tensor>>& weights, const std::vector<std::vector<int64_t>>& ints,
                  const std::vector<std::vector<double>>& floats, const std::vector<int64_t>& n_states,
                  int64_t fusion, const std::vector<at::Tensor>& fusion_w, const std::vector<double>& fusion_eps,
-                 int64_t ffn_norm_kind, const std::vector<at::Tensor>& ffn, double ffn_eps) {
+                 int64_t ffn_norm_kind, const std::vector<at::Tensor>& ffn, double ffn_eps,
+                 int64_t ffn_kind) {
     const size_t n = kinds.size();
     TORCH_CHECK((n == 1 && fusion == kNoFusion) || (n == 2 && fusion != kNoFusion),
                 "step plan: a block has one mixer, or two with a fusion");
@@ -118,10 +123,16 @@ class Plan {
       blk.attn_norm = make_norm(present(fusion_w[3]) ? kRMSNorm : kIdentity, fusion_w[3], {}, fusion_eps[1]);
     }
     if (!ffn.empty()) {
-      TORCH_CHECK(ffn.size() == 6, "step plan: an FFN takes 6 tensors (norm_w, norm_b, up_w, up_b, down_w, down_b)");
+      TORCH_CHECK(ffn_kind == kGeluFFN || ffn_kind == kSwiGLU || ffn_kind == kGeGLU,
+                  "step plan: unknown FFN kind ", ffn_kind);
+      const size_t want = ffn_kind == kGeluFFN ? 6 : 8;
+      TORCH_CHECK(ffn.size() == want, "step plan: this FFN takes ", want,
+                  " tensors (norm_w, norm_b, up_w, up_b, down_w, down_b[, gate_w, gate_b]), got ", ffn.size());
       blk.has_ffn = true;
+      blk.ffn_kind = ffn_kind;
       blk.ffn_norm = make_norm(ffn_norm_kind, ffn[0], ffn[1], ffn_eps);
       blk.up_w = ffn[2], blk.up_b = ffn[3], blk.down_w = ffn[4], blk.down_b = ffn[5];
+      if (ffn_kind != kGeluFFN) blk.gate_w_ffn = ffn[6], blk.gate_b_ffn = ffn[7];
     }
     blocks_.push_back(std::move(blk));
   }
@@ -195,8 +206,15 @@ class Plan {
   static at::Tensor ffn(const Block& blk, const at::Tensor& x) {
     const auto dt = x.scalar_type();
     auto bias = [dt](const at::Tensor& b) { return present(b) ? as_(b, dt) : at::Tensor(); };
-    const auto up = at::gelu(linear_small(x, as_(blk.up_w, dt), bias(blk.up_b)));
-    return linear_small(up, as_(blk.down_w, dt), bias(blk.down_b));
+    const auto up = linear_small(x, as_(blk.up_w, dt), bias(blk.up_b));
+    at::Tensor h;
+    if (blk.ffn_kind == kGeluFFN) {
+      h = at::gelu(up);
+    } else {  // the same ATen ops, in the same order, as layers.FFN
+      const auto gate = linear_small(x, as_(blk.gate_w_ffn, dt), bias(blk.gate_b_ffn));
+      h = (blk.ffn_kind == kSwiGLU ? at::silu(gate) : at::gelu(gate, "tanh")) * up;
+    }
+    return linear_small(h, as_(blk.down_w, dt), bias(blk.down_b));
   }
 
   at::Tensor in_w_, in_b_;
