@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import hybridssm as hs
+from conformance_cases import tiny_cases
 from helpers import assert_close, assert_tree_close
 from hybridssm.ops import use_kernels
 from hybridssm.state import ModelState
@@ -294,3 +295,33 @@ def test_deepcopy_and_pickle_keep_the_step_exact(tmp_path):
     torch.save(model, tmp_path / "m.pt")
     loaded = torch.load(tmp_path / "m.pt", weights_only=False)
     _assert_stream_equals_forward(loaded, msg="pickled")
+
+
+# -- a stream that starts from a prefill (the real-time case) takes the one-call step ---------------
+@pytest.mark.parametrize("case", [c for c in tiny_cases()], ids=str)
+def test_a_prefilled_state_streams_through_the_fused_plan(case, monkeypatch):
+    # forward(return_state=True) hands back contiguous buffers, which the fused step writes in place
+    # (a conv window sliced from the chunk would otherwise send every later step to the slow path)
+    model = case.build().eval()
+    if plan_mod.plan_status(model) != "fused":
+        pytest.skip(f"no fused plan: {plan_mod.plan_status(model)}")
+    ran = []
+    original = plan_mod.StepPlan.run
+
+    def spy(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        ran.append(out is not None)
+        return out
+
+    monkeypatch.setattr(plan_mod.StepPlan, "run", spy)
+    x = torch.randn(2, 7, model.config.embed_dim)
+    with torch.inference_mode():
+        want = model(x, return_sequence=True)
+        _, state = model(x[:, :5], return_state=True)
+        assert all(t.is_contiguous() for t in torch.utils._pytree.tree_leaves(state))
+        ys = []
+        for t in (5, 6):
+            y, state = model.step(x[:, t], state, inplace=True)
+            ys.append(y)
+    assert ran and all(ran), "the inplace step after a prefill fell back to the block-by-block path"
+    assert_close(torch.stack(ys, 1), want[:, 5:])

@@ -410,7 +410,10 @@ class SequenceModel(nn.Module):
         if not return_state:
             return out
         pos = state.pos + (lengths if lengths is not None else T)
-        return out, ModelState(tuple(layers), pos)
+        # contiguous buffers (a conv window is a slice of the chunk): the state a stream then steps
+        # in place, which the fused step writes through its buffers' memory (a no-op when they are)
+        layers = torch.utils._pytree.tree_map(lambda t: t.contiguous(), tuple(layers))
+        return out, ModelState(layers, pos)
 
     def step(
         self,
