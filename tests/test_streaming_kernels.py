@@ -206,3 +206,17 @@ def test_plan_status_names_what_has_no_fused_form():
     model = _Blocks(ModelConfig(embed_dim=6, hidden_size=D, num_layers=1),
                     lambda d: [ResidualBlock(Odd(), d)])
     assert "block 0" in plan_status(model)
+
+
+def test_a_kernel_given_the_wrong_number_of_states_raises_instead_of_reading_past_them():
+    # every kernel registers how many state tensors it reads: a call with fewer (or more) is refused
+    # before the kernel runs (it indexes its states without bounds checks)
+    mixer = hs.build_layer("gru", hidden_size=8).mixer.eval()
+    spec = mixer.step_spec()
+    state = mixer.init_state(1)
+    x, pos = torch.randn(1, 8), torch.zeros(1, dtype=torch.long)
+    with pytest.raises(RuntimeError, match=r"mixer kind 'gru' takes 1 state tensors, got 0"):
+        mixer_step(spec, x, [], pos)
+    with pytest.raises(RuntimeError, match=r"takes 1 state tensors, got 2"):
+        mixer_step(spec, x, [state.h, state.h.clone()], pos)
+    assert mixer_step(spec, x, list(state), pos).shape == (1, 8)

@@ -34,7 +34,8 @@ at::Tensor mixer_step(const std::string& kind, const at::Tensor& x, const std::v
                 "mixer_step: states must be contiguous with batch ", x.size(0), " first, got ", s.sizes());
   }
   const MixerSpec spec{w, i, f};
-  return hybridssm::step::find_mixer(kind)(x.contiguous(), spec, states.data(), pos);
+  const auto fn = hybridssm::step::find_mixer(kind, static_cast<int64_t>(states.size()));
+  return fn(x.contiguous(), spec, states.data(), pos);
 }
 
 std::vector<std::string> mixer_kinds() {

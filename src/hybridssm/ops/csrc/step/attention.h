@@ -284,6 +284,6 @@ inline at::Tensor attention_mixer_step(const at::Tensor& x, const MixerSpec& m, 
 
 }  // namespace attention_step
 
-HYBRIDSSM_MIXER_STEP(attention, attention_step::attention_mixer_step);
+HYBRIDSSM_MIXER_STEP(attention, attention_step::attention_mixer_step, 3);
 
 }  // namespace hybridssm::step

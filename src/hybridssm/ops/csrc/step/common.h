@@ -48,23 +48,36 @@ struct MixerSpec {
 using MixerFn = at::Tensor (*)(const at::Tensor& x, const MixerSpec& m, at::Tensor* states,
                                const at::Tensor& pos);
 
-inline std::map<std::string, MixerFn>& mixer_registry() {
-  static std::map<std::string, MixerFn> table;
+// A registered kernel and how many state tensors it reads and writes (checked before every call
+// from Python and when a plan is built: a kernel indexes its states without bounds checks).
+struct MixerKernel {
+  MixerFn fn = nullptr;
+  int64_t n_states = 0;
+};
+
+inline std::map<std::string, MixerKernel>& mixer_registry() {
+  static std::map<std::string, MixerKernel> table;
   return table;
 }
 
 struct MixerRegistration {
-  MixerRegistration(const char* kind, MixerFn fn) { mixer_registry()[kind] = fn; }
+  MixerRegistration(const char* kind, MixerFn fn, int64_t n_states) {
+    mixer_registry()[kind] = MixerKernel{fn, n_states};
+  }
 };
 
-// HYBRIDSSM_MIXER_STEP(mamba, mamba_mixer_step) registers a mixer step under the kind "mamba".
-#define HYBRIDSSM_MIXER_STEP(kind, fn) \
-  static ::hybridssm::step::MixerRegistration hybridssm_mixer_step_##kind(#kind, fn)
+// HYBRIDSSM_MIXER_STEP(mamba, mamba_mixer_step, 2) registers a mixer step under the kind "mamba",
+// reading the 2 tensors of its state (the fields of its state NamedTuple, in order).
+#define HYBRIDSSM_MIXER_STEP(kind, fn, n_states) \
+  static ::hybridssm::step::MixerRegistration hybridssm_mixer_step_##kind(#kind, fn, n_states)
 
-inline MixerFn find_mixer(const std::string& kind) {
+// The kernel of `kind`, after checking that it is given `n_states` state tensors.
+inline MixerFn find_mixer(const std::string& kind, int64_t n_states) {
   auto it = mixer_registry().find(kind);
   TORCH_CHECK(it != mixer_registry().end(), "hybridssm step: no fused step for mixer kind '", kind, "'");
-  return it->second;
+  TORCH_CHECK(n_states == it->second.n_states, "hybridssm step: mixer kind '", kind, "' takes ",
+              it->second.n_states, " state tensors, got ", n_states);
+  return it->second.fn;
 }
 
 // ---- small helpers shared by the step kernels -------------------------------------------------

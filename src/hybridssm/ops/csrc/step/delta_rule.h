@@ -121,7 +121,7 @@ at::Tensor delta_rule_step(const at::Tensor& x, const MixerSpec& m, at::Tensor* 
   return linear_small(o, Wo, at::Tensor());
 }
 
-HYBRIDSSM_MIXER_STEP(delta_net, delta_rule_step<false>);
-HYBRIDSSM_MIXER_STEP(gated_delta_net, delta_rule_step<true>);
+HYBRIDSSM_MIXER_STEP(delta_net, delta_rule_step<false>, 4);
+HYBRIDSSM_MIXER_STEP(gated_delta_net, delta_rule_step<true>, 4);
 
 }  // namespace hybridssm::step

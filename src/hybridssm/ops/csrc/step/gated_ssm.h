@@ -86,6 +86,6 @@ inline at::Tensor gated_ssm_mixer_step(const at::Tensor& x, const MixerSpec& m, 
   return linear_small(y, w(10), b(11));
 }
 
-HYBRIDSSM_MIXER_STEP(gated_ssm, gated_ssm_mixer_step);
+HYBRIDSSM_MIXER_STEP(gated_ssm, gated_ssm_mixer_step, 2);
 
 }  // namespace hybridssm::step

@@ -50,6 +50,6 @@ inline at::Tensor gru_step(const at::Tensor& x, const MixerSpec& m, at::Tensor* 
   return y;
 }
 
-HYBRIDSSM_MIXER_STEP(gru, gru_step);
+HYBRIDSSM_MIXER_STEP(gru, gru_step, 1);
 
 }  // namespace hybridssm::step

@@ -129,6 +129,6 @@ inline at::Tensor mamba_mixer_step(const at::Tensor& x, const MixerSpec& m, at::
   return linear_small(y, as_(m.w[8], dt), at::Tensor());
 }
 
-HYBRIDSSM_MIXER_STEP(mamba, mamba_mixer_step);
+HYBRIDSSM_MIXER_STEP(mamba, mamba_mixer_step, 2);
 
 }  // namespace hybridssm::step

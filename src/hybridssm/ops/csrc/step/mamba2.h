@@ -107,6 +107,6 @@ inline at::Tensor mamba2_mixer_step(const at::Tensor& x, const MixerSpec& m, at:
   return linear_small(y, as_(m.w[7], dt), at::Tensor());
 }
 
-HYBRIDSSM_MIXER_STEP(mamba2, mamba2_mixer_step);
+HYBRIDSSM_MIXER_STEP(mamba2, mamba2_mixer_step, 2);
 
 }  // namespace hybridssm::step

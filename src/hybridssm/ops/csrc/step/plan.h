@@ -110,7 +110,8 @@ class Plan {
     blk.pre_norm = pre_norm;
     blk.norm = make_norm(norm_kind, norm_w, norm_b, norm_eps);
     for (size_t j = 0; j < n; ++j) {
-      blk.mixers.push_back(Mixer{kinds[j], find_mixer(kinds[j]), MixerSpec{weights[j], ints[j], floats[j]},
+      blk.mixers.push_back(Mixer{kinds[j], find_mixer(kinds[j], n_states[j]),
+                                 MixerSpec{weights[j], ints[j], floats[j]},
                                  n_states[j]});
       n_states_ += n_states[j];
     }

@@ -98,6 +98,6 @@ inline at::Tensor rglru_step(const at::Tensor& x, const MixerSpec& m, at::Tensor
   return linear_small(hy, Wo, bo);
 }
 
-HYBRIDSSM_MIXER_STEP(griffin_lru, rglru_step);
+HYBRIDSSM_MIXER_STEP(griffin_lru, rglru_step, 3);
 
 }  // namespace hybridssm::step

@@ -222,6 +222,6 @@ inline at::Tensor rwkv_step(const at::Tensor& x, const MixerSpec& m, at::Tensor*
   return y;
 }
 
-HYBRIDSSM_MIXER_STEP(rwkv, rwkv_step);
+HYBRIDSSM_MIXER_STEP(rwkv, rwkv_step, 3);
 
 }  // namespace hybridssm::step
