@@ -19,10 +19,10 @@ def _hymba(**kw):
 
 def _writes():
     def data_copy(m):
-        m.meta.data.copy_(torch.randn_like(m.meta))
+        m.meta_embedding.data.copy_(torch.randn_like(m.meta_embedding))
 
     def data_assign(m):
-        m.meta.data = torch.randn_like(m.meta)
+        m.meta_embedding.data = torch.randn_like(m.meta_embedding)
 
     def block_weight_through_data(m):
         m.blocks[0].ssm.in_proj.weight.data.mul_(1.5)
@@ -61,7 +61,7 @@ def test_hymba_reset_uses_the_current_parameters():
     with torch.no_grad():
         state = model.init_state(2)
         model.step(x[:, 0], state, inplace=True)
-        model.meta.data.copy_(torch.randn_like(model.meta))
+        model.meta_embedding.data.copy_(torch.randn_like(model.meta_embedding))
         y, _ = model.step(x[:, 1], state, reset=torch.tensor([True, False]), inplace=True)
         assert_close(y[:1], model(x[:1, 1:2]))
 
