@@ -396,6 +396,12 @@ class SequenceModel(nn.Module):
             self._check_state(state, B)
         elif return_state:
             state = self.init_state(B, device=x.device, max_len=max_len)
+        if lengths is not None:
+            # padding never reaches valid results, whatever it holds: a NaN or Inf there would
+            # otherwise pass through products with zero weights (attention over masked keys, a
+            # scan's skipped steps), since 0 * NaN is NaN
+            pad = ~valid_mask(lengths, T, x.device)
+            x = x.masked_fill(pad.unsqueeze(-1), 0.0)
         h = self._embed(x, None if state is None else state.pos)
         h, layers = self._run_blocks(h, None if state is None else state.layers, lengths, False)
         h = self.final_norm(h)
