@@ -175,13 +175,25 @@ class SequenceModel(nn.Module):
         return None
 
     def reset_rows(self, state: ModelState, done: Tensor, inplace: bool = False) -> ModelState:
-        """Rows where ``done`` is True restart from :meth:`init_state` (built only when some row
-        restarts, in eager mode: Hymba's runs the meta tokens)."""
-        if not _compiling() and not bool(done.any()):
-            return state
-        fresh = self.init_state(
-            state.batch_size, device=state.pos.device, max_len=self.state_max_len(state)
-        )
+        """Rows where ``done`` is True restart from :meth:`init_state`.
+
+        In eager mode only those rows are built and written (an ``init_state`` of their count,
+        copied into their slots), so a reset costs what the restarted rows hold, not the whole
+        batch's buffers (many streams with full attention caches); nothing happens when no row
+        restarts. Compiled graphs select every row with ``torch.where`` (no data-dependent shapes)."""
+        cap = self.state_max_len(state)
+        if not _compiling():
+            rows = done.nonzero().squeeze(1)
+            if rows.numel() == 0:
+                return state
+            fresh = self.init_state(rows.numel(), device=state.pos.device, max_len=cap)
+
+            def put(cur: Tensor, new: Tensor) -> Tensor:
+                new = new.to(cur.dtype)
+                return cur.index_copy_(0, rows, new) if inplace else cur.index_copy(0, rows, new)
+
+            return torch.utils._pytree.tree_map(put, state, fresh)
+        fresh = self.init_state(state.batch_size, device=state.pos.device, max_len=cap)
 
         def pick(cur: Tensor, new: Tensor) -> Tensor:
             m = done.view(-1, *([1] * (cur.dim() - 1)))
