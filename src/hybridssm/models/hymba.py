@@ -12,8 +12,9 @@ and ``forward(x) == forward(x, state=init_state(B))``.
 Fusion: the seed's learned sigmoid gate (``fusion="gate"``, default) or the paper's mean
 (``fusion="mean"``). Either way each path's output is first RMS-normalised with learnable
 per-channel gains (``fusion_norm=True``, the paper's ``beta * norm(.)``): the raw attention output
-is an order of magnitude larger than the Mamba output, and fusing raw outputs left Hymba stuck at
-0.25 on MQAR (``fusion_norm=False`` keeps that form as an ablation).
+is an order of magnitude larger than the Mamba output, and fusing raw outputs lets the larger path
+hide the smaller (``fusion_norm=False`` keeps that form as an ablation; the README's demo section
+has the measured effect).
 
 ``meta_tokens="kv"`` is the seed's simpler variant: ``M`` learned keys/values per attention layer,
 prepended to every query's keys, with no sequence tokens and no propagation across layers.
@@ -54,9 +55,8 @@ class HymbaConfig(ModelConfig):
         fusion_norm: RMS-normalise each path's output, with learnable per-channel gains (the
             paper's betas), before fusing (default True, as in the paper). ``False`` fuses the raw
             outputs, as the seed's gate does; it is kept as an ablation: the attention path's output
-            then dwarfs the Mamba path's and Hymba stalls near 0.25 on MQAR where the normalised
-            gate reaches about 0.97 (hidden 64, 2 layers, 300 steps; see
-            :class:`hybridssm.blocks.GateFusion`).
+            then dwarfs the Mamba path's (see :class:`hybridssm.blocks.GateFusion`; measured runs
+            are in the README's demo section).
         meta_tokens: ``"sequence"`` (prepended tokens, propagated across layers) or ``"kv"``.
     """
 
