@@ -430,7 +430,9 @@ class SequenceModel(nn.Module):
         pos = state.pos + (lengths if lengths is not None else T)
         # contiguous buffers (a conv window is a slice of the chunk): the state a stream then steps
         # in place, which the fused step writes through its buffers' memory (a no-op when they are)
-        layers = torch.utils._pytree.tree_map(lambda t: t.contiguous(), tuple(layers))
+        layers = torch.utils._pytree.tree_map(
+            lambda t: t.contiguous() if isinstance(t, Tensor) else t, tuple(layers)
+        )
         return out, ModelState(layers, pos)
 
     def step(
