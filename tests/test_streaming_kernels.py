@@ -191,11 +191,33 @@ def test_models_of_this_package_take_the_plan(name, plan_runs):
     assert plan_runs and all(plan_runs)
 
 
-def test_plan_status_names_what_has_no_fused_form():
-    model = hs.build("hybrid", embed_dim=6, hidden_size=D, num_layers=2, attention_every=3,
-                     positional="sinusoidal")
-    assert "positional" in plan_status(model)
+@pytest.mark.parametrize("positional", ["sinusoidal", "learned", "seed_sinusoidal"])
+def test_additive_positions_are_applied_before_the_one_call_step(positional, monkeypatch):
+    # the model's own embedding (input projection + encoding at each row's position) runs first,
+    # then the C++ plan from the blocks on: the stream equals the forward, rows at other positions too
+    torch.manual_seed(0)
+    model = hs.build("hybrid", embed_dim=6, hidden_size=D, num_layers=3, attention_every=3, num_heads=2,
+                     head_dim=8, positional=positional, dropout=0.0).eval()
+    assert plan_status(model) == "fused"
+    ran = []
+    original = plan_mod.StepPlan.run
+    monkeypatch.setattr(plan_mod.StepPlan, "run",
+                        lambda self, *a, **k: ran.append(original(self, *a, **k)) or ran[-1])
+    x = torch.randn(2, 7, 6)
+    with torch.inference_mode():
+        want = model(x, return_sequence=True)
+        _, state = model(x[:, :3], return_state=True)
+        ys = []
+        for t in range(3, 7):
+            y, state = model.step(x[:, t], state, inplace=True)
+            ys.append(y)
+        y_fn, _ = model.step(x[:, 3], model(x[:, :3], return_state=True)[1])  # functional
+    assert ran and all(r is not None for r in ran)
+    assert_close(torch.stack(ys, 1), want[:, 3:])
+    assert_close(y_fn, want[:, 3])
 
+
+def test_plan_status_names_what_has_no_fused_form():
     class Odd(nn.Module):  # a custom mixer without step_spec
         def forward(self, x, state=None, *, lengths=None, inplace=False):
             return x, state

@@ -24,6 +24,7 @@ the kernel backend is ``auto`` or ``fused`` (:func:`hybridssm.ops.use_kernels`).
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -71,14 +72,18 @@ class StepPlan:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        if getattr(model, "positional", None) is not None:
-            raise _Refused("an additive positional encoding (positional='sinusoidal'/'learned')")
         kinds = set(fused_step_kinds())
         cpp = step_extension().Plan()
         tensors: list[Tensor] = []
 
+        # An additive positional encoding (sinusoidal, learned, the seed's) is applied before the
+        # call by the model's own embedding (input projection + encoding at each row's position:
+        # the forward's ops); the C++ plan then starts at the blocks.
+        self.embeds = getattr(model, "positional", None) is not None
         ip = model.input_proj
-        if type(ip) is nn.Linear:
+        if self.embeds:
+            tensors += list(model.input_proj.parameters()) + list(model.positional.parameters())
+        elif type(ip) is nn.Linear:
             cpp.set_input(ip.weight, _t(ip.bias))
             tensors += [ip.weight, *([ip.bias] if ip.bias is not None else [])]
         elif type(ip) is not nn.Identity:
@@ -126,11 +131,14 @@ class StepPlan:
         return True
 
     def run(
-        self, x: Tensor, state: ModelState, *, inplace: bool, training: bool
+        self, x: Tensor, state: ModelState, *, inplace: bool, training: bool,
+        embed: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> tuple[Tensor, ModelState] | None:
         """One frame through the plan: ``(y [B, d], state)``, or None where it does not apply (the
         caller then runs the block-by-block step). ``inplace`` writes into ``state``'s buffers (which
-        must be contiguous), else they are copied first."""
+        must be contiguous), else they are copied first. A plan that :attr:`embeds` takes the
+        model's ``embed(x [B, 1, E], start [B]) -> h [B, 1, d]`` (its input projection and
+        positional encoding) and applies it before the call."""
         if (
             x.dtype is not self.dtype
             or x.device.type != "cpu"
@@ -139,6 +147,10 @@ class StepPlan:
             or self._grad_needed(x)
         ):
             return None
+        if self.embeds:
+            if embed is None:
+                return None
+            x = embed(x if x.dim() == 3 else x.unsqueeze(1), state.pos)[:, 0].contiguous()
         if inplace:
             memo = self._memo
             if memo is None or memo[0] is not state:
@@ -244,4 +256,5 @@ def fused_step(
     plan = _entry(model).plan
     if plan is None:
         return None
-    return plan.run(x, state, inplace=inplace, training=model.training)
+    embed = model._embed if plan.embeds else None
+    return plan.run(x, state, inplace=inplace, training=model.training, embed=embed)
