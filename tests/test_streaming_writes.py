@@ -17,6 +17,15 @@ def _hymba(**kw):
                     state_size=4, **kw).eval()
 
 
+def _stream(model, x):
+    """Step ``x [B, T, E]`` through the model in place from ``init_state``: ``[B, T, hidden]``."""
+    state, ys = model.init_state(x.shape[0]), []
+    for t in range(x.shape[1]):
+        y, state = model.step(x[:, t], state, inplace=True)
+        ys.append(y)
+    return torch.stack(ys, 1)
+
+
 def _writes():
     def data_copy(m):
         m.meta_embedding.data.copy_(torch.randn_like(m.meta_embedding))
@@ -48,11 +57,8 @@ def test_hymba_init_state_follows_every_write(write):
         model.init_state(2)  # what an earlier version cached
         write(model)
         want = model(x, return_sequence=True)
-        state, ys = model.init_state(2), []
-        for t in range(5):
-            y, state = model.step(x[:, t], state, inplace=True)
-            ys.append(y)
-    assert_close(torch.stack(ys, 1), want)
+        got = _stream(model, x)
+    assert_close(got, want)
 
 
 def test_hymba_reset_uses_the_current_parameters():
@@ -122,11 +128,8 @@ def test_model_built_and_streamed_in_inference_mode(name):
         torch.manual_seed(0)
         model = hs.build(name, embed_dim=6, hidden_size=16, num_layers=2).eval()
         want = model(x, return_sequence=True)
-        state, ys = model.init_state(2), []
-        for t in range(5):
-            y, state = model.step(x[:, t], state, inplace=True)
-            ys.append(y)
-    assert_close(torch.stack(ys, 1), want)
+        got = _stream(model, x)
+    assert_close(got, want)
 
 
 def test_model_loaded_in_inference_mode_streams(tmp_path):
@@ -136,11 +139,8 @@ def test_model_loaded_in_inference_mode_streams(tmp_path):
     with torch.inference_mode():
         model = hs.load(tmp_path).eval()
         want = model(x, return_sequence=True)
-        state, ys = model.init_state(1), []
-        for t in range(4):
-            y, state = model.step(x[:, t], state, inplace=True)
-            ys.append(y)
-    assert_close(torch.stack(ys, 1), want)
+        got = _stream(model, x)
+    assert_close(got, want)
 
 
 @pytest.mark.slow
