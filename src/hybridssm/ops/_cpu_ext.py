@@ -290,7 +290,7 @@ def kernel_probe(source: str, what: str) -> Callable[[str], tuple[bool, str]]:
         return ok, f"fused C++ kernel ({cpu_capability_flags()[0]})" if ok else reason
 
     # What torch.compiler.assume_constant_result sets; that function imports torch._dynamo (seconds
-    # at ``import hybridssm``) only to set this attribute. tests/test_scan.py compiles a first call.
+    # at ``import hybridssm``) only to set this attribute. tests/ops/test_scan.py compiles a first call.
     probe._dynamo_marked_constant = True
     probe.peek = peek
     return probe

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_mamba.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_mamba.py"
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import torch
 import hybridssm as hs
 from hybridssm.bench import matmul_flops
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_models.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_models.py"
 
 
 @pytest.fixture(scope="module")

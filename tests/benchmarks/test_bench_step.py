@@ -23,7 +23,7 @@ from hybridssm.bench import (
     param_bytes,
 )
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_step.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_step.py"
 TINY = dict(embed_dim=6, hidden_size=16, num_layers=2, num_heads=2, head_dim=8, dropout=0.0)
 QUICK = StepBench(steps=6, rounds=2, warmup=1, batches=(3, 5),
                   settings=BenchSettings(warmup=1, max_time=0.01, max_iters=2))
