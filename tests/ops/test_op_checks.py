@@ -266,7 +266,7 @@ def _main() -> None:
 
 @pytest.fixture(scope="module")
 def results():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parents[1]), str(HERE.parents[2] / "src")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parents[2] / "src")])}
     p = subprocess.run([sys.executable, "-c", "import test_op_checks; test_op_checks._main()"], env=env,
                        capture_output=True, text=True, timeout=900)
     out = {}

@@ -4,9 +4,9 @@ reference (the rest of the suite runs on one intra-op thread)."""
 from __future__ import annotations
 
 import torch
+from test_scan import NAMES, _inputs, _run
 
 from helpers import assert_close
-from test_scan import NAMES, _inputs, _run
 
 
 def test_fused_scan_multithreaded_equals_ref():

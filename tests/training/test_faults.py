@@ -11,7 +11,8 @@ import logging
 import pytest
 import torch
 
-import hybridssm.training as training
+import hybridssm.training.files as run_files
+import hybridssm.training.loop as loop
 from hybridssm.training import (
     CHECKPOINT_FILE,
     METRICS_FILE,
@@ -77,7 +78,7 @@ def test_divergence_stops_with_the_step_and_keeps_the_last_finite_checkpoint(tmp
 
 
 def test_non_finite_steps_are_skipped_up_to_max_nonfinite(tmp_path, monkeypatch, caplog):
-    real = training._loss_terms
+    real = loop._loss_terms
     calls = {"n": 0}
 
     def nan_on_step_3(logits, targets):
@@ -85,7 +86,7 @@ def test_non_finite_steps_are_skipped_up_to_max_nonfinite(tmp_path, monkeypatch,
         loss, correct = real(logits, targets)
         return (loss * float("nan") if calls["n"] == 3 else loss), correct
 
-    monkeypatch.setattr(training, "_loss_terms", nan_on_step_3)
+    monkeypatch.setattr(loop, "_loss_terms", nan_on_step_3)
     with caplog.at_level(logging.WARNING, logger="hybridssm"):
         res = train(tiny(max_nonfinite=1, eval_every=100))
     assert res.skipped_steps == 1 and "step 3" in caplog.text
@@ -115,10 +116,10 @@ def test_a_full_disk_during_a_checkpoint_is_one_clear_error(tmp_path, monkeypatc
 
 def test_a_full_disk_while_appending_metrics_is_a_run_file_error(tmp_path, monkeypatch):
     def full_disk(path, record):
-        with training._writing(path):
+        with run_files._writing(path):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(training, "_append_metrics", full_disk)
+    monkeypatch.setattr(loop, "_append_metrics", full_disk)
     with pytest.raises(RunFileError, match="No space left on device"):
         train(tiny(), out=tmp_path)
 
@@ -159,8 +160,8 @@ def test_ddp_timeout_reaches_init_process_group(monkeypatch):
         raise RuntimeError("stop here")
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(training.dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(training.dist, "init_process_group", fake_init)
+    monkeypatch.setattr(loop.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(loop.dist, "init_process_group", fake_init)
     with pytest.raises(RuntimeError, match="stop here"):
         train(tiny(ddp_timeout=2.5, device="cpu"))
     assert seen["timeout"] == datetime.timedelta(minutes=2.5) and seen["backend"] == "gloo"
