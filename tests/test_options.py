@@ -309,6 +309,16 @@ def test_residual_in_fp32_step_equals_forward_in_bf16(name):
                  msg=f"{name}: prefill then steps")
 
 
+def test_residual_in_fp32_with_gradient_checkpointing_in_bf16():
+    model = _tiny("hybrid", torch.bfloat16, residual_in_fp32=True).train()
+    ckpt = _twin(model, checkpoint_every=1).train()
+    x = torch.randn(2, 6, 5).to(torch.bfloat16)
+    for m in (model, ckpt):
+        m(x, return_sequence=True).float().pow(2).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), ckpt.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+
+
 def test_residual_in_fp32_and_the_one_call_step():
     """The C++ plan runs fp32/fp64 models only, where the option changes nothing: it takes a model
     with the option on, and a bf16 model (where the option acts) takes the block-by-block step."""

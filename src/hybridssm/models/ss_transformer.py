@@ -9,7 +9,7 @@ Mamba (``ssm="mamba"``, default) or Mamba-2 (``ssm="mamba2"``), the same mixers 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 from torch import nn
@@ -23,6 +23,9 @@ from hybridssm.models.base import SequenceModel
 from hybridssm.registry import register_model
 
 __all__ = ["SSTransformerConfig", "SSTransformer"]
+
+
+_MAMBA_DEFAULTS = {f.name: f.default for f in fields(MambaOptions)}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,8 +74,8 @@ class SSTransformerConfig(MambaOptions, ModelConfig):
         if self.fusion_norm is not None:
             check_bool("fusion_norm", self.fusion_norm)
         if self.ssm == "mamba2":
-            for name, default in (("dt_rank", None), ("dt_init", "random")):
-                if getattr(self, name) != default:
+            for name in ("dt_rank", "dt_init"):
+                if getattr(self, name) != _MAMBA_DEFAULTS[name]:
                     raise ValueError(
                         f"option {name!r}={getattr(self, name)!r} changes nothing with ssm='mamba2' "
                         "(Mamba-2 has no time-step projection); it is allowed only with ssm='mamba'"
