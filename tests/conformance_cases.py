@@ -42,21 +42,29 @@ VARIANTS: dict[str, list[dict[str, Any]]] = {
     "hybrid": [
         dict(use_sliding_window=False),
         dict(num_kv_heads=1, positional="rope", rope_theta=500.0, ffn_activation="swiglu",
-             ffn_multiplier=2, attention_offset=0, norm="rmsnorm", norm_eps=1e-5),
+             ffn_multiplier=2, attention_offset=0, norm="rmsnorm", norm_eps=1e-5,
+             residual_in_fp32=True),
     ],
-    "hymba": [dict(global_layers=(0,)), dict(meta_tokens="kv")],
+    "hymba": [
+        dict(global_layers=(0,), dt_rank=2, dt_init="constant", conv_bias=False, dt_min=0.01,
+             dt_max=0.05, residual_in_fp32=True),
+        dict(meta_tokens="kv", proj_bias=True),
+    ],
     "transformer": [
         dict(use_sliding_window=True),
-        dict(num_kv_heads=1, positional="seed_sinusoidal", norm="rmsnorm"),
+        dict(num_kv_heads=1, positional="seed_sinusoidal", norm="rmsnorm", residual_in_fp32=True),
     ],
-    "ss_transformer": [dict(ssm="mamba2")],
+    "ss_transformer": [
+        dict(ssm="mamba2", dt_min=0.01, dt_max=0.05, dt_init_floor=0.005, conv_bias=False,
+             residual_in_fp32=True),
+    ],
     "mamba": [
         dict(norm="rmsnorm", norm_eps=1e-5, dt_rank=3, dt_init="constant", conv_bias=False,
-             proj_bias=True),
+             proj_bias=True, residual_in_fp32=False),
     ],
     "mamba2": [
         dict(norm="rmsnorm", D_has_hdim=True, norm_before_gate=True, dt_limit=(0.001, 0.2),
-             A_init_range=(2.0, 4.0), conv_bias=False, proj_bias=True),
+             A_init_range=(2.0, 4.0), conv_bias=False, proj_bias=True, residual_in_fp32=False),
     ],
 }
 

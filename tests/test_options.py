@@ -220,3 +220,189 @@ def test_hybrid_mamba_backbones_take_the_mamba_options_through_backbone_options(
     assert isinstance(m, MambaMixer) and m.ssm.dt_rank == 3 and m.in_proj.bias is not None
     with pytest.raises(ValueError, match="'dt_init' must be one of 'random', 'constant'"):
         hs.build("hybrid", **SMALL, backbone_options={"dt_init": "zeros"})
+
+
+# -- residual_in_fp32 -----------------------------------------------------------------------------
+MODELS = ["mamba", "mamba2", "gated_ssm", "hybrid", "hymba", "ss_transformer", "transformer"]
+# tiny options, those a model has: W = 3 and two layers, so that sliding windows, the hybrid's
+# attention layer and Hymba's meta tokens are all in play
+TINY_RES = dict(embed_dim=5, hidden_size=16, num_layers=2, state_size=4, conv_size=3, num_heads=2,
+                head_dim=8, ssm_head_dim=8, window_size=3, attention_every=2, num_meta_tokens=2,
+                dropout=0.0)
+
+
+def _tiny(name: str, dtype: torch.dtype = torch.float32, **opts):
+    fields = set(hs.get_config_class(name).option_names())
+    torch.manual_seed(0)
+    model = hs.build(name, **{k: v for k, v in TINY_RES.items() if k in fields}, **opts)
+    return model.eval().to(dtype)
+
+
+def _twin(model, **changes):
+    """The same weights under changed options."""
+    other = type(model)(model.config.replace(**changes)).eval().to(model._compute_dtype())
+    other.load_state_dict(model.state_dict())
+    return other
+
+
+def test_residual_in_fp32_defaults_follow_the_libraries():
+    for name in MODELS:
+        want = name in ("mamba", "mamba2")  # transformers' / mamba_ssm's Mamba default
+        assert hs.get_config_class(name)(embed_dim=4).residual_in_fp32 is want, name
+    with pytest.raises(ValueError, match="'residual_in_fp32' must be True or False, got 'yes'"):
+        hs.build("hymba", embed_dim=4, residual_in_fp32="yes")
+
+
+@pytest.mark.parametrize("name", MODELS)
+@torch.no_grad()
+def test_residual_in_fp32_keeps_the_stream_fp32_in_bf16(name):
+    on = _tiny(name, torch.bfloat16, residual_in_fp32=True)
+    off = _twin(on, residual_in_fp32=False)
+    seen: dict[str, list] = {"on": [], "off": []}
+    for key, model in (("on", on), ("off", off)):
+        for block in model.blocks:
+            block.register_forward_hook(lambda m, a, out, key=key: seen[key].append(out[0].dtype))
+    x = torch.randn(2, 6, 5).to(torch.bfloat16)
+    y_on, s_on = on(x, return_sequence=True, return_state=True)
+    y_off, s_off = off(x, return_sequence=True, return_state=True)
+    assert seen["on"] and set(seen["on"]) == {torch.float32}  # the stream between blocks
+    assert set(seen["off"]) == {torch.bfloat16}
+    assert y_on.dtype == y_off.dtype == torch.bfloat16  # the output stays in the model's dtype
+    assert not torch.equal(y_on, y_off)  # the fp32 stream rounds differently
+    assert_close(y_on.float(), y_off.float(), "bf16")  # ... and stays the same function
+    # the states hold mixer inputs, in the model's dtype either way
+    assert [t.dtype for t in torch.utils._pytree.tree_leaves(s_on)] == [
+        t.dtype for t in torch.utils._pytree.tree_leaves(s_off)
+    ]
+
+
+@pytest.mark.parametrize("name", MODELS)
+@torch.no_grad()
+def test_residual_in_fp32_changes_nothing_in_fp32(name):
+    on = _tiny(name, residual_in_fp32=True)
+    off = _twin(on, residual_in_fp32=False)
+    x = torch.randn(2, 6, 5)
+    assert torch.equal(on(x, return_sequence=True), off(x, return_sequence=True))
+
+
+@pytest.mark.parametrize("name", MODELS)
+@torch.no_grad()
+def test_residual_in_fp32_step_equals_forward_in_bf16(name):
+    """Streaming equals the forward (DESIGN §4 rule 1) in bf16 with the option on: functional and
+    in place, and chained after a prefill, at the bf16 class."""
+    model = _tiny(name, torch.bfloat16, residual_in_fp32=True)
+    x = torch.randn(2, 9, 5).to(torch.bfloat16)
+    full, full_state = model(x, return_sequence=True, return_state=True)
+    for inplace in (False, True):
+        state, ys = model.init_state(2), []
+        for t in range(x.shape[1]):
+            y, state = model.step(x[:, t], state, inplace=inplace)
+            ys.append(y)
+        assert ys[0].dtype == torch.bfloat16
+        assert_close(torch.stack(ys, 1).float(), full.float(), "bf16", msg=f"{name} inplace={inplace}")
+        for a, b in zip(torch.utils._pytree.tree_leaves(state), torch.utils._pytree.tree_leaves(full_state)):
+            assert a.dtype == b.dtype
+            assert_close(a.float(), b.float(), "bf16", msg=f"{name} inplace={inplace} state")
+    head, state = model(x[:, :4], return_sequence=True, return_state=True)
+    tail = [model.step(x[:, t], state, inplace=True)[0] for t in range(4, 9)]
+    assert_close(torch.cat([head, torch.stack(tail, 1)], 1).float(), full.float(), "bf16",
+                 msg=f"{name}: prefill then steps")
+
+
+def test_residual_in_fp32_with_gradient_checkpointing_in_bf16():
+    model = _tiny("hybrid", torch.bfloat16, residual_in_fp32=True).train()
+    ckpt = _twin(model, checkpoint_every=1).train()
+    x = torch.randn(2, 6, 5).to(torch.bfloat16)
+    for m in (model, ckpt):
+        m(x, return_sequence=True).float().pow(2).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), ckpt.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+
+
+def test_residual_in_fp32_and_the_one_call_step():
+    """The C++ plan runs fp32/fp64 models only, where the option changes nothing: it takes a model
+    with the option on, and a bf16 model (where the option acts) takes the block-by-block step."""
+    from hybridssm.streaming import plan_status
+
+    model = _tiny("mamba", residual_in_fp32=True)
+    assert plan_status(model) == plan_status(_twin(model, residual_in_fp32=False))
+    assert "float32" in plan_status(model.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_residual_in_fp32_under_autocast(name):
+    """Under bf16 autocast the stream is fp32 with the option on, and the output tracks fp32."""
+    model = _tiny(name, residual_in_fp32=True)
+    dtypes: list = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda m, a, out: dtypes.append(out[0].dtype))
+    x = torch.randn(2, 6, 5)
+    with torch.no_grad():
+        ref = model(x, return_sequence=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(x, return_sequence=True)
+    assert set(dtypes) == {torch.float32}
+    assert_close(y.float(), ref, "bf16")
+
+
+# -- the Mamba options of hymba and ss_transformer ---------------------------------------------------
+MAMBA_OPTIONS = ("dt_rank", "dt_min", "dt_max", "dt_init_floor", "dt_init", "conv_bias", "proj_bias")
+SET = dict(dt_rank=3, dt_min=0.01, dt_max=0.02, dt_init_floor=0.015, dt_init="constant",
+           conv_bias=False, proj_bias=True)
+
+
+@pytest.mark.parametrize("name", ["hymba", "ss_transformer"])
+def test_mamba_path_options_have_mambas_names_and_defaults(name):
+    ref, cfg = hs.MambaConfig(embed_dim=4), hs.get_config_class(name)(embed_dim=4)
+    assert [getattr(cfg, k) for k in MAMBA_OPTIONS] == [getattr(ref, k) for k in MAMBA_OPTIONS]
+    default = _tiny(name).blocks[0].ssm
+    assert default.ssm.dt_rank == 1 and default.conv.bias is not None and default.in_proj.bias is None
+
+
+@pytest.mark.parametrize("name", ["hymba", "ss_transformer"])
+def test_mamba_path_options_reach_the_mixer(name):
+    model = _tiny(name, **SET)
+    for block in model.blocks:
+        m = block.ssm
+        assert isinstance(m, MambaMixer)
+        assert m.ssm.dt_rank == 3 and m.ssm.dt_proj.weight.shape == (32, 3)
+        assert torch.all(m.ssm.dt_proj.weight == 3**-0.5)  # "constant"
+        dt = F.softplus(m.ssm.dt_bias)
+        assert dt.min() >= 0.015 - 1e-6 and dt.max() <= 0.02 + 1e-6  # the range, floored
+        assert m.conv.bias is None and m.in_proj.bias is not None and m.out_proj.bias is not None
+    fields = set(hs.get_config_class(name).option_names())
+    opts = {k: v for k, v in TINY_RES.items() if k in fields}
+    assert hs.param_count(name, **opts, **SET) == sum(p.numel() for p in model.parameters())
+    # per layer (d = 16, E = 32): x_proj and dt_proj gain 2 rank columns each (+64, +64), the
+    # conv loses its bias (-32), in_proj and out_proj gain theirs (+64, +16)
+    assert hs.param_count(name, **opts, **SET) - hs.param_count(name, **opts) == 2 * 176
+
+
+def test_ss_transformer_mamba2_path_takes_the_shared_options_and_refuses_mamba1s():
+    opts = dict(ssm="mamba2", dt_min=0.01, dt_max=0.02, dt_init_floor=0.015, conv_bias=False,
+                proj_bias=True)
+    model = _tiny("ss_transformer", **opts)
+    m = model.blocks[0].ssm
+    assert isinstance(m, Mamba2Mixer) and m.in_proj.bias is not None
+    assert m.conv1d.bias is None
+    assert _tiny("ss_transformer", ssm="mamba2").blocks[0].ssm.conv1d.bias is not None
+    dt = F.softplus(m.dt_bias)
+    assert dt.min() >= 0.015 - 1e-6 and dt.max() <= 0.02 + 1e-6
+    fields = set(hs.SSTransformerConfig.option_names())
+    tiny = {k: v for k, v in TINY_RES.items() if k in fields}
+    assert hs.param_count("ss_transformer", **tiny, **opts) == sum(p.numel() for p in model.parameters())
+    for bad, shown in ((dict(dt_rank=3), "'dt_rank'=3"), (dict(dt_init="constant"), "'dt_init'='constant'")):
+        with pytest.raises(ValueError, match=f"{shown} changes nothing with ssm='mamba2'"):
+            hs.build("ss_transformer", embed_dim=4, ssm="mamba2", **bad)
+
+
+@pytest.mark.parametrize("name", ["hymba", "ss_transformer"])
+@pytest.mark.parametrize("opts, match", [
+    (dict(dt_rank=0), "'dt_rank' must be a positive integer.*or None, got 0"),
+    (dict(dt_min=0.2), "'dt_min'=0.2 and 'dt_max'=0.1: need dt_min <= dt_max"),
+    (dict(dt_init="normal"), "'dt_init' must be one of 'random', 'constant'; got 'normal'"),
+    (dict(proj_bias=None), "'proj_bias' must be True or False, got None"),
+])
+def test_mamba_path_bad_values(name, opts, match):
+    with pytest.raises(ValueError, match=match):
+        hs.get_config_class(name)(embed_dim=4, **opts)

@@ -3,6 +3,10 @@
 A block is ``x + mixer(norm(x))``, then ``x + ffn(norm(x))`` where the model's reference has an
 FFN. With ``pre_norm=False`` the norms come after the residual adds (post-norm). Mixers, the FFN and
 the fusion are passed in; nothing is switched on by type inside ``forward``.
+
+``compute_dtype`` (the model's ``residual_in_fp32``): the stream ``x`` arrives wider (fp32) than
+the dtype the sublayers compute in; their inputs are cast to ``compute_dtype`` and their outputs are
+added to the wide stream, which stays wide. None (default): everything in ``x``'s dtype.
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ def _accepts_inplace(mixer: nn.Module) -> bool:
         return False
 
 
+def _lower(h: Tensor, compute_dtype: torch.dtype | None) -> Tensor:
+    """A sublayer's input in the dtype it computes in (``residual_in_fp32``: below the stream's)."""
+    return h if compute_dtype is None else h.to(compute_dtype)
+
+
 def call_mixer(
     mixer: nn.Module, accepts_inplace: bool, x: Tensor, state: Any, lengths, inplace: bool
 ) -> tuple[Tensor, Any]:
@@ -49,10 +58,10 @@ class _FFNSublayer(nn.Module):
     def _drop(self, y: Tensor) -> Tensor:
         return self.dropout(y) if self.dropout is not None else y
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, compute_dtype: torch.dtype | None = None) -> Tensor:
         if self.pre_norm:
-            return x + self._drop(self.ffn(self.norm(x)))
-        return self.norm(x + self._drop(self.ffn(x)))
+            return x + self._drop(self.ffn(_lower(self.norm(x), compute_dtype)))
+        return self.norm(x + self._drop(self.ffn(_lower(x, compute_dtype))))
 
     def step_spec(self) -> FFNStep | None:
         """The fused form of a :class:`~hybridssm.layers.FFN` (any of its activations) behind a known
@@ -96,6 +105,9 @@ class ResidualBlock(nn.Module):
         dropout: applied to the mixer's and the FFN's outputs before each residual add (the seed
             hybrid's layers); 0 adds no module.
         norm: ``"layernorm"`` or ``"rmsnorm"``; ``norm_eps`` its epsilon (None: the norm's default).
+
+    ``forward(x, state, *, lengths, inplace, compute_dtype)``: see the module docstring for
+    ``compute_dtype``.
     """
 
     def __init__(
@@ -117,15 +129,16 @@ class ResidualBlock(nn.Module):
         self._inplace_ok = _accepts_inplace(mixer)
 
     def forward(
-        self, x: Tensor, state: Any = None, *, lengths: Tensor | None = None, inplace: bool = False
+        self, x: Tensor, state: Any = None, *, lengths: Tensor | None = None, inplace: bool = False,
+        compute_dtype: torch.dtype | None = None,
     ) -> tuple[Tensor, Any]:
-        h = self.norm(x) if self.pre_norm else x
+        h = _lower(self.norm(x) if self.pre_norm else x, compute_dtype)
         y, state = call_mixer(self.mixer, self._inplace_ok, h, state, lengths, inplace)
         if self.dropout is not None:
             y = self.dropout(y)
         x = x + y if self.pre_norm else self.norm(x + y)
         if self.ffn is not None:
-            x = self.ffn(x)
+            x = self.ffn(x, compute_dtype)
         return x, state
 
     def init_state(self, batch_size: int, **kw: Any) -> Any:
@@ -253,16 +266,17 @@ class ParallelBlock(nn.Module):
         self._inplace_ok = (_accepts_inplace(ssm), _accepts_inplace(attn))
 
     def forward(
-        self, x: Tensor, state: ParallelState | None = None, *, lengths=None, inplace: bool = False
+        self, x: Tensor, state: ParallelState | None = None, *, lengths=None, inplace: bool = False,
+        compute_dtype: torch.dtype | None = None,
     ) -> tuple[Tensor, ParallelState]:
-        h = self.norm(x) if self.pre_norm else x
+        h = _lower(self.norm(x) if self.pre_norm else x, compute_dtype)
         s_state, a_state = (None, None) if state is None else state
         ys, s_state = call_mixer(self.ssm, self._inplace_ok[0], h, s_state, lengths, inplace)
         ya, a_state = call_mixer(self.attn, self._inplace_ok[1], h, a_state, lengths, inplace)
         y = self.fusion(h, ys, ya)
         x = x + y if self.pre_norm else self.norm(x + y)
         if self.ffn is not None:
-            x = self.ffn(x)
+            x = self.ffn(x, compute_dtype)
         if inplace and state is not None and s_state is state.ssm and a_state is state.attn:
             return x, state  # the mixers wrote into the given buffers: no new container
         return x, ParallelState(s_state, a_state)

@@ -26,12 +26,15 @@ from hybridssm.checks import (
 )
 from hybridssm.layers import FFN_ACTIVATIONS, NORMS, POSITIONAL, check_dt_range
 from hybridssm.mixers.attention import attention_impl
+from hybridssm.mixers.mamba import DT_INITS
 
 __all__ = [
     "ModelConfig",
     "SSMConfig",
     "AttentionConfig",
     "SelectiveSSMConfig",
+    "SelectiveSSMOptions",
+    "MambaOptions",
     "check_positive",
     "check_nonnegative",
     "check_probability",
@@ -62,6 +65,16 @@ class ModelConfig:
         norm_eps: their epsilon; None (default) keeps each norm's own (LayerNorm 1e-5,
             RMSNorm 1e-6; ``transformers``' ``layer_norm_epsilon`` is 1e-5, Jamba's
             ``rms_norm_eps`` 1e-6).
+        residual_in_fp32: keep the residual stream between and inside the blocks in fp32 (the
+            wider of fp32 and the model's dtype) while each block's norm output, mixers, fusion
+            and FFN compute in the dtype the stream entered the blocks in (the model's, or
+            autocast's); the final norm reads the fp32 stream and the output is returned in that
+            dtype. ``transformers``' and ``mamba_ssm``'s Mamba option of that name: True for
+            ``mamba`` and ``mamba2`` (their default), False elsewhere (the seeds and Jamba keep the
+            stream in the model's dtype). It acts only in a lower precision (a bf16/fp16 model, or
+            autocast): in fp32 and fp64 it changes nothing. States keep the model's dtype (they
+            hold mixer inputs, never the stream); the fused step runs fp32/fp64 models only, where
+            the option has no effect.
     """
 
     model_name: ClassVar[str] = ""
@@ -76,6 +89,7 @@ class ModelConfig:
     checkpoint_every: int = 0
     norm: str = "layernorm"
     norm_eps: float | None = None
+    residual_in_fp32: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -91,6 +105,7 @@ class ModelConfig:
         check_choice("norm", self.norm, NORMS)
         if self.norm_eps is not None:
             check_positive_float("norm_eps", self.norm_eps)
+        check_bool("residual_in_fp32", self.residual_in_fp32)
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -246,9 +261,10 @@ class AttentionConfig(ModelConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SelectiveSSMConfig(SSMConfig):
-    """The options ``mamba`` and ``mamba2`` share with ``mamba_ssm`` / ``transformers`` (their
-    defaults).
+class SelectiveSSMOptions:
+    """The ``mamba_ssm`` / ``transformers`` options of a selective SSM path, Mamba-1 or Mamba-2
+    (their defaults): a mixin of every config with such a path (``mamba``, ``mamba2``, ``hymba``,
+    ``ss_transformer``), placed before its :class:`ModelConfig` base.
 
     Attributes:
         dt_min, dt_max: the initial time steps ``softplus(dt_bias)`` are log-uniform in this range
@@ -265,17 +281,54 @@ class SelectiveSSMConfig(SSMConfig):
     proj_bias: bool = False
 
     def validate(self) -> None:
-        super().validate()
+        super().validate()  # type: ignore[misc]  (the ModelConfig this is mixed into)
         check_dt_range(self.dt_min, self.dt_max, self.dt_init_floor)
         check_bool("conv_bias", self.conv_bias)
         check_bool("proj_bias", self.proj_bias)
+
+    def selective_options(self) -> dict[str, Any]:
+        """These options as the keyword arguments of the Mamba and Mamba-2 mixers."""
+        return dict(dt_min=self.dt_min, dt_max=self.dt_max, dt_init_floor=self.dt_init_floor,
+                    conv_bias=self.conv_bias, proj_bias=self.proj_bias)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MambaOptions(SelectiveSSMOptions):
+    """:class:`SelectiveSSMOptions` and the Mamba-1 time-step projection's (``mamba``,
+    ``hymba``, ``ss_transformer``).
+
+    Attributes:
+        dt_rank: rank of the time-step projection; None = ``ceil(hidden_size / 16)`` (``"auto"``).
+        dt_init: ``"random"`` (U(+-dt_rank^-0.5), the default) or ``"constant"`` initial
+            time-step projection (``time_step_init_scheme``).
+    """
+
+    dt_rank: int | None = None
+    dt_init: str = "random"
+
+    def validate(self) -> None:
+        super().validate()
+        check_optional_positive("dt_rank", self.dt_rank)
+        check_choice("dt_init", self.dt_init, DT_INITS)
+
+    def mamba_options(self) -> dict[str, Any]:
+        """These options as :class:`~hybridssm.mixers.mamba.MambaMixer` keyword arguments."""
+        return dict(self.selective_options(), dt_rank=self.dt_rank, dt_init=self.dt_init)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SelectiveSSMConfig(SelectiveSSMOptions, SSMConfig):
+    """The options ``mamba`` and ``mamba2`` share with ``mamba_ssm`` / ``transformers`` (their
+    defaults): :class:`SelectiveSSMOptions`, and ``residual_in_fp32`` True (see
+    :class:`ModelConfig`)."""
+
+    residual_in_fp32: bool = True
 
     def mixer_options(self) -> dict[str, Any]:
         """The mixer keyword arguments these options give (shared ones; subclasses add theirs)."""
         return dict(
             state_size=self.state_size, expand_factor=self.expand_factor, conv_size=self.conv_size,
-            dt_min=self.dt_min, dt_max=self.dt_max, dt_init_floor=self.dt_init_floor,
-            conv_bias=self.conv_bias, proj_bias=self.proj_bias,
+            **self.selective_options(),
         )
 
 

@@ -197,16 +197,25 @@ class SequenceModel(ModelChecks, nn.Module):
     def _run_blocks(
         self, h: Tensor, layer_states: tuple | None, lengths: Tensor | None, inplace: bool
     ) -> tuple[Tensor, list]:
-        """Run every block; returns the features and the list of new layer states."""
+        """Run every block; returns the features (fp32 with ``residual_in_fp32`` in a lower
+        precision) and the list of new layer states."""
         n = len(self.blocks)
         states = list(layer_states) if layer_states is not None else [None] * n
         seg = self.config.checkpoint_every
         use_ckpt = seg > 0 and self.training and torch.is_grad_enabled()
+        # residual_in_fp32: the stream widens to fp32 here and stays so (the caller's final norm
+        # reads it); the blocks' sublayers compute in the dtype it came in. A no-op in fp32/fp64,
+        # where no block gets the keyword (custom blocks without it keep working there).
+        kw: dict[str, Any] = {}
+        if self.config.residual_in_fp32:
+            wide = torch.promote_types(h.dtype, torch.float32)
+            if wide != h.dtype:
+                kw, h = {"compute_dtype": h.dtype}, h.to(wide)
 
         def run(i0: int, i1: int, h: Tensor, *sts: Any) -> tuple[Tensor, list]:
             out = []
             for i in range(i0, i1):
-                h, s = self.blocks[i](h, sts[i - i0], lengths=lengths, inplace=inplace)
+                h, s = self.blocks[i](h, sts[i - i0], lengths=lengths, inplace=inplace, **kw)
                 if i < n - 1:
                     h = self.dropout(h)
                 out.append(s)
@@ -257,8 +266,9 @@ class SequenceModel(ModelChecks, nn.Module):
             pad = ~valid_mask(lengths, T, x.device)
             x = x.masked_fill(pad.unsqueeze(-1), 0.0)
         h = self._embed(x, None if state is None else state.pos)
+        low = h.dtype  # the output's (the stream may run wider: residual_in_fp32)
         h, layers = self._run_blocks(h, None if state is None else state.layers, lengths, False)
-        h = self.final_norm(h)
+        h = self.final_norm(h).to(low)
         if return_sequence:
             mask = valid_mask(lengths, T, x.device)
             out = h if mask is None else h * mask.unsqueeze(-1).to(h.dtype)
@@ -324,8 +334,9 @@ class SequenceModel(ModelChecks, nn.Module):
         if out is None:
             x = x_t if x_t.dim() == 3 else x_t.unsqueeze(1)
             h = self._embed(x, state.pos)
+            low = h.dtype
             h, layers = self._run_blocks(h, state.layers, None, inplace)
-            h = self.final_norm(h)[:, 0]
+            h = self.final_norm(h)[:, 0].to(low)
             if inplace:
                 state.pos.add_(1)
                 # the blocks wrote into the given buffers: hand back the same state (no rebuild)

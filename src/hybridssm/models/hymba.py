@@ -31,7 +31,7 @@ from torch.utils import _pytree as pytree
 
 from hybridssm.backbones import SEED_OPTIONS, build_backbone_mixer, get_backbone
 from hybridssm.blocks import FUSIONS, ParallelBlock
-from hybridssm.config import ModelConfig, check_bool, check_choice, check_positive
+from hybridssm.config import MambaOptions, ModelConfig, check_bool, check_choice, check_positive
 from hybridssm.layers import FFN
 from hybridssm.mixers.attention import AttentionMixer
 from hybridssm.models.base import SequenceModel
@@ -42,8 +42,11 @@ __all__ = ["HymbaConfig", "Hymba"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class HymbaConfig(ModelConfig):
-    """Options of ``hymba`` (the seed's names and defaults, plus ours, documented).
+class HymbaConfig(MambaOptions, ModelConfig):
+    """Options of ``hymba`` (the seed's names and defaults, plus ours, documented), and the Mamba
+    path's ``mamba_ssm`` / ``transformers`` options (:class:`~hybridssm.config.MambaOptions`:
+    ``dt_rank``, ``dt_min``, ``dt_max``, ``dt_init_floor``, ``dt_init``, ``conv_bias``,
+    ``proj_bias``, with the ``mamba`` model's defaults).
 
     Attributes:
         num_meta_tokens: learnable meta tokens M.
@@ -144,7 +147,7 @@ class Hymba(SequenceModel):
         seed = {k: getattr(c, k) for k in SEED_OPTIONS}
         return [
             ParallelBlock(
-                build_backbone_mixer(get_backbone("mamba"), d, seed, {}),
+                build_backbone_mixer(get_backbone("mamba"), d, seed, c.mamba_options()),
                 AttentionMixer(
                     d,
                     c.num_heads,

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from hybridssm.blocks import ResidualBlock
-from hybridssm.config import SelectiveSSMConfig, check_choice, check_optional_positive
-from hybridssm.mixers.mamba import DT_INITS, MambaMixer
+from hybridssm.config import MambaOptions, SelectiveSSMConfig
+from hybridssm.mixers.mamba import MambaMixer
 from hybridssm.models.base import SequenceModel
 from hybridssm.registry import register_model
 
@@ -15,24 +15,12 @@ __all__ = ["MambaConfig", "Mamba", "MambaBlock"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class MambaConfig(SelectiveSSMConfig):
+class MambaConfig(MambaOptions, SelectiveSSMConfig):
     """Options of ``mamba``: the seed's Mamba options and defaults (:class:`SSMConfig`), the
-    ``mamba_ssm`` / ``transformers`` ones of :class:`SelectiveSSMConfig`, and:
-
-    Attributes:
-        dt_rank: rank of the time-step projection; None = ``ceil(hidden_size / 16)`` (``"auto"``).
-        dt_init: ``"random"`` (U(+-dt_rank^-0.5), the default) or ``"constant"`` initial
-            time-step projection (``time_step_init_scheme``).
+    ``mamba_ssm`` / ``transformers`` ones of :class:`SelectiveSSMConfig` and of
+    :class:`~hybridssm.config.MambaOptions` (``dt_rank``, ``dt_init``).
 
     ``window_size`` is the expected sequence length (stored only; never a limit)."""
-
-    dt_rank: int | None = None
-    dt_init: str = "random"
-
-    def validate(self) -> None:
-        super().validate()
-        check_optional_positive("dt_rank", self.dt_rank)
-        check_choice("dt_init", self.dt_init, DT_INITS)
 
     def mixer_options(self) -> dict[str, Any]:
         return dict(super().mixer_options(), dt_rank=self.dt_rank, dt_init=self.dt_init)

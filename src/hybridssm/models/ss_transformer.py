@@ -9,14 +9,14 @@ Mamba (``ssm="mamba"``, default) or Mamba-2 (``ssm="mamba2"``), the same mixers 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 from torch import nn
 
 from hybridssm.backbones import SEED_OPTIONS, build_backbone_mixer, get_backbone
 from hybridssm.blocks import FUSIONS, ParallelBlock
-from hybridssm.config import ModelConfig, check_bool, check_choice, check_positive
+from hybridssm.config import MambaOptions, ModelConfig, check_bool, check_choice, check_positive
 from hybridssm.layers import FFN
 from hybridssm.mixers.attention import AttentionMixer
 from hybridssm.models.base import SequenceModel
@@ -25,9 +25,16 @@ from hybridssm.registry import register_model
 __all__ = ["SSTransformerConfig", "SSTransformer"]
 
 
+_MAMBA_DEFAULTS = {f.name: f.default for f in fields(MambaOptions)}
+
+
 @dataclass(frozen=True, kw_only=True)
-class SSTransformerConfig(ModelConfig):
-    """Options of ``ss_transformer`` (the seed's names and defaults, plus ``ssm`` and ``fusion``).
+class SSTransformerConfig(MambaOptions, ModelConfig):
+    """Options of ``ss_transformer`` (the seed's names and defaults, plus ``ssm`` and ``fusion``),
+    and the SSM path's ``mamba_ssm`` / ``transformers`` options with the ``mamba`` model's defaults
+    (:class:`~hybridssm.config.MambaOptions`): ``dt_min``, ``dt_max``, ``dt_init_floor``,
+    ``conv_bias`` and ``proj_bias`` act on either path; ``dt_rank`` and ``dt_init`` (Mamba-1's
+    time-step projection) only with ``ssm="mamba"`` and are refused with ``ssm="mamba2"``.
 
     Attributes:
         state_size, expand_factor, conv_size: the SSM path's options.
@@ -66,6 +73,17 @@ class SSTransformerConfig(ModelConfig):
         check_choice("fusion", self.fusion, tuple(FUSIONS))
         if self.fusion_norm is not None:
             check_bool("fusion_norm", self.fusion_norm)
+        if self.ssm == "mamba2":
+            for name in ("dt_rank", "dt_init"):
+                if getattr(self, name) != _MAMBA_DEFAULTS[name]:
+                    raise ValueError(
+                        f"option {name!r}={getattr(self, name)!r} changes nothing with ssm='mamba2' "
+                        "(Mamba-2 has no time-step projection); it is allowed only with ssm='mamba'"
+                    )
+
+    def ssm_options(self) -> dict:
+        """The SSM path's mixer options beyond the seed's (those its mixer has)."""
+        return self.mamba_options() if self.ssm == "mamba" else self.selective_options()
 
 
 @register_model("ss_transformer", SSTransformerConfig)
@@ -78,7 +96,7 @@ class SSTransformer(SequenceModel):
         norm = {} if c.fusion_norm is None else {"normalize": c.fusion_norm}
         return [
             ParallelBlock(
-                build_backbone_mixer(get_backbone(c.ssm), d, seed, {}),
+                build_backbone_mixer(get_backbone(c.ssm), d, seed, c.ssm_options()),
                 AttentionMixer(d, c.num_heads, c.head_dim),
                 d,
                 fusion=FUSIONS[c.fusion](d, **norm),
