@@ -26,10 +26,10 @@ table gives each side's median over its runs and the ratio.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -40,12 +40,15 @@ HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
 
 
+@functools.cache
 def _harness():
-    """This checkout's ``hybridssm/bench.py``, whichever ``hybridssm`` is imported (``--against``
+    """This checkout's ``hybridssm/bench`` package, whichever ``hybridssm`` is imported (``--against``
     runs it over another checkout's models)."""
-    spec = importlib.util.spec_from_file_location("_bench_harness", SRC / "hybridssm" / "bench.py")
+    package = SRC / "hybridssm" / "bench"
+    spec = importlib.util.spec_from_file_location("_bench_harness", package / "__init__.py",
+                                                  submodule_search_locations=[str(package)])
     mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
+    sys.modules[spec.name] = mod  # its modules import each other (and dataclasses look them up) by name
     spec.loader.exec_module(mod)
     return mod
 
@@ -110,8 +113,7 @@ def main(argv: list[str] | None = None) -> str:
         rows, _ = measure(args, (), window=False)
         print(json.dumps({r["model"]: r["step_ms"] for r in rows}))
         return ""
-    import torch
-
+    bench = _harness()
     t0 = time.time()
     if args.against:
         other = Path(args.against).resolve()
@@ -124,21 +126,18 @@ def main(argv: list[str] | None = None) -> str:
         lines = [f"# batch-1 step ms (median; {args.threads} thread(s), {args.steps} steps per model "
                  "per run)",
                  "", f"A = {other}, B = {SRC}; each cell: the median over {args.repeats} runs "
-                 "(alternating A, B)", "", "| model | A ms | B ms | A / B |", "|---|---|---|---|"]
+                 "(alternating A, B)", ""]
+        cells = []
         for k in theirs:
             a, b = statistics.median(theirs[k]), statistics.median(mine.get(k, [float("nan")]))
-            lines.append(f"| {k} | {a:.3f} | {b:.3f} | {a / b:.2f}x |")
-        text = "\n".join(lines)
+            cells.append([k, bench.cell(a, ".3f"), bench.cell(b, ".3f"), bench.times(a / b)])
+        text = "\n".join(lines) + bench.markdown_table(["model", "A ms", "B ms", "A / B"], cells)
         print(text)
         return text
     batches = tuple(int(b) for b in args.batches.split(",") if b)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     rows, rates = measure(args, batches, window=True)
-    bench = _harness()
     head = [
-        f"{platform.processor() or platform.machine()}; torch {torch.__version__}; threads {args.threads}; "
-        f"measured: single-thread read {rates['read_gbs']:.1f} GB/s, fp32 GEMM {rates['gemm_gflops']:.1f} "
-        f"GFLOP/s; load average at start {load:.1f}",
+        bench.machine_line(rates, str(args.threads)),
         "",
         f"Step: batch 1, inplace, under inference_mode, median of {args.steps} steps ({args.rounds} "
         "interleaved rounds) from a state that has seen 60 frames. Bar: (parameter bytes + attended "
