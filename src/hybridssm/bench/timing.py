@@ -51,10 +51,11 @@ class BenchSettings:
 
 
 def timing_line(settings: BenchSettings) -> str:
-    """The protocol of :func:`measure_modules` with ``settings``, as the tables' header says it."""
-    return (f"Timing: {settings.warmup} warm-up iterations (the second counts matmul FLOPs), then until "
-            f"{settings.max_time} s or {settings.max_iters} iterations, median; the rows of a table and "
-            "shape interleaved in one process")
+    """The protocol of :func:`measure_modules` with ``settings``, as the tables' header says it (the
+    first two warm-ups are always made: the slow-limit check and the FLOP count)."""
+    return (f"Timing: {max(2, settings.warmup)} warm-up iterations (the second counts matmul FLOPs), "
+            f"then until {settings.max_time} s or {settings.max_iters} iterations, median; the rows of a "
+            "table and shape interleaved in one process")
 
 
 def time_interleaved(fns: Mapping[str, Callable[[], Any]], settings: BenchSettings,
