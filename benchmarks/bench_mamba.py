@@ -246,7 +246,8 @@ def throughput(args, table: list[Row], shapes, settings: BenchSettings, rates, n
             if _not_run(r, T, stopped, args.slow_limit, Notes()) is None:
                 torch.manual_seed(0)
                 run[r.name] = build_row(r.name, args.hidden, args.layers)
-        for name, res in measure_modules(run, x, settings, slow_limit=args.slow_limit).items():
+        for name, res in measure_modules(run, x, settings, slow_limit=args.slow_limit,
+                                          count_fwd_flops=True).items():
             results[(name, (B, T))] = res
             if res["too_slow"]:
                 stopped[name] = T

@@ -103,7 +103,7 @@ def test_workloads_run_the_whole_sequence_and_drop_gradients():
 def test_measure_modules_rows_flops_and_slow_rows():
     x = torch.randn(2, 5, 8)
     rows = {"fast": Projection(), "slow": Projection(pause=0.3)}
-    res = measure_modules(rows, x, FEW, slow_limit=0.1)
+    res = measure_modules(rows, x, FEW, slow_limit=0.1, count_fwd_flops=True)
     fast, slow = res["fast"], res["slow"]
     assert fast["fwd_bwd_tok_s"] == pytest.approx(10 / fast["fwd_bwd_s"])
     assert fast["fwd_tok_s"] == pytest.approx(10 / fast["fwd_s"])
@@ -113,6 +113,8 @@ def test_measure_modules_rows_flops_and_slow_rows():
     assert slow["first_s"] >= 0.1
     res = measure_modules({"fast": Projection()}, x, FEW, forward=False, count_flops=False)
     assert res["fast"]["fwd_s"] is None and res["fast"]["flops"] is None and res["fast"]["fwd_bwd_s"] > 0
+    res = measure_modules({"fast": Projection()}, x, FEW)  # the forward's FLOPs only when asked
+    assert res["fast"]["flops"] > 0 and res["fast"]["fwd_flops"] is None and res["fast"]["fwd_s"] > 0
 
 
 def test_ceiling_fraction_adds_gemm_and_exp_time():

@@ -176,14 +176,15 @@ def workloads(m: nn.Module, x: Tensor) -> tuple[Callable[[], None], Callable[[],
 
 
 def measure_modules(modules: Mapping[str, nn.Module], x: Tensor, settings: BenchSettings, *,
-                    slow_limit: float = 0.0, forward: bool = True,
-                    count_flops: bool = True) -> dict[str, dict[str, Any]]:
+                    slow_limit: float = 0.0, forward: bool = True, count_flops: bool = True,
+                    count_fwd_flops: bool = False) -> dict[str, dict[str, Any]]:
     """Forward+backward (in train mode) and, when ``forward``, forward (in eval mode) of every
     module on ``x [B, T, E]``, interleaved (:func:`time_interleaved`).
 
     Of the warm-ups, the first is timed against ``slow_limit`` seconds (a forward+backward still
     running then is stopped and left out: ``too_slow``, DESIGN §5's "—"; 0: no limit) and, with
-    ``count_flops``, the second counts the matmul FLOPs. Per label: ``fwd_bwd_s`` / ``fwd_s``
+    ``count_flops``, the second counts the matmul FLOPs (of the forward too, in its second warm-up,
+    with ``count_fwd_flops``). Per label: ``fwd_bwd_s`` / ``fwd_s``
     (median seconds; None where not run), ``fwd_bwd_tok_s`` / ``fwd_tok_s`` (tokens/s), ``flops``
     / ``fwd_flops`` (matmul FLOPs of one call), ``first_s`` (the first forward+backward, seconds)
     and ``too_slow``."""
@@ -214,9 +215,10 @@ def measure_modules(modules: Mapping[str, nn.Module], x: Tensor, settings: Bench
         for label in fw_fns:
             modules[label].eval()
             fw_fns[label]()
-            if count_flops:
+            if count_fwd_flops:
                 out[label]["fwd_flops"] = matmul_flops(fw_fns[label])
-        for label, t in time_interleaved(fw_fns, rest, device).items():
+        fw_rest = replace(settings, warmup=max(0, settings.warmup - 1 - count_fwd_flops))
+        for label, t in time_interleaved(fw_fns, fw_rest, device).items():
             out[label]["fwd_s"] = t
     for res in out.values():
         res["fwd_bwd_tok_s"] = B * T / res["fwd_bwd_s"] if res["fwd_bwd_s"] else None
