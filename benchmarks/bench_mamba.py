@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,6 +44,7 @@ from hybridssm.bench import (
     BenchSettings,
     ceiling_fraction,
     cell,
+    command_line,
     machine_line,
     machine_rates,
     markdown_table,
@@ -414,12 +413,11 @@ def main(argv: list[str] | None = None) -> str:
     import hybridssm as hs
 
     shapes = parse_shapes(args.shapes) if args.shapes else QUICK_SHAPES if args.quick else SHORT + LONG
-    quick = dict(warmup=1, max_iters=2, max_time=0.05) if args.quick else {}
-    settings = BenchSettings(**{**quick, **({"max_time": args.budget} if args.budget else {})})
+    budget = {"max_time": args.budget} if args.budget else {}
+    settings = BenchSettings.quick(**budget) if args.quick else BenchSettings(**budget)
     kernels = hs.kernels(build=True)  # built now: never inside a timed (alarmed) iteration
     rates = machine_rates("cpu", seconds=0.05 if args.quick else 0.5)
-    command = "PYTHONPATH=src python benchmarks/bench_mamba.py" + "".join(
-        " " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = command_line("benchmarks/bench_mamba.py", argv)
     machine = machine_line(rates, str(args.threads), kernels)
     out = ["# Mamba CPU benchmark", "", f"`{command}`", "", machine, "",
            f"hidden {args.hidden}, {args.layers} layers, embed_dim {EMBED}. {timing_line(settings)}. Units: "

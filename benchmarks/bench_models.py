@@ -30,8 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +44,7 @@ from hybridssm.bench import (
     baseline_for,
     ceiling_fraction,
     cell,
+    command_line,
     input_size,
     machine_line,
     machine_rates,
@@ -83,8 +82,7 @@ def make_plan(quick: bool) -> Plan:
         return Plan()
     # Tiny sizes, same code paths: width 32, 8-wide attention heads, few iterations, no memory.
     return Plan(width=32, short=(4, 16), long=(2, 32), memory=False, overrides={"head_dim": 8},
-                settings=BenchSettings(warmup=1, max_time=0.05, max_iters=2, latency_steps=10,
-                                       latency_warmup=1, memory=False))
+                settings=BenchSettings.quick())
 
 
 def model_options(name: str, plan: Plan, **extra: Any) -> dict[str, Any]:
@@ -303,8 +301,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     load0 = os.getloadavg()
     rates = machine_rates("cpu", seconds=0.1 if args.quick else 0.5)
-    command = "PYTHONPATH=src python benchmarks/bench_models.py" + "".join(
-        " " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = command_line("benchmarks/bench_models.py", argv)
     machine = machine_line(rates, f"{args.threads} (step latency: {args.step_threads})", kernels)
     s = plan.settings
     protocol = (f"{timing_line(s)}; dropout 0 in every model for timing; embed_dim = hidden_size "

@@ -80,8 +80,7 @@ def measure(args, batches: tuple[int, ...], window: bool) -> tuple[list[dict], d
     torch.set_num_threads(args.threads)
     models = build_models(set(args.only.split(",")) if args.only else None, args.quick)
     rates = bench.machine_rates(seconds=0.05 if args.quick else 0.5)
-    quick = dict(warmup=1, max_time=0.05, max_iters=2) if args.quick else {}
-    settings = bench.BenchSettings(**quick)
+    settings = bench.BenchSettings.quick() if args.quick else bench.BenchSettings()
     plan = bench.StepBench(steps=args.steps, rounds=args.rounds, window=window, batches=batches,
                            warmup=2 if args.quick else 20, settings=settings)
     return bench.bench_steps(models, rates, plan), rates

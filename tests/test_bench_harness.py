@@ -14,6 +14,7 @@ from hybridssm.bench import (
     BenchSettings,
     ceiling_fraction,
     cell,
+    command_line,
     input_size,
     machine_line,
     markdown_table,
@@ -131,6 +132,14 @@ def test_table_cells_and_format():
     assert markdown_table(["a", "b"], [["1", "2"]]) == "| a | b |\n|---|---|\n| 1 | 2 |"
     with pytest.raises(ValueError, match="1 cells, the header 2"):
         markdown_table(["a", "b"], [["1"]])
+
+
+def test_quick_settings_and_command_line():
+    quick = BenchSettings.quick(max_time=0.5)
+    assert (quick.warmup, quick.max_iters, quick.max_time, quick.memory) == (1, 2, 0.5, False)
+    assert BenchSettings().max_time == 3.0 and BenchSettings().max_iters == 20  # DESIGN §5
+    line = command_line("benchmarks/x.py", ["--only", "a b"])
+    assert line == "PYTHONPATH=src python benchmarks/x.py --only 'a b'"
 
 
 def test_machine_line_states_threads_rates_and_kernels():

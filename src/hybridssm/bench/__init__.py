@@ -34,7 +34,7 @@ from .machine import (
 )
 from .memory import peak_memory, peak_memory_of
 from .steps import STREAM_BATCHES, WINDOW, StepBench, attended_cache_bytes, bench_steps, format_step_table
-from .tables import MISSING, cell, markdown_table, percent, ratio, times
+from .tables import MISSING, cell, command_line, markdown_table, percent, ratio, times
 from .timing import (
     BenchSettings,
     input_size,
@@ -63,6 +63,7 @@ __all__ = [
     "build_row",
     "ceiling_fraction",
     "cell",
+    "command_line",
     "cpu_name",
     "format_step_table",
     "format_table",

@@ -1,12 +1,15 @@
 """Markdown tables and their cells, one format for every benchmark: numbers with thousands
-separators, ratios as ``1.23x``, fractions as percentages, and ``—`` where nothing was measured."""
+separators, ratios as ``1.23x``, fractions as percentages, and ``—`` where nothing was measured;
+and the command line a report starts with."""
 
 from __future__ import annotations
 
+import shlex
+import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["MISSING", "cell", "markdown_table", "percent", "ratio", "times"]
+__all__ = ["MISSING", "cell", "command_line", "markdown_table", "percent", "ratio", "times"]
 
 MISSING = "—"  # a value that was not measured (the footnotes of each table say why)
 
@@ -41,3 +44,10 @@ def markdown_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def command_line(script: str, argv: Sequence[str] | None = None) -> str:
+    """The command that reproduces a report: ``PYTHONPATH=src python SCRIPT ARGS`` (``argv``: the
+    arguments given to the script's ``main``, else the process's)."""
+    args = sys.argv[1:] if argv is None else argv
+    return f"PYTHONPATH=src python {script}" + "".join(" " + shlex.quote(a) for a in args)

@@ -49,6 +49,12 @@ class BenchSettings:
     memory: bool = True
     extra_env: Mapping[str, str] = field(default_factory=dict)
 
+    @classmethod
+    def quick(cls, **overrides: Any) -> BenchSettings:
+        """The benchmarks' ``--quick`` smoke test: every code path, few iterations, no peak memory."""
+        base = dict(warmup=1, max_time=0.05, max_iters=2, latency_steps=10, latency_warmup=1, memory=False)
+        return cls(**{**base, **overrides})
+
 
 def timing_line(settings: BenchSettings) -> str:
     """The protocol of :func:`measure_modules` with ``settings``, as the tables' header says it (the
