@@ -217,16 +217,15 @@ def _shape_head(shapes: list[tuple[int, int]]) -> list[str]:
     return [f"B={B} T={T}" for B, T in shapes]
 
 
-def _not_run(r: Row, T: int, stopped: dict[str, int], slow_limit: float, notes: Notes) -> str | None:
-    """The footnoted "—" of a row that does not run at length ``T``, or None when it runs."""
+def why_not_run(r: Row, T: int, stopped: dict[str, int], slow_limit: float) -> str | None:
+    """Why row ``r`` does not run at length ``T`` (its footnote), or None when it runs."""
     if r.skip:
-        return notes.mark(f"{r.name}: {r.skip}")
+        return f"{r.name}: {r.skip}"
     if r.max_t is not None and T > r.max_t:
-        return notes.mark(f"{r.name} runs up to T={r.max_t} only: beyond, an iteration takes over 30 s "
-                          "(DESIGN §5)")
+        return f"{r.name} runs up to T={r.max_t} only: beyond, an iteration takes over 30 s (DESIGN §5)"
     if r.name in stopped and T >= stopped[r.name]:
-        return notes.mark(f"stopped: the first forward+backward was still running after {slow_limit:.0f} s "
-                          "(DESIGN §5); longer shapes are not run")
+        return (f"stopped: the first forward+backward was still running after {slow_limit:.0f} s "
+                "(DESIGN §5); longer shapes are not run")
     return None
 
 
@@ -242,7 +241,7 @@ def throughput(args, table: list[Row], shapes, settings: BenchSettings, rates, n
         x = torch.randn(B, T, EMBED)
         run = {}
         for r in table:
-            if _not_run(r, T, stopped, args.slow_limit, Notes()) is None:
+            if why_not_run(r, T, stopped, args.slow_limit) is None:
                 torch.manual_seed(0)
                 run[r.name] = build_row(r.name, args.hidden, args.layers)
         for name, res in measure_modules(run, x, settings, slow_limit=args.slow_limit,
@@ -260,7 +259,8 @@ def throughput(args, table: list[Row], shapes, settings: BenchSettings, rates, n
             for B, T in shapes:
                 res = results.get((r.name, (B, T)))
                 if res is None or res[f"{key}_s"] is None:
-                    cells.append(_not_run(r, T, stopped, args.slow_limit, notes) or MISSING)
+                    why = why_not_run(r, T, stopped, args.slow_limit)
+                    cells.append(notes.mark(why) if why else MISSING)
                     continue
                 base = results.get((BASELINE, (B, T)), {}).get(f"{key}_tok_s")
                 flops = res["flops" if train else "fwd_flops"]
@@ -290,9 +290,9 @@ def memory(args, table: list[Row], shapes, results, stopped, notes: Notes, out: 
         cells = []
         for B, T in shapes:
             res = None if results is None else results.get((r.name, (B, T)))
-            not_run = _not_run(r, T, stopped, args.slow_limit, notes)
-            if not_run or (results is not None and res is None):
-                cells.append(not_run or MISSING)
+            why = why_not_run(r, T, stopped, args.slow_limit)
+            if why or (results is not None and res is None):
+                cells.append(notes.mark(why) if why else MISSING)
                 continue
             timeout = 600 if res is None else max(120.0, 4 * res["first_s"])
             mib = peak_memory_of(f"{os.path.abspath(__file__)}:build_row", [r.name, args.hidden, args.layers],

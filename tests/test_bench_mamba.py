@@ -41,13 +41,15 @@ def test_rows_selection_and_shapes(bench):
 def test_rows_that_do_not_run_get_one_footnote_each(bench):
     notes = bench.Notes()
     seq = next(r for r in bench.rows() if r.name == "transformers Mamba (sequential)")
-    assert bench._not_run(seq, 256, {}, 30.0, notes) is None
-    assert bench._not_run(seq, 2048, {}, 30.0, notes) == bench._not_run(seq, 4096, {}, 30.0, notes) == "— [1]"
+    assert bench.why_not_run(seq, 256, {}, 30.0) is None
+    beyond = bench.why_not_run(seq, 2048, {}, 30.0)
+    assert beyond.startswith("transformers Mamba (sequential) runs up to T=256 only")
+    assert notes.mark(beyond) == notes.mark(bench.why_not_run(seq, 4096, {}, 30.0)) == "— [1]"
     ours = bench.rows()[0]
-    assert bench._not_run(ours, 60, {ours.name: 256}, 30.0, notes) is None  # stopped at a longer shape
-    assert bench._not_run(ours, 2048, {ours.name: 256}, 30.0, notes) == "— [2]"
-    assert notes.lines()[0].startswith("[1] transformers Mamba (sequential) runs up to T=256 only")
-    assert "after 30 s" in notes.lines()[1]
+    assert bench.why_not_run(ours, 60, {ours.name: 256}, 30.0) is None  # stopped at a longer shape
+    stopped = bench.why_not_run(ours, 2048, {ours.name: 256}, 30.0)
+    assert "after 30 s" in stopped and notes.mark(stopped) == "— [2]"
+    assert notes.lines() == [f"[1] {beyond}", f"[2] {stopped}"]
 
 
 def test_exponentials_per_row_kind(bench):
