@@ -42,14 +42,21 @@ SRC = HERE.parent / "src"
 
 @functools.cache
 def _harness():
-    """This checkout's ``hybridssm/bench`` package, whichever ``hybridssm`` is imported (``--against``
-    runs it over another checkout's models)."""
+    """This checkout's ``hybridssm.bench``, whichever ``hybridssm`` is imported (``--against`` runs it
+    over another checkout's models). It is installed as ``hybridssm.bench``, so that
+    ``bench_models.py``'s imports find it too."""
+    import hybridssm
+
     package = SRC / "hybridssm" / "bench"
-    spec = importlib.util.spec_from_file_location("_bench_harness", package / "__init__.py",
+    loaded = sys.modules.get("hybridssm.bench")
+    if loaded is not None and Path(loaded.__file__).resolve().parent == package.resolve():
+        return loaded
+    spec = importlib.util.spec_from_file_location("hybridssm.bench", package / "__init__.py",
                                                   submodule_search_locations=[str(package)])
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # its modules import each other (and dataclasses look them up) by name
     spec.loader.exec_module(mod)
+    hybridssm.bench = mod
     return mod
 
 
@@ -57,6 +64,7 @@ def build_models(only: set[str] | None, quick: bool = False) -> dict:
     """``label -> model`` (eval mode) of bench_models.py's step table (``quick``: its tiny sizes)."""
     import torch
 
+    _harness()  # before bench_models.py imports it
     sys.path.insert(0, str(HERE))
     import bench_models as bm
 
@@ -130,7 +138,7 @@ def main(argv: list[str] | None = None) -> str:
         for k in theirs:
             a, b = statistics.median(theirs[k]), statistics.median(mine.get(k, [float("nan")]))
             cells.append([k, bench.cell(a, ".3f"), bench.cell(b, ".3f"), bench.times(a / b)])
-        text = "\n".join(lines) + bench.markdown_table(["model", "A ms", "B ms", "A / B"], cells)
+        text = "\n".join(lines + [bench.markdown_table(["model", "A ms", "B ms", "A / B"], cells)])
         print(text)
         return text
     batches = tuple(int(b) for b in args.batches.split(",") if b)
