@@ -404,17 +404,17 @@ def main(argv: list[str] | None = None) -> str:
                    "(case-insensitive; the baseline row is always kept), e.g. --only mamba2")
     p.add_argument("--shapes", help="comma-separated BxT shapes instead of the protocol's, e.g. 32x60,4x2048")
     p.add_argument("--step-only", action="store_true", help="only the batch-1 streaming table")
-    p.add_argument("--steps", type=int, help="steps per streaming row (default 1000; 20 with --quick)")
+    p.add_argument("--steps", type=int, help="steps per streaming row (default 1000; 10 with --quick)")
     p.add_argument("--rounds", type=int, default=10, help="interleaving rounds of the streaming step rows")
     args = p.parse_args(argv)
     args.hidden = args.hidden or (16 if args.quick else 256)
-    args.steps = args.steps or (20 if args.quick else 1000)
     torch.set_num_threads(args.threads)
     import hybridssm as hs
 
     shapes = parse_shapes(args.shapes) if args.shapes else QUICK_SHAPES if args.quick else SHORT + LONG
     budget = {"max_time": args.budget} if args.budget else {}
     settings = BenchSettings.quick(**budget) if args.quick else BenchSettings(**budget)
+    args.steps = args.steps or settings.latency_steps
     kernels = hs.kernels(build=True)  # built now: never inside a timed (alarmed) iteration
     rates = machine_rates("cpu", seconds=0.05 if args.quick else 0.5)
     command = command_line("benchmarks/bench_mamba.py", argv)
@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> str:
     table = select(rows(), args.only)
     notes = Notes()
     if args.step_only:
-        streaming(args, 2 if args.quick else 20, out)
+        streaming(args, settings.latency_warmup, out)
     elif args.memory_only:
         memory(args, table, shapes, None, {}, notes, out)
     else:
@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> str:
             memory(args, table, shapes, results, stopped, notes, out)
         speed_ratios(table, shapes, results, out)
         if any(r.name == "hybridssm mamba" for r in table):
-            streaming(args, 2 if args.quick else 20, out)
+            streaming(args, settings.latency_warmup, out)
         if args.profile:
             profiles(args, table, shapes, out)
     if notes.texts:

@@ -88,6 +88,17 @@ def test_matmul_flops_counts_forward_and_backward():
     assert matmul_flops(lambda: lin(x).sum().backward()) == 2 * (2 * 3 * 8 * 4)
 
 
+def test_matmul_flops_see_through_the_encoder_fast_path():
+    from hybridssm.bench import BaselineTransformer
+
+    base = BaselineTransformer(embed_dim=20, hidden_size=32, num_heads=4, num_layers=2).eval()
+    x = torch.randn(2, 8, 20)
+    with torch.no_grad():
+        inference = matmul_flops(lambda: base(x))  # the encoder's fast path would hide its products
+    projections = 2 * 2 * 8 * (20 * 32 + 2 * (3 * 32 * 32 + 32 * 32 + 2 * 4 * 32 * 32))
+    assert inference >= projections and torch.backends.mha.get_fastpath_enabled()
+
+
 def test_workloads_run_the_whole_sequence_and_drop_gradients():
     model = hs.build("gated_ssm", embed_dim=6, hidden_size=8, num_layers=1)
     x = torch.randn(2, 5, 6)

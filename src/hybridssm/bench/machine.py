@@ -46,11 +46,12 @@ def read_rate(seconds: float = 0.5, mib: int = 128) -> float:
 
 def machine_rates(device: torch.device | str = "cpu", seconds: float = 0.5) -> dict[str, float]:
     """Measured fp32 GEMM rate (``gemm_gflops``, GFLOP/s, 512^3), ``exp`` rate (``exp_gelems``,
-    G elements/s, 4M elements) and, on CPU, the single-thread memory read rate (``read_gbs``,
-    GB/s, :func:`read_rate`), each over ``seconds``."""
+    G elements/s, 4M elements into a fixed buffer) and, on CPU, the single-thread memory read rate
+    (``read_gbs``, GB/s, :func:`read_rate`), each over ``seconds``."""
     device = torch.device(device)
     a = torch.randn(512, 512, device=device)
     v = torch.randn(1 << 22, device=device)
+    e = torch.empty_like(v)  # into a fixed buffer: the rate of exp, not of allocating its output
 
     def rate(fn: Callable[[], Any], work: float) -> float:
         fn()
@@ -62,7 +63,8 @@ def machine_rates(device: torch.device | str = "cpu", seconds: float = 0.5) -> d
         sync(device)
         return work * n / (time.perf_counter() - t0) / 1e9
 
-    out = {"gemm_gflops": rate(lambda: a @ a, 2 * 512**3), "exp_gelems": rate(lambda: v.exp(), v.numel())}
+    out = {"gemm_gflops": rate(lambda: a @ a, 2 * 512**3),
+           "exp_gelems": rate(lambda: torch.exp(v, out=e), v.numel())}
     if device.type == "cpu":
         out["read_gbs"] = read_rate(seconds)
     return out
@@ -72,7 +74,8 @@ def matmul_flops(fn: Callable[[], Any]) -> int:
     """FLOPs of the matrix products (mm, bmm, addmm, baddbmm, SDPA, forward and backward) of one
     call of ``fn``, counted by ``torch.utils.flop_counter.FlopCounterMode``: the work a GEMM ceiling
     bounds (``flops / machine_rates()["gemm_gflops"]`` is the ideal time). A fused kernel is opaque
-    to the counter: its products are not counted.
+    to the counter: its products are not counted. ``nn.TransformerEncoder``'s inference fast path
+    (one native op per layer, same products) is switched off while counting, so that they are.
 
     Convolutions are left out: the models' convolutions are depthwise (no GEMM), and torch 2.x
     counts a grouped convolution's backward as if it were dense (``groups`` ignored), which would
@@ -80,8 +83,13 @@ def matmul_flops(fn: Callable[[], Any]) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with counter:
+            fn()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     per_op = counter.get_flop_counts().get("Global", {})
     return int(sum(v for op, v in per_op.items() if "convolution" not in str(op)))
 
