@@ -183,3 +183,52 @@ def test_model_stream_and_compile():
         assert_close(torch.stack(outs, 1), y)
         fwd = torch.compile(m, fullgraph=True, backend="aot_eager")
         assert_close(fwd(x, return_sequence=True), y)
+
+
+def _rms(v, w, eps):
+    return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def test_inner_norms_normalise_dt_B_and_C_as_jamba():
+    torch.manual_seed(0)
+    m = MambaMixer(16, state_size=4, conv_size=3, dt_rank=3, inner_norms=True, inner_norm_eps=1e-5)
+    ssm = m.ssm
+    with torch.no_grad():
+        for norm in (ssm.dt_norm, ssm.b_norm, ssm.c_norm):
+            norm.weight.add_(0.3 * torch.randn_like(norm.weight))
+    assert all(is_fp32_no_decay(n.weight) for n in (ssm.dt_norm, ssm.b_norm, ssm.c_norm))
+    u = torch.randn(2, 5, 32)
+    dt, Bm, Cm = ssm.x_proj(u).split([3, 4, 4], dim=-1)
+    delta, B_got, C_got = ssm.project(u)
+    assert_close(B_got, _rms(Bm, ssm.b_norm.weight, 1e-5))
+    assert_close(C_got, _rms(Cm, ssm.c_norm.weight, 1e-5))
+    assert_close(delta, F.softplus(ssm.dt_proj(_rms(dt, ssm.dt_norm.weight, 1e-5)) + ssm.dt_bias))
+    # off (the default): no norm parameters at all, and the same state_dict keys as before
+    assert not [k for k in MambaMixer(16).state_dict() if "norm" in k]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_inner_norms_decline_the_fused_step_and_the_step_equals_the_forward(backend, inplace):
+    torch.manual_seed(0)
+    m = MambaMixer(16, state_size=4, conv_size=4, inner_norms=True)
+    with torch.no_grad():
+        m.conv.bias.normal_()
+        for norm in (m.ssm.dt_norm, m.ssm.b_norm, m.ssm.c_norm):
+            norm.weight.add_(0.3 * torch.randn_like(norm.weight))
+    assert m.step_spec() is None  # the fused kernel has no dt/B/C norms: the module code runs
+    x = torch.randn(2, 9, 16)
+    with use_kernels(backend), torch.no_grad():
+        y_full, s_full = m(x, m.init_state(2))
+        y_step, s_step = _stream(m, x, m.init_state(2), inplace)
+    assert_close(y_step, y_full)
+    assert_tree_close(s_step, s_full)
+
+
+def test_inner_norm_options_are_validated():
+    with pytest.raises(ValueError, match="'inner_norms' must be True or False, got 1"):
+        MambaMixer(16, inner_norms=1)
+    with pytest.raises(ValueError, match="'inner_norm_eps'=1e-05 changes nothing with inner_norms=False"):
+        MambaMixer(16, inner_norm_eps=1e-5)
+    with pytest.raises(ValueError, match="inner_norm_eps"):
+        MambaMixer(16, inner_norms=True, inner_norm_eps=0.0)
