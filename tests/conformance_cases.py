@@ -43,6 +43,9 @@ VARIANTS: dict[str, list[dict[str, Any]]] = {
         dict(use_sliding_window=False),
         dict(num_kv_heads=1, positional="rope", rope_theta=500.0, ffn_activation="swiglu",
              ffn_multiplier=2, attention_offset=0, norm="rmsnorm", norm_eps=1e-5),
+        # Jamba's layers (from_transformers): an FFN after every layer, no biases, inner norms
+        dict(backbone_ffn=True, attention_bias=False, ffn_bias=False, ffn_hidden_size=24,
+             backbone_options=(("inner_norms", True),)),
     ],
     "hymba": [dict(global_layers=(0,)), dict(meta_tokens="kv")],
     "transformer": [
