@@ -12,8 +12,10 @@ import torch.nn.functional as F
 import hybridssm as hs
 from helpers import assert_close, assert_tree_close
 from hybridssm.layers import is_fp32_no_decay
+from hybridssm.mixers import mamba as mamba_mod
 from hybridssm.mixers.mamba import MambaMixer, MambaState
 from hybridssm.ops import use_kernels
+from hybridssm.ops.step import fused_step_available
 
 BACKENDS = ["ref", "torch", "auto"]  # auto: the fused scan and step (the conv has no fused form)
 
@@ -209,20 +211,24 @@ def test_inner_norms_normalise_dt_B_and_C_as_jamba():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("inplace", [False, True])
-def test_inner_norms_decline_the_fused_step_and_the_step_equals_the_forward(backend, inplace):
+def test_inner_norms_step_equals_the_forward_fused_or_not(backend, inplace, monkeypatch):
     torch.manual_seed(0)
     m = MambaMixer(16, state_size=4, conv_size=4, inner_norms=True)
     with torch.no_grad():
         m.conv.bias.normal_()
         for norm in (m.ssm.dt_norm, m.ssm.b_norm, m.ssm.c_norm):
             norm.weight.add_(0.3 * torch.randn_like(norm.weight))
-    assert m.step_spec() is None  # the fused kernel has no dt/B/C norms: the module code runs
+    fused = []  # the kernel's calls: the fused step applies the inner norms too (auto, no grad)
+    original = mamba_mod.mixer_step
+    monkeypatch.setattr(mamba_mod, "mixer_step", lambda *a: fused.append(1) or original(*a))
     x = torch.randn(2, 9, 16)
     with use_kernels(backend), torch.no_grad():
         y_full, s_full = m(x, m.init_state(2))
         y_step, s_step = _stream(m, x, m.init_state(2), inplace)
+        available = fused_step_available()
     assert_close(y_step, y_full)
     assert_tree_close(s_step, s_full)
+    assert len(fused) == (9 if backend == "auto" and available else 0)
 
 
 def test_inner_norm_options_are_validated():

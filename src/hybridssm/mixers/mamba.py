@@ -13,8 +13,8 @@
 State ``MambaState(conv [B, E, K-1], ssm [B, E, N] fp32)``. Padded steps (``lengths``) get
 ``delta = 0``: identity steps of the recurrence. A single step (T = 1) without autograd takes the
 fused C++ step (:meth:`MambaMixer.step_spec`, ``ops/csrc/step/mamba.h``: projections, conv, state
-update and gate in one call) when the fused kernels are in use, in eager mode; with
-``inner_norms`` the step runs the same module code as a chunk (the kernel has no inner norms).
+update and gate in one call, the inner norms included) when the fused kernels are in use, in
+eager mode.
 """
 
 from __future__ import annotations
@@ -61,6 +61,9 @@ class MambaStepWeights(NamedTuple):
     A_log: Tensor  # [E, N]
     D: Tensor  # [E]
     out_w: Tensor  # [d, E]
+    dt_norm_w: Tensor | None  # [R]: the inner norms' gains (inner_norms), else None
+    b_norm_w: Tensor | None  # [N]
+    c_norm_w: Tensor | None  # [N]
 
 
 class SelectiveSSM(nn.Module):
@@ -222,22 +225,25 @@ class MambaMixer(Mixer):
     # -- the fused step (one C++ call: ops/csrc/step/mamba.h) -------------------------------------
     def step_spec(self) -> MixerStep | None:
         """This mixer's fused step: kind ``"mamba"`` with :class:`MambaStepWeights` (the parameters
-        themselves; ``-exp(A_log)`` is computed by the kernel on every call). None with
-        ``proj_bias=True`` (the kernel's projections have no biases, the reference's default) or
-        ``inner_norms=True`` (the kernel has no dt/B/C norms): such a step runs the module code."""
-        if self.proj_bias or self.ssm.inner_norms:
+        themselves; ``-exp(A_log)`` is computed by the kernel on every call; floats: the inner norms'
+        eps). None with ``proj_bias=True`` (the kernel's projections have no biases, the reference's
+        default): such a step runs the module code."""
+        if self.proj_bias:
             return None
         ssm = self.ssm
+        norms = (ssm.dt_norm, ssm.b_norm, ssm.c_norm)
+        eps = ssm.dt_norm.eps if ssm.inner_norms else 0.0
         return MixerStep("mamba", MambaStepWeights(
             self.in_proj.weight, self.conv.weight, self.conv.bias, ssm.x_proj.weight, ssm.dt_proj.weight,
             ssm.dt_bias, ssm.A_log, ssm.D, self.out_proj.weight,
-        ))
+            *(n.weight if ssm.inner_norms else None for n in norms),
+        ), floats=(float(eps),))
 
     def _fused_step_applies(self, x: Tensor, state: MambaState) -> bool:
         """A T = 1 call in eager mode, on CPU, with no gradient needed, in one fp32/fp64 dtype for the
         input, the states and the parameters (no autocast), with the fused backend selected."""
         if (torch.compiler.is_compiling() or x.device.type != "cpu" or self.proj_bias
-                or self.ssm.inner_norms or not fused_step_available()):
+                or not fused_step_available()):
             return False
         dt = x.dtype
         if dt not in (torch.float32, torch.float64) or torch.is_autocast_enabled("cpu"):
