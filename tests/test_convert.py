@@ -135,6 +135,13 @@ def test_jamba_maps_onto_a_hybrid_with_its_layout_and_options():
         hf.model.embed_tokens.weight.numel())
 
 
+@pytest.mark.parametrize("make", [_mamba, _mamba2], ids=["mamba", "mamba2"])
+@pytest.mark.parametrize("fp32", [True, False])
+def test_residual_in_fp32_follows_the_source(make, fp32):
+    # it acts in bf16 only, where a model converted with the other value would drift from its source
+    assert hs.from_transformers(make(residual_in_fp32=fp32)).config.residual_in_fp32 is fp32
+
+
 def test_what_has_no_equivalent_is_named():
     with pytest.raises(ValueError, match="hidden_act='gelu' has no equivalent"):
         hs.from_transformers(_mamba(hidden_act="gelu"))

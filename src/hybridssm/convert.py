@@ -102,7 +102,7 @@ def _mamba(cfg: Any, src: nn.Module) -> Converted:
         expand_factor=cfg.expand, conv_size=cfg.conv_kernel,
         dt_rank=_dt_rank(cfg.time_step_rank, d),
         conv_bias=cfg.use_conv_bias, proj_bias=cfg.use_bias, norm="rmsnorm",
-        norm_eps=cfg.layer_norm_epsilon, dropout=0.0,
+        norm_eps=cfg.layer_norm_epsilon, residual_in_fp32=cfg.residual_in_fp32, dropout=0.0,
     )
     sd: dict[str, torch.Tensor] = {"final_norm.weight": src.norm_f.weight}
     for i, layer in enumerate(src.layers):
@@ -125,7 +125,7 @@ def _mamba2(cfg: Any, src: nn.Module) -> Converted:
         expand_factor=cfg.expand, conv_size=cfg.conv_kernel, ssm_head_dim=cfg.head_dim,
         num_groups=cfg.n_groups, conv_bias=cfg.use_conv_bias, proj_bias=cfg.use_bias,
         dt_limit=tuple(float(v) for v in cfg.time_step_limit), norm="rmsnorm",
-        norm_eps=cfg.layer_norm_epsilon, dropout=0.0,
+        norm_eps=cfg.layer_norm_epsilon, residual_in_fp32=cfg.residual_in_fp32, dropout=0.0,
     )
     sd: dict[str, torch.Tensor] = {"final_norm.weight": src.norm_f.weight}
     for i, layer in enumerate(src.layers):
