@@ -1,82 +1,112 @@
-"""Mamba on CPU: hybridssm against ``transformers`` and a TransformerEncoder (DESIGN §5 protocol).
+"""Mamba and Mamba-2 on CPU: hybridssm against ``transformers`` and DESIGN §5's baseline, measured
+with :mod:`hybridssm.bench` (the timing, units and table format of every benchmark here).
 
-    python benchmarks/bench_mamba.py [--quick] [--threads N] [--out FILE] [--profile]
+    PYTHONPATH=src python benchmarks/bench_mamba.py [--quick] [--threads N] [--out FILE] [--profile]
+        [--only NAMES] [--shapes 32x60,4x2048] [--no-memory | --memory-only | --step-only] [--steps N]
 
-Rows: our ``mamba`` (and ``mamba2`` when registered), ``transformers`` MambaModel (sequential torch
-path; ``use_mambapy`` path when ``mambapy`` imports), ``transformers`` Mamba2Model (torch path) and the
-baseline ``torch.nn.TransformerEncoder`` (d_model = hidden, 4 heads, FFN x4, dropout 0, pre-norm, GELU,
-causal, the same number of layers and the same input projection). Every model gets
-``Linear(embed_dim, hidden)`` in front. Shapes: short (B=32, T=60) and long, 8,192 tokens per batch
-(T = 256, 2048, 4096). Timing: fixed thread count, 2 warm-ups, then repeat until 3 s or 20 iterations;
-the median. Peak memory: each row in its own subprocess (max RSS, one forward+backward). The GEMM and
-exp rates measured in the same run give a ceiling for each row (``ceil``: the time its GEMM FLOPs and
-exps would take at those rates, as a fraction of the measured time).
+Rows: our ``mamba`` and ``mamba2`` (and ``mamba2`` on the PyTorch forms of its ops,
+``use_kernels("torch")``: the model before its fused kernels), ``transformers`` MambaModel (the
+sequential torch path, and the ``use_mambapy`` path when ``mambapy`` imports), ``transformers``
+Mamba2Model (torch path) and the baseline ``nn.TransformerEncoder``
+(:class:`hybridssm.bench.BaselineTransformer`: d_model = hidden, 4 heads, FFN x4, dropout 0,
+pre-norm, GELU, causal, the same number of layers). Every row takes ``[B, T, 287]`` frames through
+``Linear(287, hidden)`` and returns the whole sequence. Shapes: short (B=32, T=60) and long, 8,192
+tokens per batch (T = 256, 2048, 4096); the sequential ``transformers`` path runs up to T=256 only
+(beyond, an iteration takes over 30 s), and a row whose first forward+backward runs past
+``--slow-limit`` is stopped there and not run at longer shapes.
+
+Tables (markdown; the units are in each header):
+
+1. forward+backward and 2. forward: tokens/s per shape, the ratio to the baseline and the fraction
+   of the GEMM + exp ceiling (matmul FLOPs counted in the run over the measured GEMM rate, plus the
+   row's exponentials over the measured ``exp`` rate, over the measured time);
+3. peak memory (MiB) of one forward+backward, each row and shape in its own subprocess;
+4. forward+backward speed of each of our rows over every other row;
+5. streaming at batch 1 (ms): our in-place step (one fused call, and block by block), re-running
+   the 60-frame window (ours and the baseline's), and ``transformers``' cached step.
+
+``--profile`` adds ``torch.profiler``'s top ops of our rows' forward+backward.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from hybridssm.bench import (
+    MISSING,
+    BaselineTransformer,
+    BenchSettings,
+    ceiling_fraction,
+    cell,
+    command_line,
+    machine_line,
+    machine_rates,
+    markdown_table,
+    measure_modules,
+    peak_memory_of,
+    percent,
+    ratio,
+    time_rounds,
+    times,
+    timing_line,
+    top_ops,
+    workloads,
+)
+
 EMBED = 287  # the seeds' example frame size
 SHORT = [(32, 60)]
 LONG = [(32, 256), (4, 2048), (2, 4096)]
+QUICK_SHAPES = [(4, 16), (2, 32)]  # --quick: a smoke test of every code path, in seconds
 HF_SEQUENTIAL_MAX_T = 256  # the sequential path never runs beyond this (> 30 s per iteration)
-TOO_SLOW_S = 30.0  # a row whose next shape would take longer per iteration shows "—" (DESIGN §5)
+BASELINE = "TransformerEncoder (baseline)"
+WINDOW = 60  # the seeds' real-time window (frames)
 
 
-# -- models ----------------------------------------------------------------------------------------
+# -- the rows --------------------------------------------------------------------------------------
+class Projected(nn.Module):
+    """``Linear(EMBED, hidden)`` then a ``transformers`` backbone: ``[B, T, EMBED] -> [B, T, hidden]``."""
 
-
-class _Projected(nn.Module):
-    """``Linear(embed_dim, hidden)`` then a backbone taking ``[B, T, hidden]``."""
-
-    def __init__(self, backbone: nn.Module, hidden: int, call: Callable) -> None:
+    def __init__(self, backbone: nn.Module, hidden: int) -> None:
         super().__init__()
-        self.proj, self.backbone, self.call = nn.Linear(EMBED, hidden), backbone, call
+        self.embed_dim = EMBED
+        self.proj, self.backbone = nn.Linear(EMBED, hidden), backbone
 
-    def forward(self, x):
-        return self.call(self.backbone, self.proj(x))
-
-
-def _transformer(hidden: int, layers: int) -> nn.Module:
-    layer = nn.TransformerEncoderLayer(
-        hidden, 4, 4 * hidden, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
-    )
-    enc = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-
-    def call(m, h):
-        mask = nn.Transformer.generate_square_subsequent_mask(h.shape[1])
-        return m(h, mask=mask, is_causal=True)
-
-    return _Projected(enc, hidden, call)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(inputs_embeds=self.proj(x), use_cache=False).last_hidden_state
 
 
-def _hf_call(m, h):
-    return m(inputs_embeds=h, use_cache=False).last_hidden_state
+class WithKernels(nn.Module):
+    """Our model's whole-sequence forward under ``use_kernels(backend)`` (its backward follows the
+    graph that forward built)."""
+
+    def __init__(self, model: nn.Module, backend: str) -> None:
+        super().__init__()
+        self.embed_dim, self.model, self.backend = model.config.embed_dim, model, backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from hybridssm.ops._kernels import use_kernels
+
+        with use_kernels(self.backend):
+            return self.model(x, return_sequence=True)
 
 
-def _hf_mamba(hidden: int, layers: int, mambapy: bool) -> nn.Module:
+def _hf_mamba(hidden: int, layers: int, mambapy: bool) -> Projected:
     from transformers import MambaConfig, MambaModel
 
     cfg = MambaConfig(
         hidden_size=hidden, state_size=16, expand=2, conv_kernel=4, num_hidden_layers=layers,
         vocab_size=16, use_mambapy=mambapy, use_associative_scan=False,
     )
-    return _Projected(MambaModel(cfg), hidden, _hf_call)
+    return Projected(MambaModel(cfg), hidden)
 
 
-def _hf_mamba2(hidden: int, layers: int) -> nn.Module:
+def _hf_mamba2(hidden: int, layers: int) -> Projected:
     from transformers import Mamba2Config, Mamba2Model
 
     head_dim = min(64, 2 * hidden)
@@ -84,7 +114,7 @@ def _hf_mamba2(hidden: int, layers: int) -> nn.Module:
         hidden_size=hidden, state_size=16, expand=2, conv_kernel=4, num_hidden_layers=layers,
         vocab_size=16, head_dim=head_dim, num_heads=2 * hidden // head_dim, n_groups=1, chunk_size=256,
     )
-    return _Projected(Mamba2Model(cfg), hidden, _hf_call)
+    return Projected(Mamba2Model(cfg), hidden)
 
 
 def _ours(name: str, hidden: int, layers: int) -> nn.Module:
@@ -93,30 +123,59 @@ def _ours(name: str, hidden: int, layers: int) -> nn.Module:
     return hs.build(name, embed_dim=EMBED, hidden_size=hidden, num_layers=layers)
 
 
-class _WithKernels(nn.Module):
-    """Runs the wrapped model's forward under ``use_kernels(backend)`` (its backward follows the
-    graph the forward built)."""
+BUILDERS: dict[str, Callable[[int, int], nn.Module]] = {
+    "hybridssm mamba": lambda h, n: _ours("mamba", h, n),
+    "hybridssm mamba2": lambda h, n: _ours("mamba2", h, n),
+    "hybridssm mamba2 (torch kernels)": lambda h, n: WithKernels(_ours("mamba2", h, n), "torch"),
+    "transformers Mamba (sequential)": lambda h, n: _hf_mamba(h, n, False),
+    "transformers Mamba (mambapy)": lambda h, n: _hf_mamba(h, n, True),
+    "transformers Mamba2 (torch)": _hf_mamba2,
+    BASELINE: lambda h, n: BaselineTransformer(EMBED, h, 4, n),
+}
 
-    def __init__(self, model: nn.Module, backend: str) -> None:
-        super().__init__()
-        self.model, self.backend = model, backend
 
-    def forward(self, x):
-        from hybridssm.ops._kernels import use_kernels
-
-        with use_kernels(self.backend):
-            return self.model(x)
+def build_row(name: str, hidden: int, layers: int) -> nn.Module:
+    """The module of row ``name`` (also the factory of the peak-memory subprocesses)."""
+    return BUILDERS[name](hidden, layers)
 
 
 @dataclass
 class Row:
     name: str
-    build: Callable[[], nn.Module] | None
-    skip: str = ""  # reason shown as "—" for the whole row
-    max_t: int | None = None  # longer shapes show "—"
+    kind: str  # "mamba", "mamba2" or "attention": what its exponentials are (see ``exps``)
+    skip: str = ""  # why the whole row is not run ("" = it runs)
+    max_t: int | None = None  # longer shapes are not run
 
 
-BASELINE = "TransformerEncoder (baseline)"
+def rows() -> list[Row]:
+    """Every row, in table order; those that cannot run here say why."""
+    import hybridssm as hs
+
+    registered = "mamba2" in hs.list_models()
+    missing = "" if registered else "not registered in this build"
+    out = [Row("hybridssm mamba", "mamba")]
+    out += [Row("hybridssm mamba2", "mamba2", missing),
+            Row("hybridssm mamba2 (torch kernels)", "mamba2", missing),
+            Row("transformers Mamba (sequential)", "mamba", max_t=HF_SEQUENTIAL_MAX_T)]
+    try:
+        import mambapy  # noqa: F401
+
+        out.append(Row("transformers Mamba (mambapy)", "mamba"))
+    except ImportError:
+        reason = "mambapy not installed (pip install mambapy)"
+        out.append(Row("transformers Mamba (mambapy)", "mamba", reason))
+    return out + [Row("transformers Mamba2 (torch)", "mamba2"), Row(BASELINE, "attention")]
+
+
+def exps(kind: str, shape: tuple[int, int], hidden: int, layers: int, train: bool) -> float:
+    """The exponentials of one call: Mamba-1's decays ``exp(dt * A)``, one per (token, channel,
+    state) with 2 * hidden channels and 16 states; Mamba-2's, one per (token, head) with 64-wide
+    heads; attention's softmax, the causal half of T x T per head (4 heads). The backward doubles
+    them. The GEMM part of the ceiling is counted in the run (``matmul_flops``)."""
+    B, T = shape
+    per_layer = {"mamba": B * T * 2 * hidden * 16, "mamba2": B * T * 2 * hidden / 64,
+                 "attention": 4 * B * T * T / 2}[kind]
+    return layers * per_layer * (2 if train else 1)
 
 
 def select(table: list[Row], only: str | None) -> list[Row]:
@@ -139,244 +198,203 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
-def rows(hidden: int, layers: int) -> list[Row]:
-    import hybridssm as hs
+class Notes:
+    """Numbered footnotes: the same text gets the same number."""
 
-    out = [Row("hybridssm mamba", lambda: _ours("mamba", hidden, layers))]
-    if "mamba2" in hs.list_models():
-        out.append(Row("hybridssm mamba2", lambda: _ours("mamba2", hidden, layers)))
-        # the pure-PyTorch forms of its ops (chunked SSD, conv1d + SiLU, element-wise gated norm):
-        # the model before its fused kernels
-        out.append(Row("hybridssm mamba2 (torch kernels)",
-                       lambda: _WithKernels(_ours("mamba2", hidden, layers), "torch")))
-    else:
-        out.append(Row("hybridssm mamba2", None, skip="not registered in this build"))
-    out.append(Row("transformers Mamba (sequential)", lambda: _hf_mamba(hidden, layers, False),
-                   max_t=HF_SEQUENTIAL_MAX_T))
-    try:
-        import mambapy  # noqa: F401
+    def __init__(self) -> None:
+        self.texts: list[str] = []
 
-        out.append(Row("transformers Mamba (mambapy)", lambda: _hf_mamba(hidden, layers, True)))
-    except ImportError:
-        reason = "mambapy not installed (pip install mambapy)"
-        out.append(Row("transformers Mamba (mambapy)", None, skip=reason))
-    out.append(Row("transformers Mamba2 (torch)", lambda: _hf_mamba2(hidden, layers)))
-    out.append(Row("TransformerEncoder (baseline)", lambda: _transformer(hidden, layers)))
-    return out
+    def mark(self, text: str) -> str:
+        if text not in self.texts:
+            self.texts.append(text)
+        return f"— [{self.texts.index(text) + 1}]"
+
+    def lines(self) -> list[str]:
+        return [f"[{i}] {t}" for i, t in enumerate(self.texts, 1)]
 
 
-# -- timing ----------------------------------------------------------------------------------------
+def _shape_head(shapes: list[tuple[int, int]]) -> list[str]:
+    return [f"B={B} T={T}" for B, T in shapes]
 
 
-def median_time(fn: Callable[[], None], budget_s: float = 3.0, max_iters: int = 20) -> float:
-    """2 warm-ups, then repeat until ``budget_s`` or ``max_iters``; the median in seconds."""
-    fn()
-    fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_iters and (time.perf_counter() - start < budget_s or not times):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def why_not_run(r: Row, T: int, stopped: dict[str, int], slow_limit: float) -> str | None:
+    """Why row ``r`` does not run at length ``T`` (its footnote), or None when it runs."""
+    if r.skip:
+        return f"{r.name}: {r.skip}"
+    if r.max_t is not None and T > r.max_t:
+        return f"{r.name} runs up to T={r.max_t} only: beyond, an iteration takes over 30 s (DESIGN §5)"
+    if r.name in stopped and T >= stopped[r.name]:
+        return (f"stopped: the first forward+backward was still running after {slow_limit:.0f} s "
+                "(DESIGN §5); longer shapes are not run")
+    return None
 
 
-def _fwd_bwd(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
-    model.train()
-
-    def run():
-        out = model(x)
-        out.float().pow(2).mean().backward()
-        model.zero_grad(set_to_none=True)
-
-    return run
-
-
-def _fwd(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
-    def run():
-        model.eval()
-        with torch.no_grad():
-            model(x)
-
-    return run
-
-
-def machine_rates() -> dict[str, float]:
-    """fp32 GEMM FLOP/s (projection-shaped) and torch.exp elements/s, measured now."""
-    a, b = torch.randn(8192, 512), torch.randn(512, 1024)
-    t = median_time(lambda: torch.mm(a, b), budget_s=1.0)
-    gemm = 2 * a.shape[0] * a.shape[1] * b.shape[1] / t
-    v, out = torch.randn(16 * 2**20), torch.empty(16 * 2**20)
-    t = median_time(lambda: torch.exp(v, out=out), budget_s=1.0)
-    return {"gemm_flops": gemm, "exp_per_s": v.numel() / t}
-
-
-def ceiling_seconds(row: str, model: nn.Module, B: int, T: int, hidden: int, layers: int, train: bool,
-                    rates: dict[str, float]) -> float:
-    """Time the row's GEMM FLOPs (2 per weight per token; x3 with the backward) plus its exps (SSM
-    decays: E*N per token per layer, twice with the backward; attention: the causal half of T x T per
-    head) would take at the measured rates. Depthwise convs, norms and scans beyond the exp are free."""
-    tokens = B * T
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
-    flops = 2 * tokens * linear
-    exps = 0.0
-    if "Transformer" in row:
-        flops += layers * 2 * 2 * B * T * T / 2 * hidden  # QK^T and PV, causal half
-        exps = layers * 4 * B * T * T / 2
-    elif "Mamba2" in row or "mamba2" in row:
-        exps = layers * tokens * (2 * hidden) / 64  # per head: scalar decays (small)
-    else:
-        exps = layers * tokens * 2 * hidden * 16
-    if train:
-        flops, exps = 3 * flops, 2 * exps
-    return flops / rates["gemm_flops"] + exps / rates["exp_per_s"]
-
-
-# -- step latency ----------------------------------------------------------------------------------
-
-
-def step_latency(hidden: int, layers: int, n_steps: int, rounds: int = 10) -> dict[str, float | str]:
-    """Batch 1 (µs): our inplace step (the one-call fused path, and the block-by-block path), re-running
-    the 60-frame window, transformers' cached step. The step rows run interleaved, ``rounds`` rounds of
-    ``n_steps / rounds`` steps each, so that a change in the machine's load hits them alike; median of
-    all steps."""
-    res: dict[str, float | str] = {}
-    torch.manual_seed(0)
-    ours = _ours("mamba", hidden, layers).eval()
-    x = torch.randn(1, 60, EMBED)
-
-    def timed(fn, n):
-        ts = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return ts
-
-    def loop(fn, n):
-        timed(fn, 20)
-        return statistics.median(timed(fn, n)) * 1e6
-
-    with torch.no_grad():
-        state = ours.init_state(1)
-        for t in range(60):
-            ours.step(x[:, t], state, inplace=True)
-        frame = torch.randn(1, EMBED)
-
-        def ours_step(fused: bool):
-            def run():
-                ours.use_fused_step = fused
-                ours.step(frame, state, inplace=True)
-            return run
-
-        steps: dict[str, Callable[[], object]] = {
-            "hybridssm mamba step (inplace)": ours_step(True),
-            "hybridssm mamba step (inplace), block by block (use_fused_step=False)": ours_step(False),
-        }
-        try:
-            from transformers import DynamicCache
-
-            hf = _hf_mamba(hidden, layers, False).eval()
-            cache = DynamicCache(config=hf.backbone.config)
-            hf.backbone(inputs_embeds=hf.proj(x), cache=cache, use_cache=True)
-            e = frame.unsqueeze(1)
-            steps["transformers Mamba cached step"] = (
-                lambda: hf.backbone(inputs_embeds=hf.proj(e), cache=cache, use_cache=True)
-            )
-        except Exception as exc:  # reported, never fatal
-            res["transformers Mamba cached step"] = f"— ({type(exc).__name__}: {exc})"
-        samples: dict[str, list[float]] = {k: [] for k in steps}
-        for fn in steps.values():
-            timed(fn, 20)  # warm-up
-        per_round = max(1, n_steps // rounds)
-        for _ in range(rounds):
-            for k, fn in steps.items():
-                samples[k] += timed(fn, per_round)
-        ours.use_fused_step = True
-        for k, v in samples.items():
-            res[k] = statistics.median(v) * 1e6
-        res["hybridssm mamba: re-run 60-frame window"] = loop(lambda: ours(x), max(20, n_steps // 10))
-        tr = _transformer(hidden, layers).eval()
-        res["TransformerEncoder: re-run 60-frame window"] = loop(lambda: tr(x), max(20, n_steps // 10))
-    order = ["hybridssm mamba step (inplace)",
-             "hybridssm mamba step (inplace), block by block (use_fused_step=False)",
-             "hybridssm mamba: re-run 60-frame window", "transformers Mamba cached step",
-             "TransformerEncoder: re-run 60-frame window"]
-    return {k: res[k] for k in order if k in res}
+# -- the tables ------------------------------------------------------------------------------------
+def throughput(args, table: list[Row], shapes, settings: BenchSettings, rates, notes: Notes, out: list[str]):
+    """Times every row at every shape (rows interleaved within a shape); appends the forward+backward
+    and forward tables to ``out``; returns ``{(row, shape): measure_modules' result}`` and the rows
+    stopped by ``--slow-limit`` (name -> the length where)."""
+    results: dict[tuple[str, tuple[int, int]], dict] = {}
+    stopped: dict[str, int] = {}
+    for B, T in shapes:
+        torch.manual_seed(0)
+        x = torch.randn(B, T, EMBED)
+        run = {}
+        for r in table:
+            if why_not_run(r, T, stopped, args.slow_limit) is None:
+                torch.manual_seed(0)
+                run[r.name] = build_row(r.name, args.hidden, args.layers)
+        for name, res in measure_modules(run, x, settings, slow_limit=args.slow_limit,
+                                          count_fwd_flops=True).items():
+            results[(name, (B, T))] = res
+            if res["too_slow"]:
+                stopped[name] = T
+            print(f"  {name:34s} B={B:3d} T={T:5d}  fwd+bwd {cell(res['fwd_bwd_tok_s'], ',.0f'):>9} tok/s"
+                  f"  fwd {cell(res['fwd_tok_s'], ',.0f'):>9} tok/s", flush=True)
+    for train, title in ((True, "forward+backward"), (False, "forward (no grad)")):
+        key = "fwd_bwd" if train else "fwd"
+        lines = []
+        for r in table:
+            cells = []
+            for B, T in shapes:
+                res = results.get((r.name, (B, T)))
+                if res is None or res[f"{key}_s"] is None:
+                    why = why_not_run(r, T, stopped, args.slow_limit)
+                    cells.append(notes.mark(why) if why else MISSING)
+                    continue
+                base = results.get((BASELINE, (B, T)), {}).get(f"{key}_tok_s")
+                flops = res["flops" if train else "fwd_flops"]
+                ceil = ceiling_fraction(res[f"{key}_s"], rates, flops,
+                                        exps(r.kind, (B, T), args.hidden, args.layers, train))
+                cells.append(f"{res[f'{key}_tok_s']:,.0f} ({times(ratio(res[f'{key}_tok_s'], base))}; "
+                             f"{percent(ceil)})")
+            lines.append([r.name] + cells)
+        out += ["", f"### {title}: tokens/s (ratio to the baseline; fraction of the GEMM + exp ceiling)", "",
+                markdown_table(["model"] + _shape_head(shapes), lines)]
+    longs = [s for s in shapes if s in LONG]
+    if len(longs) > 1:  # DESIGN §5's target: grows < 1.5x from T=256 to T=4096
+        first, last = (results.get(("hybridssm mamba", s), {}).get("fwd_bwd_s")
+                       for s in (longs[0], longs[-1]))
+        if first and last:
+            growth = last / (longs[-1][0] * longs[-1][1]) / (first / (longs[0][0] * longs[0][1]))
+            out += ["", f"hybridssm mamba forward+backward time per token, T={longs[-1][1]} vs "
+                    f"T={longs[0][1]}: {times(growth)}"]
+    return results, stopped
 
 
-def step_table(lat: dict[str, float | str], n_steps: int) -> list[str]:
-    out = ["", f"### streaming at batch 1 (median over {n_steps} steps, µs; step rows interleaved)", "",
-           "| path | µs | vs ours |", "|---|---|---|"]
-    mine = lat["hybridssm mamba step (inplace)"]
-    for k, v in lat.items():
-        out.append(f"| {k} | {v:.0f} | {v / mine:.1f}x |" if isinstance(v, float) else f"| {k} | {v} | |")
-    return out
-
-
-# -- peak memory (one subprocess per row and shape) ------------------------------------------------
-
-
-def _peak_child(args) -> None:
-    torch.set_num_threads(args.threads)
-    row = next(r for r in rows(args.hidden, args.layers) if r.name == args.peak_row)
-    model = row.build()
-    x = torch.randn(args.peak_b, args.peak_t, EMBED)
-    run = _fwd_bwd(model, x)
-    run()  # first call: lazy inits and kernel builds stay out of the measurement
-
-    def status(field: str) -> float:  # MB, from /proc (ru_maxrss survives exec: the parent's peak)
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
-
-    with open("/proc/self/clear_refs", "w") as f:  # "5" resets the high-water mark to the current RSS
-        f.write("5")
-    before = status("VmRSS:")
-    run()
-    peak = status("VmHWM:")
-    print(json.dumps({"peak_mb": peak, "delta_mb": peak - before}))
-
-
-def peak_memory(args, row: str, B: int, T: int) -> str:
-    cmd = [sys.executable, __file__, "--_peak-row", row, "--_peak-b", str(B), "--_peak-t", str(T),
-           "--threads", str(args.threads), "--hidden", str(args.hidden), "--layers", str(args.layers)]
-    try:
-        # a fixed mmap threshold: glibc otherwise raises it after frees and keeps the warm-up's
-        # buffers in the heap, so the measured run would reuse them and read too low
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True, env=env).stdout
-        r = json.loads(out.strip().splitlines()[-1])
-        return f"{r['delta_mb']:.0f}"
-    except Exception as exc:  # noqa: BLE001 - a failed measurement is shown, not fatal
-        return f"— ({type(exc).__name__})"
-
-
-def memory_table(args, table: list[Row], shapes, results) -> list[str]:
-    """Markdown lines: each row's extra memory in one forward+backward, each in its own subprocess;
-    rows not timed (``results`` given) are skipped."""
-    out = ["", "### peak memory of one forward+backward (MB above the RSS before it; own subprocess)", "",
-           "| model | " + " | ".join(f"B={B} T={T}" for B, T in shapes) + " |",
-           "|---" * (len(shapes) + 1) + "|"]
+def memory(args, table: list[Row], shapes, results, stopped, notes: Notes, out: list[str]) -> None:
+    """Appends the peak-memory table: each row and shape in its own subprocess (rows that were not
+    timed, when ``results`` is given, are not measured)."""
+    lines = []
     for r in table:
         cells = []
         for B, T in shapes:
-            timed = results is None or (r.name, (B, T), "fb") in results
-            skip = r.build is None or (r.max_t is not None and T > r.max_t)
-            cells.append("—" if skip or not timed else peak_memory(args, r.name, B, T))
-        out.append(f"| {r.name} | " + " | ".join(cells) + " |")
-    return out
+            res = None if results is None else results.get((r.name, (B, T)))
+            why = why_not_run(r, T, stopped, args.slow_limit)
+            if why or (results is not None and res is None):
+                cells.append(notes.mark(why) if why else MISSING)
+                continue
+            timeout = 600 if res is None else max(120.0, 4 * res["first_s"])
+            mib = peak_memory_of(f"{os.path.abspath(__file__)}:build_row", [r.name, args.hidden, args.layers],
+                                 (B, T), threads=args.threads, timeout=timeout)
+            cells.append(cell(mib, ",.0f") if mib is not None else notes.mark("the subprocess failed"))
+        lines.append([r.name] + cells)
+    out += ["", "### peak memory of one forward+backward: MiB above the resident set before it (each row "
+            "and shape in its own subprocess, after one untimed forward+backward)", "",
+            markdown_table(["model"] + _shape_head(shapes), lines)]
+
+
+def speed_ratios(table: list[Row], shapes, results, out: list[str]) -> None:
+    """Appends our rows' forward+backward speed over every other row's (> 1: ours is faster)."""
+    timed = [r.name for r in table if any((r.name, s) in results for s in shapes)]
+    ours = [n for n in timed if n.startswith("hybridssm")]
+    if not ours:
+        return
+    lines = []
+    for a in ours:
+        for b in timed:
+            if b not in (a, BASELINE):
+                lines.append([a, b] + [times(ratio(results.get((a, s), {}).get("fwd_bwd_tok_s"),
+                                                   results.get((b, s), {}).get("fwd_bwd_tok_s")))
+                                       for s in shapes])
+    out += ["", "### forward+backward speed ratios: row / column tokens/s (> 1: the row is faster)", "",
+            markdown_table(["row", "vs"] + _shape_head(shapes), lines)]
+
+
+@torch.no_grad()
+def streaming(args, warmup: int, out: list[str]) -> None:
+    """Appends the batch-1 streaming table (ms): the step rows interleaved in ``--rounds`` rounds,
+    then the window re-runs interleaved."""
+    torch.manual_seed(0)
+    ours = build_row("hybridssm mamba", args.hidden, args.layers).eval()
+    x = torch.randn(1, WINDOW, EMBED)
+    frame = torch.randn(1, EMBED)
+    state = ours(x, return_state=True)[1]
+
+    def our_step(fused: bool) -> Callable[[], object]:
+        def run() -> None:
+            ours.use_fused_step = fused
+            ours.step(frame, state, inplace=True)
+        return run
+
+    steps = {"hybridssm mamba step (inplace)": our_step(True),
+             "hybridssm mamba step (inplace), block by block (use_fused_step=False)": our_step(False)}
+    failed: dict[str, str] = {}
+    hf_name = "transformers Mamba cached step"
+    try:
+        from transformers import DynamicCache
+
+        hf = build_row("transformers Mamba (sequential)", args.hidden, args.layers).eval()
+        cache = DynamicCache(config=hf.backbone.config)
+        hf.backbone(inputs_embeds=hf.proj(x), cache=cache, use_cache=True)
+        e = frame.unsqueeze(1)
+        steps[hf_name] = lambda: hf.backbone(inputs_embeds=hf.proj(e), cache=cache, use_cache=True)
+    except Exception as exc:  # noqa: BLE001 - reported in the table, never fatal
+        failed[hf_name] = f"— ({type(exc).__name__}: {exc})"
+    try:
+        timed = time_rounds(steps, args.steps, rounds=args.rounds, warmup=warmup)
+        ms = {k: v * 1e3 for k, v in timed.items()}
+    finally:
+        ours.use_fused_step = True
+    base = build_row(BASELINE, args.hidden, args.layers).eval()
+    windows = {"hybridssm mamba: re-run 60-frame window": lambda: ours(x),
+               "TransformerEncoder: re-run 60-frame window": lambda: base(x)}
+    calls = max(20, args.steps // 10)
+    ms |= {k: v * 1e3 for k, v in time_rounds(windows, calls, rounds=min(args.rounds, calls),
+                                               warmup=warmup).items()}
+    mine = ms["hybridssm mamba step (inplace)"]
+    order = [*list(steps)[:2], *windows, hf_name]
+    lines = [[k, failed[k], ""] if k in failed else [k, cell(ms[k], ".3f"), times(ms[k] / mine)]
+             for k in order if k in ms or k in failed]
+    out += ["", f"### streaming at batch 1: ms per call (median over {args.steps} steps, step rows "
+            f"interleaved in {args.rounds} rounds; windows over {calls} calls)", "",
+            markdown_table(["path", "ms", "vs our step"], lines)]
+
+
+def profiles(args, table: list[Row], shapes, out: list[str]) -> None:
+    """Appends ``torch.profiler``'s top ops of our mamba (short shape) and mamba2 (every shape)."""
+    for name, at in (("hybridssm mamba", shapes[:1]), ("hybridssm mamba2", shapes)):
+        if not any(r.name == name and not r.skip for r in table):
+            continue
+        for B, T in at:
+            torch.manual_seed(0)
+            model = build_row(name, args.hidden, args.layers).train()
+            fb, _ = workloads(model, torch.randn(B, T, EMBED))
+            out += ["", f"{name} forward+backward, B={B} T={T} (3 iterations):", "", "```",
+                    top_ops(fb, calls=3, row_limit=20), "```"]
 
 
 # -- main ------------------------------------------------------------------------------------------
-
-
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="short shape and one long shape; fewer steps")
-    p.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 16))
-    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: hidden 16, shapes 4x16 and 2x32, few iterations, no peak memory")
+    p.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 16), help="torch threads (fixed)")
+    p.add_argument("--hidden", type=int, help="hidden size (default 256; 16 with --quick)")
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--budget", type=float, default=3.0, help="seconds per measurement (protocol: 3)")
+    p.add_argument("--budget", type=float, help="seconds per measurement (protocol: 3; 0.05 with --quick)")
+    p.add_argument("--slow-limit", type=float, default=30.0,
+                   help="seconds: stop a row whose first forward+backward takes longer (default 30)")
     p.add_argument("--out", help="also write the markdown tables to this file")
     p.add_argument("--profile", action="store_true",
                    help="print profiles of our mamba fwd+bwd (short shape) and mamba2 (every shape)")
@@ -385,139 +403,46 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--only", help="comma-separated substrings: keep only the rows whose name contains one "
                    "(case-insensitive; the baseline row is always kept), e.g. --only mamba2")
     p.add_argument("--shapes", help="comma-separated BxT shapes instead of the protocol's, e.g. 32x60,4x2048")
-    p.add_argument("--step-only", action="store_true", help="only the batch-1 streaming step table")
-    p.add_argument("--steps", type=int, help="steps per streaming row (default 1000; 100 with --quick)")
-    p.add_argument("--_peak-row", dest="peak_row", help=argparse.SUPPRESS)
-    p.add_argument("--_peak-b", dest="peak_b", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--_peak-t", dest="peak_t", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--step-only", action="store_true", help="only the batch-1 streaming table")
+    p.add_argument("--steps", type=int, help="steps per streaming row (default 1000; 10 with --quick)")
+    p.add_argument("--rounds", type=int, default=10, help="interleaving rounds of the streaming step rows")
     args = p.parse_args(argv)
-    if args.peak_row:
-        _peak_child(args)
-        return ""
+    args.hidden = args.hidden or (16 if args.quick else 256)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     import hybridssm as hs
 
-    shapes = parse_shapes(args.shapes) if args.shapes else SHORT + (LONG[:1] if args.quick else LONG)
-    n_steps = args.steps or (100 if args.quick else 1000)
-    lines = ["# Mamba CPU benchmark\n", f"- torch {torch.__version__}, threads: {args.threads} (fixed), "
-             f"CPU capability {torch.backends.cpu.get_cpu_capability()}, hidden {args.hidden}, "
-             f"{args.layers} layers, embed_dim {EMBED}",
-             f"- kernels: { {k: v['backend'] for k, v in hs.kernels().items()} }"]
+    shapes = parse_shapes(args.shapes) if args.shapes else QUICK_SHAPES if args.quick else SHORT + LONG
+    budget = {"max_time": args.budget} if args.budget else {}
+    settings = BenchSettings.quick(**budget) if args.quick else BenchSettings(**budget)
+    args.steps = args.steps or settings.latency_steps
+    kernels = hs.kernels(build=True)  # built now: never inside a timed (alarmed) iteration
+    rates = machine_rates("cpu", seconds=0.05 if args.quick else 0.5)
+    command = command_line("benchmarks/bench_mamba.py", argv)
+    machine = machine_line(rates, str(args.threads), kernels)
+    out = ["# Mamba CPU benchmark", "", f"`{command}`", "", machine, "",
+           f"hidden {args.hidden}, {args.layers} layers, embed_dim {EMBED}. {timing_line(settings)}. Units: "
+           "tokens/s, MiB, ms; ceilings from the GEMM and exp rates above."]
+    print("\n".join(out), flush=True)
+    head = len(out)
+    table = select(rows(), args.only)
+    notes = Notes()
     if args.step_only:
-        text = "\n".join(lines + step_table(step_latency(args.hidden, args.layers, n_steps), n_steps))
-        print(text)
-        if args.out:
-            with open(args.out, "w") as f:
-                f.write(text + "\n")
-        return text
-    rates = machine_rates()
-    if args.memory_only:
-        table = select(rows(args.hidden, args.layers), args.only)
-        text = "\n".join(lines + memory_table(args, table, shapes, None))
-        print(text)
-        if args.out:
-            with open(args.out, "w") as f:
-                f.write(text + "\n")
-        return text
-    lines.append(f"- measured now: fp32 GEMM {rates['gemm_flops'] / 1e9:.0f} GFLOP/s, "
-                 f"torch.exp {rates['exp_per_s'] / 1e9:.2f} G/s")
-    print("\n".join(lines), flush=True)
-
-    table = select(rows(args.hidden, args.layers), args.only)
-    models = {r.name: r.build() for r in table if r.build is not None}
-    results: dict[tuple[str, tuple[int, int], str], float] = {}
-    too_slow: set[str] = set()
-    for B, T in shapes:  # rows interleaved within each shape
-        x = torch.randn(B, T, EMBED)
-        for r in table:
-            if r.build is None or (r.max_t is not None and T > r.max_t) or r.name in too_slow:
-                continue
-            m = models[r.name]
-            results[(r.name, (B, T), "fb")] = median_time(_fwd_bwd(m, x), args.budget)
-            results[(r.name, (B, T), "f")] = median_time(_fwd(m, x), args.budget)
-            print(f"  {r.name:34s} B={B:3d} T={T:5d}  fwd+bwd {results[(r.name, (B, T), 'fb')]*1e3:9.1f} ms"
-                  f"  fwd {results[(r.name, (B, T), 'f')]*1e3:9.1f} ms", flush=True)
-            # tokens grow at most ~4.3x to the next shape; projected beyond the limit: stop this row
-            if results[(r.name, (B, T), "fb")] * 8192 / (B * T) > TOO_SLOW_S:
-                too_slow.add(r.name)
-
-    base = BASELINE
-    out = ["\n".join(lines), ""]
-    for mode, title in (("fb", "forward+backward"), ("f", "forward (no grad)")):
-        hdr = "| model | " + " | ".join(f"B={B} T={T}" for B, T in shapes) + " |"
-        out += [f"### {title}: tokens/s (ratio to the baseline; ceil = GEMM+exp ceiling fraction)", "",
-                hdr, "|---" * (len(shapes) + 1) + "|"]
-        for r in table:
-            cells = []
-            for B, T in shapes:
-                key = (r.name, (B, T), mode)
-                if r.build is None:
-                    cells.append(f"— ({r.skip})")
-                elif key not in results:
-                    cells.append("— [1]")
-                else:
-                    t = results[key]
-                    ratio = results[(base, (B, T), mode)] / t
-                    ceil = ceiling_seconds(r.name, models[r.name], B, T, args.hidden, args.layers,
-                                           mode == "fb", rates) / t
-                    cells.append(f"{B * T / t:,.0f} ({ratio:.2f}x; ceil {ceil:.0%})")
-            out.append(f"| {r.name} | " + " | ".join(cells) + " |")
-        out.append("")
-    out.append(f"[1] not run: a forward+backward at this shape would take > {TOO_SLOW_S:.0f} s per iteration "
-               "(projected from the previous shape; DESIGN §5)")
-
-    # time per token across the long shapes (target: grows < 1.5x from T=256 to T=4096)
-    longs = [s for s in shapes if s in LONG]
-    if len(longs) > 1 and "hybridssm mamba" in models:
-        t0 = results[("hybridssm mamba", longs[0], "fb")] / (longs[0][0] * longs[0][1])
-        t1 = results[("hybridssm mamba", longs[-1], "fb")] / (longs[-1][0] * longs[-1][1])
-        out.append(f"\nhybridssm mamba fwd+bwd time per token, T={longs[-1][1]} vs T={longs[0][1]}: "
-                   f"{t1 / t0:.2f}x")
-
-    if not args.no_memory:
-        out += memory_table(args, table, shapes, results)
-
-    # ours / each other row at each shape, forward+backward (the mamba2 rows' before / after)
-    ours = [r.name for r in table if r.name.startswith("hybridssm") and r.name in models]
-    others = [r.name for r in table if r.name in models and r.name != base]
-    if ours:
-        out += ["", "### forward+backward speed ratios (row / column: > 1 means the row is faster)", "",
-                "| row | vs | " + " | ".join(f"B={B} T={T}" for B, T in shapes) + " |",
-                "|---|---" + "|---" * len(shapes) + "|"]
-        for a in ours:
-            for b in others:
-                if a == b:
-                    continue
-                cells = []
-                for B, T in shapes:
-                    ka, kb = (a, (B, T), "fb"), (b, (B, T), "fb")
-                    both = ka in results and kb in results
-                    cells.append(f"{results[kb] / results[ka]:.2f}x" if both else "—")
-                out.append(f"| {a} | {b} | " + " | ".join(cells) + " |")
-
-    if "hybridssm mamba" in models:
-        out += step_table(step_latency(args.hidden, args.layers, n_steps), n_steps)
-
-    if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-
-        for name in ("hybridssm mamba", "hybridssm mamba2"):
-            if name not in models:
-                continue
-            for B, T in shapes:
-                run = _fwd_bwd(models[name], torch.randn(B, T, EMBED))
-                run()
-                with profile(activities=[ProfilerActivity.CPU]) as prof:
-                    for _ in range(3):
-                        run()
-                out += ["", f"{name} forward+backward, B={B} T={T} (3 iterations):", "", "```",
-                        prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), "```"]
-                if name == "hybridssm mamba":
-                    break  # the short shape only, as before
-
+        streaming(args, settings.latency_warmup, out)
+    elif args.memory_only:
+        memory(args, table, shapes, None, {}, notes, out)
+    else:
+        results, stopped = throughput(args, table, shapes, settings, rates, notes, out)
+        if not (args.no_memory or args.quick):
+            memory(args, table, shapes, results, stopped, notes, out)
+        speed_ratios(table, shapes, results, out)
+        if any(r.name == "hybridssm mamba" for r in table):
+            streaming(args, settings.latency_warmup, out)
+        if args.profile:
+            profiles(args, table, shapes, out)
+    if notes.texts:
+        out += [""] + notes.lines()
     text = "\n".join(out)
-    print(text)
+    print("\n".join(out[head:]))
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")

@@ -30,11 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shlex
-import signal
-import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,11 +42,20 @@ from hybridssm.backbones import get_backbone
 from hybridssm.bench import (
     BenchSettings,
     baseline_for,
+    ceiling_fraction,
+    cell,
+    command_line,
+    input_size,
+    machine_line,
     machine_rates,
-    matmul_flops,
+    markdown_table,
+    measure_modules,
     peak_memory,
+    percent,
+    ratio,
     step_latency,
-    time_interleaved,
+    timing_line,
+    top_ops,
     window_latency,
     workloads,
 )
@@ -78,8 +82,7 @@ def make_plan(quick: bool) -> Plan:
         return Plan()
     # Tiny sizes, same code paths: width 32, 8-wide attention heads, few iterations, no memory.
     return Plan(width=32, short=(4, 16), long=(2, 32), memory=False, overrides={"head_dim": 8},
-                settings=BenchSettings(warmup=1, max_time=0.05, max_iters=2, latency_steps=10,
-                                       latency_warmup=1, memory=False))
+                settings=BenchSettings.quick())
 
 
 def model_options(name: str, plan: Plan, **extra: Any) -> dict[str, Any]:
@@ -116,100 +119,18 @@ def baseline_label(m: nn.Module) -> str:
             f"d={m.hidden_size})")
 
 
-class _TooSlow(Exception):
-    pass
-
-
-def _with_limit(fn, seconds: float) -> bool:
-    """Run ``fn``; False when it was still running after ``seconds`` (interrupted by SIGALRM, which
-    Python delivers between ops: a slow path is a long chain of ops, so it stops within one op)."""
-    if threading.current_thread() is not threading.main_thread() or seconds <= 0:
-        fn()
-        return True
-
-    fired = []
-
-    def alarm(signum, frame):
-        fired.append(True)
-        raise _TooSlow
-
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        fn()
-        return True
-    except Exception:  # raised inside a Python backward, autograd may re-raise it wrapped
-        if fired:
-            return False
-        raise
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def measure(rows: list[Row], shape: tuple[int, int], plan: Plan, slow_limit: float,
             forward: bool) -> dict[str, dict[str, Any]]:
-    """Tokens/s (fwd+bwd, and fwd when ``forward``) and matmul FLOPs of every row at ``shape``,
-    interleaved. Warm-up 1 is timed against ``slow_limit`` (a row still running then is stopped and
-    left out: ``too_slow``, DESIGN §5's "—"); warm-up 2 counts the matmul FLOPs."""
+    """:func:`hybridssm.bench.measure_modules` of every row at ``shape``, interleaved: tokens/s,
+    matmul FLOPs, and ``too_slow`` for a row whose first forward+backward ran past ``slow_limit``."""
     B, T = shape
     torch.manual_seed(0)
-    x = torch.randn(B, T, rows[0].module.embed_dim if rows[0].options is None
-                    else rows[0].module.config.embed_dim)
-    out: dict[str, dict[str, Any]] = {}
-    train_fns, fwd_fns = {}, {}
-    for r in rows:
-        r.module.train()
-        fb, fw = workloads(r.module, x)
-        t0 = time.perf_counter()
-        ok = _with_limit(fb, slow_limit)  # the first warm-up, uncounted: the counter slows small ops
-        out[r.label] = {"first_s": time.perf_counter() - t0, "too_slow": not ok,
-                        "flops": matmul_flops(fb) if ok else None, "fwd_bwd_s": None, "fwd_s": None}
-        if ok:  # the counted iteration is the second warm-up
-            train_fns[r.label], fwd_fns[r.label] = fb, fw
-        else:
-            for p in r.module.parameters():
-                p.grad = None
-    one_less = BenchSettings(**{**plan.settings.__dict__, "warmup": max(0, plan.settings.warmup - 2)})
-    for label, t in time_interleaved(train_fns, one_less, torch.device("cpu")).items():
-        out[label]["fwd_bwd_s"] = t
-    if forward:
-        for r in rows:
-            r.module.eval()
-        for label, t in time_interleaved(fwd_fns, plan.settings, torch.device("cpu")).items():
-            out[label]["fwd_s"] = t
-    for res in out.values():
-        res["fwd_bwd_tok_s"] = B * T / res["fwd_bwd_s"] if res["fwd_bwd_s"] else None
-        res["fwd_tok_s"] = B * T / res["fwd_s"] if res["fwd_s"] else None
-    return out
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a and b else None
-
-
-def ceiling(res: dict[str, Any], gemm_gflops: float) -> float | None:
-    """Ideal time at the GEMM rate over the measured time."""
-    if res["flops"] is None or not res["fwd_bwd_s"]:
-        return None
-    return res["flops"] / (gemm_gflops * 1e9) / res["fwd_bwd_s"]
+    x = torch.randn(B, T, input_size(rows[0].module))
+    return measure_modules({r.label: r.module for r in rows}, x, plan.settings, slow_limit=slow_limit,
+                           forward=forward)
 
 
 # -- formatting -------------------------------------------------------------------------------------
-def f(v: Any, spec: str, suffix: str = "") -> str:
-    return "—" if v is None else format(v, spec) + suffix
-
-
-def table(head: list[str], lines: list[list[str]]) -> str:
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    out += ["| " + " | ".join(line) + " |" for line in lines]
-    return "\n".join(out)
-
-
-def pct(v: float | None) -> str:
-    return "—" if v is None else f"{100 * v:.0f}%" if v >= 0.01 else f"{100 * v:.1f}%"
-
-
 def verdict(ratio: float | None, floor: float, strict: bool) -> str:
     if ratio is None:
         return "—"
@@ -234,26 +155,26 @@ def models_table(plan: Plan, only: set[str] | None, rates: dict[str, float], slo
         bases.setdefault(key, Row(key, "baseline", None, base))
         base_of[name] = key
     res = measure(rows + list(bases.values()), plan.short, plan, slow_limit, forward=True)
-    g = rates["gemm_gflops"]
     lines = []
     for r in rows + list(bases.values()):
         m = res[r.label]
         b = res[base_of.get(r.label, r.label)]
         fb_ratio = ratio(m["fwd_bwd_tok_s"], b["fwd_bwd_tok_s"])
         fw_ratio = ratio(m["fwd_tok_s"], b["fwd_tok_s"])
-        m.update(ratio_fwd_bwd=fb_ratio, ratio_fwd=fw_ratio, gemm_fraction=ceiling(m, g),
+        m.update(ratio_fwd_bwd=fb_ratio, ratio_fwd=fw_ratio,
+                 gemm_fraction=ceiling_fraction(m["fwd_bwd_s"], rates, m["flops"]),
                  baseline=base_of.get(r.label), options=r.options,
                  params=sum(p.numel() for p in r.module.parameters()))
         layers = r.options["num_layers"] if r.options else r.module.encoder.num_layers
         lines.append([
             r.label if r.options else f"*{r.label}*", str(layers), f"{m['params']:,}",
-            f(m["fwd_bwd_tok_s"], ",.0f") + "*" * m["too_slow"], f(fb_ratio, ".2f", "x"),
-            f(m["fwd_tok_s"], ",.0f"), f(fw_ratio, ".2f", "x"),
-            f(m["flops"] and m["flops"] / 1e9, ".2f"), pct(m["gemm_fraction"]),
+            cell(m["fwd_bwd_tok_s"], ",.0f") + "*" * m["too_slow"], cell(fb_ratio, ".2f", "x"),
+            cell(m["fwd_tok_s"], ",.0f"), cell(fw_ratio, ".2f", "x"),
+            cell(m["flops"] and m["flops"] / 1e9, ".2f"), percent(m["gemm_fraction"]),
         ])
     raw["models"] = {"shape": plan.short, "rows": res}
     B, T = plan.short
-    return table(["model", "layers", "params", f"fwd+bwd tok/s (B={B}, T={T})", "vs encoder",
+    return markdown_table(["model", "layers", "params", f"fwd+bwd tok/s (B={B}, T={T})", "vs encoder",
                   "fwd tok/s", "vs encoder", "fwd+bwd matmul GFLOP", "of GEMM ceiling"], lines)
 
 
@@ -270,7 +191,6 @@ def hybrid_table(plan: Plan, only: set[str] | None, rates: dict[str, float], slo
         return None
     base = baseline_for(rows[0].module)
     base_row = Row(baseline_label(base), "baseline", None, base)
-    g = rates["gemm_gflops"]
     per_shape = {}
     for shape in (plan.short, plan.long):
         per_shape[shape] = measure(rows + [base_row], shape, plan, slow_limit, forward=False)
@@ -292,18 +212,19 @@ def hybrid_table(plan: Plan, only: set[str] | None, rates: dict[str, float], slo
             res = per_shape[shape]
             m, b = res[r.label], res[base_row.label]
             rel = ratio(m["fwd_bwd_tok_s"], b["fwd_bwd_tok_s"])
-            m.update(ratio_fwd_bwd=rel, gemm_fraction=ceiling(m, g), options=r.options,
+            m.update(ratio_fwd_bwd=rel, gemm_fraction=ceiling_fraction(m["fwd_bwd_s"], rates, m["flops"]),
+                     options=r.options,
                      peak_mib=mem.get(r.label) if shape == plan.long else None)
-            line += [f(m["fwd_bwd_tok_s"], ",.0f") + "*" * m["too_slow"], f(rel, ".2f", "x"),
+            line += [cell(m["fwd_bwd_tok_s"], ",.0f") + "*" * m["too_slow"], cell(rel, ".2f", "x"),
                      (verdict(rel, floor, strict) if not m["too_slow"] else "FAIL*") if r.options else "",
-                     pct(m["gemm_fraction"])]
-        line.append(f(mem.get(r.label), ",.0f"))
+                     percent(m["gemm_fraction"])]
+        line.append(cell(mem.get(r.label), ",.0f"))
         lines.append(line)
     if not plan.memory:
         notes.append("Peak memory skipped (--quick).")
     raw["hybrid"] = {str(s): v for s, v in per_shape.items()}
     (B1, T1), (B2, T2) = plan.short, plan.long
-    return table(["backbone", "params",
+    return markdown_table(["backbone", "params",
                   f"fwd+bwd tok/s ({B1}, {T1})", "vs encoder", f">= {FLOOR_SHORT}x", "of GEMM ceiling",
                   f"fwd+bwd tok/s ({B2}, {T2})", "vs encoder", f"> {FLOOR_LONG}x", "of GEMM ceiling",
                   f"peak MiB ({B2}, {T2})"], lines)
@@ -325,11 +246,12 @@ def latency_table(plan: Plan, only: set[str] | None, raw: dict[str, Any], step_t
             step = step_latency(model, plan.settings)
             window = window_latency(model, WINDOW, plan.settings)
             res[label] = {"step_ms": step * 1e3, "window_ms": window * 1e3}
-            lines.append([label, f(step * 1e3, ".3f"), f(window * 1e3, ".3f"), f(window / step, ".1f", "x")])
+            lines.append([label, cell(step * 1e3, ".3f"), cell(window * 1e3, ".3f"),
+                          cell(window / step, ".1f", "x")])
     finally:
         torch.set_num_threads(threads)
     raw["latency"] = {"threads": step_threads, "rows": res}
-    return table(["model", "step ms (B=1, inplace)", f"re-run {WINDOW}-frame window ms (B=1)",
+    return markdown_table(["model", "step ms (B=1, inplace)", f"re-run {WINDOW}-frame window ms (B=1)",
                   "window / step"], lines)
 
 
@@ -342,17 +264,6 @@ def _shape_rows(raw: dict[str, Any], section: str) -> list[dict[str, Any]]:
     return list(raw[section].values())
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:  # pragma: no cover
-        pass
-    return platform.processor() or platform.machine()
-
-
 def profile(label: str, shape: tuple[int, int], plan: Plan) -> str:
     """``torch.profiler``'s top ops (self CPU time) of one forward+backward of ``label``
     (``mamba``, ``hybrid[gru]``, ...), after one warm-up."""
@@ -362,11 +273,7 @@ def profile(label: str, shape: tuple[int, int], plan: Plan) -> str:
     else:
         model = hs.build(label, **model_options(label, plan))
     x = torch.randn(*shape, model.config.embed_dim)
-    fb, _ = workloads(model.train(), x)
-    fb()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fb()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    return top_ops(workloads(model.train(), x)[0])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -394,17 +301,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     load0 = os.getloadavg()
     rates = machine_rates("cpu", seconds=0.1 if args.quick else 0.5)
-    command = "PYTHONPATH=src python benchmarks/bench_models.py" + "".join(
-        " " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    machine = (f"{cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}; threads "
-               f"{args.threads} (step latency: {args.step_threads}); measured ceilings: fp32 GEMM "
-               f"{rates['gemm_gflops']:.1f} GFLOP/s (512^3), exp {rates['exp_gelems']:.2f} G elem/s; "
-               f"load average at start {load0[0]:.1f}; fused kernels: "
-               f"{', '.join(k for k, v in kernels.items() if v['backend'] == 'fused') or 'none'}")
+    command = command_line("benchmarks/bench_models.py", argv)
+    machine = machine_line(rates, f"{args.threads} (step latency: {args.step_threads})", kernels)
     s = plan.settings
-    protocol = (f"Timing: {s.warmup} warm-up iterations (the second counts matmul FLOPs), then until "
-                f"{s.max_time} s or {s.max_iters} iterations, median; rows of a table and shape "
-                f"interleaved in one process; dropout 0 in every model for timing; embed_dim = hidden_size "
+    protocol = (f"{timing_line(s)}; dropout 0 in every model for timing; embed_dim = hidden_size "
                 f"= {plan.width}. Step latency: batch 1, inplace, median of {s.latency_steps} steps after "
                 f"{s.latency_warmup} warm-up. 'of GEMM ceiling' = fwd+bwd matmul FLOPs / GEMM rate / "
                 "measured time.")

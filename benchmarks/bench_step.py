@@ -26,10 +26,10 @@ table gives each side's median over its runs and the ratio.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -40,13 +40,23 @@ HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
 
 
+@functools.cache
 def _harness():
-    """This checkout's ``hybridssm/bench.py``, whichever ``hybridssm`` is imported (``--against``
-    runs it over another checkout's models)."""
-    spec = importlib.util.spec_from_file_location("_bench_harness", SRC / "hybridssm" / "bench.py")
+    """This checkout's ``hybridssm.bench``, whichever ``hybridssm`` is imported (``--against`` runs it
+    over another checkout's models). It is installed as ``hybridssm.bench``, so that
+    ``bench_models.py``'s imports find it too."""
+    import hybridssm
+
+    package = SRC / "hybridssm" / "bench"
+    loaded = sys.modules.get("hybridssm.bench")
+    if loaded is not None and Path(loaded.__file__).resolve().parent == package.resolve():
+        return loaded
+    spec = importlib.util.spec_from_file_location("hybridssm.bench", package / "__init__.py",
+                                                  submodule_search_locations=[str(package)])
     mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
+    sys.modules[spec.name] = mod  # its modules import each other (and dataclasses look them up) by name
     spec.loader.exec_module(mod)
+    hybridssm.bench = mod
     return mod
 
 
@@ -54,6 +64,7 @@ def build_models(only: set[str] | None, quick: bool = False) -> dict:
     """``label -> model`` (eval mode) of bench_models.py's step table (``quick``: its tiny sizes)."""
     import torch
 
+    _harness()  # before bench_models.py imports it
     sys.path.insert(0, str(HERE))
     import bench_models as bm
 
@@ -77,8 +88,7 @@ def measure(args, batches: tuple[int, ...], window: bool) -> tuple[list[dict], d
     torch.set_num_threads(args.threads)
     models = build_models(set(args.only.split(",")) if args.only else None, args.quick)
     rates = bench.machine_rates(seconds=0.05 if args.quick else 0.5)
-    quick = dict(warmup=1, max_time=0.05, max_iters=2) if args.quick else {}
-    settings = bench.BenchSettings(**quick)
+    settings = bench.BenchSettings.quick() if args.quick else bench.BenchSettings()
     plan = bench.StepBench(steps=args.steps, rounds=args.rounds, window=window, batches=batches,
                            warmup=2 if args.quick else 20, settings=settings)
     return bench.bench_steps(models, rates, plan), rates
@@ -110,8 +120,7 @@ def main(argv: list[str] | None = None) -> str:
         rows, _ = measure(args, (), window=False)
         print(json.dumps({r["model"]: r["step_ms"] for r in rows}))
         return ""
-    import torch
-
+    bench = _harness()
     t0 = time.time()
     if args.against:
         other = Path(args.against).resolve()
@@ -124,21 +133,18 @@ def main(argv: list[str] | None = None) -> str:
         lines = [f"# batch-1 step ms (median; {args.threads} thread(s), {args.steps} steps per model "
                  "per run)",
                  "", f"A = {other}, B = {SRC}; each cell: the median over {args.repeats} runs "
-                 "(alternating A, B)", "", "| model | A ms | B ms | A / B |", "|---|---|---|---|"]
+                 "(alternating A, B)", ""]
+        cells = []
         for k in theirs:
             a, b = statistics.median(theirs[k]), statistics.median(mine.get(k, [float("nan")]))
-            lines.append(f"| {k} | {a:.3f} | {b:.3f} | {a / b:.2f}x |")
-        text = "\n".join(lines)
+            cells.append([k, bench.cell(a, ".3f"), bench.cell(b, ".3f"), bench.times(a / b)])
+        text = "\n".join(lines + [bench.markdown_table(["model", "A ms", "B ms", "A / B"], cells)])
         print(text)
         return text
     batches = tuple(int(b) for b in args.batches.split(",") if b)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     rows, rates = measure(args, batches, window=True)
-    bench = _harness()
     head = [
-        f"{platform.processor() or platform.machine()}; torch {torch.__version__}; threads {args.threads}; "
-        f"measured: single-thread read {rates['read_gbs']:.1f} GB/s, fp32 GEMM {rates['gemm_gflops']:.1f} "
-        f"GFLOP/s; load average at start {load:.1f}",
+        bench.machine_line(rates, str(args.threads)),
         "",
         f"Step: batch 1, inplace, under inference_mode, median of {args.steps} steps ({args.rounds} "
         "interleaved rounds) from a state that has seen 60 frames. Bar: (parameter bytes + attended "

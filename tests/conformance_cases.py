@@ -44,6 +44,9 @@ VARIANTS: dict[str, list[dict[str, Any]]] = {
         dict(num_kv_heads=1, positional="rope", rope_theta=500.0, ffn_activation="swiglu",
              ffn_multiplier=2, attention_offset=0, norm="rmsnorm", norm_eps=1e-5,
              residual_in_fp32=True),
+        # Jamba's layers (from_transformers): an FFN after every layer, no biases, inner norms
+        dict(backbone_ffn=True, attention_bias=False, ffn_bias=False, ffn_hidden_size=24,
+             backbone_options=(("inner_norms", True),)),
     ],
     "hymba": [
         dict(global_layers=(0,), dt_rank=2, dt_init="constant", conv_bias=False, dt_min=0.01,

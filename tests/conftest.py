@@ -1,9 +1,9 @@
 """Test configuration: hypothesis profiles (DESIGN §4) and deterministic torch settings.
 
 The layout mirrors ``src/hybridssm`` (DESIGN §3): ``ops/``, ``mixers/``, ``models/``,
-``streaming/``, ``tasks/`` and ``training/`` hold the tests of those packages, ``benchmarks/`` the
-scripts' tests, and the top level the package-wide modules (cli, io, export, convert, config,
-registry) and the conformance suite. Shared helpers live here at the top (``helpers.py``,
+``streaming/``, ``tasks/``, ``training/`` and ``bench/`` hold the tests of those packages,
+``benchmarks/`` the scripts' tests, and the top level the package-wide modules (cli, io, export,
+convert, config, registry) and the conformance suite. Shared helpers live here at the top (``helpers.py``,
 ``conformance_cases.py``): pytest puts this directory on ``sys.path`` before any test module is
 imported, so every subfolder imports them.
 """

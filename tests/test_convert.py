@@ -1,5 +1,5 @@
-"""hs.from_transformers: small random transformers Mamba / Mamba-2 models (built locally, no
-download) converted, then compared on forward, step, a greedy continuation and save/load."""
+"""hs.from_transformers: small random transformers Mamba / Mamba-2 / Jamba models (built locally,
+no download) converted, then compared on forward, step, a greedy continuation and save/load."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 
 import hybridssm as hs
 from helpers import assert_close
+from hybridssm.streaming import plan_status
 
 transformers = pytest.importorskip("transformers")
 
@@ -30,12 +31,29 @@ def _mamba2(**over):
     return transformers.Mamba2ForCausalLM(transformers.Mamba2Config(**{**opts, **over})).eval()
 
 
+def _jamba(**over):
+    # attention at layers 1 and 3 (period 2, offset 1), dense FFNs, grouped kv heads
+    opts = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, num_experts=1, attn_layer_period=2,
+                attn_layer_offset=1, mamba_d_state=4, mamba_d_conv=3, mamba_expand=2,
+                mamba_dt_rank=3, rms_norm_eps=1e-5)
+    torch.manual_seed(0)
+    return transformers.JambaForCausalLM(transformers.JambaConfig(**{**opts, **over})).eval()
+
+
 SOURCES = {
     "mamba": _mamba,
     "mamba_biases": lambda: _mamba(use_bias=True, use_conv_bias=False, layer_norm_epsilon=1e-3,
                                    time_step_rank=3),
     "mamba2": _mamba2,
     "mamba2_options": lambda: _mamba2(use_bias=True, time_step_limit=(0.01, 0.05), n_groups=1),
+    "jamba": _jamba,
+    # the other layout, biased Mamba projections, no conv bias, "auto" dt rank, tied embeddings
+    # (they stay with the source: nothing to convert)
+    "jamba_options": lambda: _jamba(attn_layer_period=3, attn_layer_offset=0, num_hidden_layers=3,
+                                    num_key_value_heads=4, mamba_proj_bias=True,
+                                    mamba_conv_bias=False, mamba_dt_rank="auto",
+                                    tie_word_embeddings=True),
 }
 
 
@@ -59,14 +77,14 @@ def test_forward_equals_last_hidden_state(pair):
     assert isinstance(model.input_proj, torch.nn.Identity)
     assert model.config.norm == "rmsnorm"
     x = _embeds(hf, torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1)))
-    assert_close(model(x, return_sequence=True), hf.backbone(inputs_embeds=x).last_hidden_state)
+    assert_close(model(x, return_sequence=True), hf.base_model(inputs_embeds=x).last_hidden_state)
 
 
 @torch.no_grad()
 def test_steps_equal_the_source_at_every_position(pair):
     hf, model = pair
     x = _embeds(hf, torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(2)))
-    want = hf.backbone(inputs_embeds=x).last_hidden_state
+    want = hf.base_model(inputs_embeds=x).last_hidden_state
     state = model.init_state(2)
     for t in range(7):
         y, state = model.step(x[:, t], state, inplace=True)
@@ -102,17 +120,41 @@ def test_saves_loads_and_converts_from_a_saved_directory(pair, tmp_path):
         assert torch.equal(loaded(x), model(x))
 
 
+def test_jamba_maps_onto_a_hybrid_with_its_layout_and_options():
+    hf = _jamba()
+    model = hs.from_transformers(hf.model)  # the bare JambaModel converts as well
+    c = model.config
+    assert c.kinds == ["mamba", "attention", "mamba", "attention"] == [
+        "attention" if k == "attention" else "mamba" for k in hf.config.layers_block_type]
+    assert (c.num_kv_heads, c.attn_head_dim, c.ffn_hidden_size, c.norm_eps) == (2, 4, 24, 1e-5)
+    assert c.backbone_options["inner_norms"] and c.backbone_options["inner_norm_eps"] == 1e-5
+    assert c.backbone_ffn and not (c.attention_bias or c.ffn_bias or c.qk_layernorm)
+    assert all(block.ffn is not None for block in model.blocks)
+    assert plan_status(model) == "fused"  # the one-call step covers every Jamba layer
+    assert hs.param_count("hybrid", **c.to_dict()) == sum(p.numel() for p in hf.model.parameters()) - (
+        hf.model.embed_tokens.weight.numel())
+
+
+@pytest.mark.parametrize("make", [_mamba, _mamba2], ids=["mamba", "mamba2"])
+@pytest.mark.parametrize("fp32", [True, False])
+def test_residual_in_fp32_follows_the_source(make, fp32):
+    # it acts in bf16 only, where a model converted with the other value would drift from its source
+    assert hs.from_transformers(make(residual_in_fp32=fp32)).config.residual_in_fp32 is fp32
+
+
 def test_what_has_no_equivalent_is_named():
     with pytest.raises(ValueError, match="hidden_act='gelu' has no equivalent"):
         hs.from_transformers(_mamba(hidden_act="gelu"))
-    jamba = transformers.JambaConfig(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, num_experts=2, expert_layer_period=2,
-        attn_layer_period=2, attn_layer_offset=1, mamba_d_state=4, mamba_d_conv=3,
-        mamba_dt_rank=2, use_mamba_kernels=False,
-    )
-    with pytest.raises(ValueError, match="model_type 'jamba'.*MoE layers.*supported: 'mamba', 'mamba2'"):
-        hs.from_transformers(transformers.JambaModel(jamba))
+    with pytest.raises(ValueError, match="hidden_act='gelu' has no equivalent"):
+        hs.from_transformers(_jamba(hidden_act="gelu"))
+    moe = _jamba(num_experts=2, expert_layer_period=2, expert_layer_offset=1)
+    with pytest.raises(ValueError, match=r"mixture-of-experts layers \(num_experts=2 on layers "
+                                         r"\[1, 3\]\) have no equivalent"):
+        hs.from_transformers(moe)
+    with pytest.raises(ValueError, match="model_type 'llama'.*supported: 'mamba', 'mamba2', 'jamba'"):
+        hs.from_transformers(transformers.LlamaModel(transformers.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2)))
     with pytest.raises(TypeError, match="takes a transformers model or a directory"):
         hs.from_transformers(42)
     with pytest.raises(ValueError, match="not a directory saved with save_pretrained"):

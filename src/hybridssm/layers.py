@@ -103,17 +103,18 @@ FFN_ACTIVATIONS = ("gelu", "swiglu", "geglu")
 
 
 class FFN(nn.Module):
-    """Position-wise feed-forward network of hidden width ``mult * dim``.
+    """Position-wise feed-forward network of hidden width ``mult * dim`` (or ``inner``).
 
     ``activation="gelu"``: ``down(gelu(up(x)))`` (the seeds' attention layers, Vaswani et al.).
     ``"swiglu"``: ``down(silu(gate(x)) * up(x))`` (Shazeer 2020; LLaMA, Jamba's MLP).
     ``"geglu"``: ``down(gelu_tanh(gate(x)) * up(x))``, Griffin's gated MLP (De et al. 2024; the
-    tanh-approximate GELU as recurrentgemma). ``bias``: biases on every projection.
+    tanh-approximate GELU as recurrentgemma). ``bias``: biases on every projection. ``inner``:
+    the hidden width when it is not a multiple of ``dim`` (``transformers``' ``intermediate_size``).
     """
 
     def __init__(
         self, dim: int, mult: int = 4, dropout: float = 0.0, *, activation: str = "gelu",
-        bias: bool = True,
+        bias: bool = True, inner: int | None = None,
     ) -> None:
         super().__init__()
         if activation not in FFN_ACTIVATIONS:
@@ -121,7 +122,7 @@ class FFN(nn.Module):
                 f"option 'ffn_activation' must be one of {', '.join(map(repr, FFN_ACTIVATIONS))}; "
                 f"got {activation!r}"
             )
-        inner = mult * dim
+        inner = mult * dim if inner is None else inner
         self.activation = activation
         self.up = nn.Linear(dim, inner, bias=bias)
         self.gate = nn.Linear(dim, inner, bias=bias) if activation != "gelu" else None

@@ -126,3 +126,20 @@ def test_quick_run_writes_table_and_json(script, tmp_path):
     assert {"read_gbs", "gemm_gflops"} <= set(record["rates"])
     for r in record["rows"]:
         assert f"| {r['model']} | " in text and r["fps_2"] > 0
+
+
+@pytest.mark.slow  # two subprocesses importing torch
+def test_against_another_checkout_uses_this_harness(script, tmp_path, monkeypatch):
+    """``--against SRC`` times SRC's models with this checkout's harness, even where SRC's
+    ``hybridssm`` has no (or another) ``hybridssm.bench``."""
+    import shutil
+
+    other = tmp_path / "src"
+    shutil.copytree(SCRIPT.parents[1] / "src" / "hybridssm", other / "hybridssm",
+                    ignore=shutil.ignore_patterns("bench", "__pycache__"))
+    monkeypatch.setenv("HYBRIDSSM_KERNELS", "torch")  # no kernel builds for the copy
+    text = script.main(["--against", str(other), "--repeats", "1", "--steps", "2", "--rounds", "1",
+                        "--only", "gated_ssm"])
+    lines = text.splitlines()
+    assert lines[-3:-1] == ["| model | A ms | B ms | A / B |", "|---|---|---|---|"] and lines[-4] == ""
+    assert lines[-1].startswith("| gated_ssm | ") and lines[-1].endswith("x |")

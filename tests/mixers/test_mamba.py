@@ -12,8 +12,10 @@ import torch.nn.functional as F
 import hybridssm as hs
 from helpers import assert_close, assert_tree_close
 from hybridssm.layers import is_fp32_no_decay
+from hybridssm.mixers import mamba as mamba_mod
 from hybridssm.mixers.mamba import MambaMixer, MambaState
 from hybridssm.ops import use_kernels
+from hybridssm.ops.step import fused_step_available
 
 BACKENDS = ["ref", "torch", "auto"]  # auto: the fused scan and step (the conv has no fused form)
 
@@ -183,3 +185,56 @@ def test_model_stream_and_compile():
         assert_close(torch.stack(outs, 1), y)
         fwd = torch.compile(m, fullgraph=True, backend="aot_eager")
         assert_close(fwd(x, return_sequence=True), y)
+
+
+def _rms(v, w, eps):
+    return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def test_inner_norms_normalise_dt_B_and_C_as_jamba():
+    torch.manual_seed(0)
+    m = MambaMixer(16, state_size=4, conv_size=3, dt_rank=3, inner_norms=True, inner_norm_eps=1e-5)
+    ssm = m.ssm
+    with torch.no_grad():
+        for norm in (ssm.dt_norm, ssm.b_norm, ssm.c_norm):
+            norm.weight.add_(0.3 * torch.randn_like(norm.weight))
+    assert all(is_fp32_no_decay(n.weight) for n in (ssm.dt_norm, ssm.b_norm, ssm.c_norm))
+    u = torch.randn(2, 5, 32)
+    dt, Bm, Cm = ssm.x_proj(u).split([3, 4, 4], dim=-1)
+    delta, B_got, C_got = ssm.project(u)
+    assert_close(B_got, _rms(Bm, ssm.b_norm.weight, 1e-5))
+    assert_close(C_got, _rms(Cm, ssm.c_norm.weight, 1e-5))
+    assert_close(delta, F.softplus(ssm.dt_proj(_rms(dt, ssm.dt_norm.weight, 1e-5)) + ssm.dt_bias))
+    # off (the default): no norm parameters at all, and the same state_dict keys as before
+    assert not [k for k in MambaMixer(16).state_dict() if "norm" in k]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_inner_norms_step_equals_the_forward_fused_or_not(backend, inplace, monkeypatch):
+    torch.manual_seed(0)
+    m = MambaMixer(16, state_size=4, conv_size=4, inner_norms=True)
+    with torch.no_grad():
+        m.conv.bias.normal_()
+        for norm in (m.ssm.dt_norm, m.ssm.b_norm, m.ssm.c_norm):
+            norm.weight.add_(0.3 * torch.randn_like(norm.weight))
+    fused = []  # the kernel's calls: the fused step applies the inner norms too (auto, no grad)
+    original = mamba_mod.mixer_step
+    monkeypatch.setattr(mamba_mod, "mixer_step", lambda *a: fused.append(1) or original(*a))
+    x = torch.randn(2, 9, 16)
+    with use_kernels(backend), torch.no_grad():
+        y_full, s_full = m(x, m.init_state(2))
+        y_step, s_step = _stream(m, x, m.init_state(2), inplace)
+        available = fused_step_available()
+    assert_close(y_step, y_full)
+    assert_tree_close(s_step, s_full)
+    assert len(fused) == (9 if backend == "auto" and available else 0)
+
+
+def test_inner_norm_options_are_validated():
+    with pytest.raises(ValueError, match="'inner_norms' must be True or False, got 1"):
+        MambaMixer(16, inner_norms=1)
+    with pytest.raises(ValueError, match="'inner_norm_eps'=1e-05 changes nothing with inner_norms=False"):
+        MambaMixer(16, inner_norm_eps=1e-5)
+    with pytest.raises(ValueError, match="inner_norm_eps"):
+        MambaMixer(16, inner_norms=True, inner_norm_eps=0.0)

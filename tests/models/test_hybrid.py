@@ -9,6 +9,7 @@ import hybridssm as hs
 from custom_backbone import EMAMixer
 from helpers import assert_close
 from hybridssm.layers import FFN, LearnedPositions, SinusoidalPositions
+from hybridssm.streaming import plan_status
 
 TINY = dict(embed_dim=5, hidden_size=16, num_heads=2, head_dim=8, state_size=4, window_size=4,
             dropout=0.0)
@@ -276,3 +277,61 @@ def test_explicit_layer_pattern_is_built_and_saved(tmp_path):
     with pytest.raises(ValueError, match="change nothing with an explicit 'layer_pattern'"):
         hs.build("hybrid", embed_dim=4, num_layers=4, backbone="gru", layer_pattern=pattern,
                  attention_every=2)
+
+
+# -- Jamba's layer options: an FFN after every layer, bias-free projections, inner dt/B/C norms ---
+JAMBA = dict(TINY, num_layers=2, attention_every=2, backbone_ffn=True, attention_bias=False,
+             ffn_bias=False, ffn_hidden_size=24, ffn_activation="swiglu", qk_layernorm=False,
+             use_sliding_window=False, norm="rmsnorm")
+
+
+def test_backbone_ffn_and_bias_free_layers_as_jamba():
+    model = hs.build("hybrid", **JAMBA).eval()
+    assert model.layer_pattern == ["mamba", "attention"]
+    for block in model.blocks:  # every layer: norm -> mixer -> residual, norm -> FFN -> residual
+        ffn = block.ffn.ffn
+        assert isinstance(ffn, FFN) and ffn.up.out_features == 24
+        assert ffn.up.bias is None and ffn.gate.bias is None and ffn.down.bias is None
+    attn = model.blocks[1].mixer
+    assert attn.qkv_proj.bias is None and attn.o_proj.bias is None
+    block, x = model.blocks[0], torch.randn(2, 3, 16)
+    with torch.no_grad():
+        h = x + block.mixer(block.norm(x))[0]
+        assert_close(block(x)[0], h + block.ffn.ffn(block.ffn.norm(h)))
+    assert hs.param_count("hybrid", **JAMBA) == sum(p.numel() for p in model.parameters())
+    # the defaults stay the seed's: no FFN on backbone layers, biases everywhere
+    seed = hs.build("hybrid", **TINY, num_layers=2, attention_every=2)
+    assert seed.blocks[0].ffn is None and seed.blocks[1].mixer.qkv_proj.bias is not None
+    assert seed.blocks[1].ffn.ffn.up.out_features == 64 and seed.blocks[1].ffn.ffn.up.bias is not None
+
+
+def test_jamba_layer_options_are_validated():
+    with pytest.raises(ValueError, match="'backbone_ffn'=True: the 'griffin_lru' backbone's layer "
+                                         "already includes its own MLP"):
+        hs.build("hybrid", **TINY, backbone="griffin_lru", backbone_ffn=True)
+    with pytest.raises(ValueError, match="'ffn_multiplier'=2 changes nothing with ffn_hidden_size=24"):
+        hs.build("hybrid", **TINY, ffn_multiplier=2, ffn_hidden_size=24)
+    with pytest.raises(ValueError, match="'ffn_hidden_size'"):
+        hs.build("hybrid", **TINY, ffn_hidden_size=0)
+    for name in ("backbone_ffn", "attention_bias", "ffn_bias"):
+        with pytest.raises(ValueError, match=f"option '{name}' must be True or False, got 1"):
+            hs.build("hybrid", **TINY, **{name: 1})
+
+
+@pytest.mark.parametrize("inner_norms", [False, True])
+def test_jamba_layers_stream_exactly(inner_norms):
+    # bias-free layers, with or without the inner norms, take the one-call fused step
+    torch.manual_seed(0)
+    model = hs.build("hybrid", **JAMBA, backbone_options={"inner_norms": inner_norms}).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    assert plan_status(model) == "fused"
+    x = torch.randn(2, 7, 5)
+    with torch.no_grad():
+        want = model(x, return_sequence=True)
+        state = model.init_state(2)
+        for t in range(7):
+            y, state = model.step(x[:, t], state, inplace=True)
+            assert_close(y, want[:, t])

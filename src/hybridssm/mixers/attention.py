@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hybridssm.checks import check_nonnegative, check_positive, check_probability
+from hybridssm.checks import check_bool, check_nonnegative, check_positive, check_probability
 from hybridssm.layers import LayerNorm, apply_rope, rope_cos_sin
 from hybridssm.mixers.base import Mixer, finish_state
 from hybridssm.ops.attention import IMPLS, attention, attention_cached
@@ -103,6 +103,7 @@ class AttentionMixer(Mixer):
             head serves ``H / Hk`` consecutive query heads (``transformers``' ``repeat_kv``).
         attention_dropout: dropout on the attention probabilities, in training without a state
             (needs ``impl="sdpa"`` and full attention without prefix or memory keys).
+        bias: biases in the q/k/v and output projections (True; Jamba's and LLaMA's have none).
     """
 
     def __init__(
@@ -121,9 +122,11 @@ class AttentionMixer(Mixer):
         rope_theta: float = 10000.0,
         num_kv_heads: int | None = None,
         attention_dropout: float = 0.0,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         check_positive("hidden_size", hidden_size)
+        check_bool("bias", bias)
         check_positive("num_heads", num_heads)
         check_positive("head_dim", head_dim)
         if window_size is not None:
@@ -157,8 +160,8 @@ class AttentionMixer(Mixer):
         self.impl, self.chunk_size = impl, chunk_size
         self.positional, self.rope_theta = positional, float(rope_theta)
         self.attention_dropout = float(attention_dropout)
-        self.qkv_proj = nn.Linear(hidden_size, (H + 2 * Hk) * Dh)  # q, k, v in one GEMM
-        self.o_proj = nn.Linear(H * Dh, hidden_size)
+        self.qkv_proj = nn.Linear(hidden_size, (H + 2 * Hk) * Dh, bias=bias)  # q, k, v in one GEMM
+        self.o_proj = nn.Linear(H * Dh, hidden_size, bias=bias)
         self.q_norm = LayerNorm(Dh) if qk_layernorm else None
         self.k_norm = LayerNorm(Dh) if qk_layernorm else None
         if num_memory_kv:

@@ -5,6 +5,7 @@
     x, z   = in_proj(x)                                   # [B, T, E] each (bias: proj_bias)
     u      = silu(conv(x))                                # depthwise causal conv, kernel K, bias
     dt, B, C = x_proj(u)                                  # [B, T, R], [B, T, N], [B, T, N]; R = ceil(d/16)
+    dt, B, C = rms(dt), rms(B), rms(C)                    # only with inner_norms (Jamba)
     delta  = softplus(dt_proj(dt) + dt_bias)              # [B, T, E]
     y      = selective_scan(u, delta, A = -exp(A_log), B, C, D) * silu(z)
     out    = out_proj(y)                                  # (bias: proj_bias)
@@ -12,7 +13,8 @@
 State ``MambaState(conv [B, E, K-1], ssm [B, E, N] fp32)``. Padded steps (``lengths``) get
 ``delta = 0``: identity steps of the recurrence. A single step (T = 1) without autograd takes the
 fused C++ step (:meth:`MambaMixer.step_spec`, ``ops/csrc/step/mamba.h``: projections, conv, state
-update and gate in one call) when the fused kernels are in use, in eager mode.
+update and gate in one call, the inner norms included) when the fused kernels are in use, in
+eager mode.
 """
 
 from __future__ import annotations
@@ -24,8 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hybridssm.checks import check_bool, check_choice, check_optional_positive, check_positive
-from hybridssm.layers import check_dt_range, init_dt_bias, mark_fp32_no_decay
+from hybridssm.checks import (
+    check_bool,
+    check_choice,
+    check_optional_positive,
+    check_positive,
+    check_positive_float,
+)
+from hybridssm.layers import RMSNorm, check_dt_range, init_dt_bias, mark_fp32_no_decay
 from hybridssm.mixers.base import Mixer, finish_state, state_dtype, valid_mask
 from hybridssm.mixers.conv import CausalConv1d
 from hybridssm.ops.scan import selective_scan
@@ -53,6 +61,9 @@ class MambaStepWeights(NamedTuple):
     A_log: Tensor  # [E, N]
     D: Tensor  # [E]
     out_w: Tensor  # [d, E]
+    dt_norm_w: Tensor | None  # [R]: the inner norms' gains (inner_norms), else None
+    b_norm_w: Tensor | None  # [N]
+    c_norm_w: Tensor | None  # [N]
 
 
 class SelectiveSSM(nn.Module):
@@ -64,6 +75,11 @@ class SelectiveSSM(nn.Module):
     Init (Mamba reference): ``A_log[e, n] = log(n + 1)`` (S4D-real), ``D = 1``, ``dt_proj`` weight
     U(+-R^-0.5) (``dt_init="random"``) or the constant R^-0.5 (``"constant"``), ``dt_bias`` =
     inverse softplus of ``dt ~ exp(U(log dt_min, log dt_max))`` (>= ``dt_init_floor``).
+
+    ``inner_norms=True`` RMS-normalises ``dt`` (over R), ``B`` and ``C`` (over N) right after
+    ``x_proj``, each with its own learnable gain (initialised to 1) and epsilon
+    ``inner_norm_eps``: Jamba's ``dt_layernorm``, ``b_layernorm``, ``c_layernorm`` (Lieber et al.
+    2024, added there to stabilise training at scale).
     """
 
     def __init__(
@@ -76,10 +92,14 @@ class SelectiveSSM(nn.Module):
         dt_max: float = 1e-1,
         dt_init_floor: float = 1e-4,
         dt_init: str = "random",
+        inner_norms: bool = False,
+        inner_norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
         check_dt_range(dt_min, dt_max, dt_init_floor)
         check_choice("dt_init", dt_init, DT_INITS)
+        check_bool("inner_norms", inner_norms)
+        check_positive_float("inner_norm_eps", inner_norm_eps)
         E, N, R = d_inner, state_size, dt_rank
         self.d_inner, self.state_size, self.dt_rank = E, N, R
         self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
@@ -93,10 +113,16 @@ class SelectiveSSM(nn.Module):
         A = torch.arange(1, N + 1, dtype=torch.float32).repeat(E, 1)
         self.A_log = mark_fp32_no_decay(nn.Parameter(torch.log(A)))
         self.D = mark_fp32_no_decay(nn.Parameter(torch.ones(E)))
+        # Identity when off: one code path, and no parameters (nor state_dict keys) that do nothing
+        self.inner_norms = inner_norms
+        self.dt_norm, self.b_norm, self.c_norm = (
+            RMSNorm(dim, eps=inner_norm_eps) if inner_norms else nn.Identity() for dim in (R, N, N)
+        )
 
     def project(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``u [B, T, E]`` -> ``(delta [B, T, E] fp32, B [B, T, N], C [B, T, N])``."""
         dt, Bm, Cm = self.x_proj(u).split([self.dt_rank, self.state_size, self.state_size], dim=-1)
+        dt, Bm, Cm = self.dt_norm(dt), self.b_norm(Bm), self.c_norm(Cm)
         acc = state_dtype(self.A_log.dtype)
         delta = F.softplus(self.dt_proj(dt).to(acc) + self.dt_bias.to(acc))
         return delta, Bm, Cm
@@ -126,6 +152,9 @@ class MambaMixer(Mixer):
             reference's 1e-3, 1e-1, 1e-4, ``"random"``).
         conv_bias: a bias in the causal conv (True, as ``use_conv_bias``).
         proj_bias: biases in the input and output projections (False, as ``use_bias``).
+        inner_norms: RMSNorms on ``dt``, ``B`` and ``C`` (False; Jamba's ``dt_layernorm``,
+            ``b_layernorm``, ``c_layernorm``), with epsilon ``inner_norm_eps`` (1e-6, Jamba's
+            ``rms_norm_eps``; only with ``inner_norms=True``).
     """
 
     def __init__(
@@ -142,6 +171,8 @@ class MambaMixer(Mixer):
         dt_init: str = "random",
         conv_bias: bool = True,
         proj_bias: bool = False,
+        inner_norms: bool = False,
+        inner_norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
         for name, v in (("hidden_size", hidden_size), ("state_size", state_size),
@@ -150,6 +181,12 @@ class MambaMixer(Mixer):
         check_optional_positive("dt_rank", dt_rank)
         check_bool("conv_bias", conv_bias)
         check_bool("proj_bias", proj_bias)
+        check_bool("inner_norms", inner_norms)
+        if inner_norm_eps != 1e-6 and not inner_norms:
+            raise ValueError(
+                f"option 'inner_norm_eps'={inner_norm_eps!r} changes nothing with inner_norms=False; "
+                "it is allowed only with inner_norms=True"
+            )
         d, E = hidden_size, expand_factor * hidden_size
         self.hidden_size, self.d_inner, self.state_size, self.conv_size = d, E, state_size, conv_size
         self.proj_bias = proj_bias
@@ -157,7 +194,8 @@ class MambaMixer(Mixer):
         self.conv = CausalConv1d(E, conv_size, bias=conv_bias)
         self.ssm = SelectiveSSM(
             E, state_size=state_size, dt_rank=dt_rank or math.ceil(d / 16), dt_min=dt_min,
-            dt_max=dt_max, dt_init_floor=dt_init_floor, dt_init=dt_init,
+            dt_max=dt_max, dt_init_floor=dt_init_floor, dt_init=dt_init, inner_norms=inner_norms,
+            inner_norm_eps=inner_norm_eps,
         )
         self.out_proj = nn.Linear(E, d, bias=proj_bias)
 
@@ -187,15 +225,19 @@ class MambaMixer(Mixer):
     # -- the fused step (one C++ call: ops/csrc/step/mamba.h) -------------------------------------
     def step_spec(self) -> MixerStep | None:
         """This mixer's fused step: kind ``"mamba"`` with :class:`MambaStepWeights` (the parameters
-        themselves; ``-exp(A_log)`` is computed by the kernel on every call). None with
-        ``proj_bias=True`` (the kernel's projections have no biases, the reference's default)."""
+        themselves; ``-exp(A_log)`` is computed by the kernel on every call; floats: the inner norms'
+        eps). None with ``proj_bias=True`` (the kernel's projections have no biases, the reference's
+        default): such a step runs the module code."""
         if self.proj_bias:
             return None
         ssm = self.ssm
+        norms = (ssm.dt_norm, ssm.b_norm, ssm.c_norm)
+        eps = ssm.dt_norm.eps if ssm.inner_norms else 0.0
         return MixerStep("mamba", MambaStepWeights(
             self.in_proj.weight, self.conv.weight, self.conv.bias, ssm.x_proj.weight, ssm.dt_proj.weight,
             ssm.dt_bias, ssm.A_log, ssm.D, self.out_proj.weight,
-        ))
+            *(n.weight if ssm.inner_norms else None for n in norms),
+        ), floats=(float(eps),))
 
     def _fused_step_applies(self, x: Tensor, state: MambaState) -> bool:
         """A T = 1 call in eager mode, on CPU, with no gradient needed, in one fp32/fp64 dtype for the

@@ -4,7 +4,8 @@ Layer ``i`` (0-based) is attention when ``(i + 1) % attention_every == 0`` (the 
 rule; Jamba's ``attention_offset`` or an explicit ``layer_pattern`` change it); every other layer
 is ``norm -> backbone mixer -> dropout -> residual`` with no FFN, except ``griffin_lru``, whose seed
 layer includes Griffin's gated MLP. Attention layers are attention + FFN, each with dropout and a
-residual (the seed's ``build_attention_layer``). The layout is data: :func:`layer_pattern`. The
+residual (the seed's ``build_attention_layer``); ``backbone_ffn=True`` gives the backbone layers
+that FFN too, as Jamba's decoder layers. The layout is data: :func:`layer_pattern`. The
 seed's default backbone ``:mamba`` was its simplified GatedSSM; here ``mamba`` is the true
 selective-scan Mamba and ``gated_ssm`` is the seed's block.
 """
@@ -25,7 +26,7 @@ from hybridssm.backbones import (
     validate_backbone_options,
 )
 from hybridssm.blocks import ResidualBlock
-from hybridssm.config import AttentionConfig, check_bool, check_positive
+from hybridssm.config import AttentionConfig, check_bool, check_optional_positive, check_positive
 from hybridssm.layers import FFN, additive_positions
 from hybridssm.models.attention_block import attention_block
 from hybridssm.models.base import SequenceModel
@@ -63,6 +64,15 @@ class HybridConfig(AttentionConfig):
         positional: ``"none"`` by default: the recurrent layers carry position, as in Jamba, and
             nothing is added to the frames. The seed's ``Hybrid.build`` always adds its own
             encoding; ``"seed_sinusoidal"`` reproduces it exactly.
+        backbone_ffn: the backbone layers get the attention layers' FFN sublayer too (False, the
+            seed's layers; Jamba's decoder layers all have one). Not with a backbone whose layer
+            already includes an MLP (``griffin_lru``).
+        ffn_hidden_size: the FFN's hidden width; None (default) = ``ffn_multiplier * hidden_size``
+            (``transformers``' ``intermediate_size``, e.g. Jamba's 14336 = 3.5 x 4096).
+        attention_bias: biases in the attention's q/k/v and output projections (True, the seed's
+            ``nn.Linear``; Jamba's have none, as ``transformers``' ``attention_bias=False``).
+        ffn_bias: biases in the FFN's projections (True, the seed's; Jamba's ``JambaMLP`` has
+            none, as ``transformers``' ``mlp_bias=False``).
     """
 
     recommended: ClassVar[dict] = dict(
@@ -85,14 +95,30 @@ class HybridConfig(AttentionConfig):
     qk_layernorm: bool = True
     pre_norm: bool = True
     dropout: float = 0.1
+    backbone_ffn: bool = False
+    ffn_hidden_size: int | None = None
+    attention_bias: bool = True
+    ffn_bias: bool = True
 
     def validate(self) -> None:
         super().validate()
         for name in ("attention_every", "state_size", "expand_factor", "conv_size", "head_dim"):
             check_positive(name, getattr(self, name))
-        check_bool("pre_norm", self.pre_norm)
+        for name in ("pre_norm", "backbone_ffn", "attention_bias", "ffn_bias"):
+            check_bool(name, getattr(self, name))
+        check_optional_positive("ffn_hidden_size", self.ffn_hidden_size)
+        if self.ffn_hidden_size is not None and self.ffn_multiplier != 4:
+            raise ValueError(
+                f"option 'ffn_multiplier'={self.ffn_multiplier!r} changes nothing with "
+                f"ffn_hidden_size={self.ffn_hidden_size!r}; set one of them"
+            )
         spec = get_backbone(self.backbone)
         validate_backbone_options(spec, self.backbone_options)
+        if self.backbone_ffn and spec.mlp is not None:
+            raise ValueError(
+                f"option 'backbone_ffn'=True: the {spec.name!r} backbone's layer already includes "
+                "its own MLP; backbone_ffn is allowed only with backbones without one"
+            )
         if self.layer_pattern is not None:
             _check_explicit_pattern(self, spec.name)
         elif self.attention_offset is not None:
@@ -162,17 +188,26 @@ def layer_pattern(
     return ["attention" if i % attention_every == offset else name for i in range(num_layers)]
 
 
+def _ffn(c: HybridConfig) -> FFN:
+    """The FFN of the attention layers (and of the backbone layers with ``backbone_ffn``)."""
+    return FFN(c.hidden_size, c.ffn_multiplier, activation=c.ffn_activation, bias=c.ffn_bias,
+               inner=c.ffn_hidden_size)
+
+
 def _make_layer(kind: str, c: HybridConfig) -> ResidualBlock:
     d = c.hidden_size
     norms = dict(pre_norm=c.pre_norm, dropout=c.dropout, norm=c.norm, norm_eps=c.norm_eps)
     if kind == "attention":
         return attention_block(c, window_size=c.window_size if c.use_sliding_window else None,
-                               **norms)
+                               bias=c.attention_bias, ffn=_ffn(c), **norms)
     spec = get_backbone(c.backbone)
     values = {k: getattr(c, k) for k in (*SEED_OPTIONS, *MODEL_DEFAULTS)}
     mixer = build_backbone_mixer(spec, d, values, c.backbone_options)
     mlp = spec.mlp
-    ffn = FFN(d, mlp[1], activation=mlp[0]) if mlp is not None else None
+    if mlp is not None:
+        ffn = FFN(d, mlp[1], activation=mlp[0])
+    else:
+        ffn = _ffn(c) if c.backbone_ffn else None
     return ResidualBlock(mixer, d, ffn=ffn, **norms)
 
 

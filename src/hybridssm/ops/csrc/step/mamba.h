@@ -1,10 +1,12 @@
 // Mamba-1 mixer step (mixers/mamba.py, MambaStepWeights): one frame, states in place.
 //
 //   w: in_w [2E, d], conv_w [E, 1, K] or [E, K], conv_b [E] or empty, xproj_w [R + 2N, E],
-//      dt_w [E, R], dt_bias [E], A_log [E, N], D [E], out_w [d, E]
+//      dt_w [E, R], dt_bias [E], A_log [E, N], D [E], out_w [d, E],
+//      dt_norm_w [R], b_norm_w [N], c_norm_w [N] (all three or none: the inner norms), f = (eps)
 //   states: conv [B, E, K-1], ssm [B, E, N]
 //
 //   xi, z = in_proj(x); u = silu(conv([conv ; xi]) + conv_b); dt, Bn, Cn = x_proj(u)
+//   with inner norms (Jamba): dt, Bn, Cn = rms(dt) dt_norm_w, rms(Bn) b_norm_w, rms(Cn) c_norm_w
 //   delta = softplus(dt_proj(dt) + dt_bias); h = exp(delta * A) h + delta u Bn, A = -exp(A_log)
 //   y = out_proj((Cn . h + D u) * silu(z))
 //
@@ -45,6 +47,18 @@ void mamba_conv_rows(const scalar_t* xz, scalar_t* conv_state, const scalar_t* c
   for (int64_t b = 0; b < Bsz; ++b) {
     conv_step(xz + b * 2 * E, conv_state + b * E * (K - 1), conv_w, conv_b, u + b * E, E, K);
     silu_inplace(u + b * E, E);
+  }
+}
+
+// RMSNorm in place of each row's d values at v + r * stride: v * rsqrt(mean(v^2) + eps) * w
+template <typename scalar_t>
+void rmsnorm_rows_inplace(scalar_t* v, int64_t rows, int64_t stride, int64_t d, const scalar_t* w, double eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    scalar_t* row = v + r * stride;
+    scalar_t sq = 0;
+    for (int64_t i = 0; i < d; ++i) sq += row[i] * row[i];
+    const scalar_t s = scalar_t(1) / std::sqrt(sq / scalar_t(d) + static_cast<scalar_t>(eps));
+    for (int64_t i = 0; i < d; ++i) row[i] = row[i] * s * w[i];
   }
 }
 
@@ -91,7 +105,8 @@ void mamba_update_rows(const scalar_t* xz, const scalar_t* u, const scalar_t* db
 
 inline at::Tensor mamba_mixer_step(const at::Tensor& x, const MixerSpec& m, at::Tensor* states,
                                    const at::Tensor& /*pos*/) {
-  TORCH_CHECK(m.w.size() == 9, "mamba step: expected 9 weights, got ", m.w.size());
+  TORCH_CHECK(m.w.size() == 12, "mamba step: expected 12 weights, got ", m.w.size());
+  const bool inner_norms = m.w[9].defined() && m.w[9].numel() > 0;
   const auto dt = x.scalar_type();
   const at::Tensor& conv = states[0];
   const at::Tensor& ssm = states[1];
@@ -117,6 +132,17 @@ inline at::Tensor mamba_mixer_step(const at::Tensor& x, const MixerSpec& m, at::
   });
   // the x and dt projections: one gemv per row for a small batch, GEMMs for many streams
   const auto dbc = linear_small(u, as_(m.w[3], dt), at::Tensor()).contiguous();  // [B, R + 2N]
+  if (inner_norms) {
+    TORCH_CHECK(m.w[9].numel() == R && m.w[10].numel() == N && m.w[11].numel() == N && m.f.size() == 1,
+                "mamba step: inner norms need weights [R], [N], [N] and their eps");
+    const at::Tensor nw[3] = {as_(m.w[9], dt), as_(m.w[10], dt), as_(m.w[11], dt)};
+    const int64_t offset[3] = {0, R, R + N}, width[3] = {R, N, N};
+    AT_DISPATCH_FLOATING_TYPES(dt, "mamba_inner_norms", [&] {
+      for (int i = 0; i < 3; ++i)
+        rmsnorm_rows_inplace<scalar_t>(dbc.data_ptr<scalar_t>() + offset[i], Bsz, R + 2 * N, width[i],
+                                       nw[i].data_ptr<scalar_t>(), m.f[0]);
+    });
+  }
   auto delta = linear_small(dbc.narrow(1, 0, R), as_(m.w[4], dt), as_(m.w[5], dt)).contiguous();  // [B, E]
   const auto A_log = as_(m.w[6], dt), Dv = as_(m.w[7], dt);
   auto y = at::empty({Bsz, E}, x.options());

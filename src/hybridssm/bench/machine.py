@@ -1,0 +1,151 @@
+"""What the machine can do, measured in the same run as the benchmark (DESIGN §5): the fp32 GEMM
+rate, the ``exp`` rate and the single-thread memory read rate, the work a call issues (matmul
+FLOPs, parameter bytes) and the fraction of the ceiling those rates imply that a measured time
+reaches.
+
+Units: GEMM in GFLOP/s, ``exp`` in G elements/s, the read rate in GB/s (1e9 bytes).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["ceiling_fraction", "cpu_name", "machine_line", "machine_rates", "matmul_flops", "param_bytes",
+           "read_rate", "sync", "top_ops"]
+
+
+def sync(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA runs asynchronously; CPU work is done on return)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def read_rate(seconds: float = 0.5, mib: int = 128) -> float:
+    """Single-thread memory read rate (GB/s): ``sum`` of an fp32 buffer larger than the caches, on
+    one torch thread (the rate a batch-1 step that reads each weight once can reach)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        buf = torch.ones(mib * 2**20 // 4)
+        buf.sum()
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            buf.sum()
+            n += 1
+        return buf.numel() * 4 * n / (time.perf_counter() - t0) / 1e9
+    finally:
+        torch.set_num_threads(threads)
+
+
+def machine_rates(device: torch.device | str = "cpu", seconds: float = 0.5) -> dict[str, float]:
+    """Measured fp32 GEMM rate (``gemm_gflops``, GFLOP/s, 512^3), ``exp`` rate (``exp_gelems``,
+    G elements/s, 4M elements into a fixed buffer) and, on CPU, the single-thread memory read rate
+    (``read_gbs``, GB/s, :func:`read_rate`), each over ``seconds``."""
+    device = torch.device(device)
+    a = torch.randn(512, 512, device=device)
+    v = torch.randn(1 << 22, device=device)
+    e = torch.empty_like(v)  # into a fixed buffer: the rate of exp, not of allocating its output
+
+    def rate(fn: Callable[[], Any], work: float) -> float:
+        fn()
+        sync(device)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            fn()
+            n += 1
+        sync(device)
+        return work * n / (time.perf_counter() - t0) / 1e9
+
+    out = {"gemm_gflops": rate(lambda: a @ a, 2 * 512**3),
+           "exp_gelems": rate(lambda: torch.exp(v, out=e), v.numel())}
+    if device.type == "cpu":
+        out["read_gbs"] = read_rate(seconds)
+    return out
+
+
+def matmul_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of the matrix products (mm, bmm, addmm, baddbmm, SDPA, forward and backward) of one
+    call of ``fn``, counted by ``torch.utils.flop_counter.FlopCounterMode``: the work a GEMM ceiling
+    bounds (``flops / machine_rates()["gemm_gflops"]`` is the ideal time). A fused kernel is opaque
+    to the counter: its products are not counted. ``nn.TransformerEncoder``'s inference fast path
+    (one native op per layer, same products) is switched off while counting, so that they are.
+
+    Convolutions are left out: the models' convolutions are depthwise (no GEMM), and torch 2.x
+    counts a grouped convolution's backward as if it were dense (``groups`` ignored), which would
+    add ~0.5 GFLOP per Mamba layer at (32, 60, 256) that is not there."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with counter:
+            fn()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    per_op = counter.get_flop_counts().get("Global", {})
+    return int(sum(v for op, v in per_op.items() if "convolution" not in str(op)))
+
+
+def top_ops(fn: Callable[[], Any], calls: int = 1, row_limit: int = 15) -> str:
+    """``torch.profiler``'s table of the ops that took the most self CPU time over ``calls`` calls of
+    ``fn``, after one untimed call (what limits a row)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=row_limit)
+
+
+def param_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter: what a batch-1 step reads at least once."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def ceiling_fraction(seconds: float | None, rates: Mapping[str, float], flops: float | None,
+                     exps: float = 0.0) -> float | None:
+    """The ideal time of ``flops`` matmul FLOPs at the GEMM rate plus ``exps`` exponentials at the
+    ``exp`` rate, over the measured ``seconds`` (1 = at the ceiling); None when either is missing."""
+    if flops is None or not seconds:
+        return None
+    ideal = flops / (rates["gemm_gflops"] * 1e9) + exps / (rates["exp_gelems"] * 1e9)
+    return ideal / seconds
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line(rates: Mapping[str, float], threads: str, kernels: Mapping[str, Any] | None = None) -> str:
+    """The line every benchmark prints above its tables: CPU, cores, torch, ``threads`` (as the
+    benchmark states them, e.g. ``"2 (step latency: 1)"``), the rates measured in this run, the load
+    average now and, given ``hs.kernels()``'s answer, the ops on fused kernels."""
+    parts = [f"{cpu_name()}, {os.cpu_count()} cores", f"torch {torch.__version__}", f"threads {threads}"]
+    measured = [f"fp32 GEMM {rates['gemm_gflops']:.1f} GFLOP/s (512^3)",
+                f"exp {rates['exp_gelems']:.2f} G elem/s"]
+    if "read_gbs" in rates:
+        measured.append(f"single-thread read {rates['read_gbs']:.1f} GB/s")
+    parts.append("measured: " + ", ".join(measured))
+    if hasattr(os, "getloadavg"):
+        parts.append(f"load average at start {os.getloadavg()[0]:.1f}")
+    if kernels is not None:
+        fused = [k for k, v in kernels.items() if v["backend"] == "fused"]
+        parts.append(f"fused kernels: {', '.join(fused) or 'none'}")
+    return "; ".join(parts)
