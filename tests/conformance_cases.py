@@ -59,7 +59,8 @@ VARIANTS: dict[str, list[dict[str, Any]]] = {
     ],
     "ss_transformer": [
         dict(ssm="mamba2", dt_min=0.01, dt_max=0.05, dt_init_floor=0.005, conv_bias=False,
-             residual_in_fp32=True),
+             residual_in_fp32=True, num_groups=2, A_init_range=(2.0, 4.0), dt_limit=(0.001, 0.2),
+             D_has_hdim=True, norm_before_gate=True, proj_bias=True),
     ],
     "mamba": [
         dict(norm="rmsnorm", norm_eps=1e-5, dt_rank=3, dt_init="constant", conv_bias=False,
@@ -105,9 +106,15 @@ class Case:
         return model
 
 
-def _fit(name: str, opts: dict[str, Any]) -> dict[str, Any]:
-    fields = set(hs.get_config_class(name).option_names())
-    return {k: v for k, v in opts.items() if k in fields}
+def fit_options(name: str, opts: dict[str, Any]) -> dict[str, Any]:
+    """The options of ``opts`` that model ``name`` takes: its own, less those of the SSM path it
+    does not run (``ss_transformer`` refuses Mamba-2's sizes with ``ssm="mamba"``)."""
+    cls = hs.get_config_class(name)
+    fitted = {k: v for k, v in opts.items() if k in set(cls.option_names())}
+    paths = getattr(cls, "path_options", {})
+    ssm = fitted.get("ssm", getattr(cls, "ssm", None))
+    other = {k for path, options in paths.items() if path != ssm for k in options}
+    return {k: v for k, v in fitted.items() if k not in other}
 
 
 def _freeze(opts: dict[str, Any]) -> tuple:
@@ -125,11 +132,11 @@ def all_cases(include_default: bool = True) -> list[Case]:
             if "backbone" in extra and "scan_chunk_size" in get_backbone(extra["backbone"]).options:
                 # the backbone's own chunk, small enough that the boundary lengths cross chunks
                 tiny_extra["backbone_options"] = (("scan_chunk_size", CHUNK),)
-            cases.append(Case(name, _freeze(_fit(name, {**TINY, **tiny_extra})), tiny=True))
+            cases.append(Case(name, _freeze(fit_options(name, {**TINY, **tiny_extra})), tiny=True))
             if include_default:
                 cases.append(Case(name, _freeze({"embed_dim": DEFAULT_EMBED, **extra}), tiny=False))
         for variant in VARIANTS.get(name, []):
-            opts = _fit(name, {**TINY, **variant})
+            opts = fit_options(name, {**TINY, **variant})
             if set(variant) <= set(opts):
                 cases.append(Case(name, _freeze(opts), tiny=True))
     return cases

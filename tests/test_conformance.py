@@ -17,6 +17,7 @@ from conformance_cases import (
     Case,
     all_cases,
     cached_model,
+    fit_options,
     tiny_cases,
 )
 from helpers import assert_bitwise, assert_close, assert_tree_close
@@ -352,8 +353,7 @@ def small_configs(draw):
         from hybridssm.backbones import list_backbones
 
         opts["backbone"] = draw(st.sampled_from(list_backbones()))
-    fields = set(hs.get_config_class(name).option_names())
-    opts = {k: v for k, v in opts.items() if k in fields}
+    opts = fit_options(name, opts)
     B = draw(st.integers(1, 3))
     T = draw(st.integers(1, 12))
     lengths = draw(st.lists(st.integers(1, T), min_size=B, max_size=B))

@@ -9,7 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import hybridssm as hs
+from conformance_cases import fit_options
 from helpers import assert_close
+from hybridssm.backbones import get_backbone
+from hybridssm.config import Mamba2Options, own_options
 from hybridssm.layers import FFN, LayerNorm, RMSNorm
 from hybridssm.mixers.attention import AttentionMixer
 from hybridssm.mixers.mamba import MambaMixer
@@ -232,9 +235,8 @@ TINY_RES = dict(embed_dim=5, hidden_size=16, num_layers=2, state_size=4, conv_si
 
 
 def _tiny(name: str, dtype: torch.dtype = torch.float32, **opts):
-    fields = set(hs.get_config_class(name).option_names())
     torch.manual_seed(0)
-    model = hs.build(name, **{k: v for k, v in TINY_RES.items() if k in fields}, **opts)
+    model = hs.build(name, **fit_options(name, {**TINY_RES, **opts}))
     return model.eval().to(dtype)
 
 
@@ -370,8 +372,7 @@ def test_mamba_path_options_reach_the_mixer(name):
         dt = F.softplus(m.ssm.dt_bias)
         assert dt.min() >= 0.015 - 1e-6 and dt.max() <= 0.02 + 1e-6  # the range, floored
         assert m.conv.bias is None and m.in_proj.bias is not None and m.out_proj.bias is not None
-    fields = set(hs.get_config_class(name).option_names())
-    opts = {k: v for k, v in TINY_RES.items() if k in fields}
+    opts = fit_options(name, TINY_RES)
     assert hs.param_count(name, **opts, **SET) == sum(p.numel() for p in model.parameters())
     # per layer (d = 16, E = 32): x_proj and dt_proj gain 2 rank columns each (+64, +64), the
     # conv loses its bias (-32), in_proj and out_proj gain theirs (+64, +16)
@@ -388,9 +389,8 @@ def test_ss_transformer_mamba2_path_takes_the_shared_options_and_refuses_mamba1s
     assert _tiny("ss_transformer", ssm="mamba2").blocks[0].ssm.conv1d.bias is not None
     dt = F.softplus(m.dt_bias)
     assert dt.min() >= 0.015 - 1e-6 and dt.max() <= 0.02 + 1e-6
-    fields = set(hs.SSTransformerConfig.option_names())
-    tiny = {k: v for k, v in TINY_RES.items() if k in fields}
-    assert hs.param_count("ss_transformer", **tiny, **opts) == sum(p.numel() for p in model.parameters())
+    tiny = fit_options("ss_transformer", {**TINY_RES, **opts})
+    assert hs.param_count("ss_transformer", **tiny) == sum(p.numel() for p in model.parameters())
     for bad, shown in ((dict(dt_rank=3), "'dt_rank'=3"), (dict(dt_init="constant"), "'dt_init'='constant'")):
         with pytest.raises(ValueError, match=f"{shown} changes nothing with ssm='mamba2'"):
             hs.build("ss_transformer", embed_dim=4, ssm="mamba2", **bad)
@@ -406,3 +406,142 @@ def test_ss_transformer_mamba2_path_takes_the_shared_options_and_refuses_mamba1s
 def test_mamba_path_bad_values(name, opts, match):
     with pytest.raises(ValueError, match=match):
         hs.get_config_class(name)(embed_dim=4, **opts)
+
+
+# -- the Mamba-2 options of ss_transformer (ssm="mamba2") and hybrid (backbone="mamba2") -----------
+MAMBA2_OWN = ("ssm_head_dim", "num_groups", "scan_chunk_size", "A_init_range", "dt_limit",
+              "D_has_hdim", "norm_before_gate")
+# non-default values of every Mamba-2 option (tiny widths: d = 16, E = 32, P = 4: H = 8 heads)
+SET2 = dict(ssm_head_dim=4, num_groups=2, scan_chunk_size=5, A_init_range=(2.0, 3.0),
+            dt_limit=(0.01, 0.5), D_has_hdim=True, norm_before_gate=True, dt_min=0.01,
+            dt_max=0.02, dt_init_floor=0.015, conv_bias=False, proj_bias=True)
+# three layers, two of them Mamba-2 in the hybrid (attention_every=3)
+TINY2 = dict(TINY_RES, num_layers=3, attention_every=3)
+
+
+def _mamba2_opts(name: str, **opts) -> dict:
+    """``opts`` as the Mamba-2 path's options of ``name``: ss_transformer's own (ssm="mamba2"),
+    the hybrid's ``backbone_options`` (backbone="mamba2")."""
+    if name == "hybrid":
+        return dict(backbone="mamba2", backbone_options=opts)
+    return dict(ssm="mamba2", **opts)
+
+
+def _tiny2(name: str, **opts):
+    return _tiny(name, **{**TINY2, **_mamba2_opts(name, **opts)})
+
+
+def test_mamba2_path_options_have_mamba2s_names_and_defaults():
+    assert tuple(own_options(Mamba2Options)) == MAMBA2_OWN
+    ref = hs.Mamba2Config(embed_dim=4)
+    ss = hs.SSTransformerConfig(embed_dim=4, ssm="mamba2")
+    spec = get_backbone("mamba2").options
+    for name in (*MAMBA2_OWN, "dt_min", "dt_max", "dt_init_floor", "conv_bias", "proj_bias"):
+        assert getattr(ss, name) == getattr(ref, name) == spec[name], name
+    assert ss.mamba2_options() == ref.mamba2_options()
+    assert spec["norm_eps"] == ref.mamba2_options()["norm_eps"] == 1e-5
+
+
+@pytest.mark.parametrize("name", ["ss_transformer", "hybrid"])
+def test_mamba2_options_reach_every_mamba2_mixer(name):
+    model = _tiny2(name, **SET2)
+    mixers = [m for m in model.modules() if isinstance(m, Mamba2Mixer)]
+    assert len(mixers) == (3 if name == "ss_transformer" else 2)
+    for m in mixers:
+        assert (m.head_dim, m.num_heads, m.num_groups, m.scan_chunk_size) == (4, 8, 2, 5)
+        A = torch.exp(m.A_log)
+        assert A.min() >= 2.0 - 1e-6 and A.max() <= 3.0 + 1e-6
+        assert m.dt_limit == (0.01, 0.5)
+        assert m.D.shape == (32,) and m.norm.norm_before_gate and m.norm.groups == 2
+        dt = F.softplus(m.dt_bias)
+        assert dt.min() >= 0.015 - 1e-6 and dt.max() <= 0.02 + 1e-6  # the range, floored
+        assert m.conv1d.bias is None and m.in_proj.bias is not None and m.out_proj.bias is not None
+    # the model's norm_eps is the gated norm's on ss_transformer (as on mamba2); the hybrid's
+    # backbone takes its own in backbone_options
+    if name == "ss_transformer":
+        assert _tiny2(name, norm_eps=1e-3).blocks[0].ssm.norm.eps == 1e-3
+    else:
+        assert _tiny2(name, norm_eps=1e-3).blocks[0].mixer.norm.eps == 1e-3
+
+
+@pytest.mark.parametrize("name", ["ss_transformer", "hybrid"])
+def test_mamba2_options_param_count_is_exact(name):
+    model = _tiny2(name, **SET2)
+    opts = fit_options(name, {**TINY2, **_mamba2_opts(name, **SET2)})
+    assert hs.param_count(name, **opts) == sum(p.numel() for p in model.parameters())
+    sizes = dict(ssm_head_dim=4, num_groups=2)
+    base = fit_options(name, {**TINY2, **_mamba2_opts(name, **sizes)})
+    # per Mamba-2 layer (d = 16, E = 32, H = 8, conv over E + 2GN = 48 channels): D per channel
+    # (+24), no conv bias (-48), in_proj's bias over z, xBC, dt (+88) and out_proj's (+16)
+    layers = 3 if name == "ss_transformer" else 2
+    assert hs.param_count(name, **opts) - hs.param_count(name, **base) == layers * 80
+
+
+@pytest.mark.parametrize("name", ["ss_transformer", "hybrid"])
+@torch.no_grad()
+def test_mamba2_options_step_equals_forward_block_by_block(name):
+    """The one-call step declines D_has_hdim, norm_before_gate, dt_limit and proj_bias (its kernel
+    does not have them): the block-by-block step runs and equals the forward."""
+    from hybridssm.streaming import plan_status
+
+    assert plan_status(_tiny2(name, ssm_head_dim=4)) == "fused"
+    for one in ("D_has_hdim", "norm_before_gate", "dt_limit", "proj_bias"):
+        assert plan_status(_tiny2(name, **{one: SET2[one]})) != "fused", one
+    model = _tiny2(name, **SET2)
+    x = torch.randn(2, 9, 5)
+    full = model(x, return_sequence=True)
+    state = model.init_state(2)
+    ys = [model.step(x[:, t], state, inplace=True)[0] for t in range(9)]
+    assert_close(torch.stack(ys, 1), full)
+    head, state = model(x[:, :4], return_sequence=True, return_state=True)
+    tail = [model.step(x[:, t], state)[0] for t in range(4, 5)]
+    assert_close(torch.cat([head, torch.stack(tail, 1)], 1), full[:, :5])
+
+
+@pytest.mark.parametrize("name", ["ss_transformer", "hybrid"])
+def test_mamba2_options_save_and_load(name, tmp_path):
+    model = _tiny2(name, **SET2)
+    model.save_pretrained(tmp_path)
+    loaded = hs.load(tmp_path)
+    assert loaded.config == model.config
+    x = torch.randn(2, 6, 5)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, return_sequence=True), model(x, return_sequence=True))
+
+
+@pytest.mark.parametrize("name", ["ss_transformer", "hybrid"])
+@pytest.mark.parametrize("opts, match", [
+    (dict(A_init_range=(0.0, 16.0)), "'A_init_range' must be a pair \\(lo, hi\\) with 0 < lo <= hi"),
+    (dict(dt_limit=(0.1, 0.1)), "'dt_limit' must be a pair \\(lo, hi\\) with 0 <= lo < hi"),
+    (dict(D_has_hdim="yes"), "'D_has_hdim' must be True or False, got 'yes'"),
+    (dict(norm_before_gate=0), "'norm_before_gate' must be True or False, got 0"),
+    (dict(num_groups=0), "'num_groups' must be a positive integer"),
+    (dict(scan_chunk_size=-1), "'scan_chunk_size' must be a positive integer"),
+    (dict(ssm_head_dim=0), "'ssm_head_dim' must be a positive integer.*or None, got 0"),
+])
+def test_mamba2_path_bad_values_fail_with_the_config(name, opts, match):
+    cfg = hs.get_config_class(name)
+    with pytest.raises(ValueError, match=match):
+        cfg(embed_dim=4, **_mamba2_opts(name, **opts))
+
+
+def test_mamba2_path_sizes_that_do_not_divide():
+    with pytest.raises(ValueError, match="'ssm_head_dim' must divide d_inner .* = 32, got 5"):
+        hs.SSTransformerConfig(**fit_options("ss_transformer", TINY_RES), ssm="mamba2",
+                               ssm_head_dim=5)
+    with pytest.raises(ValueError, match="'num_groups' must divide the number of heads .* = 8, got 3"):
+        hs.build("hybrid", **fit_options("hybrid", TINY_RES), backbone="mamba2",
+                 backbone_options=dict(ssm_head_dim=4, num_groups=3))  # needs the width: on build
+
+
+@pytest.mark.parametrize("option", MAMBA2_OWN)
+def test_mamba2_options_that_change_nothing_are_refused(option):
+    value = SET2[option]
+    with pytest.raises(ValueError, match=f"'{option}'=.* changes nothing with ssm='mamba' "
+                                         "\\(an option of the 'mamba2' path\\)"):
+        hs.build("ss_transformer", embed_dim=4, **{option: value})
+    for backbone in ("mamba", "gated_ssm"):
+        with pytest.raises(TypeError, match=f"backbone '{backbone}' got an unknown option '{option}'"):
+            hs.build("hybrid", embed_dim=4, backbone=backbone, backbone_options={option: value})
+    with pytest.raises(TypeError, match=f"unknown option '{option}'"):
+        hs.build("hybrid", embed_dim=4, backbone="mamba2", **{option: value})  # a backbone option

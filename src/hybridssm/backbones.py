@@ -138,6 +138,9 @@ def validate_backbone_options(spec: Backbone, options: Mapping[str, Any]) -> Non
             )
         if key not in spec.options:
             raise unknown_option_error(f"backbone {spec.name!r}", key, spec.options)
+    check = _OPTION_CHECKS.get(spec.name) if spec.builtin else None
+    if check is not None:
+        check(**{**spec.options, **options})
 
 
 def backbone_kwargs(
@@ -173,13 +176,24 @@ _BUILTINS = {
     "rwkv": "hybridssm.mixers.rwkv:RWKVMixer",
 }
 
+# Built-in backbones whose option values are checked with the model's config, before any weight
+# (as ``mamba2``'s own options are): the factory's checks that need no width, called with every
+# option (``backbone_options`` over the factory's defaults). The factory checks the rest on build.
+_OPTION_CHECK_TARGETS = {"mamba2": "hybridssm.mixers.mamba2:check_mamba2_options"}
+_OPTION_CHECKS: dict[str, Callable[..., None]] = {}
 
-def _register_builtins() -> None:
+
+def _resolve(target: str) -> Any:
     import importlib
 
+    module, attr = target.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _register_builtins() -> None:
     for name, target in _BUILTINS.items():
-        module, attr = target.split(":")
-        register_backbone(name, getattr(importlib.import_module(module), attr), builtin=True)
+        register_backbone(name, _resolve(target), builtin=True)
+    _OPTION_CHECKS.update({name: _resolve(t) for name, t in _OPTION_CHECK_TARGETS.items()})
 
 
 _register_builtins()

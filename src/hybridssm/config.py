@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
@@ -27,6 +28,8 @@ from hybridssm.checks import (
 from hybridssm.layers import FFN_ACTIVATIONS, NORMS, POSITIONAL, check_dt_range
 from hybridssm.mixers.attention import attention_impl
 from hybridssm.mixers.mamba import DT_INITS
+from hybridssm.mixers.mamba2 import check_mamba2_options, mamba2_heads
+from hybridssm.ops.ssd import DEFAULT_CHUNK_SIZE
 
 __all__ = [
     "ModelConfig",
@@ -35,6 +38,7 @@ __all__ = [
     "SelectiveSSMConfig",
     "SelectiveSSMOptions",
     "MambaOptions",
+    "Mamba2Options",
     "check_positive",
     "check_nonnegative",
     "check_probability",
@@ -317,6 +321,64 @@ class MambaOptions(SelectiveSSMOptions):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Mamba2Options(SelectiveSSMOptions):
+    """:class:`SelectiveSSMOptions` and Mamba-2's own, with ``mamba_ssm``'s defaults: a mixin of
+    every config with a Mamba-2 path (``mamba2``; ``ss_transformer``, used with ``ssm="mamba2"``),
+    whose config has ``hidden_size`` and ``expand_factor``. ``hybrid(backbone="mamba2")`` takes
+    the same names, defaults and checks in ``backbone_options``.
+
+    Attributes:
+        ssm_head_dim: P, the SSD head width (``headdim``; ``transformers``' ``head_dim``); must
+            divide ``d_inner = expand_factor * hidden_size``. None (default): the largest divisor of
+            ``d_inner`` that is at most 64 (64 at the default sizes: 8 heads).
+        num_groups: G, groups of heads sharing B and C (``ngroups``; ``transformers``'
+            ``n_groups``); must divide the number of heads.
+        scan_chunk_size: chunk length of the chunked SSD scan (``chunk_size``; speed only).
+        A_init_range: ``A = -exp(A_log)`` starts at ``-U(lo, hi)`` per head ((1, 16)).
+        dt_limit: ``dt`` clamped to ``(lo, hi)`` after the softplus ((0, inf): no clamp;
+            ``time_step_limit``).
+        D_has_hdim: the skip ``D`` per channel instead of per head (False).
+        norm_before_gate: ``rmsnorm(y) * silu(z)`` instead of ``rmsnorm(y * silu(z))`` (False).
+
+    The model's ``norm_eps`` is also the epsilon of the mixer's gated RMSNorm (None: 1e-5, the
+    reference's).
+    """
+
+    ssm_head_dim: int | None = None
+    num_groups: int = 1
+    scan_chunk_size: int = DEFAULT_CHUNK_SIZE
+    A_init_range: tuple[float, float] = (1.0, 16.0)
+    dt_limit: tuple[float, float] = (0.0, math.inf)
+    D_has_hdim: bool = False
+    norm_before_gate: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        check_mamba2_options(**self.mamba2_options())
+        d_inner = self.expand_factor * self.hidden_size  # type: ignore[attr-defined]
+        mamba2_heads(d_inner, self.ssm_head_dim, self.num_groups)
+        for name in ("A_init_range", "dt_limit"):  # frozen configs hold tuples (a list may come in)
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    def mamba2_options(self) -> dict[str, Any]:
+        """These options as :class:`~hybridssm.mixers.mamba2.Mamba2Mixer` keyword arguments."""
+        return dict(
+            self.selective_options(), ssm_head_dim=self.ssm_head_dim, num_groups=self.num_groups,
+            scan_chunk_size=self.scan_chunk_size, A_init_range=self.A_init_range,
+            dt_limit=self.dt_limit, D_has_hdim=self.D_has_hdim,
+            norm_before_gate=self.norm_before_gate,
+            norm_eps=1e-5 if self.norm_eps is None else self.norm_eps,  # type: ignore[attr-defined]
+        )
+
+
+def own_options(mixin: type) -> dict[str, Any]:
+    """The options a path's mixin (:class:`MambaOptions`, :class:`Mamba2Options`) adds to the
+    shared :class:`SelectiveSSMOptions`, with their defaults."""
+    shared = {f.name for f in fields(SelectiveSSMOptions)}
+    return {f.name: f.default for f in fields(mixin) if f.name not in shared}
+
+
+@dataclass(frozen=True, kw_only=True)
 class SelectiveSSMConfig(SelectiveSSMOptions, SSMConfig):
     """The options ``mamba`` and ``mamba2`` share with ``mamba_ssm`` / ``transformers`` (their
     defaults): :class:`SelectiveSSMOptions`, and ``residual_in_fp32`` True (see
@@ -341,7 +403,10 @@ def _to_jsonable(value: Any) -> Any:
 
 
 def _from_jsonable(value: Any) -> Any:
-    # Configs hold tuples (frozen); JSON gives lists back.
+    # Configs hold tuples (frozen), also inside a mapping (hybrid's backbone_options: Mamba-2's
+    # A_init_range); JSON gives lists back.
     if isinstance(value, list):
         return tuple(_from_jsonable(v) for v in value)
+    if isinstance(value, Mapping):
+        return {k: _from_jsonable(v) for k, v in value.items()}
     return value

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from hybridssm.checks import (
     check_bool,
+    check_optional_positive,
     check_positive,
     check_positive_float,
     largest_divisor_at_most,
@@ -41,7 +42,7 @@ from hybridssm.ops.step import MixerStep
 
 __all__ = [
     "Mamba2Mixer", "Mamba2State", "Mamba2StepWeights", "GatedRMSNorm", "default_ssm_head_dim",
-    "check_mamba2_options",
+    "check_mamba2_options", "mamba2_heads",
 ]
 
 MAX_HEAD_DIM = 64  # the reference's head width
@@ -53,9 +54,15 @@ def default_ssm_head_dim(d_inner: int) -> int:
     return largest_divisor_at_most(d_inner, MAX_HEAD_DIM)
 
 
-def check_mamba2_options(A_init_range: object, dt_limit: object) -> None:
-    """``A_init_range = (lo, hi)`` with ``0 < lo <= hi``; ``dt_limit = (lo, hi)`` with
-    ``0 <= lo < hi`` (``hi`` may be inf)."""
+def check_mamba2_options(
+    *, ssm_head_dim: object, num_groups: object, scan_chunk_size: object, A_init_range: object,
+    dt_min: object, dt_max: object, dt_init_floor: object, dt_limit: object, D_has_hdim: object,
+    norm_before_gate: object, conv_bias: object, proj_bias: object, norm_eps: object,
+) -> None:
+    """Check the values of the mixer's options that need no width (one rule for the mixer, the
+    configs' :class:`~hybridssm.config.Mamba2Options` and ``hybrid(backbone="mamba2")``'s
+    ``backbone_options``): ``A_init_range = (lo, hi)`` with ``0 < lo <= hi``; ``dt_limit = (lo,
+    hi)`` with ``0 <= lo < hi`` (``hi`` may be inf); positive sizes; booleans; the ``dt`` range."""
     def pair(v: object) -> bool:
         return (isinstance(v, (tuple, list)) and len(v) == 2
                 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v))
@@ -69,6 +76,32 @@ def check_mamba2_options(A_init_range: object, dt_limit: object) -> None:
             f"option 'dt_limit' must be a pair (lo, hi) with 0 <= lo < hi (hi may be inf), "
             f"got {dt_limit!r}"
         )
+    check_optional_positive("ssm_head_dim", ssm_head_dim)
+    check_positive("num_groups", num_groups)
+    check_positive("scan_chunk_size", scan_chunk_size)
+    check_dt_range(dt_min, dt_max, dt_init_floor)
+    for name, value in (("D_has_hdim", D_has_hdim), ("norm_before_gate", norm_before_gate),
+                        ("conv_bias", conv_bias), ("proj_bias", proj_bias)):
+        check_bool(name, value)
+    check_positive_float("norm_eps", norm_eps)
+
+
+def mamba2_heads(d_inner: int, ssm_head_dim: int | None, num_groups: int) -> tuple[int, int]:
+    """``(H, P)``: the heads and head width of a width ``d_inner``; ``ssm_head_dim`` (None: the
+    default) must divide ``d_inner`` and ``num_groups`` must divide ``H``."""
+    P = default_ssm_head_dim(d_inner) if ssm_head_dim is None else ssm_head_dim
+    if d_inner % P:
+        raise ValueError(
+            f"option 'ssm_head_dim' must divide d_inner = expand_factor * hidden_size = {d_inner}, "
+            f"got {P}"
+        )
+    H = d_inner // P
+    if H % num_groups:
+        raise ValueError(
+            f"option 'num_groups' must divide the number of heads d_inner / ssm_head_dim = {H}, "
+            f"got {num_groups}"
+        )
+    return H, P
 
 
 class Mamba2State(NamedTuple):
@@ -153,32 +186,17 @@ class Mamba2Mixer(Mixer):
         norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("hidden_size", hidden_size), ("state_size", state_size), ("expand_factor", expand_factor),
-            ("conv_size", conv_size), ("num_groups", num_groups), ("scan_chunk_size", scan_chunk_size),
-        ):
+        for name, value in (("hidden_size", hidden_size), ("state_size", state_size),
+                            ("expand_factor", expand_factor), ("conv_size", conv_size)):
             check_positive(name, value)
-        check_mamba2_options(A_init_range, dt_limit)
-        check_dt_range(dt_min, dt_max, dt_init_floor)
-        for name, value in (("D_has_hdim", D_has_hdim), ("norm_before_gate", norm_before_gate),
-                            ("conv_bias", conv_bias), ("proj_bias", proj_bias)):
-            check_bool(name, value)
-        check_positive_float("norm_eps", norm_eps)
+        check_mamba2_options(
+            ssm_head_dim=ssm_head_dim, num_groups=num_groups, scan_chunk_size=scan_chunk_size,
+            A_init_range=A_init_range, dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor,
+            dt_limit=dt_limit, D_has_hdim=D_has_hdim, norm_before_gate=norm_before_gate,
+            conv_bias=conv_bias, proj_bias=proj_bias, norm_eps=norm_eps,
+        )
         E = expand_factor * hidden_size
-        if ssm_head_dim is None:
-            ssm_head_dim = default_ssm_head_dim(E)
-        check_positive("ssm_head_dim", ssm_head_dim)
-        if E % ssm_head_dim:
-            raise ValueError(
-                f"option 'ssm_head_dim' must divide d_inner = expand_factor * hidden_size = {E}, "
-                f"got {ssm_head_dim}"
-            )
-        H = E // ssm_head_dim
-        if H % num_groups:
-            raise ValueError(
-                f"option 'num_groups' must divide the number of heads d_inner / ssm_head_dim = {H}, "
-                f"got {num_groups}"
-            )
+        H, ssm_head_dim = mamba2_heads(E, ssm_head_dim, num_groups)
         N, G, K = state_size, num_groups, conv_size
         self.d_inner, self.state_size, self.conv_size = E, N, K
         self.num_heads, self.head_dim, self.num_groups = H, ssm_head_dim, G

@@ -9,14 +9,22 @@ Mamba (``ssm="mamba"``, default) or Mamba-2 (``ssm="mamba2"``), the same mixers 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from torch import nn
 
 from hybridssm.backbones import SEED_OPTIONS, build_backbone_mixer, get_backbone
 from hybridssm.blocks import FUSIONS, ParallelBlock
-from hybridssm.config import MambaOptions, ModelConfig, check_bool, check_choice, check_positive
+from hybridssm.config import (
+    Mamba2Options,
+    MambaOptions,
+    ModelConfig,
+    check_bool,
+    check_choice,
+    check_positive,
+    own_options,
+)
 from hybridssm.layers import FFN
 from hybridssm.mixers.attention import AttentionMixer
 from hybridssm.models.base import SequenceModel
@@ -25,16 +33,16 @@ from hybridssm.registry import register_model
 __all__ = ["SSTransformerConfig", "SSTransformer"]
 
 
-_MAMBA_DEFAULTS = {f.name: f.default for f in fields(MambaOptions)}
-
-
 @dataclass(frozen=True, kw_only=True)
-class SSTransformerConfig(MambaOptions, ModelConfig):
+class SSTransformerConfig(MambaOptions, Mamba2Options, ModelConfig):
     """Options of ``ss_transformer`` (the seed's names and defaults, plus ``ssm`` and ``fusion``),
-    and the SSM path's ``mamba_ssm`` / ``transformers`` options with the ``mamba`` model's defaults
-    (:class:`~hybridssm.config.MambaOptions`): ``dt_min``, ``dt_max``, ``dt_init_floor``,
-    ``conv_bias`` and ``proj_bias`` act on either path; ``dt_rank`` and ``dt_init`` (Mamba-1's
-    time-step projection) only with ``ssm="mamba"`` and are refused with ``ssm="mamba2"``.
+    and the SSM path's ``mamba_ssm`` / ``transformers`` options with the ``mamba`` and ``mamba2``
+    models' defaults: ``dt_min``, ``dt_max``, ``dt_init_floor``, ``conv_bias`` and ``proj_bias``
+    act on either path; Mamba-1's own (:class:`~hybridssm.config.MambaOptions`: ``dt_rank``,
+    ``dt_init``) only with ``ssm="mamba"``, Mamba-2's own (:class:`~hybridssm.config.Mamba2Options`:
+    ``ssm_head_dim``, ``num_groups``, ``scan_chunk_size``, ``A_init_range``, ``dt_limit``,
+    ``D_has_hdim``, ``norm_before_gate``; ``norm_eps`` also reaches its gated norm) only with
+    ``ssm="mamba2"``: the other path refuses them (:attr:`path_options`).
 
     Attributes:
         state_size, expand_factor, conv_size: the SSM path's options.
@@ -48,6 +56,12 @@ class SSTransformerConfig(MambaOptions, ModelConfig):
             ss_transformer ... --fusion-norm`` / ``--no-fusion-norm``, measured in the README).
         window_size: the seeds' expected sequence length (stored; never a limit).
     """
+
+    # Each path's own options and their defaults; set away from its default, one is refused
+    # with the other path.
+    path_options: ClassVar[dict[str, dict[str, Any]]] = {
+        "mamba": own_options(MambaOptions), "mamba2": own_options(Mamba2Options),
+    }
 
     recommended: ClassVar[dict] = dict(
         hidden_size=256, state_size=16, num_layers=6, num_heads=4, head_dim=64, expand_factor=2,
@@ -66,24 +80,26 @@ class SSTransformerConfig(MambaOptions, ModelConfig):
     fusion_norm: bool | None = None
 
     def validate(self) -> None:
-        super().validate()
+        # the path and the sizes d_inner needs first: the Mamba-2 options' checks use them
         for name in ("state_size", "num_heads", "head_dim", "expand_factor", "conv_size"):
             check_positive(name, getattr(self, name))
-        check_choice("ssm", self.ssm, ("mamba", "mamba2"))
+        check_choice("ssm", self.ssm, tuple(self.path_options))
+        for path, options in self.path_options.items():
+            for name, default in options.items():
+                if path != self.ssm and getattr(self, name) != default:
+                    raise ValueError(
+                        f"option {name!r}={getattr(self, name)!r} changes nothing with "
+                        f"ssm={self.ssm!r} (an option of the {path!r} path); it is allowed only "
+                        f"with ssm={path!r}"
+                    )
+        super().validate()
         check_choice("fusion", self.fusion, tuple(FUSIONS))
         if self.fusion_norm is not None:
             check_bool("fusion_norm", self.fusion_norm)
-        if self.ssm == "mamba2":
-            for name in ("dt_rank", "dt_init"):
-                if getattr(self, name) != _MAMBA_DEFAULTS[name]:
-                    raise ValueError(
-                        f"option {name!r}={getattr(self, name)!r} changes nothing with ssm='mamba2' "
-                        "(Mamba-2 has no time-step projection); it is allowed only with ssm='mamba'"
-                    )
 
-    def ssm_options(self) -> dict:
+    def ssm_options(self) -> dict[str, Any]:
         """The SSM path's mixer options beyond the seed's (those its mixer has)."""
-        return self.mamba_options() if self.ssm == "mamba" else self.selective_options()
+        return self.mamba_options() if self.ssm == "mamba" else self.mamba2_options()
 
 
 @register_model("ss_transformer", SSTransformerConfig)
