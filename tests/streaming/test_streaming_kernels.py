@@ -45,18 +45,16 @@ def test_every_kernel_of_this_package_is_registered():
     assert set(MIXERS) <= set(fused_step_kinds())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("B", [1, 3, 6])
-@pytest.mark.parametrize("kind", sorted(MIXERS))
-def test_mixer_kernel_equals_the_mixers_forward(kind, B, dtype):
-    torch.manual_seed(0)
-    m = MIXERS[kind]().to(dtype)
+def check_kernel_equals_forward(m: nn.Module, kind: str, B: int, d: int, dtype: torch.dtype) -> None:
+    """Five steps of ``m``'s fused kernel from a prefilled state against its forward at T = 1:
+    the output and every state field."""
+    m = m.to(dtype)
     _perturb(m)
     spec = m.step_spec()
     assert spec.kind == kind
-    x = torch.randn(B, 5, D, dtype=dtype)
+    x = torch.randn(B, 5, d, dtype=dtype)
     with torch.no_grad():
-        _, s_ref = m(torch.randn(B, 3, D, dtype=dtype))  # a non-zero starting state
+        _, s_ref = m(torch.randn(B, 3, d, dtype=dtype))  # a non-zero starting state
         s = type(s_ref)(*(t.clone().contiguous() for t in s_ref))
         pos = torch.zeros(B, dtype=torch.long)
         for t in range(x.shape[1]):
@@ -65,6 +63,36 @@ def test_mixer_kernel_equals_the_mixers_forward(kind, B, dtype):
             cls = "fp64" if dtype == torch.float64 else "fp32"
             assert_close(y, y_ref[:, 0], cls, msg=f"{kind} t={t}")
             assert_tree_close(s, s_ref, cls, msg=f"{kind} t={t} state")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B", [1, 3, 6])
+@pytest.mark.parametrize("kind", sorted(MIXERS))
+def test_mixer_kernel_equals_the_mixers_forward(kind, B, dtype):
+    torch.manual_seed(0)
+    check_kernel_equals_forward(MIXERS[kind](), kind, B, D, dtype)
+
+
+# Widths on and off the SIMD grid: the kernels take a SIMD width of channels (Mamba's d_inner,
+# Mamba-2's head channels) and of state entries at a time, with separate paths for full and partial
+# chunks, and the conv window in registers for K <= 5 and in memory beyond.
+OFF_GRID = {
+    "mamba N=16 K=2": ("mamba", lambda: MambaMixer(13, state_size=16, conv_size=2)),
+    "mamba N=9 K=6": ("mamba", lambda: MambaMixer(13, state_size=9, conv_size=6)),
+    "mamba2 P=12 N=16 K=5": ("mamba2", lambda: Mamba2Mixer(12, state_size=16, conv_size=5, ssm_head_dim=12)),
+    "mamba2 P=6 N=10 K=7": ("mamba2", lambda: Mamba2Mixer(12, state_size=10, conv_size=7, ssm_head_dim=6,
+                                                         num_groups=2)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B", [1, 6])
+@pytest.mark.parametrize("case", sorted(OFF_GRID))
+def test_mixer_kernel_at_widths_off_the_simd_grid(case, B, dtype):
+    torch.manual_seed(1)
+    kind, make = OFF_GRID[case]
+    m = make()
+    check_kernel_equals_forward(m, kind, B, m.in_proj.weight.shape[1], dtype)
 
 
 def test_kernel_rejects_a_state_that_does_not_fit():

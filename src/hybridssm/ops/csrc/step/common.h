@@ -159,12 +159,17 @@ inline at::Tensor linear_small(const at::Tensor& x, const at::Tensor& W, const a
 // The formulas of torch's CPU kernels (x / (1 + exp(-x)); softplus threshold 20), vectorised the
 // same way, so that a step reproduces the full forward's values.
 template <typename scalar_t>
+inline Vectorized<scalar_t> silu(const Vectorized<scalar_t>& x) {
+  return x / (Vectorized<scalar_t>(1) + x.neg().exp());
+}
+
+template <typename scalar_t>
 void silu_inplace(scalar_t* v, int64_t n) {
   using Vec = Vectorized<scalar_t>;
   for (int64_t i = 0; i < n; i += Vec::size()) {
     const int64_t cnt = std::min<int64_t>(Vec::size(), n - i);
     const Vec x = hybridssm::load(v + i, cnt);
-    hybridssm::store(x / (Vec(1) + x.neg().exp()), v + i, cnt);
+    hybridssm::store(silu(x), v + i, cnt);
   }
 }
 
@@ -242,10 +247,36 @@ inline at::Tensor matmul_small(const at::Tensor& x, const at::Tensor& W) {
 // One frame of a depthwise causal conv over channels [0, C) of one row:
 //   out[c] = bias[c] + sum_{j < K-1} w[c, j] st[c, j] + w[c, K-1] u[c]
 // then st[c] drops its oldest input and takes u[c]. st [C, K-1] (the state's row), w [C, K];
-// bias may be null. u and out may not overlap st.
+// bias may be null. u and out may not overlap st. The window's width is a template argument for the
+// usual widths (K <= 5) so that the window lives in registers: a shift loop of unknown length
+// compiles to a memmove call per channel, which cost more than the conv itself at many streams.
+template <typename scalar_t, int S>
+inline void depthwise_conv_fixed(const scalar_t* u, scalar_t* st, const scalar_t* w, const scalar_t* bias,
+                                 scalar_t* out, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    const scalar_t* wc = w + c * (S + 1);
+    scalar_t* sc = st + c * S;
+    scalar_t win[S + 1];
+    for (int j = 0; j < S; ++j) win[j] = sc[j];
+    win[S] = u[c];
+    scalar_t acc = bias != nullptr ? bias[c] : scalar_t(0);
+    for (int j = 0; j <= S; ++j) acc += wc[j] * win[j];
+    for (int j = 0; j < S; ++j) sc[j] = win[j + 1];
+    out[c] = acc;
+  }
+}
+
 template <typename scalar_t>
 void depthwise_conv_step(const scalar_t* u, scalar_t* st, const scalar_t* w, const scalar_t* bias,
                          scalar_t* out, int64_t C, int64_t K) {
+  switch (K - 1) {
+    case 0: return depthwise_conv_fixed<scalar_t, 0>(u, st, w, bias, out, C);
+    case 1: return depthwise_conv_fixed<scalar_t, 1>(u, st, w, bias, out, C);
+    case 2: return depthwise_conv_fixed<scalar_t, 2>(u, st, w, bias, out, C);
+    case 3: return depthwise_conv_fixed<scalar_t, 3>(u, st, w, bias, out, C);
+    case 4: return depthwise_conv_fixed<scalar_t, 4>(u, st, w, bias, out, C);
+    default: break;
+  }
   const int64_t S = K - 1;
   for (int64_t c = 0; c < C; ++c) {
     const scalar_t* wc = w + c * K;
@@ -253,11 +284,34 @@ void depthwise_conv_step(const scalar_t* u, scalar_t* st, const scalar_t* w, con
     scalar_t acc = bias != nullptr ? bias[c] : scalar_t(0);
     for (int64_t j = 0; j < S; ++j) acc += wc[j] * sc[j];
     acc += wc[S] * u[c];
-    for (int64_t j = 0; j + 1 < S; ++j) sc[j] = sc[j + 1];
-    if (S > 0) sc[S - 1] = u[c];
+    std::copy(sc + 1, sc + S, sc);
+    sc[S - 1] = u[c];
     out[c] = acc;
   }
 }
+
+// The horizontal sums of Vec::size() vectors as one vector: lane l holds the sum of acc[l]'s lanes.
+// A row-by-row state update (a dot product over the state dim per channel) reduces a SIMD width of
+// channels at once this way; with AVX2 floats it is a tree of horizontal adds (9 instructions for 8
+// sums, against a store and 7 dependent adds per sum).
+template <typename scalar_t>
+inline Vectorized<scalar_t> hsum_lanes(const Vectorized<scalar_t>* acc) {
+  using Vec = Vectorized<scalar_t>;
+  alignas(64) scalar_t out[Vec::size()];
+  for (int64_t l = 0; l < Vec::size(); ++l) out[l] = hybridssm::hsum(acc[l]);
+  return Vec::loadu(out);
+}
+
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+template <>
+inline Vectorized<float> hsum_lanes<float>(const Vectorized<float>* acc) {
+  const __m256 t0 = _mm256_hadd_ps(acc[0], acc[1]), t1 = _mm256_hadd_ps(acc[2], acc[3]);
+  const __m256 t2 = _mm256_hadd_ps(acc[4], acc[5]), t3 = _mm256_hadd_ps(acc[6], acc[7]);
+  // u0 = [a0 a1 a2 a3 (lanes 0-3) | a0 a1 a2 a3 (lanes 4-7)], u1 the same for a4..a7
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+#endif
 
 // Checks shared by the step kernels: dtype of the compute (float / double) and of each state, and
 // a tensor's exact shape, each failing with the kernel's name and the expected and actual values.

@@ -56,18 +56,27 @@ at::Tensor delta_rule_step(const at::Tensor& x, const MixerSpec& m, at::Tensor* 
     using hybridssm::load;
     using hybridssm::store;
     std::vector<scalar_t> qkv(C), kS(Vh);
+    // raw pointers taken once (data_ptr checks the tensor on every call)
     const scalar_t* w = cw.data_ptr<scalar_t>();
+    const scalar_t* proj0 = proj.data_ptr<scalar_t>();
+    const scalar_t* wn0 = wn.data_ptr<scalar_t>();
+    const scalar_t* A_log0 = kGated ? A_log.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* dt_bias0 = kGated ? dt_bias.data_ptr<scalar_t>() : nullptr;
+    scalar_t* const conv0[3] = {states[0].data_ptr<scalar_t>(), states[1].data_ptr<scalar_t>(),
+                                states[2].data_ptr<scalar_t>()};
+    scalar_t* S0 = states[3].data_ptr<scalar_t>();
+    scalar_t* o0 = o.data_ptr<scalar_t>();
     for (int64_t b = 0; b < B; ++b) {
-      const scalar_t* pb = proj.data_ptr<scalar_t>() + b * P;
+      const scalar_t* pb = proj0 + b * P;
       // the three convs, each over its own state, then SiLU
       const int64_t offs[3] = {0, HK, 2 * HK}, widths[3] = {HK, HK, HV};
       for (int f = 0; f < 3; ++f) {
-        scalar_t* st = states[f].data_ptr<scalar_t>() + b * widths[f] * (c - 1);
+        scalar_t* st = conv0[f] + b * widths[f] * (c - 1);
         depthwise_conv_step(pb + offs[f], st, w + offs[f] * c, static_cast<const scalar_t*>(nullptr),
                             qkv.data() + offs[f], widths[f], c);
       }
       silu_inplace(qkv.data(), C);
-      scalar_t* ob = o.data_ptr<scalar_t>() + b * HV;
+      scalar_t* ob = o0 + b * HV;
       for (int64_t h = 0; h < H; ++h) {
         scalar_t *q = qkv.data() + h * K, *k = qkv.data() + HK + h * K;
         const scalar_t* v = qkv.data() + 2 * HK + h * Vh;
@@ -79,11 +88,11 @@ at::Tensor delta_rule_step(const at::Tensor& x, const MixerSpec& m, at::Tensor* 
         if (neg_eigval) beta = scalar_t(2) * beta;
         scalar_t alpha = 1;
         if (kGated) {
-          const scalar_t z = pb[C + H + h] + dt_bias.data_ptr<scalar_t>()[h];
+          const scalar_t z = pb[C + H + h] + dt_bias0[h];
           const scalar_t sp = z > scalar_t(20) ? z : std::log1p(std::exp(z));
-          alpha = std::exp(-std::exp(A_log.data_ptr<scalar_t>()[h]) * sp);
+          alpha = std::exp(-std::exp(A_log0[h]) * sp);
         }
-        scalar_t* S = states[3].data_ptr<scalar_t>() + (b * H + h) * K * Vh;
+        scalar_t* S = S0 + (b * H + h) * K * Vh;
         // kS = S^T k (the old state), then u = beta (v - alpha kS) in place
         std::fill(kS.begin(), kS.end(), scalar_t(0));
         vecmat_add(k, S, kS.data(), K, Vh);
@@ -108,7 +117,7 @@ at::Tensor delta_rule_step(const at::Tensor& x, const MixerSpec& m, at::Tensor* 
         const Vec inv(scalar_t(1) / std::sqrt(dot(oh, oh, Vh) / scalar_t(Vh) + scalar_t(o_eps)));
         const scalar_t* zg = kGated ? pb + C + 2 * H + h * Vh : nullptr;
         vec_chunks<scalar_t>(Vh, [&](int64_t i, int64_t cnt) {
-          Vec r = load(oh + i, cnt) * inv * load(wn.data_ptr<scalar_t>() + i, cnt);
+          Vec r = load(oh + i, cnt) * inv * load(wn0 + i, cnt);
           if (kGated) {
             const Vec z = load(zg + i, cnt);
             r = r * (z / (Vec(1) + z.neg().exp()));

@@ -22,30 +22,13 @@ namespace hybridssm::step {
 inline at::vec::Vectorized<float> scan_decay_exp(const at::vec::Vectorized<float>& x) { return x.exp_u20(); }
 inline at::vec::Vectorized<double> scan_decay_exp(const at::vec::Vectorized<double>& x) { return x.exp(); }
 
-// One step of the causal depthwise conv for row b: acc[c] = bias[c] + w[c, :K-1] . state[c] + w[c, K-1] x[c],
-// then the window shifts (state[c] <- [state[c, 1:], x[c]]).
-template <typename scalar_t>
-void conv_step(const scalar_t* x, scalar_t* state, const scalar_t* w, const scalar_t* bias, scalar_t* out,
-               int64_t C, int64_t K) {
-  for (int64_t c = 0; c < C; ++c) {
-    scalar_t* cs = state + c * (K - 1);
-    const scalar_t* wc = w + c * K;
-    scalar_t acc = bias != nullptr ? bias[c] : scalar_t(0);
-    for (int64_t k = 0; k < K - 1; ++k) acc += wc[k] * cs[k];
-    acc += wc[K - 1] * x[c];
-    for (int64_t k = 0; k + 1 < K - 1; ++k) cs[k] = cs[k + 1];
-    if (K > 1) cs[K - 2] = x[c];
-    out[c] = acc;
-  }
-}
-
 // u [B, E] = silu(conv([conv_state ; xi]) + conv_b), xi the first half of each row of xz [B, 2E]; the
 // conv windows shift in place
 template <typename scalar_t>
 void mamba_conv_rows(const scalar_t* xz, scalar_t* conv_state, const scalar_t* conv_w, const scalar_t* conv_b,
                      scalar_t* u, int64_t Bsz, int64_t E, int64_t K) {
   for (int64_t b = 0; b < Bsz; ++b) {
-    conv_step(xz + b * 2 * E, conv_state + b * E * (K - 1), conv_w, conv_b, u + b * E, E, K);
+    depthwise_conv_step(xz + b * 2 * E, conv_state + b * E * (K - 1), conv_w, conv_b, u + b * E, E, K);
     silu_inplace(u + b * E, E);
   }
 }
@@ -62,43 +45,60 @@ void rmsnorm_rows_inplace(scalar_t* v, int64_t rows, int64_t stride, int64_t d, 
   }
 }
 
-// The state update and gated output per row: h = exp(delta A) h + delta u Bn; y = (Cn . h + D u) silu(z),
-// with A = -exp(A_log) [E, N] computed once for the call.
+// One row's state update and gated output: h = exp(delta A) h + delta u Bn; y = (Cn . h + D u) silu(z).
+// Channels go a SIMD width at a time, so that their dot products Cn . h are reduced together
+// (hsum_lanes) and the output is computed as vectors. kFull: N is a multiple of the SIMD width (no
+// partial loads in the inner loop). Every pointer is a local, so that the compiler keeps them in
+// registers across the stores to h.
+template <typename scalar_t, bool kFull>
+inline void mamba_update_row(const scalar_t* z, const scalar_t* ub, const scalar_t* Bn, const scalar_t* Cn,
+                             const scalar_t* dl_b, scalar_t* hb, const scalar_t* A, const scalar_t* Dv,
+                             scalar_t* yb, int64_t E, int64_t N) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t W = Vec::size();
+  for (int64_t e0 = 0; e0 < E; e0 += W) {
+    const int64_t ne = std::min(W, E - e0);
+    Vec acc[W];
+    for (int64_t l = 0; l < W; ++l) {
+      acc[l] = Vec(0);
+      if (l >= ne) continue;
+      const int64_t e = e0 + l;
+      scalar_t* h = hb + e * N;
+      const scalar_t* Ae = A + e * N;
+      const Vec dl(dl_b[e]), du(dl_b[e] * ub[e]);
+      for (int64_t n0 = 0; n0 < N; n0 += W) {
+        const int64_t cnt = kFull ? W : std::min(W, N - n0);
+        const Vec a = scan_decay_exp(dl * hybridssm::load(Ae + n0, cnt));
+        const Vec hn = at::vec::fmadd(a, hybridssm::load(h + n0, cnt), du * hybridssm::load(Bn + n0, cnt));
+        hybridssm::store(hn, h + n0, cnt);
+        // lanes past cnt hold zeros (partial loads fill zeros), so they add nothing
+        acc[l] = at::vec::fmadd(hn, hybridssm::load(Cn + n0, cnt), acc[l]);
+      }
+    }
+    const Vec out = (hsum_lanes(acc) + hybridssm::load(Dv + e0, ne) * hybridssm::load(ub + e0, ne)) *
+                    silu(hybridssm::load(z + e0, ne));
+    hybridssm::store(out, yb + e0, ne);
+  }
+}
+
+// The state update and gated output of every row, with A = -exp(A_log) [E, N] computed once for the call.
 template <typename scalar_t>
 void mamba_update_rows(const scalar_t* xz, const scalar_t* u, const scalar_t* dbc, const scalar_t* delta,
                        scalar_t* ssm_state, const scalar_t* A_log, const scalar_t* Dv, scalar_t* y, int64_t Bsz,
                        int64_t E, int64_t R, int64_t N) {
-  using Vec = Vectorized<scalar_t>;
-  constexpr int64_t W = Vec::size();
+  constexpr int64_t W = Vectorized<scalar_t>::size();
   std::vector<scalar_t> A(E * N);
   for (int64_t i = 0; i < E * N; i += W) {
     const int64_t cnt = std::min(W, E * N - i);
     hybridssm::store(hybridssm::load(A_log + i, cnt).exp().neg(), A.data() + i, cnt);
   }
-  at::parallel_for(0, Bsz, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> gz(E);
+  const scalar_t* Ap = A.data();
+  const bool full = N % W == 0;
+  at::parallel_for(0, Bsz, 1, [=](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      const scalar_t* z = xz + b * 2 * E + E;
-      std::copy(z, z + E, gz.begin());
-      silu_inplace(gz.data(), E);
-      const scalar_t* ub = u + b * E;
-      const scalar_t* dl_b = delta + b * E;
       const scalar_t* Bn = dbc + b * (R + 2 * N) + R;
-      const scalar_t* Cn = Bn + N;
-      for (int64_t e = 0; e < E; ++e) {
-        scalar_t* h = ssm_state + (b * E + e) * N;
-        const Vec dl(dl_b[e]), du(dl_b[e] * ub[e]);
-        Vec acc(0);
-        for (int64_t n0 = 0; n0 < N; n0 += W) {
-          const int64_t cnt = std::min(W, N - n0);
-          const Vec a = scan_decay_exp(dl * hybridssm::load(A.data() + e * N + n0, cnt));
-          const Vec hn = at::vec::fmadd(a, hybridssm::load(h + n0, cnt), du * hybridssm::load(Bn + n0, cnt));
-          hybridssm::store(hn, h + n0, cnt);
-          // lanes past cnt hold zeros (partial loads fill zeros), so they add nothing
-          acc = at::vec::fmadd(hn, hybridssm::load(Cn + n0, cnt), acc);
-        }
-        y[b * E + e] = (hybridssm::hsum(acc) + Dv[e] * ub[e]) * gz[e];
-      }
+      const auto row = full ? mamba_update_row<scalar_t, true> : mamba_update_row<scalar_t, false>;
+      row(xz + b * 2 * E + E, u + b * E, Bn, Bn + N, delta + b * E, ssm_state + b * E * N, Ap, Dv, y + b * E, E, N);
     }
   });
 }

@@ -12,63 +12,84 @@
 #pragma once
 
 #include "common.h"
-#include "mamba.h"  // conv_step
 
 namespace hybridssm::step {
 
+// One head of one row: s = decay s + dt x B (per channel p, over the state dim N), then
+// y = (C . s + D x) silu(z), a SIMD width of channels reduced at once (hsum_lanes). kFull: N is a
+// multiple of the SIMD width. Pointers are locals so that they stay in registers across the stores.
+template <typename scalar_t, bool kFull>
+inline void mamba2_head(const scalar_t* xh, const scalar_t* zh, const scalar_t* Bn, const scalar_t* Cn,
+                        scalar_t* sh, scalar_t decay_s, scalar_t dt, scalar_t Dh, scalar_t* yh, int64_t P,
+                        int64_t N) {
+  using Vec = Vectorized<scalar_t>;
+  using hybridssm::load;
+  using hybridssm::store;
+  constexpr int64_t W = Vec::size();
+  const Vec decay(decay_s);
+  for (int64_t p0 = 0; p0 < P; p0 += W) {
+    const int64_t np = std::min(W, P - p0);
+    Vec acc[W];
+    for (int64_t l = 0; l < W; ++l) {
+      acc[l] = Vec(0);
+      if (l >= np) continue;
+      const Vec dx(dt * xh[p0 + l]);
+      scalar_t* s = sh + (p0 + l) * N;
+      for (int64_t n0 = 0; n0 < N; n0 += W) {
+        const int64_t cnt = kFull ? W : std::min(W, N - n0);
+        const Vec sn = at::vec::fmadd(decay, load(s + n0, cnt), dx * load(Bn + n0, cnt));
+        store(sn, s + n0, cnt);
+        acc[l] = at::vec::fmadd(sn, load(Cn + n0, cnt), acc[l]);
+      }
+    }
+    store((hsum_lanes(acc) + Vec(Dh) * load(xh + p0, np)) * silu(load(zh + p0, np)), yh + p0, np);
+  }
+}
+
+// Per row: the conv and SiLU over xBC, then per head the state update, C . s (a SIMD width of head
+// channels reduced at once, see hsum_lanes), the D skip and the gate, then the grouped RMSNorm.
 template <typename scalar_t>
 void mamba2_rows(const scalar_t* proj, scalar_t* conv_state, scalar_t* ssm_state, const scalar_t* conv_w,
                  const scalar_t* conv_b, const scalar_t* dt_bias, const scalar_t* A_log, const scalar_t* Dv,
                  const scalar_t* norm_w, scalar_t norm_eps, scalar_t* out, int64_t Bsz, int64_t H, int64_t P,
                  int64_t G, int64_t N, int64_t K) {
   using Vec = Vectorized<scalar_t>;
+  using hybridssm::load;
+  using hybridssm::store;
   constexpr int64_t W = Vec::size();
   const int64_t E = H * P, C = E + 2 * G * N, row = E + C + H, heads_per_group = H / G, gw = E / G;
   at::parallel_for(0, Bsz, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> xbc(C), gz(E);
+    std::vector<scalar_t> xbc(C);
     for (int64_t b = begin; b < end; ++b) {
       const scalar_t* z = proj + b * row;
       const scalar_t* xin = z + E;
       const scalar_t* dtr = xin + C;
-      conv_step(xin, conv_state + b * C * (K - 1), conv_w, conv_b, xbc.data(), C, K);
+      depthwise_conv_step(xin, conv_state + b * C * (K - 1), conv_w, conv_b, xbc.data(), C, K);
       silu_inplace(xbc.data(), C);
-      std::copy(z, z + E, gz.begin());
-      silu_inplace(gz.data(), E);
       const scalar_t* xs = xbc.data();
       scalar_t* y = out + b * E;
       for (int64_t h = 0; h < H; ++h) {
         scalar_t dt = dtr[h] + dt_bias[h];
         softplus_inplace(&dt, 1);
         const scalar_t A = -std::exp(A_log[h]);
-        const Vec decay(std::exp(dt * A));
         const int64_t g = h / heads_per_group;
         const scalar_t* Bn = xs + E + g * N;
-        const scalar_t* Cn = xs + E + G * N + g * N;
-        for (int64_t p = 0; p < P; ++p) {
-          const scalar_t xv = xs[h * P + p];
-          const Vec dx(dt * xv);
-          scalar_t* s = ssm_state + ((b * H + h) * P + p) * N;
-          Vec acc(0);
-          for (int64_t n0 = 0; n0 < N; n0 += W) {
-            const int64_t cnt = std::min(W, N - n0);
-            const Vec sn = at::vec::fmadd(decay, hybridssm::load(s + n0, cnt), dx * hybridssm::load(Bn + n0, cnt));
-            hybridssm::store(sn, s + n0, cnt);
-            acc = at::vec::fmadd(sn, hybridssm::load(Cn + n0, cnt), acc);
-          }
-          y[h * P + p] = (hybridssm::hsum(acc) + Dv[h] * xv) * gz[h * P + p];
-        }
+        const auto head = N % W == 0 ? mamba2_head<scalar_t, true> : mamba2_head<scalar_t, false>;
+        head(xs + h * P, z + h * P, Bn, Bn + G * N, ssm_state + (b * H + h) * P * N, std::exp(dt * A), dt, Dv[h],
+             y + h * P, P, N);
       }
       // gated RMSNorm per group of gw channels
       for (int64_t g = 0; g < G; ++g) {
         scalar_t* v = y + g * gw;
         Vec sq(0);
-        for (int64_t i = 0; i < gw; i += W) {
-          const int64_t cnt = std::min(W, gw - i);
-          const Vec a = hybridssm::load(v + i, cnt);
+        vec_chunks<scalar_t>(gw, [&](int64_t i, int64_t cnt) {
+          const Vec a = load(v + i, cnt);
           sq = at::vec::fmadd(a, a, sq);
-        }
-        const scalar_t r = scalar_t(1) / std::sqrt(hybridssm::hsum(sq) / scalar_t(gw) + norm_eps);
-        for (int64_t i = 0; i < gw; ++i) v[i] = v[i] * r * norm_w[g * gw + i];
+        });
+        const Vec r(scalar_t(1) / std::sqrt(hybridssm::hsum(sq) / scalar_t(gw) + norm_eps));
+        vec_chunks<scalar_t>(gw, [&](int64_t i, int64_t cnt) {
+          store(load(v + i, cnt) * r * load(norm_w + g * gw + i, cnt), v + i, cnt);
+        });
       }
     }
   });

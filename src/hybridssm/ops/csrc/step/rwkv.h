@@ -115,8 +115,11 @@ inline at::Tensor rwkv_step(const at::Tensor& x, const MixerSpec& m, at::Tensor*
     using Vec = Vectorized<scalar_t>;
     using hybridssm::load;
     using hybridssm::store;
+    // data_ptr checks the tensor on every call: the loops below index raw pointers taken once
     auto row = [&](const at::Tensor& t, int64_t b) { return t.data_ptr<scalar_t>() + b * t.size(-1); };
     auto p = [](const at::Tensor& t) { return t.data_ptr<scalar_t>(); };
+    const scalar_t *mu_x = p(mu[0]), *decay_p = p(decay), *bonus_p = p(bonus), *lnx_wp = p(lnx_w);
+    const scalar_t *lnx_bp = p(lnx_b), *cmu_kp = p(cmu_k), *cmu_rp = p(cmu_r);
 
     // token shift: h = LN_1(x), xx = shift - h, the LoRA's input h + xx mu_x; the shift takes h
     for (int64_t b = 0; b < B; ++b) {
@@ -125,7 +128,7 @@ inline at::Tensor rwkv_step(const at::Tensor& x, const MixerSpec& m, at::Tensor*
       vec_chunks<scalar_t>(D, [&](int64_t i, int64_t cnt) {
         const Vec hv = load(hb + i, cnt), d = load(sb + i, cnt) - hv;
         store(d, xxb + i, cnt);
-        store(hv + d * load(p(mu[0]) + i, cnt), ib + i, cnt);
+        store(hv + d * load(mu_x + i, cnt), ib + i, cnt);
         store(hv, sb + i, cnt);
       });
     }
@@ -133,10 +136,11 @@ inline at::Tensor rwkv_step(const at::Tensor& x, const MixerSpec& m, at::Tensor*
     tanh_inplace(p(lora), B * 5 * R);
     for (int64_t f = 0; f < 5; ++f) {  // x_f = h + xx (mu_f + lora_f @ mix_up[f])
       const auto mf = matmul_small(lora.narrow(1, f * R, R), mix_up.select(0, f));
-      const auto xf = xs.select(0, f);
+      const scalar_t *h0 = p(h), *xx0 = p(xx), *m0 = p(mf), *mu_f = p(mu[1 + f]);
+      scalar_t* o0 = p(xs) + f * B * D;
       for (int64_t b = 0; b < B; ++b) {
-        const scalar_t *hb = row(h, b), *xxb = row(xx, b), *mb = row(mf, b), *mu_f = p(mu[1 + f]);
-        scalar_t* ob = row(xf, b);
+        const scalar_t *hb = h0 + b * D, *xxb = xx0 + b * D, *mb = m0 + b * D;
+        scalar_t* ob = o0 + b * D;
         vec_chunks<scalar_t>(D, [&](int64_t i, int64_t cnt) {
           const Vec mix = load(mu_f + i, cnt) + load(mb + i, cnt);
           store(load(hb + i, cnt) + load(xxb + i, cnt) * mix, ob + i, cnt);
@@ -157,17 +161,19 @@ inline at::Tensor rwkv_step(const at::Tensor& x, const MixerSpec& m, at::Tensor*
     // then the group norm with its affine, times the gate (into o)
     auto o = at::empty({B, D}, x.options());
     std::vector<scalar_t> acc(K);
+    const scalar_t *r0 = p(r), *k0 = p(k), *v0 = p(v), *g0 = p(g);
+    scalar_t *e0 = p(e), *o0 = p(o), *S0 = p(states[1]);
     for (int64_t b = 0; b < B; ++b) {
-      scalar_t* eb = row(e, b);
+      scalar_t* eb = e0 + b * D;
       vec_chunks<scalar_t>(D, [&](int64_t i, int64_t cnt) {
-        const Vec dd = at::vec::minimum(load(p(decay) + i, cnt) + load(eb + i, cnt), Vec(scalar_t(max_exp)));
+        const Vec dd = at::vec::minimum(load(decay_p + i, cnt) + load(eb + i, cnt), Vec(scalar_t(max_exp)));
         store(dd.exp().neg().exp(), eb + i, cnt);
       });
       for (int64_t hh = 0; hh < H; ++hh) {
         const int64_t off = hh * K;
-        const scalar_t *rh = row(r, b) + off, *kh = row(k, b) + off, *vh = row(v, b) + off;
-        const scalar_t *uh = p(bonus) + off, *eh = eb + off;
-        scalar_t* S = states[1].data_ptr<scalar_t>() + (b * H + hh) * K * K;
+        const scalar_t *rh = r0 + b * D + off, *kh = k0 + b * D + off, *vh = v0 + b * D + off;
+        const scalar_t *uh = bonus_p + off, *eh = eb + off;
+        scalar_t* S = S0 + (b * H + hh) * K * K;
         scalar_t ruk = 0;
         for (int64_t j = 0; j < K; ++j) ruk += rh[j] * uh[j] * kh[j];
         vec_chunks<scalar_t>(K, [&](int64_t i, int64_t cnt) {
@@ -182,9 +188,9 @@ inline at::Tensor rwkv_step(const at::Tensor& x, const MixerSpec& m, at::Tensor*
             store(at::vec::fmadd(ej, s, kj * load(vh + i, cnt)), Sj + i, cnt);
           });
         }
-        scalar_t* ob = row(o, b) + off;
-        layer_norm_row(acc.data(), p(lnx_w) + off, p(lnx_b) + off, ob, K, eps_x);
-        const scalar_t* gb = row(g, b) + off;
+        scalar_t* ob = o0 + b * D + off;
+        layer_norm_row(acc.data(), lnx_wp + off, lnx_bp + off, ob, K, eps_x);
+        const scalar_t* gb = g0 + b * D + off;
         vec_chunks<scalar_t>(K, [&](int64_t i, int64_t cnt) {
           store(load(ob + i, cnt) * load(gb + i, cnt), ob + i, cnt);
         });
@@ -203,20 +209,23 @@ inline at::Tensor rwkv_step(const at::Tensor& x, const MixerSpec& m, at::Tensor*
       scalar_t *sb = row(states[2], b), *kb = row(xx, b), *rb = row(xxx, b);
       vec_chunks<scalar_t>(D, [&](int64_t i, int64_t cnt) {
         const Vec cv = load(c.data() + i, cnt), d = load(sb + i, cnt) - cv;
-        store(cv + d * load(p(cmu_k) + i, cnt), kb + i, cnt);
-        store(cv + d * load(p(cmu_r) + i, cnt), rb + i, cnt);
+        store(cv + d * load(cmu_kp + i, cnt), kb + i, cnt);
+        store(cv + d * load(cmu_rp + i, cnt), rb + i, cnt);
         store(cv, sb + i, cnt);
       });
     }
     auto kk = linear_small(xx, Ck, none);  // [B, F]
+    scalar_t* kk0 = p(kk);
     vec_chunks<scalar_t>(B * Fn, [&](int64_t i, int64_t cnt) {
-      const Vec z = at::vec::maximum(load(p(kk) + i, cnt), Vec(0));
-      store(z * z, p(kk) + i, cnt);
+      const Vec z = at::vec::maximum(load(kk0 + i, cnt), Vec(0));
+      store(z * z, kk0 + i, cnt);
     });
     const auto rr = linear_small(xxx, Cr, none);
     y = linear_small(kk, Cv, none);  // becomes a + sigmoid(rr) * (C_v kk)
+    const scalar_t *a0 = p(a), *rr0 = p(rr);
+    scalar_t* y0 = p(y);
     vec_chunks<scalar_t>(B * D, [&](int64_t i, int64_t cnt) {
-      store(load(p(a) + i, cnt) + sigmoid(load(p(rr) + i, cnt)) * load(p(y) + i, cnt), p(y) + i, cnt);
+      store(load(a0 + i, cnt) + sigmoid(load(rr0 + i, cnt)) * load(y0 + i, cnt), y0 + i, cnt);
     });
   });
   return y;
