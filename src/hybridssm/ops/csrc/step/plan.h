@@ -145,19 +145,37 @@ class Plan {
   at::Tensor run(const at::Tensor& x_in, std::vector<at::Tensor> states, at::Tensor pos) const {
     TORCH_CHECK(x_in.dim() == 2 || (x_in.dim() == 3 && x_in.size(1) == 1),
                 "step plan: x must be [B, embed_dim] or [B, 1, embed_dim], got ", x_in.sizes());
+    const at::Tensor x = x_in.dim() == 3 ? x_in.select(1, 0) : x_in;
+    check_states(states, pos, x.size(0));
+    const auto dt = x.scalar_type();
+    at::Tensor h = present(in_w_) ? linear_small(x, as_(in_w_, dt), present(in_b_) ? as_(in_b_, dt) : in_b_)
+                                  : x.contiguous();
+    return final_norm_(blocks(h, states, pos));
+  }
+
+  // The blocks alone (no input projection, no final norm): h [B, d] is the first block's input (an
+  // embedded frame, or a token that enters after the embedding, such as Hymba's meta tokens); states
+  // and pos as in run. Returns the last block's output [B, d].
+  at::Tensor run_blocks(const at::Tensor& h, std::vector<at::Tensor> states, at::Tensor pos) const {
+    TORCH_CHECK(h.dim() == 2, "step plan: h must be [B, hidden], got ", h.sizes());
+    check_states(states, pos, h.size(0));
+    return blocks(h.contiguous(), states, pos);
+  }
+
+ private:
+  void check_states(const std::vector<at::Tensor>& states, const at::Tensor& pos, int64_t B) const {
     TORCH_CHECK(static_cast<int64_t>(states.size()) == n_states_, "step plan: expected ", n_states_,
                 " state tensors, got ", states.size());
-    const at::Tensor x = x_in.dim() == 3 ? x_in.select(1, 0) : x_in;
-    const int64_t B = x.size(0);
     TORCH_CHECK(pos.dim() == 1 && pos.size(0) == B && pos.scalar_type() == at::kLong,
                 "step plan: pos must be int64 [", B, "]");
     for (const auto& s : states) {
       TORCH_CHECK(s.is_contiguous() && s.dim() >= 1 && s.size(0) == B,
                   "step plan: states must be contiguous with batch ", B, " first, got ", s.sizes());
     }
-    const auto dt = x.scalar_type();
-    at::Tensor h = present(in_w_) ? linear_small(x, as_(in_w_, dt), present(in_b_) ? as_(in_b_, dt) : in_b_)
-                                  : x.contiguous();
+  }
+
+  // every block on h [B, d] (contiguous); advances pos by one
+  at::Tensor blocks(at::Tensor h, std::vector<at::Tensor>& states, at::Tensor& pos) const {
     at::Tensor* st = states.data();
     for (const auto& blk : blocks_) {
       const at::Tensor hn = blk.pre_norm ? blk.norm(h).contiguous() : h;
@@ -185,10 +203,9 @@ class Plan {
       }
     }
     pos.add_(1);
-    return final_norm_(h);
+    return h;
   }
 
- private:
   static Norm make_norm(int64_t kind, const at::Tensor& w, const at::Tensor& b, double eps) {
     TORCH_CHECK(kind == kIdentity || kind == kLayerNorm || kind == kRMSNorm, "step plan: unknown norm kind ", kind);
     TORCH_CHECK(kind != kRMSNorm || present(w), "step plan: an RMSNorm needs its weight");
