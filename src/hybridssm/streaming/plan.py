@@ -173,17 +173,15 @@ class StepPlan:
         return y, ModelState(pytree.tree_unflatten(new, spec), pos)
 
     def prefill(self, h: Tensor, state: ModelState, *, training: bool) -> bool:
-        """Run ``h [B, T, hidden]`` through the blocks from ``state``, in place, one frame at a time
-        (no input projection, no final norm; ``state.pos`` unchanged). False, with ``state`` untouched,
-        where the plan does not apply."""
+        """Run ``h [B, T, hidden]`` through the blocks from ``state``, in place (no input projection,
+        no final norm; ``state.pos`` unchanged): the values of ``T`` steps, computed block by block
+        (``csrc/step/plan.h``). False, with ``state`` untouched, where the plan does not apply."""
         if not self.applies(h, training):
             return False
         leaves = pytree.tree_leaves(state.layers)
         if not self._leaves_ok(leaves, True):
             return False
-        pos = state.pos.clone()  # the model-level position does not count these tokens
-        for t in range(h.shape[1]):
-            self._cpp.run_blocks(h[:, t], leaves, pos)
+        self._cpp.prefill(h, leaves, state.pos.clone())  # these tokens are not input positions
         return True
 
 
@@ -281,9 +279,9 @@ def fused_step(
 
 def prefill_blocks(model: nn.Module, h: Tensor, state: ModelState) -> bool:
     """Run tokens that enter at the first block, ``h [B, T, hidden]`` (such as Hymba's meta tokens,
-    which join after the embedding), through ``model``'s blocks from ``state``, in place, one frame
-    at a time through the plan: the values of the blocks' forward, as every step. ``state.pos`` stays
-    as it is (these tokens are not input positions). Returns False, with ``state`` untouched, where
+    which join after the embedding), through ``model``'s blocks from ``state``, in place, through the
+    plan: the values of the blocks' forward, as every step. ``state.pos`` stays as it is (these
+    tokens are not input positions). Returns False, with ``state`` untouched, where
     no plan applies (also under ``torch.compile`` / export and with ``model.use_fused_step = False``):
     the caller then runs the blocks' forward."""
     if not getattr(model, "use_fused_step", True) or torch.compiler.is_compiling():

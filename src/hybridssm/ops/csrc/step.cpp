@@ -64,6 +64,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("num_states", &Plan::num_states)
       .def("run", &Plan::run, pybind11::arg("x"), pybind11::arg("states"), pybind11::arg("pos"),
            pybind11::call_guard<pybind11::gil_scoped_release>())
-      .def("run_blocks", &Plan::run_blocks, pybind11::arg("h"), pybind11::arg("states"), pybind11::arg("pos"),
+      .def("prefill", &Plan::prefill, pybind11::arg("h"), pybind11::arg("states"), pybind11::arg("pos"),
            pybind11::call_guard<pybind11::gil_scoped_release>());
 }
