@@ -176,7 +176,8 @@ class Hymba(SequenceModel):
     def init_state(self, batch_size: int = 1, *, device=None, dtype=None, max_len=None) -> ModelState:
         """The state after the meta tokens (``pos`` = 0): it depends only on the parameters.
 
-        Computed on every call (one forward over the ``M`` meta tokens), never cached, so it always
+        Computed on every call (the ``M`` meta tokens through the blocks: the one-call step plan where
+        it applies, else the blocks' forward; the same values), never cached, so it always
         follows the current parameters, however they were written; a stream builds it once and
         ``step(reset=...)`` only when some row restarts."""
         zero = super().init_state(batch_size, device=device, dtype=dtype, max_len=max_len)
