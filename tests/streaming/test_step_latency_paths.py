@@ -325,3 +325,53 @@ def test_a_prefilled_state_streams_through_the_fused_plan(case, monkeypatch):
             ys.append(y)
     assert ran and all(ran), "the inplace step after a prefill fell back to the block-by-block path"
     assert_close(torch.stack(ys, 1), want[:, 5:])
+
+
+# -- tokens that enter at the blocks (Hymba's meta tokens) through the plan --------------------------
+def _hymba(**kw):
+    torch.manual_seed(0)
+    return hs.build("hymba", embed_dim=E_IN, hidden_size=D, num_layers=2, num_heads=2, num_meta_tokens=3,
+                    state_size=N, window_size=4, global_layers=(0,), **kw).eval()
+
+
+def test_hymba_meta_prefill_runs_through_the_plan_with_the_forward_values(monkeypatch):
+    # every reset of a stream builds this state: the plan's frames equal the blocks' forward over
+    # the meta tokens (state and the stream that follows), and the position stays 0
+    model = _hymba()
+    prefills = []
+    real = plan_mod.StepPlan.prefill
+
+    def counted(self, *args, **kw):
+        out = real(self, *args, **kw)
+        prefills.append(out)
+        return out
+
+    monkeypatch.setattr(plan_mod.StepPlan, "prefill", counted)
+    x = torch.randn(3, 6, E_IN)
+    with torch.no_grad():
+        fused = model.init_state(3, max_len=12)
+        assert prefills == [True]
+        model.use_fused_step = False
+        want = model.init_state(3, max_len=12)
+        model.use_fused_step = True
+    assert fused.pos.tolist() == [0, 0, 0]
+    assert_tree_close(fused, want)
+    with torch.no_grad():
+        got, _ = _stream(model, x, state=fused)
+        assert_close(got, model(x, return_sequence=True))
+
+
+@pytest.mark.parametrize("where", ["grad", "dropout", "fused_step_off"])
+def test_hymba_meta_prefill_falls_back_to_the_forward(where):
+    # with a gradient to keep (training through init_state), active dropout, or the fused step off,
+    # the plan declines without writing, and init_state runs the blocks' forward (keeping the graph)
+    model = _hymba(dropout=0.2).train() if where == "dropout" else _hymba()
+    model.use_fused_step = where != "fused_step_off"
+    zero = hs.SequenceModel.init_state(model, 1, max_len=8)
+    with torch.set_grad_enabled(where == "grad"):
+        assert plan_mod.prefill_blocks(model, model.meta_embedding.unsqueeze(0), zero) is False
+        state = model.init_state(2, max_len=8)
+    assert all(not t.any() for t in torch.utils._pytree.tree_leaves(zero))
+    leaves = torch.utils._pytree.tree_leaves(state.layers)
+    assert any(t.requires_grad for t in leaves) == (where == "grad")
+    assert any(t.any() for t in leaves if t.is_floating_point())

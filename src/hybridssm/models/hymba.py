@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from hybridssm import streaming
 from hybridssm.backbones import SEED_OPTIONS, build_backbone_mixer, get_backbone
 from hybridssm.blocks import FUSIONS, ParallelBlock
 from hybridssm.config import MambaOptions, ModelConfig, check_bool, check_choice, check_positive
@@ -178,7 +179,8 @@ class Hymba(SequenceModel):
     def init_state(self, batch_size: int = 1, *, device=None, dtype=None, max_len=None) -> ModelState:
         """The state after the meta tokens (``pos`` = 0): it depends only on the parameters.
 
-        Computed on every call (one forward over the ``M`` meta tokens), never cached, so it always
+        Computed on every call (the ``M`` meta tokens through the blocks: the one-call step plan where
+        it applies, else the blocks' forward; the same values), never cached, so it always
         follows the current parameters, however they were written; a stream builds it once and
         ``step(reset=...)`` only when some row restarts."""
         zero = super().init_state(batch_size, device=device, dtype=dtype, max_len=max_len)
@@ -194,5 +196,9 @@ class Hymba(SequenceModel):
     def _prefill_meta(self, *, device, max_len) -> tuple:
         zero = super().init_state(1, device=device, max_len=max_len)
         meta = self.meta_embedding.to(device=device, dtype=self._compute_dtype()).unsqueeze(0)
+        # the fused step where it applies: every stream's reset runs this, and the M frames through
+        # the one-call plan cost a fraction of the blocks' forward (dozens of small ops per layer)
+        if streaming.prefill_blocks(self, meta, zero):
+            return tuple(zero.layers)
         _, layers = super()._run_blocks(meta, zero.layers, None, False)
         return tuple(layers)

@@ -32,10 +32,10 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from hybridssm.blocks import ParallelState, norm_step
-from hybridssm.ops.step import BlockStep, NormStep, fused_step_kinds, step_extension
+from hybridssm.ops.step import BlockStep, NormStep, fused_step_available, fused_step_kinds, step_extension
 from hybridssm.state import ModelState
 
-__all__ = ["StepPlan", "fused_step", "plan_status"]
+__all__ = ["StepPlan", "fused_step", "plan_status", "prefill_blocks"]
 
 _NORM_KIND = {"identity": 0, "layer": 1, "rms": 2}
 _FUSION_KIND = {None: 0, "gate": 1, "mean": 2}
@@ -130,6 +130,17 @@ class StepPlan:
                 return False
         return True
 
+    def applies(self, x: Tensor, training: bool) -> bool:
+        """Whether the plan may take a frame like ``x`` now (the module docstring's conditions on the
+        input, autocast, gradients and dropout)."""
+        return not (
+            x.dtype is not self.dtype
+            or x.device.type != "cpu"
+            or (training and any(d.p > 0 for d in self._dropouts))
+            or torch.is_autocast_enabled("cpu")
+            or self._grad_needed(x)
+        )
+
     def run(
         self, x: Tensor, state: ModelState, *, inplace: bool, training: bool,
         embed: Callable[[Tensor, Tensor], Tensor] | None = None,
@@ -139,13 +150,7 @@ class StepPlan:
         must be contiguous), else they are copied first. A plan that :attr:`embeds` takes the
         model's ``embed(x [B, 1, E], start [B]) -> h [B, 1, d]`` (its input projection and
         positional encoding) and applies it before the call."""
-        if (
-            x.dtype is not self.dtype
-            or x.device.type != "cpu"
-            or (training and any(d.p > 0 for d in self._dropouts))
-            or torch.is_autocast_enabled("cpu")
-            or self._grad_needed(x)
-        ):
+        if not self.applies(x, training):
             return None
         if self.embeds:
             if embed is None:
@@ -166,6 +171,18 @@ class StepPlan:
         pos = state.pos.clone()
         y = self._cpp.run(x, new, pos)
         return y, ModelState(pytree.tree_unflatten(new, spec), pos)
+
+    def prefill(self, h: Tensor, state: ModelState, *, training: bool) -> bool:
+        """Run ``h [B, T, hidden]`` through the blocks from ``state``, in place (no input projection,
+        no final norm; ``state.pos`` unchanged): the values of ``T`` steps, computed block by block
+        (``csrc/step/plan.h``). False, with ``state`` untouched, where the plan does not apply."""
+        if not self.applies(h, training):
+            return False
+        leaves = pytree.tree_leaves(state.layers)
+        if not self._leaves_ok(leaves, True):
+            return False
+        self._cpp.prefill(h, leaves, state.pos.clone())  # these tokens are not input positions
+        return True
 
 
 def _mixer_states(block: nn.Module) -> list[Any]:
@@ -258,3 +275,18 @@ def fused_step(
         return None
     embed = model._embed if plan.embeds else None
     return plan.run(x, state, inplace=inplace, training=model.training, embed=embed)
+
+
+def prefill_blocks(model: nn.Module, h: Tensor, state: ModelState) -> bool:
+    """Run tokens that enter at the first block, ``h [B, T, hidden]`` (such as Hymba's meta tokens,
+    which join after the embedding), through ``model``'s blocks from ``state``, in place, through the
+    plan: the values of the blocks' forward, as every step. ``state.pos`` stays as it is (these
+    tokens are not input positions). Returns False, with ``state`` untouched, where
+    no plan applies (also under ``torch.compile`` / export and with ``model.use_fused_step = False``):
+    the caller then runs the blocks' forward."""
+    if not getattr(model, "use_fused_step", True) or torch.compiler.is_compiling():
+        return False
+    if not fused_step_available():
+        return False
+    plan = _entry(model).plan
+    return plan is not None and plan.prefill(h, state, training=model.training)

@@ -63,5 +63,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("ffn_kind"))
       .def("num_states", &Plan::num_states)
       .def("run", &Plan::run, pybind11::arg("x"), pybind11::arg("states"), pybind11::arg("pos"),
+           pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("prefill", &Plan::prefill, pybind11::arg("h"), pybind11::arg("states"), pybind11::arg("pos"),
            pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -30,6 +30,10 @@
 #include <mutex>
 #include <tuple>
 
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+#include <immintrin.h>
+#endif
+
 namespace hybridssm::step {
 namespace attention_step {
 
@@ -116,8 +120,54 @@ void scaled_softmax_inplace(scalar_t* s, int64_t n, scalar_t scale) {
   }
 }
 
+// out[0..8) = the horizontal sums of acc[0..8): on AVX2 floats a transposing add tree (three rounds of
+// hadd), else one sum per vector.
+template <typename scalar_t>
+inline void hsum8(const Vectorized<scalar_t>* acc, scalar_t* out) {
+  for (int j = 0; j < 8; ++j) out[j] = hybridssm::hsum(acc[j]);
+}
+
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+template <>
+inline void hsum8<float>(const Vectorized<float>* acc, float* out) {
+  const __m256 t0 = _mm256_hadd_ps(acc[0], acc[1]), t1 = _mm256_hadd_ps(acc[2], acc[3]);
+  const __m256 t2 = _mm256_hadd_ps(acc[4], acc[5]), t3 = _mm256_hadd_ps(acc[6], acc[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // lanes: 4 half-sums each
+  const __m256 lo = _mm256_permute2f128_ps(u0, u1, 0x20), hi = _mm256_permute2f128_ps(u0, u1, 0x31);
+  _mm256_storeu_ps(out, _mm256_add_ps(lo, hi));
+}
+#endif
+
+// s[r] = q . K[r] for the n rows of K (D values each, contiguous), eight rows per pass so that each load
+// of q serves eight products and the eight sums reduce together.
+template <typename scalar_t>
+void key_scores(const scalar_t* K, const scalar_t* q, int64_t n, int64_t D, scalar_t* s) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t W = Vec::size();
+  int64_t r = 0;
+  for (; r + 8 <= n; r += 8) {
+    Vec acc[8];
+    for (int j = 0; j < 8; ++j) acc[j] = Vec(0);
+    const scalar_t* k = K + r * D;
+    int64_t i = 0;
+    for (; i + W <= D; i += W) {
+      const Vec qv = Vec::loadu(q + i);
+      for (int j = 0; j < 8; ++j) acc[j] = at::vec::fmadd(Vec::loadu(k + j * D + i), qv, acc[j]);
+    }
+    if (i < D) {
+      const Vec qv = Vec::loadu(q + i, D - i);
+      for (int j = 0; j < 8; ++j) acc[j] = at::vec::fmadd(Vec::loadu(k + j * D + i, D - i), qv, acc[j]);
+    }
+    hsum8(acc, s + r);
+  }
+  for (; r < n; ++r) {
+    s[r] = dot(K + r * D, q, D);
+  }
+}
+
 // out[0..D) (+)= sum_r p[r] * V[r * stride + 0..D): strips of kStrip vectors of the output stay in
-// registers while the rows of V stream through once.
+// registers while the rows of V stream through once (a full strip has a compile-time width, so that its
+// accumulators are registers).
 template <typename scalar_t>
 void weighted_sum(const scalar_t* p, const scalar_t* V, int64_t n, int64_t stride, int64_t D, scalar_t* out,
                   bool accumulate) {
@@ -125,10 +175,20 @@ void weighted_sum(const scalar_t* p, const scalar_t* V, int64_t n, int64_t strid
   constexpr int64_t W = Vec::size();
   constexpr int kStrip = 8;
   for (int64_t c0 = 0; c0 < D; c0 += kStrip * W) {
-    const int64_t width = std::min<int64_t>(kStrip * W, D - c0);
+    Vec acc[kStrip];
+    if (D - c0 >= kStrip * W) {
+      for (int j = 0; j < kStrip; ++j) acc[j] = accumulate ? Vec::loadu(out + c0 + j * W) : Vec(0);
+      for (int64_t r = 0; r < n; ++r) {
+        const Vec pr(p[r]);
+        const scalar_t* v = V + r * stride + c0;
+        for (int j = 0; j < kStrip; ++j) acc[j] = at::vec::fmadd(pr, Vec::loadu(v + j * W), acc[j]);
+      }
+      for (int j = 0; j < kStrip; ++j) acc[j].store(out + c0 + j * W);
+      continue;
+    }
+    const int64_t width = D - c0;
     const int nv = static_cast<int>((width + W - 1) / W);
     auto cnt = [&](int j) { return std::min<int64_t>(W, width - j * W); };
-    Vec acc[kStrip];
     for (int j = 0; j < nv; ++j) acc[j] = accumulate ? hybridssm::load(out + c0 + j * W, cnt(j)) : Vec(0);
     for (int64_t r = 0; r < n; ++r) {
       const Vec pr(p[r]);
@@ -202,29 +262,37 @@ void attention_rows(const MixerSpec& m, at::Tensor& qkv, at::Tensor& ck, at::Ten
     }
   }
 
-  // 2. per (row, query head): scores against memory + visible slots, softmax, weighted values
+  // 2. per (row, kv head): for each of its query heads, scores against memory + visible slots, softmax,
+  // weighted values (the group's keys and values are read from memory once: its other query heads
+  // find them in cache). The step is bound by reading the visible cache.
   int64_t widest = 0;
   for (int64_t b = 0; b < B; ++b) widest = std::max(widest, std::min(pos_p[b] + 1, N));
-  const int64_t grain = std::max<int64_t>(1, 32768 / ((M + widest) * D));  // split only big work
+  const int64_t grain = std::max<int64_t>(1, 32768 / (group * (M + widest) * D));  // split only big work
   scalar_t* out_p = out.data_ptr<scalar_t>();
   const auto scale = static_cast<scalar_t>(m.f[kScale]);
-  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> s(M + widest);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H, g = h / group;
+  at::parallel_for(0, B * Hkv, grain, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> scratch(group * (M + widest));
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const int64_t b = bg / Hkv, g = bg % Hkv;
       const int64_t n = std::min(pos_p[b] + 1, N);
-      const scalar_t* q = qkv_p + b * row + h * D;
-      const scalar_t* keys = ck_p + (b * Hkv + g) * N * D;
-      const scalar_t* vals = cv_p + (b * Hkv + g) * N * D;
-      scalar_t* o = out_p + b * H * D + h * D;
-      for (int64_t j = 0; j < M; ++j) {
-        s[j] = dot(q, mem_k->data_ptr<scalar_t>() + (j * Hkv + g) * D, D);
+      const scalar_t* keys = ck_p + bg * N * D;
+      const scalar_t* vals = cv_p + bg * N * D;
+      for (int64_t hh = 0; hh < group; ++hh) {
+        const scalar_t* q = qkv_p + b * row + (g * group + hh) * D;
+        scalar_t* s = scratch.data() + hh * (M + n);
+        for (int64_t j = 0; j < M; ++j) {
+          s[j] = dot(q, mem_k->data_ptr<scalar_t>() + (j * Hkv + g) * D, D);
+        }
+        key_scores(keys, q, n, D, s + M);
+        scaled_softmax_inplace(s, M + n, scale);
       }
-      gemv_rows<scalar_t>(keys, q, nullptr, s.data() + M, n, D);
-      scaled_softmax_inplace(s.data(), M + n, scale);
-      weighted_sum(s.data() + M, vals, n, D, D, o, /*accumulate=*/false);
-      if (M > 0) {
-        weighted_sum(s.data(), mem_v->data_ptr<scalar_t>() + g * D, M, Hkv * D, D, o, /*accumulate=*/true);
+      for (int64_t hh = 0; hh < group; ++hh) {
+        const scalar_t* s = scratch.data() + hh * (M + n);
+        scalar_t* o = out_p + b * H * D + (g * group + hh) * D;
+        weighted_sum(s + M, vals, n, D, D, o, /*accumulate=*/false);
+        if (M > 0) {
+          weighted_sum(s, mem_v->data_ptr<scalar_t>() + g * D, M, Hkv * D, D, o, /*accumulate=*/true);
+        }
       }
     }
   });

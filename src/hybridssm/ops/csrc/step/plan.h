@@ -73,6 +73,7 @@ struct Block {
   bool pre_norm = true;
   Norm norm;
   std::vector<Mixer> mixers;  // one (residual block) or two (parallel block: ssm, attn)
+  int64_t n_states = 0;       // the mixers' state tensors, together
   int64_t fusion = kNoFusion;
   at::Tensor gate_w, gate_b;
   Norm ssm_norm, attn_norm;  // identity when the fusion does not normalise
@@ -113,6 +114,7 @@ class Plan {
       blk.mixers.push_back(Mixer{kinds[j], find_mixer(kinds[j], n_states[j]),
                                  MixerSpec{weights[j], ints[j], floats[j]},
                                  n_states[j]});
+      blk.n_states += n_states[j];
       n_states_ += n_states[j];
     }
     blk.fusion = fusion;
@@ -145,50 +147,80 @@ class Plan {
   at::Tensor run(const at::Tensor& x_in, std::vector<at::Tensor> states, at::Tensor pos) const {
     TORCH_CHECK(x_in.dim() == 2 || (x_in.dim() == 3 && x_in.size(1) == 1),
                 "step plan: x must be [B, embed_dim] or [B, 1, embed_dim], got ", x_in.sizes());
+    const at::Tensor x = x_in.dim() == 3 ? x_in.select(1, 0) : x_in;
+    check_states(states, pos, x.size(0));
+    const auto dt = x.scalar_type();
+    at::Tensor h = present(in_w_) ? linear_small(x, as_(in_w_, dt), present(in_b_) ? as_(in_b_, dt) : in_b_)
+                                  : x.contiguous();
+    return final_norm_(blocks(h, states, pos));
+  }
+
+  // Tokens that enter at the blocks (no input projection, no final norm), such as Hymba's meta tokens:
+  // h [B, T, d], the first block's inputs; states as in run; pos [B] advances by T. Block by block, each
+  // block over the T frames in order before the next (its weights come from memory once, then from
+  // cache): a block's frame t needs only its own input at t and its state after t - 1, so the values
+  // are those of T steps. Returns the last block's outputs [B, T, d].
+  at::Tensor prefill(const at::Tensor& h_seq, std::vector<at::Tensor> states, at::Tensor pos) const {
+    TORCH_CHECK(h_seq.dim() == 3, "step plan: h must be [B, T, hidden], got ", h_seq.sizes());
+    const int64_t T = h_seq.size(1);
+    check_states(states, pos, h_seq.size(0));
+    auto h = h_seq.clone(at::MemoryFormat::Contiguous);
+    const auto pos0 = pos.clone();
+    at::Tensor* st = states.data();
+    for (const auto& blk : blocks_) {
+      for (int64_t t = 0; t < T; ++t) {
+        pos.copy_(pos0 + t);
+        auto frame = h.select(1, t);
+        frame.copy_(block(blk, frame.contiguous(), st, pos));
+      }
+      st += blk.n_states;
+    }
+    pos.copy_(pos0 + T);
+    return h;
+  }
+
+ private:
+  void check_states(const std::vector<at::Tensor>& states, const at::Tensor& pos, int64_t B) const {
     TORCH_CHECK(static_cast<int64_t>(states.size()) == n_states_, "step plan: expected ", n_states_,
                 " state tensors, got ", states.size());
-    const at::Tensor x = x_in.dim() == 3 ? x_in.select(1, 0) : x_in;
-    const int64_t B = x.size(0);
     TORCH_CHECK(pos.dim() == 1 && pos.size(0) == B && pos.scalar_type() == at::kLong,
                 "step plan: pos must be int64 [", B, "]");
     for (const auto& s : states) {
       TORCH_CHECK(s.is_contiguous() && s.dim() >= 1 && s.size(0) == B,
                   "step plan: states must be contiguous with batch ", B, " first, got ", s.sizes());
     }
-    const auto dt = x.scalar_type();
-    at::Tensor h = present(in_w_) ? linear_small(x, as_(in_w_, dt), present(in_b_) ? as_(in_b_, dt) : in_b_)
-                                  : x.contiguous();
-    at::Tensor* st = states.data();
-    for (const auto& blk : blocks_) {
-      const at::Tensor hn = blk.pre_norm ? blk.norm(h).contiguous() : h;
-      at::Tensor y;
-      if (blk.fusion == kNoFusion) {
-        const auto& mx = blk.mixers[0];
-        y = mx.fn(hn, mx.spec, st, pos);
-        st += mx.n_states;
-      } else {
-        const auto& ms = blk.mixers[0];
-        const auto ys = ms.fn(hn, ms.spec, st, pos);
-        st += ms.n_states;
-        const auto& ma = blk.mixers[1];
-        const auto ya = ma.fn(hn, ma.spec, st, pos);
-        st += ma.n_states;
-        y = fuse(blk, hn, ys, ya);
-      }
-      h = blk.pre_norm ? h + y : blk.norm(h + y);
-      if (blk.has_ffn) {
-        if (blk.pre_norm) {
-          h = h + ffn(blk, blk.ffn_norm(h));
-        } else {
-          h = blk.ffn_norm(h + ffn(blk, h));
-        }
-      }
-    }
-    pos.add_(1);
-    return final_norm_(h);
   }
 
- private:
+  // every block on h [B, d] (contiguous); advances pos by one
+  at::Tensor blocks(at::Tensor h, std::vector<at::Tensor>& states, at::Tensor& pos) const {
+    at::Tensor* st = states.data();
+    for (const auto& blk : blocks_) {
+      h = block(blk, h, st, pos);
+      st += blk.n_states;
+    }
+    pos.add_(1);
+    return h;
+  }
+
+  // one block on h [B, d] (contiguous), its states from st on
+  static at::Tensor block(const Block& blk, const at::Tensor& h, at::Tensor* st, const at::Tensor& pos) {
+    const at::Tensor hn = blk.pre_norm ? blk.norm(h).contiguous() : h;
+    at::Tensor y;
+    if (blk.fusion == kNoFusion) {
+      const auto& mx = blk.mixers[0];
+      y = mx.fn(hn, mx.spec, st, pos);
+    } else {
+      const auto& ms = blk.mixers[0];
+      const auto ys = ms.fn(hn, ms.spec, st, pos);
+      const auto& ma = blk.mixers[1];
+      const auto ya = ma.fn(hn, ma.spec, st + ms.n_states, pos);
+      y = fuse(blk, hn, ys, ya);
+    }
+    at::Tensor out = blk.pre_norm ? h + y : blk.norm(h + y);
+    if (!blk.has_ffn) return out;
+    return blk.pre_norm ? out + ffn(blk, blk.ffn_norm(out)) : blk.ffn_norm(out + ffn(blk, out));
+  }
+
   static Norm make_norm(int64_t kind, const at::Tensor& w, const at::Tensor& b, double eps) {
     TORCH_CHECK(kind == kIdentity || kind == kLayerNorm || kind == kRMSNorm, "step plan: unknown norm kind ", kind);
     TORCH_CHECK(kind != kRMSNorm || present(w), "step plan: an RMSNorm needs its weight");
