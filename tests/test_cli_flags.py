@@ -217,3 +217,53 @@ def test_progress_lines_in_a_real_process_without_a_terminal(tmp_path):
     assert re.findall(r"^hybridssm: step (\d+)/4 ", log_text, flags=re.M) == ["2", "4"]
     assert "\r" not in log_text and "it/s" not in log_text  # no tqdm bar
     assert json.loads(proc.stdout)["step"] == 4
+
+
+def test_ctrl_c_is_one_line_that_says_how_to_resume(capsys, tmp_path, monkeypatch):
+    import hybridssm.training
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hybridssm.training, "train", interrupted)
+    code, _, err = run(capsys, *TINY, "--steps", "4", "--out", str(tmp_path / "run"))
+    assert code == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"hybridssm: error: train: interrupted; {tmp_path / 'run'} "
+                                           "keeps the last checkpoint: run the same command with "
+                                           "--resume to continue")
+    monkeypatch.setattr(cli, "cmd_list", interrupted)
+    code, _, err = run(capsys, "list")
+    assert code == 130 and err.strip() == "hybridssm: error: list: interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        run(capsys, "--traceback", "list")
+
+
+def test_ctrl_c_of_a_real_training_process_then_resume(tmp_path):
+    """SIGINT (Ctrl-C) in the middle of training: exit 130 with one line, no traceback, and the
+    run resumes from its checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
+           "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "hybridssm", "--threads", "1", *TINY, "--steps", "100000",
+            "--eval-every", "2", "--log-every", "1", "--save-every", "2", "--out", str(out)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err and "--resume" in err
+    step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    done = subprocess.run([*argv, "--resume", "--stop-after", str(step + 2)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["step"] == step + 2
+    assert f"resuming from step {step}" in done.stderr

@@ -10,7 +10,7 @@ published in the entry-point group ``hybridssm.backbones`` are loaded automatica
 Messages go through :mod:`logging` (logger ``hybridssm``, to stderr; ``--quiet`` keeps warnings
 and errors, ``--verbose`` adds debug lines); results (tables, the final JSON of ``train``) go to
 stdout. Exit codes: 0 done, 2 bad input or a file that cannot be read or written, 3 training
-diverged.
+diverged, 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -375,6 +375,14 @@ def _no_extras(extras: list[str]) -> None:
         raise UsageError(f"unrecognized arguments: {' '.join(extras)}")
 
 
+def _resume_hint(args: argparse.Namespace) -> str:
+    """What an interrupted command leaves: ``train --out`` keeps its last checkpoint."""
+    if args.command != "train" or getattr(args, "out", None) is None:
+        return ""
+    return (f"; {args.out} keeps the last checkpoint: run the same command with --resume to "
+            "continue")
+
+
 # -- the parser -----------------------------------------------------------------------------------
 class _HelpFormatter(argparse.HelpFormatter):
     """Every option's help ends with its default (unless the help states it already)."""
@@ -566,6 +574,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         load_plugins(args.imports)
         return args.func(args, extras)
+    except KeyboardInterrupt:
+        if args.traceback:
+            raise
+        log.error("%s: interrupted%s", args.command, _resume_hint(args))
+        return 130  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
     except (UsageError, ValueError, TypeError, OSError, ImportError, RuntimeError) as exc:
         from hybridssm.training import DivergenceError
 
