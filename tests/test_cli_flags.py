@@ -267,3 +267,26 @@ def test_ctrl_c_of_a_real_training_process_then_resume(tmp_path):
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["step"] == step + 2
     assert f"resuming from step {step}" in done.stderr
+
+
+def test_train_defaults_are_the_python_defaults(capsys, monkeypatch):
+    """`hybridssm train` and `TrainConfig` give the same run for the same settings (the README's
+    Python example says which command it equals)."""
+    import hybridssm.training as training
+
+    seen = {}
+
+    def fake_train(config, **kw):
+        seen["config"] = config
+        raise ValueError("stop")
+
+    monkeypatch.setattr(training, "train", fake_train)
+    run(capsys, "train", "gated_ssm", "--hidden-size", "32", "--num-layers", "1", "--data", "frames.npz",
+        "--steps", "20", "--batch-size", "16", "--eval-every", "10", "--out", "run")
+    python = training.TrainConfig(model="gated_ssm", model_options={"hidden_size": 32, "num_layers": 1},
+                                  task="data", task_options={"path": "frames.npz", "val_fraction": 0.1},
+                                  steps=20, batch_size=16, eval_every=10)
+    assert seen["config"].identity() == python.identity()
+    assert python.warmup_steps == 2
+    code, _, err = run(capsys, *TINY, "--eval-every", "0")
+    assert code == 2 and "'eval_every' must be a positive integer, got 0" in err

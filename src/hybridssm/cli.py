@@ -291,8 +291,7 @@ def cmd_train(args: argparse.Namespace, extras: list[str]) -> int:
     config = TrainConfig(
         model=args.model, model_options=model_opts, task=task, task_options=task_opts,
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps if args.warmup_steps is not None else min(100, args.steps // 10),
-        grad_clip=args.grad_clip, bf16=args.bf16, eval_every=args.eval_every or max(1, args.steps // 10),
+        warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, bf16=args.bf16, eval_every=args.eval_every,
         eval_size=args.eval_size, seed=args.seed, log_every=args.log_every,
         checkpoint_every=args.save_every, device=args.device,
         progress=False if args.no_progress else None, progress_every=args.progress_every,
