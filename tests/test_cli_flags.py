@@ -290,3 +290,46 @@ def test_train_defaults_are_the_python_defaults(capsys, monkeypatch):
     assert python.warmup_steps == 2
     code, _, err = run(capsys, *TINY, "--eval-every", "0")
     assert code == 2 and "'eval_every' must be a positive integer, got 0" in err
+
+
+def _fake_run(path, *, task, chance, records, steps):
+    path.mkdir()
+    config = {"model": "gated_ssm", "model_options": {}, "task": task, "task_options": {}, "steps": steps,
+              "batch_size": 8, "lr": 3e-3, "seed": 0}
+    (path / "run.json").write_text(json.dumps({"config": config, "chance": chance, "regression": False}))
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_plot_shows_one_point_runs_and_keeps_legends_off_the_curves(tmp_path, monkeypatch):
+    """A run with one training record was an invisible line; the legends covered the curves; two
+    chance lines could not be told apart."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from hybridssm import plot
+
+    short = _fake_run(tmp_path / "short", task="data", chance=0.5, steps=10,
+                      records=[{"step": 10, "loss": 0.8, "acc": 0.4, "test_loss": 0.6, "test_acc": 0.6}])
+    long = _fake_run(tmp_path / "long", task="mqar", chance=0.125, steps=20,
+                     records=[{"step": s, "loss": 3 - s / 10, "acc": 0.1, "test_loss": 2.9, "test_acc": 0.1}
+                              for s in range(2, 21, 2)])
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    plot.plot_runs([short, long], tmp_path / "c.png")
+    fig = figures[0]
+    fig.canvas.draw()
+    train_ax, test_ax = fig.axes
+    one_point = next(ln for ln in train_ax.get_lines() if ln.get_label().startswith("short"))
+    assert len(one_point.get_xdata()) == 1 and one_point.get_marker() not in ("", "None", None)
+    renderer = fig.canvas.get_renderer()
+    for ax in (train_ax, test_ax):
+        legend = ax.get_legend().get_window_extent(renderer)
+        assert legend.y1 < ax.get_window_extent(renderer).y0  # below the panel, not on it
+    runs = {ln.get_label().split(" ")[0]: ln.get_color() for ln in test_ax.get_lines()
+            if not ln.get_label().startswith("chance")}
+    chance = {ln.get_label(): ln.get_color() for ln in test_ax.get_lines() if ln.get_label().startswith("chance")}
+    assert chance == {"chance (0.5)": runs["short"], "chance (0.125)": runs["long"]}
+    legend_box = test_ax.get_legend().get_window_extent(renderer)
+    image_height = plt.imread(tmp_path / "c.png").shape[0]
+    assert image_height >= (fig.bbox.y1 - legend_box.y0) * 0.99  # the saved PNG holds the legends
