@@ -7,6 +7,7 @@ import datetime
 import errno
 import json
 import logging
+import os
 
 import pytest
 import torch
@@ -122,6 +123,15 @@ def test_a_full_disk_while_appending_metrics_is_a_run_file_error(tmp_path, monke
     monkeypatch.setattr(loop, "_append_metrics", full_disk)
     with pytest.raises(RunFileError, match="No space left on device"):
         train(tiny(), out=tmp_path)
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES])
+def test_a_read_only_or_forbidden_output_names_no_free_space(tmp_path, code):
+    """A read-only disk said "76,149 MiB free on that disk", as if space were the problem."""
+    with pytest.raises(RunFileError) as info:
+        with run_files._writing(tmp_path / METRICS_FILE):
+            raise OSError(code, os.strerror(code))
+    assert str(info.value).endswith(f"cannot write {tmp_path / METRICS_FILE}: {os.strerror(code)}")
 
 
 def test_out_naming_a_file_is_a_clear_error(tmp_path):

@@ -94,7 +94,8 @@ def save_checkpoint(path: Path, *, step: int, config: TrainConfig, model: nn.Mod
 class _writing:
     """Turn a failed write of ``path`` into one :class:`RunFileError` line. torch's zip writer
     reports a full disk as a ``RuntimeError`` ("unexpected pos ..."), so both kinds are caught;
-    the free space on that disk is named, since a full disk is the usual cause."""
+    the free space on that disk is named where the disk may be full (no space, quota, or torch's
+    errno-less error), not for a read-only disk or a missing permission."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -107,10 +108,12 @@ class _writing:
             return False
         code = getattr(exc, "errno", None) or 0
         reason = os.strerror(code) if code else (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
-        try:
-            free = f"; {shutil.disk_usage(self.path.parent).free / 2**20:,.0f} MiB free on that disk"
-        except OSError:
-            free = ""
+        free = ""
+        if code in (0, errno.ENOSPC, errno.EDQUOT):  # not for a read-only disk or a permission
+            try:
+                free = f"; {shutil.disk_usage(self.path.parent).free / 2**20:,.0f} MiB free on that disk"
+            except OSError:
+                pass
         raise RunFileError(code or errno.EIO, f"cannot write {self.path}: {reason}{free}") from exc
 
 
