@@ -35,6 +35,7 @@ def test_help_shows_every_option_default(capsys, command):
     if command == "train":
         text = " ".join(out.split())
         assert "optimizer steps (default: 1000)" in text and "(default: 10.0)" in text
+        assert "--eval-every EVAL_EVERY evaluate on the held-out set every N steps (default: steps / 10)" in text
         assert "--threads THREADS torch CPU threads (default: torch's choice)" in text
 
 

@@ -481,10 +481,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=32, help="global batch (split over processes)")
     s.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
     s.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices")
-    s.add_argument("--warmup-steps", type=int, default=None, help="default: steps / 10, at most 100")
+    s.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear warm-up of the learning rate (default: steps / 10, at most 100)")
     s.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
     s.add_argument("--bf16", action="store_true", help="bf16 autocast")
-    s.add_argument("--eval-every", type=int, default=None, help="default: steps / 10")
+    s.add_argument("--eval-every", type=int, default=None,
+                   help="evaluate on the held-out set every N steps (default: steps / 10)")
     s.add_argument("--eval-size", type=int, default=512, help="held-out sequences evaluated")
     s.add_argument("--seed", type=int, default=0, help="model init, dropout and data order")
     s.add_argument("--log-every", type=int, default=10, help="steps per metrics.jsonl training record")
