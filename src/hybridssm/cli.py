@@ -20,6 +20,7 @@ import dataclasses
 import importlib
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -155,7 +156,8 @@ def parse_task_options(task: str, items: Sequence[str]) -> dict[str, Any]:
 
 # -- plugins --------------------------------------------------------------------------------------
 def load_plugins(modules: Sequence[str]) -> None:
-    """Import ``--import`` modules and the ``hybridssm.backbones`` entry points."""
+    """Import ``--import`` modules (found on ``sys.path`` or in the current directory) and the
+    ``hybridssm.backbones`` entry points."""
     from importlib.metadata import entry_points
 
     from hybridssm.backbones import register_backbone
@@ -167,11 +169,18 @@ def load_plugins(modules: Sequence[str]) -> None:
                 register_backbone(ep.name, obj)
         except Exception as exc:  # a broken plugin must not break the command
             log.warning("backbone entry point %r failed to load: %s", ep.name, exc)
+    if modules:
+        # The installed `hybridssm` script, unlike `python -m hybridssm`, does not search the
+        # current directory, where a user's module usually is; searched last, it shadows nothing.
+        cwd = os.getcwd()
+        if not any(os.path.abspath(p or ".") == cwd for p in sys.path):
+            sys.path.append(cwd)
     for mod in modules:
         try:
             importlib.import_module(mod)
         except ImportError as exc:
-            raise UsageError(f"--import {mod}: {exc}") from exc
+            raise UsageError(f"--import {mod}: {exc} (searched the current directory and "
+                             "sys.path)") from exc
 
 
 # -- sub-commands ---------------------------------------------------------------------------------
