@@ -334,3 +334,27 @@ def test_plot_shows_one_point_runs_and_keeps_legends_off_the_curves(tmp_path, mo
     legend_box = test_ax.get_legend().get_window_extent(renderer)
     image_height = plt.imread(tmp_path / "c.png").shape[0]
     assert image_height >= (fig.bbox.y1 - legend_box.y0) * 0.99  # the saved PNG holds the legends
+
+
+@pytest.mark.parametrize("edit", ["steps", "chance", "config", "record"])
+def test_plot_of_run_files_edited_by_hand_is_a_one_line_error(capsys, tmp_path, edit):
+    """A run.json or metrics.jsonl edited by hand gave a TypeError/KeyError traceback or a message
+    from deep inside the plot ("type str doesn't define __round__")."""
+    pytest.importorskip("matplotlib")
+    path = _fake_run(tmp_path / "r", task="mqar", chance=0.125, steps=4,
+                     records=[{"step": 2, "loss": 2.0, "test_acc": 0.1}])
+    info = json.loads((path / "run.json").read_text())
+    if edit == "steps":
+        info["config"]["steps"] = "four"
+    elif edit == "chance":
+        info["chance"] = "1/8"
+    elif edit == "config":
+        info["config"] = [4]
+    (path / "run.json").write_text(json.dumps(info))
+    if edit == "record":
+        with (path / "metrics.jsonl").open("a") as fh:
+            fh.write('{"loss": 1.0}\n')
+    code, _, err = run(capsys, "plot", str(path), "-o", str(tmp_path / "c.png"))
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    where = "metrics.jsonl line 2" if edit == "record" else "run.json is not a run description"
+    assert where in err and not (tmp_path / "c.png").exists()

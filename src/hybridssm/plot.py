@@ -29,9 +29,13 @@ def read_run(run: str | os.PathLike) -> dict[str, Any]:
                                 "(the --out directory of `hybridssm train`)")
     try:
         info = json.loads((run / RUN_FILE).read_text())
-        info["config"]["steps"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        steps, chance = info["config"]["steps"], info.get("chance")
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"{run / RUN_FILE} is not a run description ({exc})") from exc
+    # A file edited by hand: the values the figure uses, checked here rather than deep in matplotlib.
+    if type(steps) is not int or not (chance is None or type(chance) in (int, float)):
+        raise ValueError(f"{run / RUN_FILE} is not a run description: config.steps must be an "
+                         f"integer and chance a number or null, got {steps!r} and {chance!r}")
     history = read_metrics(run / METRICS_FILE)
     last = history[-1]["step"] if history else 0
     if last < info["config"]["steps"]:

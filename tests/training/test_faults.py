@@ -17,6 +17,7 @@ import hybridssm.training.loop as loop
 from hybridssm.training import (
     CHECKPOINT_FILE,
     METRICS_FILE,
+    CheckpointError,
     DivergenceError,
     RunFileError,
     TrainConfig,
@@ -64,6 +65,18 @@ def test_a_bad_line_inside_the_metrics_is_named(tmp_path):
     path.write_text('{"step": 1}\n{"ste\n{"step": 3}\n')
     with pytest.raises(ValueError, match="line 2"):
         read_metrics(path)
+
+
+@pytest.mark.parametrize("line", ['[1, 2]', '{"loss": 1.0}', '{"step": "3"}'])
+def test_a_metrics_line_edited_into_a_non_record_is_named(tmp_path, line):
+    """A valid JSON line that is not a record (no integer step) gave a KeyError/TypeError traceback
+    at resume (and in plot)."""
+    cfg = tiny(log_every=1)
+    train(cfg, out=tmp_path, stop_after=2)
+    with (tmp_path / METRICS_FILE).open("a") as fh:
+        fh.write(line + "\n")
+    with pytest.raises(CheckpointError, match="line 3 is not a metrics record"):
+        train(cfg, out=tmp_path, resume=True)
 
 
 def test_divergence_stops_with_the_step_and_keeps_the_last_finite_checkpoint(tmp_path):

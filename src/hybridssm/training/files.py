@@ -163,7 +163,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl`` (``[]`` when absent).
 
     A torn last line (an append cut short by a kill or a full disk) is dropped with a warning;
-    an unreadable line elsewhere raises :class:`CheckpointError` naming it.
+    an unreadable line elsewhere, or one that is not an object with an integer ``step``, raises
+    :class:`CheckpointError` naming it.
     """
     path = Path(path)
     if not path.is_file():
@@ -174,7 +175,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as exc:
             if i == len(lines) - 1:
                 log.warning("%s: dropping a torn last line (%d bytes; a write was cut short)",
@@ -182,6 +183,10 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
                 break
             raise CheckpointError(f"{path} line {i + 1} is not a JSON record ({exc}); "
                                   "remove that line to resume") from exc
+        if not isinstance(record, dict) or type(record.get("step")) is not int:  # edited by hand
+            raise CheckpointError(f"{path} line {i + 1} is not a metrics record (a JSON object with "
+                                  f"an integer 'step'), got {line.strip()[:80]}; remove that line")
+        records.append(record)
     return records
 
 
