@@ -35,7 +35,8 @@ def test_help_shows_every_option_default(capsys, command):
     if command == "train":
         text = " ".join(out.split())
         assert "optimizer steps (default: 1000)" in text and "(default: 10.0)" in text
-        assert "--eval-every EVAL_EVERY evaluate on the held-out set every N steps (default: steps / 10)" in text
+        assert ("--eval-every EVAL_EVERY evaluate on the held-out set every N steps (default: steps / 10)"
+                in text)
         assert "--threads THREADS torch CPU threads (default: torch's choice)" in text
 
 
@@ -329,7 +330,8 @@ def test_plot_shows_one_point_runs_and_keeps_legends_off_the_curves(tmp_path, mo
         assert legend.y1 < ax.get_window_extent(renderer).y0  # below the panel, not on it
     runs = {ln.get_label().split(" ")[0]: ln.get_color() for ln in test_ax.get_lines()
             if not ln.get_label().startswith("chance")}
-    chance = {ln.get_label(): ln.get_color() for ln in test_ax.get_lines() if ln.get_label().startswith("chance")}
+    chance = {ln.get_label(): ln.get_color() for ln in test_ax.get_lines()
+              if ln.get_label().startswith("chance")}
     assert chance == {"chance (0.5)": runs["short"], "chance (0.125)": runs["long"]}
     legend_box = test_ax.get_legend().get_window_extent(renderer)
     image_height = plt.imread(tmp_path / "c.png").shape[0]
