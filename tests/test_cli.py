@@ -80,6 +80,7 @@ def test_optional_bool_options_take_flags():
     (["train", "gated_ssm", "--task-opt", "num_kv=2"], "did you mean 'num_kv_pairs'"),
     (["train", "gated_ssm", "--steps", "0"], "'steps' must be a positive integer"),
     (["demo", "--models", "nope"], "unknown zoo entry"),
+    (["trian", "gated_ssm"], "unknown command 'trian' (did you mean 'train'?); commands: list, info, train"),
     (["demo", "--models", "mamba,hymbaa"], "unknown zoo entry 'hymbaa' (did you mean 'hymba'?)"),
     (["info", "gated_ssm", "stray"], "unexpected argument"),
     (["--import", "no_such_module_xyz", "list"], "no_such_module_xyz"),

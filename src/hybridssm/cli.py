@@ -416,6 +416,20 @@ def _version() -> str:
     return f"{PROG} {hybridssm.__version__} (torch {torch_version}, Python {sys.version.split()[0]})"
 
 
+class _Parser(argparse.ArgumentParser):
+    """The top-level parser: a mistyped command gets a "did you mean" like every other name."""
+
+    def error(self, message: str):
+        typo = re.search(r"argument COMMAND: invalid choice: '([^']*)'", message)
+        commands = [c for a in self._actions if isinstance(a, argparse._SubParsersAction) for c in a.choices]
+        if typo and commands:
+            from hybridssm.checks import suggest
+
+            message = (f"unknown command {typo.group(1)!r}{suggest(typo.group(1), commands)}; "
+                       f"commands: {', '.join(commands)}")
+        super().error(message)
+
+
 class _VersionAction(argparse.Action):
     """``--version``; the version is read only when asked (importing the package imports torch,
     which every other command, --help included, should not pay for before it needs it)."""
@@ -453,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     common, common_sub = common_options(False), common_options(True)
 
-    p = argparse.ArgumentParser(prog=PROG, description="Hybrid SSM + attention backbones: inspect, "
+    p = _Parser(prog=PROG, description="Hybrid SSM + attention backbones: inspect, "
                                 "train on synthetic tasks or your own data, plot, benchmark, demo.",
                                 parents=[common], allow_abbrev=False, formatter_class=_HelpFormatter)
     p.add_argument("--version", action=_VersionAction, help="print the versions and exit")
