@@ -80,6 +80,8 @@ def test_optional_bool_options_take_flags():
     (["train", "gated_ssm", "--task-opt", "num_kv=2"], "did you mean 'num_kv_pairs'"),
     (["train", "gated_ssm", "--steps", "0"], "'steps' must be a positive integer"),
     (["demo", "--models", "nope"], "unknown zoo entry"),
+    (["trian", "gated_ssm"], "unknown command 'trian' (did you mean 'train'?); commands: list, info, train"),
+    (["demo", "--models", "mamba,hymbaa"], "unknown zoo entry 'hymbaa' (did you mean 'hymba'?)"),
     (["info", "gated_ssm", "stray"], "unexpected argument"),
     (["--import", "no_such_module_xyz", "list"], "no_such_module_xyz"),
 ])
@@ -205,6 +207,30 @@ def test_import_registers_a_custom_backbone(capsys, tmp_path, monkeypatch):
     finally:
         backbones._BACKBONES.pop("my_plugin_mixer", None)
         sys.modules.pop("my_backbone_plugin", None)
+
+
+def test_import_finds_a_module_in_the_current_directory(capsys, tmp_path, monkeypatch):
+    """The installed script's sys.path lacks the current directory (`python -m` has it): a user's
+    `hybridssm --import my_plugin ...` beside my_plugin.py failed with "No module named"."""
+    from hybridssm import backbones
+
+    (tmp_path / "my_cwd_plugin.py").write_text(
+        "from hybridssm.backbones import register_backbone\n"
+        "from hybridssm.mixers.gated_ssm import GatedSSMMixer\n"
+        "register_backbone('my_cwd_mixer', lambda hidden_size: GatedSSMMixer(hidden_size))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    try:
+        code, out, _ = run(capsys, "--import", "my_cwd_plugin", "list")
+        assert code == 0 and "my_cwd_mixer" in out
+        assert sys.path[-1] == str(tmp_path)  # searched last: it shadows no installed module
+        code, _, err = run(capsys, "--import", "no_such_plugin_module", "list")
+        assert code == 2 and "No module named 'no_such_plugin_module'" in err
+        assert "current directory" in err
+    finally:
+        backbones._BACKBONES.pop("my_cwd_mixer", None)
+        sys.modules.pop("my_cwd_plugin", None)
 
 
 def test_installed_entry_point():

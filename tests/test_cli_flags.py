@@ -35,6 +35,8 @@ def test_help_shows_every_option_default(capsys, command):
     if command == "train":
         text = " ".join(out.split())
         assert "optimizer steps (default: 1000)" in text and "(default: 10.0)" in text
+        assert ("--eval-every EVAL_EVERY evaluate on the held-out set every N steps (default: steps / 10)"
+                in text)
         assert "--threads THREADS torch CPU threads (default: torch's choice)" in text
 
 
@@ -217,3 +219,144 @@ def test_progress_lines_in_a_real_process_without_a_terminal(tmp_path):
     assert re.findall(r"^hybridssm: step (\d+)/4 ", log_text, flags=re.M) == ["2", "4"]
     assert "\r" not in log_text and "it/s" not in log_text  # no tqdm bar
     assert json.loads(proc.stdout)["step"] == 4
+
+
+def test_ctrl_c_is_one_line_that_says_how_to_resume(capsys, tmp_path, monkeypatch):
+    import hybridssm.training
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hybridssm.training, "train", interrupted)
+    code, _, err = run(capsys, *TINY, "--steps", "4", "--out", str(tmp_path / "run"))
+    assert code == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"hybridssm: error: train: interrupted; {tmp_path / 'run'} "
+                                           "keeps the last checkpoint: run the same command with "
+                                           "--resume to continue")
+    monkeypatch.setattr(cli, "cmd_list", interrupted)
+    code, _, err = run(capsys, "list")
+    assert code == 130 and err.strip() == "hybridssm: error: list: interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        run(capsys, "--traceback", "list")
+
+
+def test_ctrl_c_of_a_real_training_process_then_resume(tmp_path):
+    """SIGINT (Ctrl-C) in the middle of training: exit 130 with one line, no traceback, and the
+    run resumes from its checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
+           "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "hybridssm", "--threads", "1", *TINY, "--steps", "100000",
+            "--eval-every", "2", "--log-every", "1", "--save-every", "2", "--out", str(out)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err and "--resume" in err
+    step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    done = subprocess.run([*argv, "--resume", "--stop-after", str(step + 2)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["step"] == step + 2
+    assert f"resuming from step {step}" in done.stderr
+
+
+def test_train_defaults_are_the_python_defaults(capsys, monkeypatch):
+    """`hybridssm train` and `TrainConfig` give the same run for the same settings (the README's
+    Python example says which command it equals)."""
+    import hybridssm.training as training
+
+    seen = {}
+
+    def fake_train(config, **kw):
+        seen["config"] = config
+        raise ValueError("stop")
+
+    monkeypatch.setattr(training, "train", fake_train)
+    run(capsys, "train", "gated_ssm", "--hidden-size", "32", "--num-layers", "1", "--data", "frames.npz",
+        "--steps", "20", "--batch-size", "16", "--eval-every", "10", "--out", "run")
+    python = training.TrainConfig(model="gated_ssm", model_options={"hidden_size": 32, "num_layers": 1},
+                                  task="data", task_options={"path": "frames.npz", "val_fraction": 0.1},
+                                  steps=20, batch_size=16, eval_every=10)
+    assert seen["config"].identity() == python.identity()
+    assert python.warmup_steps == 2
+    code, _, err = run(capsys, *TINY, "--eval-every", "0")
+    assert code == 2 and "'eval_every' must be a positive integer, got 0" in err
+
+
+def _fake_run(path, *, task, chance, records, steps):
+    path.mkdir()
+    config = {"model": "gated_ssm", "model_options": {}, "task": task, "task_options": {}, "steps": steps,
+              "batch_size": 8, "lr": 3e-3, "seed": 0}
+    (path / "run.json").write_text(json.dumps({"config": config, "chance": chance, "regression": False}))
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_plot_shows_one_point_runs_and_keeps_legends_off_the_curves(tmp_path, monkeypatch):
+    """A run with one training record was an invisible line; the legends covered the curves; two
+    chance lines could not be told apart."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from hybridssm import plot
+
+    short = _fake_run(tmp_path / "short", task="data", chance=0.5, steps=10,
+                      records=[{"step": 10, "loss": 0.8, "acc": 0.4, "test_loss": 0.6, "test_acc": 0.6}])
+    long = _fake_run(tmp_path / "long", task="mqar", chance=0.125, steps=20,
+                     records=[{"step": s, "loss": 3 - s / 10, "acc": 0.1, "test_loss": 2.9, "test_acc": 0.1}
+                              for s in range(2, 21, 2)])
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    plot.plot_runs([short, long], tmp_path / "c.png")
+    fig = figures[0]
+    fig.canvas.draw()
+    train_ax, test_ax = fig.axes
+    one_point = next(ln for ln in train_ax.get_lines() if ln.get_label().startswith("short"))
+    assert len(one_point.get_xdata()) == 1 and one_point.get_marker() not in ("", "None", None)
+    renderer = fig.canvas.get_renderer()
+    for ax in (train_ax, test_ax):
+        legend = ax.get_legend().get_window_extent(renderer)
+        assert legend.y1 < ax.get_window_extent(renderer).y0  # below the panel, not on it
+    runs = {ln.get_label().split(" ")[0]: ln.get_color() for ln in test_ax.get_lines()
+            if not ln.get_label().startswith("chance")}
+    chance = {ln.get_label(): ln.get_color() for ln in test_ax.get_lines()
+              if ln.get_label().startswith("chance")}
+    assert chance == {"chance (0.5)": runs["short"], "chance (0.125)": runs["long"]}
+    legend_box = test_ax.get_legend().get_window_extent(renderer)
+    image_height = plt.imread(tmp_path / "c.png").shape[0]
+    assert image_height >= (fig.bbox.y1 - legend_box.y0) * 0.99  # the saved PNG holds the legends
+
+
+@pytest.mark.parametrize("edit", ["steps", "chance", "config", "record"])
+def test_plot_of_run_files_edited_by_hand_is_a_one_line_error(capsys, tmp_path, edit):
+    """A run.json or metrics.jsonl edited by hand gave a TypeError/KeyError traceback or a message
+    from deep inside the plot ("type str doesn't define __round__")."""
+    pytest.importorskip("matplotlib")
+    path = _fake_run(tmp_path / "r", task="mqar", chance=0.125, steps=4,
+                     records=[{"step": 2, "loss": 2.0, "test_acc": 0.1}])
+    info = json.loads((path / "run.json").read_text())
+    if edit == "steps":
+        info["config"]["steps"] = "four"
+    elif edit == "chance":
+        info["chance"] = "1/8"
+    elif edit == "config":
+        info["config"] = [4]
+    (path / "run.json").write_text(json.dumps(info))
+    if edit == "record":
+        with (path / "metrics.jsonl").open("a") as fh:
+            fh.write('{"loss": 1.0}\n')
+    code, _, err = run(capsys, "plot", str(path), "-o", str(tmp_path / "c.png"))
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    where = "metrics.jsonl line 2" if edit == "record" else "run.json is not a run description"
+    assert where in err and not (tmp_path / "c.png").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -103,6 +104,17 @@ def test_atomic_write_failure_keeps_the_old_file_and_no_temporary(tmp_path):
 
 
 # -- load: eval mode --------------------------------------------------------------------------------
+def test_loading_a_run_directory_points_to_its_model(tmp_path):
+    """`hs.load("runs/x")` (the --out directory) said only that config.json is missing."""
+    model_dir = tmp_path / "run" / "model"
+    hs.build("gated_ssm", embed_dim=4, hidden_size=8, num_layers=1).save_pretrained(model_dir)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"(a training run: load {model_dir})")):
+        hs.load(tmp_path / "run")
+    with pytest.raises(FileNotFoundError) as info:
+        hs.load(tmp_path / "elsewhere")
+    assert "training run" not in str(info.value)
+
+
 def test_load_returns_eval_mode_so_dropout_is_off(tmp_path):
     model = hs.build("gated_ssm", **TINY, dropout=0.5)  # training mode, dropout between blocks
     loaded = hs.load(model.save_pretrained(tmp_path / "m"))

@@ -10,7 +10,7 @@ published in the entry-point group ``hybridssm.backbones`` are loaded automatica
 Messages go through :mod:`logging` (logger ``hybridssm``, to stderr; ``--quiet`` keeps warnings
 and errors, ``--verbose`` adds debug lines); results (tables, the final JSON of ``train``) go to
 stdout. Exit codes: 0 done, 2 bad input or a file that cannot be read or written, 3 training
-diverged.
+diverged, 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import dataclasses
 import importlib
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -155,7 +156,8 @@ def parse_task_options(task: str, items: Sequence[str]) -> dict[str, Any]:
 
 # -- plugins --------------------------------------------------------------------------------------
 def load_plugins(modules: Sequence[str]) -> None:
-    """Import ``--import`` modules and the ``hybridssm.backbones`` entry points."""
+    """Import ``--import`` modules (found on ``sys.path`` or in the current directory) and the
+    ``hybridssm.backbones`` entry points."""
     from importlib.metadata import entry_points
 
     from hybridssm.backbones import register_backbone
@@ -167,11 +169,18 @@ def load_plugins(modules: Sequence[str]) -> None:
                 register_backbone(ep.name, obj)
         except Exception as exc:  # a broken plugin must not break the command
             log.warning("backbone entry point %r failed to load: %s", ep.name, exc)
+    if modules:
+        # The installed `hybridssm` script, unlike `python -m hybridssm`, does not search the
+        # current directory, where a user's module usually is; searched last, it shadows nothing.
+        cwd = os.getcwd()
+        if not any(os.path.abspath(p or ".") == cwd for p in sys.path):
+            sys.path.append(cwd)
     for mod in modules:
         try:
             importlib.import_module(mod)
         except ImportError as exc:
-            raise UsageError(f"--import {mod}: {exc}") from exc
+            raise UsageError(f"--import {mod}: {exc} (searched the current directory and "
+                             "sys.path)") from exc
 
 
 # -- sub-commands ---------------------------------------------------------------------------------
@@ -291,8 +300,7 @@ def cmd_train(args: argparse.Namespace, extras: list[str]) -> int:
     config = TrainConfig(
         model=args.model, model_options=model_opts, task=task, task_options=task_opts,
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps if args.warmup_steps is not None else min(100, args.steps // 10),
-        grad_clip=args.grad_clip, bf16=args.bf16, eval_every=args.eval_every or max(1, args.steps // 10),
+        warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, bf16=args.bf16, eval_every=args.eval_every,
         eval_size=args.eval_size, seed=args.seed, log_every=args.log_every,
         checkpoint_every=args.save_every, device=args.device,
         progress=False if args.no_progress else None, progress_every=args.progress_every,
@@ -375,6 +383,14 @@ def _no_extras(extras: list[str]) -> None:
         raise UsageError(f"unrecognized arguments: {' '.join(extras)}")
 
 
+def _resume_hint(args: argparse.Namespace) -> str:
+    """What an interrupted command leaves: ``train --out`` keeps its last checkpoint."""
+    if args.command != "train" or getattr(args, "out", None) is None:
+        return ""
+    return (f"; {args.out} keeps the last checkpoint: run the same command with --resume to "
+            "continue")
+
+
 # -- the parser -----------------------------------------------------------------------------------
 class _HelpFormatter(argparse.HelpFormatter):
     """Every option's help ends with its default (unless the help states it already)."""
@@ -398,6 +414,20 @@ def _version() -> str:
     except PackageNotFoundError:  # pragma: no cover - torch is a dependency
         torch_version = "not installed"
     return f"{PROG} {hybridssm.__version__} (torch {torch_version}, Python {sys.version.split()[0]})"
+
+
+class _Parser(argparse.ArgumentParser):
+    """The top-level parser: a mistyped command gets a "did you mean" like every other name."""
+
+    def error(self, message: str):
+        typo = re.search(r"argument COMMAND: invalid choice: '([^']*)'", message)
+        commands = [c for a in self._actions if isinstance(a, argparse._SubParsersAction) for c in a.choices]
+        if typo and commands:
+            from hybridssm.checks import suggest
+
+            message = (f"unknown command {typo.group(1)!r}{suggest(typo.group(1), commands)}; "
+                       f"commands: {', '.join(commands)}")
+        super().error(message)
 
 
 class _VersionAction(argparse.Action):
@@ -437,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     common, common_sub = common_options(False), common_options(True)
 
-    p = argparse.ArgumentParser(prog=PROG, description="Hybrid SSM + attention backbones: inspect, "
+    p = _Parser(prog=PROG, description="Hybrid SSM + attention backbones: inspect, "
                                 "train on synthetic tasks or your own data, plot, benchmark, demo.",
                                 parents=[common], allow_abbrev=False, formatter_class=_HelpFormatter)
     p.add_argument("--version", action=_VersionAction, help="print the versions and exit")
@@ -474,10 +504,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=32, help="global batch (split over processes)")
     s.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
     s.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices")
-    s.add_argument("--warmup-steps", type=int, default=None, help="default: steps / 10, at most 100")
+    s.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear warm-up of the learning rate (default: steps / 10, at most 100)")
     s.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
     s.add_argument("--bf16", action="store_true", help="bf16 autocast")
-    s.add_argument("--eval-every", type=int, default=None, help="default: steps / 10")
+    s.add_argument("--eval-every", type=int, default=None,
+                   help="evaluate on the held-out set every N steps (default: steps / 10)")
     s.add_argument("--eval-size", type=int, default=512, help="held-out sequences evaluated")
     s.add_argument("--seed", type=int, default=0, help="model init, dropout and data order")
     s.add_argument("--log-every", type=int, default=10, help="steps per metrics.jsonl training record")
@@ -566,6 +598,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         load_plugins(args.imports)
         return args.func(args, extras)
+    except KeyboardInterrupt:
+        if args.traceback:
+            raise
+        log.error("%s: interrupted%s", args.command, _resume_hint(args))
+        return 130  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
     except (UsageError, ValueError, TypeError, OSError, ImportError, RuntimeError) as exc:
         from hybridssm.training import DivergenceError
 

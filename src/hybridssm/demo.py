@@ -20,6 +20,7 @@ import torch
 
 from hybridssm.backbones import list_backbones
 from hybridssm.bench import BenchSettings, step_latency
+from hybridssm.checks import suggest
 from hybridssm.registry import list_models
 from hybridssm.training import TrainConfig, train
 
@@ -100,7 +101,8 @@ def select(models: list[str] | None, log: Callable[[str], None]) -> list[Entry]:
         for m in models:
             if m not in known:
                 raise ValueError(
-                    f"--models: unknown zoo entry {m!r}; choose from: {', '.join(e.label for e in ZOO)}"
+                    f"--models: unknown zoo entry {m!r}{suggest(m, known)}; choose from: "
+                    f"{', '.join(e.label for e in ZOO)}"
                 )
     return chosen
 

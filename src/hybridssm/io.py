@@ -167,7 +167,13 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
     cfg_path, w_path = path / CONFIG_FILE, path / WEIGHTS_FILE
     for f in (cfg_path, w_path):
         if not f.is_file():
-            raise FileNotFoundError(f"{f} not found: expected a directory written by save_pretrained")
+            from hybridssm.training.files import MODEL_DIR  # only on this error path
+
+            # The directory of a `train --out` run holds its model one level down.
+            run_model = path / MODEL_DIR
+            hint = f" (a training run: load {run_model})" if (run_model / CONFIG_FILE).is_file() else ""
+            raise FileNotFoundError(f"{f} not found: expected a directory written by "
+                                    f"save_pretrained{hint}")
     saved = read_config(cfg_path)
     found = {saved.current_name(k): v for k, v in read_header(w_path).items()}
     expected = _expected_tensors(saved, found, w_path, cfg_path)

@@ -29,9 +29,13 @@ def read_run(run: str | os.PathLike) -> dict[str, Any]:
                                 "(the --out directory of `hybridssm train`)")
     try:
         info = json.loads((run / RUN_FILE).read_text())
-        info["config"]["steps"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        steps, chance = info["config"]["steps"], info.get("chance")
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"{run / RUN_FILE} is not a run description ({exc})") from exc
+    # A file edited by hand: the values the figure uses, checked here rather than deep in matplotlib.
+    if type(steps) is not int or not (chance is None or type(chance) in (int, float)):
+        raise ValueError(f"{run / RUN_FILE} is not a run description: config.steps must be an "
+                         f"integer and chance a number or null, got {steps!r} and {chance!r}")
     history = read_metrics(run / METRICS_FILE)
     last = history[-1]["step"] if history else 0
     if last < info["config"]["steps"]:
@@ -74,19 +78,21 @@ def plot_runs(runs: list[str | os.PathLike], output: str | os.PathLike | None = 
     fig, (ax_train, ax_test) = plt.subplots(1, 2, figsize=(11, 4.2))
     regression = all(d["info"].get("regression") for d in data)
     test_key = "test_loss" if regression else "test_acc"
-    chances = set()
-    for d, label in zip(data, labels):
+    chances: dict[float, str] = {}  # chance level -> the colour of the first run that has it
+    for i, (d, label) in enumerate(zip(data, labels)):
         name = d["name"] + (f" ({label})" if label else "")
+        color = f"C{i % 10}"  # one colour per run in both panels
         train = [(r["step"], r["loss"]) for r in d["history"] if "loss" in r]
         test = [(r["step"], r[test_key]) for r in d["history"] if test_key in r]
-        if train:
-            ax_train.plot(*zip(*train), label=name)
+        if train:  # a marker where a line has a single point (it would not show)
+            ax_train.plot(*zip(*train), color=color, marker="o" if len(train) == 1 else "",
+                          markersize=3, label=name)
         if test:
-            ax_test.plot(*zip(*test), marker="o", markersize=3, label=name)
+            ax_test.plot(*zip(*test), color=color, marker="o", markersize=3, label=name)
         if d["info"].get("chance") is not None and not regression:
-            chances.add(round(d["info"]["chance"], 6))
-    for chance in sorted(chances):
-        ax_test.axhline(chance, color="grey", linestyle="--", linewidth=1,
+            chances.setdefault(round(d["info"]["chance"], 6), color)
+    for chance, color in sorted(chances.items()):
+        ax_test.axhline(chance, color=color, linestyle="--", linewidth=1, alpha=0.7,
                         label=f"chance ({chance:.3g})")
     ax_train.set(xlabel="training step", ylabel="training loss", title="training")
     ax_test.set(xlabel="training step", title="held out",
@@ -95,10 +101,11 @@ def plot_runs(runs: list[str | os.PathLike], output: str | os.PathLike | None = 
         ax_test.set_ylim(0, 1.02)
     for ax in (ax_train, ax_test):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        # Below the panel: the labels name each run's settings and would cover the curves.
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=110)
+    fig.savefig(output, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return output

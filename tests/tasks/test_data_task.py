@@ -180,6 +180,16 @@ def test_no_pickle_ever_runs(tmp_path, capfd):
         build_task("data", path=str(tmp_path / "list.pt"))
 
 
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors", ".pt"])
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04garbage", b"\x10" + b"\0" * 7 + b'{"x":1}'])
+def test_a_corrupt_file_is_named_not_a_traceback(tmp_path, suffix, content):
+    """A corrupt .npz (BadZipFile) or .safetensors (SafetensorError) escaped as a traceback."""
+    path = tmp_path / f"bad{suffix}"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"data file {path} cannot be read as \\{suffix} arrays: "):
+        build_task("data", path=str(path))
+
+
 def test_bad_options(tmp_path):
     with pytest.raises(ValueError, match="suffix must be one of"):
         build_task("data", path=str(tmp_path / "d.csv"))

@@ -7,6 +7,7 @@ import datetime
 import errno
 import json
 import logging
+import os
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ import hybridssm.training.loop as loop
 from hybridssm.training import (
     CHECKPOINT_FILE,
     METRICS_FILE,
+    CheckpointError,
     DivergenceError,
     RunFileError,
     TrainConfig,
@@ -63,6 +65,18 @@ def test_a_bad_line_inside_the_metrics_is_named(tmp_path):
     path.write_text('{"step": 1}\n{"ste\n{"step": 3}\n')
     with pytest.raises(ValueError, match="line 2"):
         read_metrics(path)
+
+
+@pytest.mark.parametrize("line", ['[1, 2]', '{"loss": 1.0}', '{"step": "3"}'])
+def test_a_metrics_line_edited_into_a_non_record_is_named(tmp_path, line):
+    """A valid JSON line that is not a record (no integer step) gave a KeyError/TypeError traceback
+    at resume (and in plot)."""
+    cfg = tiny(log_every=1)
+    train(cfg, out=tmp_path, stop_after=2)
+    with (tmp_path / METRICS_FILE).open("a") as fh:
+        fh.write(line + "\n")
+    with pytest.raises(CheckpointError, match="line 3 is not a metrics record"):
+        train(cfg, out=tmp_path, resume=True)
 
 
 def test_divergence_stops_with_the_step_and_keeps_the_last_finite_checkpoint(tmp_path):
@@ -122,6 +136,15 @@ def test_a_full_disk_while_appending_metrics_is_a_run_file_error(tmp_path, monke
     monkeypatch.setattr(loop, "_append_metrics", full_disk)
     with pytest.raises(RunFileError, match="No space left on device"):
         train(tiny(), out=tmp_path)
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES])
+def test_a_read_only_or_forbidden_output_names_no_free_space(tmp_path, code):
+    """A read-only disk said "76,149 MiB free on that disk", as if space were the problem."""
+    with pytest.raises(RunFileError) as info:
+        with run_files._writing(tmp_path / METRICS_FILE):
+            raise OSError(code, os.strerror(code))
+    assert str(info.value).endswith(f"cannot write {tmp_path / METRICS_FILE}: {os.strerror(code)}")
 
 
 def test_out_naming_a_file_is_a_clear_error(tmp_path):

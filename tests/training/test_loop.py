@@ -158,3 +158,19 @@ def test_bad_training_options():
         tiny(steps=0)
     with pytest.raises(ValueError, match="'lr'"):
         tiny(lr=-1.0)
+
+
+def test_run_length_defaults_scale_with_steps():
+    """warm-up and evaluation period default to a tenth of the run, in Python as on the command line
+    (a 20-step run was all warm-up and evaluated once with the old fixed 50 and 100)."""
+    for steps, warmup, every in ((20, 2, 2), (5, 0, 1), (5000, 100, 500)):
+        cfg = TrainConfig(model="gated_ssm", steps=steps)
+        assert (cfg.warmup_steps, cfg.eval_every) == (warmup, every)
+        assert cfg.identity()["warmup_steps"] == warmup  # a resume compares the resolved values
+    cfg = TrainConfig(model="gated_ssm", steps=20, warmup_steps=7, eval_every=3)
+    assert (cfg.warmup_steps, cfg.eval_every) == (7, 3)
+    for name in ("eval_every", "warmup_steps"):
+        with pytest.raises(ValueError, match=name):
+            TrainConfig(model="gated_ssm", **{name: -1})
+    with pytest.raises(ValueError, match="'steps'"):
+        TrainConfig(model="gated_ssm", steps=0)

@@ -35,6 +35,7 @@ import hashlib
 import math
 import os
 import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -64,14 +65,18 @@ def load_arrays(path: str | os.PathLike) -> dict[str, Tensor]:
             with np.load(path, allow_pickle=False) as archive:
                 return {k: torch.from_numpy(np.ascontiguousarray(archive[k])) for k in archive.files}
         if path.suffix == ".safetensors":
+            from safetensors import SafetensorError
             from safetensors.torch import load_file
 
-            return load_file(str(path))
+            try:
+                return load_file(str(path))
+            except SafetensorError as exc:  # a corrupt file: reported below like the others
+                raise ValueError(str(exc)) from exc
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise ValueError(f"data file {path} cannot be read as .pt arrays: it holds objects other "
                          "than tensors, and no pickle is run (weights_only=True)") from exc
-    except (ValueError, OSError, RuntimeError, EOFError, TypeError) as exc:
+    except (ValueError, OSError, RuntimeError, EOFError, TypeError, zipfile.BadZipFile) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ValueError(f"data file {path} cannot be read as {path.suffix} arrays: {first}") from exc
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)

@@ -37,11 +37,13 @@ class TrainConfig:
             ``hidden_size``: the embedding feeds the backbone without a projection).
         task: task name; ``task_options`` its options.
         steps: optimizer steps; ``batch_size``: the global batch (split over processes).
-        lr: peak learning rate; ``warmup_steps`` linear warm-up; then cosine to ``min_lr_ratio * lr``.
+        lr: peak learning rate; ``warmup_steps`` linear warm-up (None: ``steps // 10``, at most
+            100); then cosine to ``min_lr_ratio * lr``.
         weight_decay: AdamW decay on weight matrices (never on marked parameters or biases).
         grad_clip: max global gradient norm (0 disables clipping).
         bf16: run forward/backward under ``torch.autocast(bfloat16)``.
-        eval_every: evaluate on the test set every this many steps (and at the end).
+        eval_every: evaluate on the test set every this many steps (and at the end; None:
+            ``steps // 10``, at least 1).
         eval_size: number of test examples (a fixed set drawn from the test seed stream).
         seed: model init, dropout and data.
         log_every: training loss/accuracy logged every this many steps (and at the end).
@@ -64,11 +66,11 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 0.1
-    warmup_steps: int = 50
+    warmup_steps: int | None = None
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     bf16: bool = False
-    eval_every: int = 100
+    eval_every: int | None = None
     eval_size: int = 512
     seed: int = 0
     log_every: int = 10
@@ -80,7 +82,13 @@ class TrainConfig:
     ddp_timeout: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "eval_every", "eval_size", "log_every"):
+        _check(_is_int(self.steps) and self.steps >= 1, "steps", self.steps, "a positive integer")
+        # The defaults that scale with the run (the same as the command line's).
+        if self.warmup_steps is None:
+            object.__setattr__(self, "warmup_steps", min(100, self.steps // 10))
+        if self.eval_every is None:
+            object.__setattr__(self, "eval_every", max(1, self.steps // 10))
+        for name in ("batch_size", "eval_every", "eval_size", "log_every"):
             v = getattr(self, name)
             _check(_is_int(v) and v >= 1, name, v, "a positive integer")
         for name in ("warmup_steps", "checkpoint_every", "seed", "progress_every", "max_nonfinite"):

@@ -94,7 +94,8 @@ def save_checkpoint(path: Path, *, step: int, config: TrainConfig, model: nn.Mod
 class _writing:
     """Turn a failed write of ``path`` into one :class:`RunFileError` line. torch's zip writer
     reports a full disk as a ``RuntimeError`` ("unexpected pos ..."), so both kinds are caught;
-    the free space on that disk is named, since a full disk is the usual cause."""
+    the free space on that disk is named where the disk may be full (no space, quota, or torch's
+    errno-less error), not for a read-only disk or a missing permission."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -107,10 +108,12 @@ class _writing:
             return False
         code = getattr(exc, "errno", None) or 0
         reason = os.strerror(code) if code else (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
-        try:
-            free = f"; {shutil.disk_usage(self.path.parent).free / 2**20:,.0f} MiB free on that disk"
-        except OSError:
-            free = ""
+        free = ""
+        if code in (0, errno.ENOSPC, errno.EDQUOT):  # not for a read-only disk or a permission
+            try:
+                free = f"; {shutil.disk_usage(self.path.parent).free / 2**20:,.0f} MiB free on that disk"
+            except OSError:
+                pass
         raise RunFileError(code or errno.EIO, f"cannot write {self.path}: {reason}{free}") from exc
 
 
@@ -160,7 +163,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl`` (``[]`` when absent).
 
     A torn last line (an append cut short by a kill or a full disk) is dropped with a warning;
-    an unreadable line elsewhere raises :class:`CheckpointError` naming it.
+    an unreadable line elsewhere, or one that is not an object with an integer ``step``, raises
+    :class:`CheckpointError` naming it.
     """
     path = Path(path)
     if not path.is_file():
@@ -171,7 +175,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as exc:
             if i == len(lines) - 1:
                 log.warning("%s: dropping a torn last line (%d bytes; a write was cut short)",
@@ -179,6 +183,10 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
                 break
             raise CheckpointError(f"{path} line {i + 1} is not a JSON record ({exc}); "
                                   "remove that line to resume") from exc
+        if not isinstance(record, dict) or type(record.get("step")) is not int:  # edited by hand
+            raise CheckpointError(f"{path} line {i + 1} is not a metrics record (a JSON object with "
+                                  f"an integer 'step'), got {line.strip()[:80]}; remove that line")
+        records.append(record)
     return records
 
 

@@ -251,6 +251,7 @@ def _train(config: TrainConfig, out: Path | None, resume: bool, stop_after: int 
         history = [r for r in read_metrics(metrics_path) if r["step"] <= start]
         if rank == 0:  # drop what an interrupted run logged after its last checkpoint
             _write_metrics(metrics_path, history)
+            log.info("resuming from step %d (%s)", start, ckpt_path)
     elif ckpt_path is not None and ckpt_path.exists():
         raise ValueError(
             f"{ckpt_path} already exists: pass resume=True (--resume) to continue that run, "
