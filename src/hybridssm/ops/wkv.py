@@ -85,7 +85,6 @@ def wkv6_chunked(
 ) -> tuple[Tensor, Tensor]:
     """Fast form: chunks of ``chunk_size``, intra-chunk as matrices, a loop over chunks."""
     B, T, H, K = r.shape
-    V = v.shape[-1]
     acc = acc_dtype(r.dtype)
     if T == 1:  # the streaming step: the recurrence itself, without chunk bookkeeping
         r1, k1, v1, w1 = (x[:, 0].to(acc) for x in (r, k, v, w))  # [B, H, K]
