@@ -16,12 +16,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.export import Dim
 from torch.utils import _pytree as pytree
 
 import hybridssm as hs
-from conformance_cases import Case, tiny_cases
+from conformance_cases import CHUNK, Case, tiny_cases
 from helpers import assert_close
 from hybridssm.export import forward_program, init_leaves_path, step_program
+from hybridssm.ops import _time as ops_time
+from hybridssm.ops import attention as ops_attention
+from hybridssm.ops import conv as ops_conv
+from hybridssm.ops import delta_rule as ops_delta
+from hybridssm.ops import gru as ops_gru
+from hybridssm.ops import linear_rnn as ops_rnn
+from hybridssm.ops import scan as ops_scan
+from hybridssm.ops import ssd as ops_ssd
+from hybridssm.ops import wkv as ops_wkv
 from hybridssm.state import ModelState, register_state_types
 
 HERE = Path(__file__).resolve().parent
@@ -186,22 +196,129 @@ def test_exported_step_holds_only_core_ops():
         assert len(new) == len(pytree.tree_leaves(state))
 
 
-def test_forward_program_dynamic_length():
-    model = _tiny_case("transformer").build().eval()
-    program = forward_program(model, 6, batch_size=BATCH, dynamic_len=True)
-    for T in (3, 11):
+# -- the forward with a dynamic length ---------------------------------------------------------------
+def _dynamic_lengths() -> tuple[int, ...]:
+    """Lengths for a program traced at one T: the least allowed, one past a chunk, two chunks + 3."""
+    return (2, CHUNK + 1, 2 * CHUNK + 3)
+
+
+def _check_dynamic_forward(case: Case) -> None:
+    model = case.build().eval()
+    program = forward_program(model, 11, batch_size=BATCH, dynamic_len=True).module()
+    for T in _dynamic_lengths():
         x = torch.randn(BATCH, T, model.config.embed_dim)
         with torch.inference_mode():
-            assert_close(program.module()(x), model(x, return_sequence=True), msg=f"T={T}")
+            assert_close(program(x), model(x, return_sequence=True), msg=f"{case.id}: T={T}")
 
 
-def test_forward_program_dynamic_length_refused_where_ops_fix_it():
-    model = _tiny_case("mamba").build().eval()
-    with pytest.raises(ValueError, match=r"dynamic_len=True\): 'mamba' fixes the sequence length"):
-        forward_program(model, 6, dynamic_len=True)
-    x = torch.randn(1, 6, model.config.embed_dim)  # the recipe: one T per program
-    with torch.inference_mode():
-        assert_close(forward_program(model, 6).module()(x), model(x, return_sequence=True))
+# Exports with a symbolic T trace each scan's body separately: 5-30 s per tiny model on 2 cores.
+# The default run exports the transformer and three ops (one through a scan); the slow run every
+# tiny case and every op.
+def test_forward_program_dynamic_length():
+    _check_dynamic_forward(_tiny_case("transformer"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", tiny_cases(), ids=lambda c: c.id)
+def test_forward_program_dynamic_length_every_model(case):
+    _check_dynamic_forward(case)
+
+
+def _op_cases():
+    """``(name, make(T) -> inputs (the first ``n_timed`` with time on dim 1), n_timed, op, ref)``:
+    each chunked op (and its reference) on tiny sizes; chunks of 8 where the op takes a size."""
+    B, H, K, V, D, N = 2, 2, 4, 3, 5, 4
+    g = torch.Generator().manual_seed(3)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g)
+
+    def unit(*shape):
+        return torch.nn.functional.normalize(rnd(*shape), dim=-1)
+
+    def gate(*shape):  # a log decay in (-inf, 0)
+        return -torch.nn.functional.softplus(rnd(*shape))
+
+    scan_args = lambda T: [rnd(B, T, D), torch.rand(B, T, D, generator=g), rnd(B, T, N), rnd(B, T, N),  # noqa: E731
+                           -torch.rand(D, N, generator=g) - 0.5, rnd(D), rnd(B, D, N)]
+    delta_args = lambda T: [unit(B, T, H, K), unit(B, T, H, K), rnd(B, T, H, V),  # noqa: E731
+                            torch.rand(B, T, H, generator=g), gate(B, T, H), rnd(B, H, K, V)]
+    wkv_args = lambda T: [rnd(B, T, H, K), rnd(B, T, H, K), rnd(B, T, H, V), gate(B, T, H, K),  # noqa: E731
+                          rnd(H, K), rnd(B, H, K, V)]
+    ssd_args = lambda T: [rnd(B, T, H, V), torch.rand(B, T, H, generator=g), rnd(B, T, 1, N),  # noqa: E731
+                          rnd(B, T, 1, N), -torch.rand(H, generator=g) - 0.5, rnd(H), rnd(B, H, V, N)]
+    gru_args = lambda T: [rnd(B, T, D), rnd(B, K), rnd(3 * K, D), rnd(3 * K, K), rnd(3 * K), rnd(3 * K)]  # noqa: E731
+    rnn_args = lambda T: [torch.rand(B, T, D, generator=g), rnd(B, T, D), rnd(B, D)]  # noqa: E731
+    conv_args = lambda T: [rnd(B, T, D), rnd(D, 3), rnd(D), rnd(B, D, 2)]  # noqa: E731
+    att_args = lambda T: [rnd(B, T, H, K), rnd(B, T, H, K), rnd(B, T, H, K)]  # noqa: E731
+
+    def scan_op(fn):
+        return lambda u, dl, Bm, Cm, A, D_, h: fn(u, dl, A, Bm, Cm, D_, state=h)
+
+    def ssd_op(fn):
+        return lambda x, dt, Bm, Cm, A, D_, h: fn(x, dt, A, Bm, Cm, D=D_, state=h, chunk_size=8)
+
+    def att_op(**kw):
+        return (lambda q, k, v: ops_attention.attention(q, k, v, **kw),
+                lambda q, k, v: ops_attention.attention_ref(q, k, v, window=kw.get("window"),
+                                                            num_prefix=kw.get("num_prefix", 0)))
+
+    return [
+        ("selective_scan", scan_args, 4, scan_op(ops_scan.selective_scan),
+         scan_op(ops_scan.selective_scan_ref)),
+        ("ssd", ssd_args, 4, ssd_op(ops_ssd.ssd), ssd_op(ops_ssd.ssd_ref)),
+        ("delta_rule", delta_args, 5, lambda *a: ops_delta.delta_rule(*a[:5], state=a[5], chunk_size=8),
+         lambda *a: ops_delta.delta_rule_ref(*a[:5], state=a[5])),
+        ("wkv6", wkv_args, 4, lambda *a: ops_wkv.wkv6(*a, chunk_size=8), ops_wkv.wkv6_ref),
+        ("gru", gru_args, 1, ops_gru.gru, ops_gru.gru_ref),
+        ("linear_rnn", rnn_args, 2, ops_rnn.linear_rnn, ops_rnn.linear_rnn_ref),
+        ("causal_conv1d", conv_args, 1, ops_conv.causal_conv1d, ops_conv.causal_conv1d_ref),
+        ("attention[window,prefix]", att_args, 3, *att_op(window=4, num_prefix=2, chunk_size=8)),
+        ("attention[chunked]", att_args, 3, *att_op(impl="chunked", chunk_size=8)),
+        ("attention[memory_efficient,window]", att_args, 3,
+         *att_op(impl="memory_efficient", window=4, chunk_size=8)),
+    ]
+
+
+class _Op(torch.nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+_FAST_OPS = ("wkv6", "causal_conv1d", "attention[chunked]")
+
+
+@pytest.mark.parametrize("name,make,n_timed,op,ref", [
+    pytest.param(*c, id=c[0], marks=() if c[0] in _FAST_OPS else pytest.mark.slow) for c in _op_cases()
+])
+def test_op_exports_with_a_symbolic_length(name, make, n_timed, op, ref):
+    """Each op's PyTorch form under export with a dynamic T: one program, lengths across chunk
+    boundaries (one not a multiple of the chunk), outputs and final states against the reference."""
+    T = Dim("T", min=2, max=65536)
+    args = make(11)
+    shapes = tuple({1: T} if i < n_timed else None for i in range(len(args)))
+    program = torch.export.export(_Op(op), tuple(args), dynamic_shapes=(shapes,)).module()
+    for t in (2, 9, 19, 70):  # 70: past the 64-step chunk of the selective scan and linear_rnn
+        args = make(t)
+        got, want = program(*args), ref(*args)
+        got, want = (got, want) if isinstance(want, tuple) else ((got,), (want,))
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert_close(a, b, msg=f"{name}: T={t}, output {i}")
+
+
+def test_forward_program_names_the_model_when_its_forms_fix_the_length(monkeypatch):
+    """A model whose ops loop over chunks of T in Python cannot keep T symbolic: the error names
+    the model and the way out. (Every registered model keeps it; here the symbolic forms are
+    switched off, as a custom mixer with a Python loop over time would do.)"""
+    for module in (ops_time, ops_attention):
+        monkeypatch.setattr(module, "symbolic_length", lambda T: False)
+    model = hs.build("transformer", **{**_tiny_case("transformer").options(), "use_sliding_window": True})
+    with pytest.raises(ValueError, match=r"dynamic_len=True\): 'transformer' fixes the sequence length"):
+        forward_program(model.eval(), 11, dynamic_len=True)
 
 
 def test_export_argument_errors(tmp_path):

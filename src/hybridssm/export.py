@@ -24,8 +24,15 @@ layer's NamedTuple fields in order, then ``pos``); the package is called as
 The value checks of eager mode (a full-attention step past ``max_len``) are not in the package:
 keep the number of steps per stream below ``max_len``, or use a sliding window.
 
+**The forward with a dynamic length**: ``forward_program(model, T, dynamic_len=True)`` keeps the
+sequence length symbolic, for every registered model and backbone: one program runs any ``T`` in
+``2..65536`` (``T = 1`` is the step: :func:`step_program`). Under export the chunked PyTorch forms
+pad to whole chunks and run their chunk loops as one ``scan`` node (``ops/_time.py``); eager and
+compiled runs keep their own loops.
+
 **ONNX**: ``torch.onnx.export(step_program(model), f=path, dynamo=True)``, the same flat inputs and
-outputs; ``torch.onnx.export(forward_program(model, T), f=path, dynamo=True)`` for the forward.
+outputs; ``torch.onnx.export(forward_program(model, T), f=path, dynamo=True)`` for the forward (a
+fixed ``T``: ONNX has no form of the ``scan`` node of a dynamic-length program).
 """
 
 from __future__ import annotations
@@ -40,7 +47,10 @@ from torch.utils import _pytree as pytree
 
 from hybridssm.state import ModelState, register_state_types
 
-__all__ = ["export_step", "step_program", "forward_program", "init_leaves_path"]
+__all__ = ["export_step", "step_program", "forward_program", "init_leaves_path", "MIN_LEN", "MAX_LEN"]
+
+# The range of T in a dynamic-length forward program (T = 1 is the step's, which branches apart).
+MIN_LEN, MAX_LEN = 2, 65536
 
 
 class _FlatStep(nn.Module):
@@ -126,16 +136,18 @@ def forward_program(model: nn.Module, seq_len: int, *, batch_size: int = 1,
     """``torch.export`` of ``x [batch_size, T, embed_dim] -> model(x, return_sequence=True)``,
     traced at ``T = seq_len``, in ``eval()`` mode.
 
-    ``dynamic_len=True`` keeps ``T`` symbolic (any ``T`` in ``2..65536``). Models whose fast
-    PyTorch forms loop over chunks of the sequence in Python (every chunked scan: ``mamba``,
-    ``mamba2``, the delta rules, RWKV, chunked attention) specialise ``T`` while tracing; for them
-    this raises a ``ValueError`` and the recipe is a fixed ``T`` (the default), or a fixed chunk
-    streamed through the exported step. ``transformer`` exports with a dynamic ``T``."""
+    ``dynamic_len=True`` keeps ``T`` symbolic: the program then takes any ``T`` in
+    ``MIN_LEN..MAX_LEN`` (2..65536; ``T = 1`` is a step, which :func:`step_program` exports). Every
+    registered model and hybrid backbone supports it: under export the chunked PyTorch forms run
+    their chunk loops as one ``scan`` node. A model whose own code fixes ``T`` while tracing (a
+    custom mixer with a Python loop over time, say) raises a ``ValueError`` naming the model; the
+    recipe there is a fixed ``T`` (the default), or a fixed chunk streamed through the exported
+    step."""
     _check_positive("seq_len", seq_len)
     _check_positive("batch_size", batch_size)
     model.eval()
     x = _example(model, batch_size, seq_len)
-    shapes = ({1: Dim("seq_len", min=2, max=65536)},) if dynamic_len else None
+    shapes = ({1: Dim("seq_len", min=MIN_LEN, max=MAX_LEN)},) if dynamic_len else None
     try:
         with torch.no_grad():
             return torch.export.export(_Sequence(model), (x,), dynamic_shapes=shapes)
@@ -144,6 +156,6 @@ def forward_program(model: nn.Module, seq_len: int, *, batch_size: int = 1,
             raise
         raise ValueError(
             f"forward_program(dynamic_len=True): {model.model_name!r} fixes the sequence length while "
-            "tracing (its PyTorch forms loop over chunks of the sequence); use dynamic_len=False "
+            "tracing (some layer loops over the sequence in Python); use dynamic_len=False "
             f"(one T per program) or stream through step_program. torch said: {str(exc).splitlines()[0]}"
         ) from exc

@@ -246,12 +246,12 @@ class AttentionMixer(Mixer):
                     q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                     dropout_p=self.attention_dropout,
                 ).transpose(1, 2)
-                return self.o_proj(out.reshape(B, T, -1).to(x.dtype)), None
+                return self.o_proj(out.flatten(2).to(x.dtype)), None
             out = attention(
                 q, k, v, window=self.window_size, num_prefix=self.num_prefix, mem_k=mk,
                 mem_v=mv, impl=self.impl, chunk_size=self.chunk_size,
             )
-            return self.o_proj(out.reshape(B, T, -1).to(x.dtype)), None
+            return self.o_proj(out.flatten(2).to(x.dtype)), None
         self._check_capacity(state, lengths, T)
         q, k, v = self._qkv(x, state.pos.unsqueeze(1) + t)
         out, (ck, cv, pos) = attention_cached(

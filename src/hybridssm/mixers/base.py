@@ -22,6 +22,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from hybridssm.ops._dtypes import acc_dtype
+
 __all__ = [
     "Mixer",
     "valid_mask",
@@ -64,9 +66,8 @@ class Mixer(nn.Module):
         return torch.device(device) if device is not None else p.device, dtype or p.dtype
 
 
-def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of recurrent states: the wider of fp32 and ``dtype``."""
-    return torch.promote_types(dtype, torch.float32)
+# The dtype of recurrent states: the wider of fp32 and the input dtype (the ops' accumulate dtype).
+state_dtype = acc_dtype
 
 
 def valid_mask(lengths: Tensor | None, T: int, device: torch.device) -> Tensor | None:

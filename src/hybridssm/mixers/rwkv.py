@@ -104,7 +104,8 @@ def default_head_dim(width: int) -> int:
 
 def _shifted(x: Tensor, last: Tensor) -> Tensor:
     """``x_{t-1}`` for every t: ``[last ; x[:, :-1]]``."""
-    return torch.cat([last.to(x.dtype).unsqueeze(1), x[:, :-1]], dim=1)
+    # cut after the cat: a slice of size T - 1 (maybe 1) would pin T in a dynamic-length export
+    return torch.cat([last.to(x.dtype).unsqueeze(1), x], dim=1)[:, :-1]
 
 
 def _last_valid(x: Tensor, lengths: Tensor | None) -> Tensor:

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hybridssm.ops import _kernels
+from hybridssm.ops._dtypes import acc_dtype
+from hybridssm.ops._time import join_chunks, num_chunks, scan_leading, split_chunks, symbolic_length
 
 __all__ = [
     "IMPLS",
@@ -46,10 +48,6 @@ __all__ = [
 IMPLS = ("sdpa", "chunked", "memory_efficient")
 _NEG_INF = float("-inf")
 _FULL_PIECE = 256  # queries per piece of a long prefill into a full-attention cache
-
-
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
 
 
 def _check(window: int | None, num_prefix: int) -> None:
@@ -91,7 +89,7 @@ def attention_ref(
     """Reference: a dense masked softmax in the wider of fp32 and the input dtype."""
     _check(window, num_prefix)
     B, T, H, D = q.shape
-    acc = _acc_dtype(q)
+    acc = acc_dtype(q.dtype)
     qf, kf, vf = (x.to(acc).transpose(1, 2) for x in (q, k, v))  # (B, H, T, D)
     pos = torch.arange(T, device=q.device)
     mask = _visible(pos[:, None], pos[None, :], window, num_prefix)  # (T, T)
@@ -116,19 +114,22 @@ def _band_layout(
     (memory, then the prefix keys, which the band leaves out so that none counts twice)."""
     B, H, T, D = q.shape
     W, Q = window, block
-    nb = -(-T // Q)
+    nb = num_chunks(T, Q)
     Tp, L = nb * Q, Q + window - 1
     P = min(num_prefix, T)
-    qb = F.pad(q, (0, 0, 0, Tp - T)).reshape(B, H, nb, Q, D)
-
-    def band(x: Tensor) -> Tensor:
-        # left pad W - 1 so block n's band starts at key n*Q - (W - 1); (B, H, nb, L, D)
-        return F.pad(x, (0, 0, W - 1, Tp - T)).unfold(2, L, Q).transpose(-1, -2)
+    qb = split_chunks(F.pad(q, (0, 0, 0, Tp - T)), nb, Q, 2)
 
     dev = q.device
     a = torch.arange(Q, device=dev).view(1, Q, 1)
     c = torch.arange(L, device=dev).view(1, 1, L)
     n = torch.arange(nb, device=dev).view(nb, 1, 1)
+
+    def band(x: Tensor) -> Tensor:
+        # left pad W - 1 so block n's band starts at key n*Q - (W - 1); (B, H, nb, L, D)
+        x = F.pad(x, (0, 0, W - 1, Tp - T))
+        if symbolic_length(T):  # gathered: unfold's window count is a size torch cannot match to nb
+            return x[:, :, (n * Q + c).view(nb, L)]
+        return x.unfold(2, L, Q).transpose(-1, -2)
     j = n * Q - (W - 1) + c  # key position of band column c in block n
     # i - j = a - c + W - 1 in [0, W)  <=>  a <= c <= a + W - 1; j >= P drops pads and the prefix
     masks = [(c >= a) & (c <= a + W - 1) & (j >= num_prefix)]
@@ -147,18 +148,23 @@ def _band_layout(
     return qb, torch.cat(kparts, dim=3), torch.cat(vparts, dim=3), mask
 
 
+def _window_hides(T: int | torch.SymInt, window: int) -> bool:
+    """Whether a window of ``window`` keys hides any key from ``T`` queries (``T > window``); always
+    assumed while exporting a symbolic ``T`` (the banded form is right for every ``T``)."""
+    return symbolic_length(T) or T > window
+
+
 def _explicit_softmax_attn(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     """``softmax(q k^T / sqrt(D) masked) v`` with the softmax in fp32 (at least)."""
     s = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
     if mask is not None:
         s = s.masked_fill(~mask, _NEG_INF)
-    p = torch.softmax(s, dim=-1, dtype=_acc_dtype(s))
+    p = torch.softmax(s, dim=-1, dtype=acc_dtype(s.dtype))
     return p.to(v.dtype) @ v
 
 
 def _unblock(out: Tensor, T: int) -> Tensor:
-    B, H, nb, Q, D = out.shape
-    return out.reshape(B, H, nb * Q, D)[:, :, :T]
+    return join_chunks(out, T, 2)  # [B, H, nb, Q, D] -> [B, H, T, D]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,8 +172,16 @@ def _unblock(out: Tensor, T: int) -> Tensor:
 # ------------------------------------------------------------------------------------------------
 def _sdpa(q, k, v, window, num_prefix, mk, mv, chunk_size) -> Tensor:
     B, H, T, D = q.shape
-    if window is not None and T > window:
+    if window is not None and _window_hides(T, window):
         qb, kb, vb, mask = _band_layout(q, k, v, window, num_prefix, mk, mv, chunk_size)
+        if symbolic_length(T):
+            # export with a symbolic T: one block at a time through a scan, so that no matmul folds
+            # the symbolic block count into its batch (torch cannot prove such reshapes and pins T)
+            def block(c: Tensor, q: Tensor, k: Tensor, v: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
+                return c, _explicit_softmax_attn(q, k, v, m)
+
+            m = mask.expand(B, H, *mask.shape)  # [B, H, nb, Q, G + L]
+            return _unblock(scan_leading(block, q.new_zeros(()), (qb, kb, vb, m), dim=2)[1], T)
         nb = qb.shape[2]
         out = F.scaled_dot_product_attention(
             qb.reshape(B * H, nb, chunk_size, D),
@@ -235,7 +249,7 @@ class _MemoryEfficientAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, window, num_prefix, num_mem, chunk_size):
         B, H, T, D = q.shape
-        acc = _acc_dtype(q)
+        acc = acc_dtype(q.dtype)
         scale = D**-0.5
         m = q.new_full((B, H, T), _NEG_INF, dtype=acc)  # running max
         l = q.new_zeros((B, H, T), dtype=acc)  # running normaliser
@@ -264,7 +278,7 @@ class _MemoryEfficientAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         D = q.shape[-1]
-        acc = _acc_dtype(q)
+        acc = acc_dtype(q.dtype)
         scale = D**-0.5
         qa, ka, va, doa = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
         delta = (doa * out.to(acc)).sum(-1)  # (B, H, T): rowsum(dO * O)
@@ -317,7 +331,10 @@ def attention_torch(
     B = q.shape[0]
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, T, D)
     mk, mv = _mem_bhmd(mem_k, B, k.dtype), _mem_bhmd(mem_v, B, v.dtype)
-    out = _FORMS[impl](qt, kt, vt, window, num_prefix, mk, mv, chunk_size)
+    # The chunked and memory-efficient forms loop over chunks of T: an export with a symbolic T
+    # takes the sdpa form (the same values; a banded window, never a T x T mask with one).
+    form = _sdpa if symbolic_length(q.shape[1]) else _FORMS[impl]
+    out = form(qt, kt, vt, window, num_prefix, mk, mv, chunk_size)
     return out.transpose(1, 2)
 
 
@@ -450,7 +467,7 @@ def _repeat_kv(q_heads: Tensor, k, v, ck, cv, mk, mv, kv_dim: int, mem_dim: int)
 def _cached_attend_ref(q, k, v, ck, cv, pos, window, num_prefix, mem_k, mem_v) -> Tensor:
     B, T, H, D = q.shape
     k, v, ck, cv, mem_k, mem_v = _repeat_kv(H, k, v, ck, cv, mem_k, mem_v, 2, 1)
-    acc = _acc_dtype(q)
+    acc = acc_dtype(q.dtype)
     old, new = _cached_masks(pos, T, ck.shape[2], num_prefix, window)
     keys = [ck.to(acc), k.to(acc).transpose(1, 2)]
     vals = [cv.to(acc), v.to(acc).transpose(1, 2)]
@@ -511,7 +528,7 @@ def _cached_attend(q, k, v, ck, cv, pos, window, num_prefix, mk, mv) -> Tensor:
     if mk is not None:
         parts.insert(0, (qc @ mk.to(ck.dtype).transpose(-1, -2)))
     s = torch.cat(parts, dim=-1) * scale
-    p = torch.softmax(s, dim=-1, dtype=_acc_dtype(s))
+    p = torch.softmax(s, dim=-1, dtype=acc_dtype(s.dtype))
     sizes = [x.shape[-1] for x in parts]
     ps = p.split(sizes, dim=-1)
     out = ps[-1].to(v.dtype) @ v

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from hybridssm.ops import _kernels
 from hybridssm.ops._checks import ShapeCheck
+from hybridssm.ops._dtypes import acc_dtype
 
 __all__ = ["causal_conv1d", "causal_conv1d_ref", "conv_final_state"]
 
@@ -34,7 +35,7 @@ def causal_conv1d_ref(
     """Reference: an explicit sum over the kernel taps, one timestep at a time."""
     B, T, C = x.shape
     K = weight.shape[1]
-    acc = torch.promote_types(x.dtype, torch.float32)
+    acc = acc_dtype(x.dtype)
     xs = torch.cat([state.to(acc), x.transpose(1, 2).to(acc)], dim=2)  # [B, C, K-1+T]
     ys = []
     for t in range(T):

@@ -37,6 +37,8 @@ from torch import Tensor
 
 from hybridssm.ops import _kernels
 from hybridssm.ops._checks import ShapeCheck
+from hybridssm.ops._dtypes import acc_dtype
+from hybridssm.ops._time import join_chunks, num_chunks, scan_leading, symbolic_length
 
 __all__ = ["delta_rule", "delta_rule_ref", "delta_rule_chunked", "DEFAULT_CHUNK_SIZE"]
 
@@ -48,7 +50,7 @@ def _prepare(
     scale: float | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, float]:
     """Cast to the accumulation dtype; zero gate and state where absent; the default scale."""
-    acc = torch.promote_types(q.dtype, torch.float32)
+    acc = acc_dtype(q.dtype)
     B, _, H, K = k.shape
     V = v.shape[-1]
     if g is None:
@@ -106,8 +108,8 @@ def delta_rule_chunked(
             o, S = _step(S, q[:, 0], k[:, 0], v[:, 0], beta[:, 0], g[:, 0], scale)
             return o.unsqueeze(1), S
 
-        Q = min(chunk_size, T)
-        N = -(-T // Q)
+        Q = chunk_size if symbolic_length(T) else min(chunk_size, T)  # exports keep T symbolic
+        N = num_chunks(T, Q)
         pad = N * Q - T
 
         def chunks(x: Tensor) -> Tensor:  # [B, T, H, *] -> [B, H, N, Q, *]; identity steps at the tail
@@ -133,13 +135,10 @@ def delta_rule_chunked(
         eye = torch.eye(K, dtype=q.dtype, device=q.device)
         M = G[..., -1, None, None].exp() * eye - kWk  # [B, H, N, K, K] chunk transition
 
-        starts = []
-        for n in range(N):  # the only sequential part: one small matmul per chunk
-            starts.append(S)
-            S = M[:, :, n] @ S + C[:, :, n]
-        o = q_eff @ torch.stack(starts, dim=2) + o_intra  # [B, H, N, Q, V]
-        o = o.reshape(B, H, N * Q, V)[:, :, :T].transpose(1, 2)
-        return o, S
+        # the only sequential part: one small matmul per chunk; starts [B, H, N, K, V]
+        S, starts = scan_leading(lambda S, M, C: (M @ S + C, S), S, (M, C), dim=2)
+        o = q_eff @ starts + o_intra  # [B, H, N, Q, V]
+        return join_chunks(o, T, 2).transpose(1, 2), S
 
 
 _kernels.register("delta_rule", ref=delta_rule_ref, torch_impl=delta_rule_chunked)

@@ -31,12 +31,10 @@ from hybridssm.ops import _kernels
 from hybridssm.ops._checks import ShapeCheck
 from hybridssm.ops._cpu_ext import kernel_probe
 from hybridssm.ops._custom_op import Backward, kernel_op
+from hybridssm.ops._dtypes import acc_dtype
+from hybridssm.ops._time import scan_leading, symbolic_length
 
 __all__ = ["gru", "gru_ref", "gru_torch", "gru_fused", "gru_cell"]
-
-
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
 
 
 def gru_cell(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor) -> Tensor:
@@ -51,7 +49,7 @@ def gru_cell(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_h
 
 def gru_ref(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor) -> Tensor:
     """Reference: :func:`gru_cell` one timestep at a time."""
-    acc = _acc_dtype(x)
+    acc = acc_dtype(x.dtype)
     weights = [t.to(acc) for t in (w_ih, w_hh, b_ih, b_hh)]
     x, h, ys = x.to(acc), h0.to(acc), []
     for t in range(x.shape[1]):
@@ -61,9 +59,16 @@ def gru_ref(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_h
 
 
 def gru_torch(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor) -> Tensor:
-    """PyTorch's fused RNN op (the one ``nn.GRU(batch_first=True)`` calls)."""
-    acc = _acc_dtype(x)
+    """PyTorch's fused RNN op (the one ``nn.GRU(batch_first=True)`` calls). That op fixes ``T``
+    when traced, so an export with a symbolic ``T`` steps :func:`gru_cell` through a ``scan``."""
+    acc = acc_dtype(x.dtype)
     params = tuple(t.to(acc) for t in (w_ih, w_hh, b_ih, b_hh))
+    if symbolic_length(x.shape[1]):
+        def step(h: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
+            h = gru_cell(x_t, h, *params)
+            return h, h
+
+        return scan_leading(step, h0.to(acc), (x.to(acc),), dim=1)[1]
     y, _ = torch._VF.gru(  # input, hx, params, has_biases, layers, dropout, train, bidirectional, batch_first
         x.to(acc), h0.to(acc).unsqueeze(0).contiguous(), params, True, 1, 0.0, False, False, True
     )
@@ -111,7 +116,7 @@ _gru_fwd = kernel_op(
 
 def gru_fused(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor) -> Tensor:
     """The fused CPU recurrence, in the wider of fp32 and the input dtype."""
-    acc = _acc_dtype(x)
+    acc = acc_dtype(x.dtype)
     # under autocast the projection runs in bf16 all the same; the recurrence always in ``acc``
     gi = F.linear(x.to(acc), w_ih.to(acc), b_ih.to(acc)).to(acc).contiguous()
     args = [gi, h0.to(acc).contiguous(), w_hh.to(acc).contiguous(), b_hh.to(acc).contiguous()]

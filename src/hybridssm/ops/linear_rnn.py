@@ -15,17 +15,17 @@ from torch import Tensor
 
 from hybridssm.ops import _kernels
 from hybridssm.ops._checks import ShapeCheck
+from hybridssm.ops._dtypes import acc_dtype
+from hybridssm.ops._time import scan_time_chunks, symbolic_length
 
 __all__ = ["linear_rnn", "linear_rnn_ref"]
 
-
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
+EXPORT_CHUNK = 64  # chunk length of the symbolic-length form (exported programs)
 
 
 def linear_rnn_ref(a: Tensor, b: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
     """Reference: the recurrence, one timestep at a time."""
-    acc = _acc_dtype(b)
+    acc = acc_dtype(b.dtype)
     h = h0.to(acc)
     hs = []
     for t in range(b.shape[1]):
@@ -35,9 +35,20 @@ def linear_rnn_ref(a: Tensor, b: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def linear_rnn_torch(a: Tensor, b: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
-    """Fast form: log-depth parallel scan of the pairs ``(a_t, b_t)``."""
-    acc = _acc_dtype(b)
+    """Fast form: log-depth parallel scan of the pairs ``(a_t, b_t)``.
+
+    The number of rounds depends on ``T``: while exporting a symbolic ``T`` the scan runs per chunk
+    of ``EXPORT_CHUNK`` steps instead (padded with identity steps ``a = 1, b = 0``), the chunks in
+    sequence (:mod:`hybridssm.ops._time`)."""
+    acc = acc_dtype(b.dtype)
     a, b = a.to(acc), b.to(acc)
+    if symbolic_length(b.shape[1]):
+        def chunk(h: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+            hs, h = linear_rnn_torch(a, b, h)
+            return h, hs
+
+        h, hs = scan_time_chunks(chunk, h0.to(acc), (a, b), EXPORT_CHUNK, pads=(1.0, 0.0))
+        return hs, h
     # Fold the initial state into the first input: b_0 <- a_0 h0 + b_0.
     b = torch.cat([b[:, :1] + a[:, :1] * h0.to(acc).unsqueeze(1), b[:, 1:]], dim=1)
     T, k = b.shape[1], 1

@@ -34,16 +34,14 @@ from hybridssm.ops import _kernels
 from hybridssm.ops._checks import ShapeCheck
 from hybridssm.ops._cpu_ext import kernel_probe, load_extension
 from hybridssm.ops._custom_op import Backward, kernel_op
+from hybridssm.ops._dtypes import acc_dtype
+from hybridssm.ops._time import scan_time_chunks
 from hybridssm.ops.linear_rnn import linear_rnn_torch
 
 __all__ = ["selective_scan", "selective_scan_ref", "selective_scan_torch", "selective_scan_fused"]
 
 TORCH_CHUNK = 64  # chunk length of the pure-PyTorch form
 FUSED_CHECKPOINT = 32  # must equal kChunk in csrc/selective_scan.cpp
-
-
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
 
 
 def _discretise_delta(delta: Tensor, delta_bias: Tensor | None, softplus: bool, acc) -> Tensor:
@@ -70,7 +68,7 @@ def selective_scan_ref(
     state: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Reference: the recurrence in the wider of fp32 and the input dtype, one step at a time."""
-    acc = _acc_dtype(u)
+    acc = acc_dtype(u.dtype)
     Bsz, T, Dn = u.shape
     N = A.shape[1]
     delta = _discretise_delta(delta, delta_bias, delta_softplus, acc)
@@ -105,21 +103,21 @@ def selective_scan_torch(
     Never divides by cumulative decays (strong decay underflows towards the true zero); works on
     any device. Slower than the fused kernel on CPU, which ``auto`` prefers there.
     """
-    acc = _acc_dtype(u)
+    acc = acc_dtype(u.dtype)
     Bsz, T, Dn = u.shape
     N = A.shape[1]
     delta = _discretise_delta(delta, delta_bias, delta_softplus, acc)
     u, A, B, C = u.to(acc), A.to(acc), B.to(acc), C.to(acc)
     h = state.to(acc) if state is not None else u.new_zeros(Bsz, Dn, N)
-    du = delta * u
-    ys = []
-    for t0 in range(0, T, TORCH_CHUNK):
-        sl = slice(t0, min(T, t0 + TORCH_CHUNK))
-        dA = torch.exp(delta[:, sl, :, None] * A)  # [B, Q, Dn, N]
-        dBu = du[:, sl, :, None] * B[:, sl, None, :]  # [B, Q, Dn, N]
+
+    def chunk(h: Tensor, delta: Tensor, du: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
+        dA = torch.exp(delta[..., None] * A)  # [B, Q, Dn, N]
+        dBu = du[..., None] * B[:, :, None, :]  # [B, Q, Dn, N]
         hs, h = linear_rnn_torch(dA, dBu, h)  # hs [B, Q, Dn, N]
-        ys.append(torch.einsum("bqdn,bqn->bqd", hs, C[:, sl]))
-    y = torch.cat(ys, dim=1) if len(ys) > 1 else ys[0]
+        return h, torch.einsum("bqdn,bqn->bqd", hs, C)
+
+    # zero padding (exported programs only) is delta = 0: identity steps
+    h, y = scan_time_chunks(chunk, h, (delta, delta * u, B, C), TORCH_CHUNK)
     if D is not None:
         y = y + D.to(acc) * u
     return _gate(y, z), h
@@ -170,7 +168,7 @@ def selective_scan_fused(
     state: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The fused CPU kernel; the bias, softplus and gate stay in PyTorch around it."""
-    acc = _acc_dtype(u)
+    acc = acc_dtype(u.dtype)
     Bsz, T, Dn = u.shape
     N = A.shape[1]
     delta = _discretise_delta(delta, delta_bias, delta_softplus, acc)

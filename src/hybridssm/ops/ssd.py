@@ -32,15 +32,13 @@ from torch import Tensor
 
 from hybridssm.ops import _kernels
 from hybridssm.ops._checks import ShapeCheck
+from hybridssm.ops._dtypes import acc_dtype
+from hybridssm.ops._time import join_chunks, num_chunks, symbolic_length
 from hybridssm.ops.mamba2_fused import FUSED_DTYPES, fused_probe, ssd_fwd
 
 __all__ = ["ssd", "ssd_ref", "ssd_chunked", "ssd_fused", "DEFAULT_CHUNK_SIZE"]
 
 DEFAULT_CHUNK_SIZE = 64
-
-
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
 
 
 def _init_state(x: Tensor, N: int, state: Tensor | None, acc: torch.dtype) -> Tensor:
@@ -62,7 +60,7 @@ def ssd_ref(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[Tensor, Tensor]:
     """Reference: the recurrence one timestep at a time (``chunk_size`` is ignored)."""
-    acc = _acc_dtype(x)
+    acc = acc_dtype(x.dtype)
     H, G = x.shape[2], B.shape[2]
     # Head h reads group h // (H // G).
     Bh = B.to(acc).repeat_interleave(H // G, dim=2)  # [B, T, H, N]
@@ -170,7 +168,7 @@ def ssd_chunked(
     the tail is padded with ``X = 0`` and ``dt A = 0`` (identity steps) after discretising, so the
     final state is exact. Autocast is off inside: every product accumulates in fp32.
     """
-    acc = _acc_dtype(x)
+    acc = acc_dtype(x.dtype)
     with torch.autocast(x.device.type, enabled=False):
         x, dt, A, B, C = x.to(acc), dt.to(acc), A.to(acc), B.to(acc), C.to(acc)
         D = D.to(acc) if D is not None else None
@@ -187,15 +185,16 @@ def _ssd_chunks(
     Bsz, T, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     R = H // G
-    nc = -(-T // chunk_size)
-    Q = -(-T // nc)  # balanced chunks: the least padding for this number of chunks
+    symbolic = symbolic_length(T)  # exporting a dynamic T: whole chunks of chunk_size, always padded
+    nc = num_chunks(T, chunk_size)
+    Q = chunk_size if symbolic else -(-T // nc)  # balanced chunks: the least padding for this count
     pad = nc * Q - T
     F = torch.nn.functional
 
     # 1. Discretise, then pad the tail with identity steps (X = 0, dt A = 0, B = C = 0).
     X = x * dt.unsqueeze(-1)  # [B, T, H, P]
     a = dt * A  # [B, T, H]
-    if pad:
+    if symbolic or pad:
         X = F.pad(X, (0, 0, 0, 0, 0, pad))
         a = F.pad(a, (0, 0, 0, pad))
         B = F.pad(B, (0, 0, 0, 0, 0, pad))
@@ -215,7 +214,7 @@ def _ssd_chunks(
     wB = torch.exp(suffix).unsqueeze(-1) * Bc.unsqueeze(3)  # [B, nc, G, R, Q, N]
     S = torch.matmul(X.transpose(-1, -2), wB)  # [B, nc, G, R, P, N]
 
-    if h0 is None and nc == 1:  # training from a zero state: no carried-in state to read
+    if h0 is None and not symbolic and nc == 1:  # training from a zero state: no carried-in state to read
         y, h_final = Y, S.view(Bsz, H, P, N)
     else:
         # 4. Scan over chunk boundaries from the initial state, as one matmul with the chunk
@@ -233,7 +232,7 @@ def _ssd_chunks(
         S0 = starts[:, :, :-1].reshape(Bsz, G, R, nc, P, N).permute(0, 3, 1, 2, 5, 4)  # [.., R, N, P]
         eC = torch.exp(acs).unsqueeze(-1) * Cc.unsqueeze(3)  # [B, nc, G, R, Q, N]
         y = Y + torch.matmul(eC, S0)  # [B, nc, G, R, Q, P]
-    y = y.permute(0, 1, 4, 2, 3, 5).reshape(Bsz, nc * Q, H, P)[:, :T]
+    y = join_chunks(y.permute(0, 1, 4, 2, 3, 5), T, 1).reshape(Bsz, T, H, P)  # [B, T, H, P]
     if D is not None:
         y = torch.addcmul(y, D[:, None], x)
     return y, h_final
@@ -257,7 +256,7 @@ def ssd_fused(
     """Fused CPU kernel: the recurrence in C++ (``chunk_size`` is not used), fp32 / fp64 inside.
 
     ``x``, ``B``, ``C`` may be strided views with a contiguous last dim; nothing is copied then."""
-    acc = _acc_dtype(x)
+    acc = acc_dtype(x.dtype)
     if acc not in FUSED_DTYPES:
         return ssd_chunked(x, dt, A, B, C, D=D, state=state, chunk_size=chunk_size)
     with torch.autocast(x.device.type, enabled=False):

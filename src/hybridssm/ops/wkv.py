@@ -47,6 +47,8 @@ from hybridssm.ops import _kernels
 from hybridssm.ops._checks import ShapeCheck
 from hybridssm.ops._cpu_ext import kernel_probe
 from hybridssm.ops._custom_op import Backward, kernel_op
+from hybridssm.ops._dtypes import acc_dtype
+from hybridssm.ops._time import join_chunks, num_chunks, scan_leading, symbolic_length
 
 __all__ = ["wkv6", "wkv6_ref", "wkv6_chunked", "wkv6_fused", "DEFAULT_CHUNK"]
 
@@ -54,15 +56,11 @@ DEFAULT_CHUNK = 16
 FUSED_CHECKPOINT = 32  # must equal kChunk in csrc/wkv6.cpp
 
 
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
-
-
 def wkv6_ref(
     r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor, chunk_size: int = DEFAULT_CHUNK
 ) -> tuple[Tensor, Tensor]:
     """Reference: the recurrence one timestep at a time (``chunk_size`` is ignored)."""
-    acc = _acc_dtype(r)
+    acc = acc_dtype(r.dtype)
     r, k, v, w, u = (t.to(acc) for t in (r, k, v, w, u))
     S = state.to(acc)  # [B, H, K, V]
     outs = []
@@ -87,16 +85,15 @@ def wkv6_chunked(
 ) -> tuple[Tensor, Tensor]:
     """Fast form: chunks of ``chunk_size``, intra-chunk as matrices, a loop over chunks."""
     B, T, H, K = r.shape
-    V = v.shape[-1]
-    acc = _acc_dtype(r)
+    acc = acc_dtype(r.dtype)
     if T == 1:  # the streaming step: the recurrence itself, without chunk bookkeeping
         r1, k1, v1, w1 = (x[:, 0].to(acc) for x in (r, k, v, w))  # [B, H, K]
         S0 = state.to(acc)
         kv = k1.unsqueeze(-1) * v1.unsqueeze(-2)  # [B, H, K, V]
         o = torch.matmul(r1.unsqueeze(-2), S0 + u.to(acc).unsqueeze(-1) * kv)  # [B, H, 1, V]
         return o.transpose(1, 2), torch.exp(w1).unsqueeze(-1) * S0 + kv
-    Q = max(1, min(chunk_size, T))
-    N = math.ceil(T / Q)
+    Q = chunk_size if symbolic_length(T) else max(1, min(chunk_size, T))  # exports keep T symbolic
+    N = num_chunks(T, Q)
     pad = N * Q - T
 
     def chunks(x: Tensor) -> Tensor:  # [B, T, H, X] -> [B, H, N, Q, X]; tail padded with zeros
@@ -123,16 +120,9 @@ def wkv6_chunked(
     k_end = k_ * torch.exp(after)  # keys decayed to the chunk's end
     U = torch.matmul(k_end.transpose(-1, -2), v_)  # [B, H, N, K, V]
     decay = torch.exp(total).unsqueeze(-1)  # [B, H, N, K, 1]
-    S = state.to(acc)
-    entering = []
-    for n in range(N):
-        entering.append(S)
-        S = decay[:, :, n] * S + U[:, :, n]
-    S_prev = torch.stack(entering, dim=2)  # [B, H, N, K, V]
-    o = o + torch.matmul(r_ * torch.exp(before), S_prev)
-
-    o = o.permute(0, 2, 3, 1, 4).reshape(B, N * Q, H, V)[:, :T]
-    return o, S
+    S, S_prev = scan_leading(lambda S, d, U: (d * S + U, S), state.to(acc), (decay, U), dim=2)
+    o = o + torch.matmul(r_ * torch.exp(before), S_prev)  # S_prev [B, H, N, K, V]
+    return join_chunks(o.permute(0, 2, 3, 1, 4), T, 1), S  # [B, N, Q, H, V] -> [B, T, H, V]
 
 
 # -- fused C++ kernel ------------------------------------------------------------------------------
@@ -165,7 +155,7 @@ def wkv6_fused(
     r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: Tensor, chunk_size: int = DEFAULT_CHUNK
 ) -> tuple[Tensor, Tensor]:
     """The fused CPU kernel (``chunk_size`` is ignored: see the module docstring)."""
-    acc = _acc_dtype(r)
+    acc = acc_dtype(r.dtype)
     args = [x.to(acc).contiguous() for x in (r, k, v, w, u, state)]
     save = torch.is_grad_enabled() and any(x.requires_grad for x in args)
     o, sT, _ = _wkv_fwd(*args, save)
