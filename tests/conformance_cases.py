@@ -78,6 +78,7 @@ class Case:
     name: str
     opts: tuple = field(default=())  # sorted (key, value) pairs
     tiny: bool = True
+    variant: bool = field(default=False, compare=False)  # from VARIANTS (non-default options)
 
     @property
     def id(self) -> str:
@@ -138,7 +139,7 @@ def all_cases(include_default: bool = True) -> list[Case]:
         for variant in VARIANTS.get(name, []):
             opts = fit_options(name, {**TINY, **variant})
             if set(variant) <= set(opts):
-                cases.append(Case(name, _freeze(opts), tiny=True))
+                cases.append(Case(name, _freeze(opts), tiny=True, variant=True))
     return cases
 
 

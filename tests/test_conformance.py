@@ -14,6 +14,7 @@ import hybridssm as hs
 from conformance_cases import (
     CHUNK,
     LENGTHS,
+    TINY,
     Case,
     all_cases,
     cached_model,
@@ -250,7 +251,20 @@ def test_save_load_bitwise(case: Case, tmp_path):
     assert_bitwise(loaded.step(x[:, 0], s)[0], model.step(x[:, 0], s)[0])
 
 
-@pytest.mark.parametrize("case", TINY_CASES, ids=tiny_ids)
+
+
+def _option_variant(case: Case) -> bool:
+    """A variant that sets options beyond the attention kind (full or sliding cache)."""
+    return case.variant and {k for k, _ in case.opts} - set(TINY) != {"use_sliding_window"}
+
+
+# Compiling takes 5-15 s a case: the option variants compile in `make test-all`; the default run
+# compiles every model and backbone and both attention caches, and holds the option variants to
+# every other rule.
+COMPILE_CASES = [pytest.param(c, marks=pytest.mark.slow) if _option_variant(c) else c for c in TINY_CASES]
+
+
+@pytest.mark.parametrize("case", COMPILE_CASES, ids=tiny_ids)
 @torch.no_grad()
 def test_compile_forward_and_step(case: Case):
     torch._dynamo.reset()

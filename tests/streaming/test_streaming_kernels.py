@@ -258,6 +258,21 @@ def test_plan_status_names_what_has_no_fused_form():
     assert "block 0" in plan_status(model)
 
 
+def test_plan_status_under_the_torch_backend_says_so_and_builds_nothing(monkeypatch):
+    import hybridssm.streaming.plan as plan_module
+    from hybridssm.ops import use_kernels
+
+    def no_build():
+        raise AssertionError("plan_status built the step extension under the torch backend")
+
+    monkeypatch.setattr(plan_module, "step_extension", no_build)
+    model = hs.build("mamba", embed_dim=6, hidden_size=D, num_layers=1)  # a fresh model: no plan yet
+    with use_kernels("torch"):
+        assert "kernel backend is 'torch'" in plan_status(model)
+    monkeypatch.undo()
+    assert plan_status(model) == "fused"
+
+
 def test_a_kernel_given_the_wrong_number_of_states_raises_instead_of_reading_past_them():
     # every kernel registers how many state tensors it reads: a call with fewer (or more) is refused
     # before the kernel runs (it indexes its states without bounds checks)

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from hybridssm.blocks import ParallelState, norm_step
+from hybridssm.ops import _kernels
 from hybridssm.ops.step import BlockStep, NormStep, fused_step_available, fused_step_kinds, step_extension
 from hybridssm.state import ModelState
 
@@ -262,7 +263,13 @@ def forget(model: nn.Module) -> None:
 
 
 def plan_status(model: nn.Module) -> str:
-    """``"fused"`` when ``model``'s structure has a one-call step, else the reason it has none."""
+    """``"fused"`` when ``model``'s step runs as one call, else the reason it does not: the model's
+    structure, or a kernel backend other than ``auto``/``fused`` (``HYBRIDSSM_KERNELS=torch`` or
+    :func:`hybridssm.use_kernels`; then nothing is built to answer)."""
+    backend = _kernels.current_backend()
+    if backend not in ("auto", "fused"):
+        return (f"the kernel backend is {backend!r} (HYBRIDSSM_KERNELS or hs.use_kernels): "
+                "the step runs block by block")
     return _entry(model).reason
 
 
