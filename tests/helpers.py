@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
 import torch
 from torch import Tensor
 
@@ -44,3 +51,20 @@ def assert_tree_close(actual, expected, cls: str = "fp32", msg: str = "") -> Non
 
 def assert_bitwise(actual: Tensor, expected: Tensor, msg: str = "") -> None:
     assert torch.equal(actual, expected), msg or "tensors differ bitwise"
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@contextlib.contextmanager
+def benchmark_script(name: str) -> Iterator[ModuleType]:
+    """``benchmarks/NAME.py`` imported as module ``NAME`` (registered in ``sys.modules`` while in use:
+    dataclasses look their module up there)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(name, None)

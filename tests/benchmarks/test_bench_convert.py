@@ -3,21 +3,16 @@ table's shape and that each ratio comes from the times in its row (never the spe
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_convert.py"
+from helpers import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def bench():
     pytest.importorskip("transformers")
-    spec = importlib.util.spec_from_file_location("bench_convert", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    with benchmark_script("bench_convert") as module:
+        yield module
 
 
 def test_row_turns_times_and_bytes_into_ms_ratios_and_the_bar(bench):

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import benchmark_script
+
 pytest.importorskip("transformers")
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_mamba.py"
@@ -18,14 +20,8 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_mamba.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_mamba", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_mamba"] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_script("bench_mamba") as module:
         yield module
-    finally:
-        sys.modules.pop("bench_mamba", None)
 
 
 def test_rows_selection_and_shapes(bench):

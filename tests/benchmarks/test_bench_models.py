@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import hybridssm as hs
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_models.py"
+from helpers import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def bm():
-    spec = importlib.util.spec_from_file_location("bench_models", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_models"] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_script("bench_models") as module:
         yield module
-    finally:
-        sys.modules.pop("bench_models", None)
 
 
 def test_options_follow_the_seeds_with_dropout_off(bm):

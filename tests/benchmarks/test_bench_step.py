@@ -4,7 +4,6 @@ measured values in its row (never the speed)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 import hybridssm as hs
+from helpers import benchmark_script
 from hybridssm.bench import (
     WINDOW,
     BenchSettings,
@@ -105,10 +105,8 @@ def test_stream_flops_are_the_step_products():
 
 @pytest.fixture
 def script():
-    spec = importlib.util.spec_from_file_location("bench_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    with benchmark_script("bench_step") as module:
+        yield module
 
 
 def test_quick_run_writes_table_and_json(script, tmp_path):
