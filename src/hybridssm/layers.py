@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hybridssm.checks import check_positive_float
+from hybridssm.ops._dtypes import acc_dtype
 
 __all__ = [
     "LayerNorm",
@@ -255,7 +256,7 @@ def apply_rope(
     half = Dh // 2
     if half == 0:
         return x
-    acc = torch.promote_types(x.dtype, torch.float32)
+    acc = acc_dtype(x.dtype)
     cos, sin = cos_sin if cos_sin is not None else rope_cos_sin(positions, Dh, base, acc)
     xf = x.to(acc)
     x1, x2, rest = xf[..., :half], xf[..., half : 2 * half], xf[..., 2 * half :]

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from hybridssm.checks import check_bool, check_nonnegative, check_positive, check_probability
 from hybridssm.layers import LayerNorm, apply_rope, rope_cos_sin
 from hybridssm.mixers.base import Mixer, finish_state
+from hybridssm.ops._dtypes import acc_dtype
 from hybridssm.ops.attention import IMPLS, attention, attention_cached
 from hybridssm.ops.step import MixerStep
 
@@ -219,7 +220,7 @@ class AttentionMixer(Mixer):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.positional == "rope":
-            acc = torch.promote_types(q.dtype, torch.float32)
+            acc = acc_dtype(q.dtype)
             cs = rope_cos_sin(positions, Dh, self.rope_theta, acc)
             q = apply_rope(q, positions, cos_sin=cs)
             k = apply_rope(k, positions, cos_sin=cs)

@@ -22,6 +22,7 @@ from hybridssm.config import ModelConfig
 from hybridssm.layers import is_fp32_no_decay, make_norm
 from hybridssm.mixers.base import valid_mask
 from hybridssm.models.checks import ModelChecks, _compiling
+from hybridssm.ops._dtypes import acc_dtype
 from hybridssm.state import ModelState
 
 __all__ = ["SequenceModel"]
@@ -98,7 +99,7 @@ class SequenceModel(ModelChecks, nn.Module):
         streaming.forget(self)  # the parameters may have new storage, dtype or device
         for p in self.parameters():
             if is_fp32_no_decay(p) and p.is_floating_point():
-                wide = torch.promote_types(p.dtype, torch.float32)
+                wide = acc_dtype(p.dtype)
                 if p.dtype != wide:
                     p.data = p.data.to(wide)
         return self
@@ -208,7 +209,7 @@ class SequenceModel(ModelChecks, nn.Module):
         # where no block gets the keyword (custom blocks without it keep working there).
         kw: dict[str, Any] = {}
         if self.config.residual_in_fp32:
-            wide = torch.promote_types(h.dtype, torch.float32)
+            wide = acc_dtype(h.dtype)
             if wide != h.dtype:
                 kw, h = {"compute_dtype": h.dtype}, h.to(wide)
 
