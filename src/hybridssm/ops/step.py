@@ -109,13 +109,16 @@ def fused_step_kinds() -> list[str]:
     return list(step_extension().mixer_kinds())
 
 
+def fused_backend_selected() -> bool:
+    """Whether the kernel backend (``HYBRIDSSM_KERNELS``, :func:`hybridssm.ops.use_kernels`) lets
+    the fused step run: ``auto`` or ``fused``. Builds nothing."""
+    return _kernels.current_backend() in ("auto", "fused")
+
+
 def fused_step_available() -> bool:
-    """Whether the fused step may run now: the kernel backend is ``auto`` or ``fused``
-    (:func:`hybridssm.ops.use_kernels`) and the extension builds (a failed build warns once; the
-    block-by-block step runs instead)."""
-    if _kernels.current_backend() not in ("auto", "fused"):
-        return False
-    return _build_ok()
+    """Whether the fused step may run now: :func:`fused_backend_selected` and the extension builds
+    (a failed build warns once; the block-by-block step runs instead)."""
+    return fused_backend_selected() and _build_ok()
 
 
 @functools.cache

@@ -33,7 +33,14 @@ from torch.utils import _pytree as pytree
 
 from hybridssm.blocks import ParallelState, norm_step
 from hybridssm.ops import _kernels
-from hybridssm.ops.step import BlockStep, NormStep, fused_step_available, fused_step_kinds, step_extension
+from hybridssm.ops.step import (
+    BlockStep,
+    NormStep,
+    fused_backend_selected,
+    fused_step_available,
+    fused_step_kinds,
+    step_extension,
+)
 from hybridssm.state import ModelState
 
 __all__ = ["StepPlan", "fused_step", "plan_status", "prefill_blocks"]
@@ -266,10 +273,9 @@ def plan_status(model: nn.Module) -> str:
     """``"fused"`` when ``model``'s step runs as one call, else the reason it does not: the model's
     structure, or a kernel backend other than ``auto``/``fused`` (``HYBRIDSSM_KERNELS=torch`` or
     :func:`hybridssm.use_kernels`; then nothing is built to answer)."""
-    backend = _kernels.current_backend()
-    if backend not in ("auto", "fused"):
-        return (f"the kernel backend is {backend!r} (HYBRIDSSM_KERNELS or hs.use_kernels): "
-                "the step runs block by block")
+    if not fused_backend_selected():
+        return (f"the kernel backend is {_kernels.current_backend()!r} (HYBRIDSSM_KERNELS or "
+                "hs.use_kernels): the step runs block by block")
     return _entry(model).reason
 
 
