@@ -79,3 +79,20 @@ def test_unknown_model_suggests():
 def test_list_models_contains_registered():
     assert "gated_ssm" in hs.list_models()
     assert hs.list_models() == sorted(hs.list_models())
+
+
+def test_lists_become_tuples_so_a_config_equals_its_json_round_trip():
+    """Lists given to a config (also nested inside hybrid's ``backbone_options``) are held as
+    tuples, so that the config equals what its JSON gives back."""
+    from hybridssm.models import HybridConfig
+
+    cfg = HybridConfig(embed_dim=4, hidden_size=32, backbone="mamba2",
+                       backbone_options={"A_init_range": [1.0, 8.0], "dt_limit": [0.0, 4.0]})
+    assert cfg.backbone_options == {"A_init_range": (1.0, 8.0), "dt_limit": (0.0, 4.0)}
+    assert HybridConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    mamba2 = hs.get_config_class("mamba2")(embed_dim=4, hidden_size=32, A_init_range=[2.0, 4.0])
+    assert mamba2.A_init_range == (2.0, 4.0)
+    assert type(mamba2).from_dict(json.loads(json.dumps(mamba2.to_dict()))) == mamba2
+    from hybridssm.config import _frozen
+
+    assert _frozen({"a": [1, [2, {"b": [3]}]]}) == {"a": (1, (2, {"b": (3,)}))}  # at any depth

@@ -2,7 +2,8 @@
 
 Every model has one config class (``MambaConfig``, ``HymbaConfig``, ...) derived from
 :class:`ModelConfig`. ``build(name, **opts) == Model(Config(**opts))``. Validation runs in
-``__post_init__``, so a bad value fails before any weight is allocated.
+``__post_init__``, so a bad value fails before any weight is allocated. Lists become tuples there, also
+inside a mapping (hybrid's ``backbone_options``), so that a config equals its JSON round trip.
 """
 
 from __future__ import annotations
@@ -96,6 +97,10 @@ class ModelConfig:
     residual_in_fp32: bool = False
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # frozen: lists become tuples, also nested (JSON gives them back as lists)
+            value = getattr(self, f.name)
+            if isinstance(value, (list, tuple, Mapping)):
+                object.__setattr__(self, f.name, _frozen(value))
         self.validate()
 
     def validate(self) -> None:
@@ -146,7 +151,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
-        return cls.from_options(**{k: _from_jsonable(v) for k, v in data.items()})
+        return cls.from_options(**data)  # JSON's lists become the config's tuples in __post_init__
 
     def to_json(self) -> str:
         return json.dumps({"model": self.model_name, "config": self.to_dict()}, indent=2)
@@ -357,8 +362,6 @@ class Mamba2Options(SelectiveSSMOptions):
         check_mamba2_options(**self.mamba2_options())
         d_inner = self.expand_factor * self.hidden_size  # type: ignore[attr-defined]
         mamba2_heads(d_inner, self.ssm_head_dim, self.num_groups)
-        for name in ("A_init_range", "dt_limit"):  # frozen configs hold tuples (a list may come in)
-            object.__setattr__(self, name, tuple(getattr(self, name)))
 
     def mamba2_options(self) -> dict[str, Any]:
         """These options as :class:`~hybridssm.mixers.mamba2.Mamba2Mixer` keyword arguments."""
@@ -402,11 +405,11 @@ def _to_jsonable(value: Any) -> Any:
     return value
 
 
-def _from_jsonable(value: Any) -> Any:
-    # Configs hold tuples (frozen), also inside a mapping (hybrid's backbone_options: Mamba-2's
-    # A_init_range); JSON gives lists back.
-    if isinstance(value, list):
-        return tuple(_from_jsonable(v) for v in value)
+def _frozen(value: Any) -> Any:
+    """``value`` with every list (or tuple) a tuple and every mapping a dict, recursively: what a
+    config holds (also inside hybrid's ``backbone_options``, e.g. Mamba-2's ``A_init_range``)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
     if isinstance(value, Mapping):
-        return {k: _from_jsonable(v) for k, v in value.items()}
+        return {k: _frozen(v) for k, v in value.items()}
     return value

@@ -199,3 +199,41 @@ def test_kernel_op_registers_forward_fake_and_backward(monkeypatch):
     with torch._subclasses.fake_tensor.FakeTensorMode():  # the fake gives shapes without the kernel
         fy, fckpt = op(torch.empty(5, 2), torch.empty(5, 2), True)
         assert fy.shape == (5, 2) and fckpt.shape == (5, 2)
+
+
+def test_kernels_report_lists_the_streaming_step():
+    """The streaming step's extension (one C++ call per model step) is listed beside the ops, with
+    its backend and why, without building it."""
+    from hybridssm.ops.step import fused_step_available
+
+    with hs.use_kernels("torch"):
+        assert hs.kernels()["streaming_step"] == {"backend": "torch", "reason": "forced",
+                                                  "available": "ref, torch, fused"}
+    assert hs.kernels("cuda")["streaming_step"]["reason"] == "the fused streaming step runs on CPU only"
+    with hs.use_kernels("auto"):
+        expected = "fused" if fused_step_available() else "torch"  # builds or loads it
+        report = hs.kernels()["streaming_step"]
+    assert report["backend"] == expected
+    assert report["reason"].startswith("fused C++ kernel" if expected == "fused" else "build failed")
+    with pytest.raises(RuntimeError, match="streaming_step.*selects its form itself"):
+        _kernels.get("streaming_step")
+
+
+def test_misspelt_backend_variable_warns_at_import():
+    """A ``HYBRIDSSM_KERNELS`` value outside auto|fused|torch|ref is named at ``import hybridssm``
+    (configs still work), and the first op raises the same message."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import hybridssm as hs, torch\n"
+            "hs.get_config_class('gated_ssm')(embed_dim=3)\n"
+            "print('imported')\n"
+            "hs.build('gated_ssm', embed_dim=3, hidden_size=4)(torch.randn(1, 2, 3))\n")
+    env = {**os.environ, "HYBRIDSSM_KERNELS": "fusd"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    message = "HYBRIDSSM_KERNELS must be one of auto, fused, torch, ref; got 'fusd'"
+    before, _, after = run.stderr.partition("Traceback")
+    assert "UserWarning" in before and message in before and "every op will raise" in before
+    assert run.stdout == "imported\n" and run.returncode != 0
+    assert f"ValueError: {message}" in after

@@ -8,12 +8,14 @@ Each op in ``ops/`` registers its implementations here under one name:
   or CUDA), registered with an ``available()`` probe that builds it on first use.
 
 The backend comes from, in order: ``use_kernels(...)`` blocks (per thread), the ``HYBRIDSSM_KERNELS``
-environment variable (``auto|fused|torch|ref``, read at import), then ``auto``. ``auto`` picks
+environment variable (``auto|fused|torch|ref``, read at import; another value warns at import and
+every op raises the same message), then ``auto``. ``auto`` picks
 ``fused`` when it is available for the op and the input's device, else ``torch``. Under
 ``torch.export`` both ``auto`` and ``fused`` trace the ``torch`` forms (an exported program must not
 need this library's kernels).
 A failed build gives one warning in the whole process, whichever ops it hits, and those ops fall
-back to ``torch``. :func:`kernels` reports all this without building anything.
+back to ``torch``. :func:`kernels` reports all this without building anything, also for the kernels
+whose caller picks the form itself (:func:`register_listed`: the streaming step).
 Modules never test for kernels themselves: they call the op, and the op calls :func:`get`.
 """
 
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["BACKENDS", "register", "get", "kernels", "use_kernels", "current_backend"]
+__all__ = ["BACKENDS", "register", "register_listed", "get", "kernels", "use_kernels", "current_backend"]
 
 BACKENDS = ("auto", "fused", "torch", "ref")
 
@@ -36,6 +38,8 @@ BACKENDS = ("auto", "fused", "torch", "ref")
 @dataclass
 class _Op:
     impls: dict[str, Callable] = field(default_factory=dict)
+    # the forms the op has (ref, torch, fused): the keys of ``impls``, or a listed kernel's forms
+    forms: tuple[str, ...] = ()
     # fused availability probe: device type -> (ok, reason); called once per device type
     fused_probe: Callable[[str], tuple[bool, str]] | None = None
     fused_status: dict[str, tuple[bool, str]] = field(default_factory=dict)
@@ -47,10 +51,21 @@ _LOCAL = threading.local()  # .forced: this thread's stack of use_kernels blocks
 _ENV_BACKEND = os.environ.get("HYBRIDSSM_KERNELS", "auto")
 
 
+def _backend_message(name: str, source: str) -> str:
+    return f"{source} must be one of {', '.join(BACKENDS)}; got {name!r}"
+
+
 def _validate_backend(name: str, source: str) -> str:
     if name not in BACKENDS:
-        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}; got {name!r}")
+        raise ValueError(_backend_message(name, source))
     return name
+
+
+if _ENV_BACKEND not in BACKENDS:
+    # Said at import, where the variable is read: every op (and kernels()) raises this until then.
+    # A warning, not an error: what needs no op (configs, the registry, the CLI's listings) still works.
+    warnings.warn(f"hybridssm: {_backend_message(_ENV_BACKEND, 'HYBRIDSSM_KERNELS')}; every op will raise "
+                  "this error until the variable is fixed or unset", UserWarning)
 
 
 def _forced() -> list[str] | tuple[()]:
@@ -99,11 +114,19 @@ def register(
     impls = {"ref": ref, "torch": torch_impl}
     if fused is not None:
         impls["fused"] = fused
-    _OPS[op] = _Op(impls=impls, fused_probe=fused_probe)
+    _OPS[op] = _Op(impls=impls, forms=tuple(impls), fused_probe=fused_probe)
+
+
+def register_listed(op: str, *, forms: tuple[str, ...], fused_probe: Callable[[str], tuple[bool, str]]) -> None:
+    """List in :func:`kernels` a fused kernel that its caller selects itself instead of through
+    :func:`get` (the streaming step: one C++ call per model step, else the blocks one by one, each
+    through its own ops). ``forms`` are the backends it honours (``ref``, ``torch``, ``fused``);
+    ``fused_probe`` is as in :func:`register` (with a ``peek``, so that the report builds nothing)."""
+    _OPS[op] = _Op(forms=tuple(forms), fused_probe=fused_probe)
 
 
 def _fused_ok(entry: _Op, device_type: str) -> tuple[bool, str]:
-    if "fused" not in entry.impls:
+    if "fused" not in entry.forms:
         return False, "no fused kernel for this op"
     if device_type not in entry.fused_status:
         if entry.fused_probe is None:
@@ -161,7 +184,10 @@ def get(op: str, device: torch.device | str = "cpu") -> Callable:
     """The implementation of ``op`` to call for tensors on ``device``."""
     device_type = torch.device(device).type
     backend, _ = resolve(op, device_type)
-    return _OPS[op].impls[backend]
+    impl = _OPS[op].impls.get(backend)
+    if impl is None:
+        raise RuntimeError(f"{op!r} is listed only (register_listed): its caller selects its form itself")
+    return impl
 
 
 def _report(op: str, device_type: str) -> tuple[str, str]:
@@ -170,7 +196,7 @@ def _report(op: str, device_type: str) -> tuple[str, str]:
     fixed = _requested(device_type)
     if fixed is not None:
         return fixed
-    if "fused" not in entry.impls or device_type in entry.fused_status or entry.fused_probe is None:
+    if "fused" not in entry.forms or device_type in entry.fused_status or entry.fused_probe is None:
         ok, reason = _fused_ok(entry, device_type)  # known already, or nothing to build
     elif hasattr(entry.fused_probe, "peek"):
         ok, reason = entry.fused_probe.peek(device_type)
@@ -189,5 +215,5 @@ def kernels(device: torch.device | str = "cpu", *, build: bool = False) -> dict[
     out = {}
     for op in sorted(_OPS):
         backend, reason = (resolve if build else _report)(op, device_type)
-        out[op] = {"backend": backend, "reason": reason, "available": ", ".join(_OPS[op].impls)}
+        out[op] = {"backend": backend, "reason": reason, "available": ", ".join(_OPS[op].forms)}
     return out

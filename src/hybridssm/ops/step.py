@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from hybridssm.ops import _kernels
-from hybridssm.ops._cpu_ext import load_extension
+from hybridssm.ops._cpu_ext import kernel_probe, load_extension
 
 __all__ = [
     "MixerStep", "NormStep", "FusionStep", "FFNStep", "BlockStep",
@@ -102,6 +102,11 @@ class BlockStep(NamedTuple):
 def step_extension():
     """The compiled step kernels (built on first use, cached)."""
     return load_extension("step")
+
+
+# Listed in hs.kernels() beside the ops: the model's step selects it itself (fused_step_available).
+_kernels.register_listed("streaming_step", forms=("ref", "torch", "fused"),
+                         fused_probe=kernel_probe("step", "streaming step"))
 
 
 def fused_step_kinds() -> list[str]:
