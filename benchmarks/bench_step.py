@@ -18,6 +18,12 @@ The models and options are ``bench_models.py``'s step table (the seeds' defaults
 * frames/s at B = 16, 64, 256 streams (a random 1/60 of rows reset each step, as episodes end),
   with its fraction of the GEMM ceiling (matmul FLOPs per frame x frames/s / the measured GEMM rate).
 
+A second table sets the streams against the machine (:mod:`hybridssm.bench.steps`): "of machine",
+the ideal time (matmul FLOPs / GEMM rate + transcendental elements / exp rate in cache + the bytes of
+the recurrent states read and written and of the attended attention cache read, over the read rate)
+over the measured time; the own-shape GEMM rate (the step's matrix products timed alone at their own
+M = B) and the fraction of it; and the ideal time per frame at B = 64 split into those three parts.
+
 With ``--against SRC`` only the batch-1 step is measured, in subprocesses alternating between this
 checkout's ``src`` and ``SRC`` (``--repeats`` times each; both use this checkout's harness), and the
 table gives each side's median over its runs and the ratio.
@@ -90,7 +96,8 @@ def measure(args, batches: tuple[int, ...], window: bool) -> tuple[list[dict], d
     rates = bench.machine_rates(seconds=0.05 if args.quick else 0.5)
     settings = bench.BenchSettings.quick() if args.quick else bench.BenchSettings()
     plan = bench.StepBench(steps=args.steps, rounds=args.rounds, window=window, batches=batches,
-                           warmup=2 if args.quick else 20, settings=settings)
+                           warmup=2 if args.quick else 20, settings=settings,
+                           gemm_seconds=0.005 if args.quick else 0.1)
     return bench.bench_steps(models, rates, plan), rates
 
 
@@ -154,7 +161,18 @@ def main(argv: list[str] | None = None) -> str:
         "",
         "",
     ]
-    text = "\n".join(head) + bench.format_step_table(rows, batches) + f"\n\nTotal {time.time() - t0:.0f} s."
+    text = "\n".join(head) + bench.format_step_table(rows, batches)
+    if batches:
+        text += "\n".join([
+            "", "", "## Streams against the machine", "",
+            "Of machine: ideal time / measured time; ideal = matmul FLOPs / GEMM rate + transcendental "
+            "elements (exp, sigmoid, silu, tanh, softmax, ... in exps; softplus 2) / exp rate in cache + "
+            "bytes moved (recurrent states read and written once, attended attention cache read once; "
+            "weights, amortised over the batch, left out) / read rate; counted on the PyTorch forms of a "
+            "step without resets. Own-shape GEMM: the step's matrix products timed alone, hot, at their "
+            "own M = B (the rate this model's products reach here), and the step's fraction of it.",
+            "", bench.format_ceiling_table(rows, batches)])
+    text += f"\n\nTotal {time.time() - t0:.0f} s."
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -18,10 +18,14 @@ from hybridssm.bench import (
     StepBench,
     attended_cache_bytes,
     bench_steps,
+    format_ceiling_table,
     format_step_table,
     machine_rates,
     param_bytes,
+    percent,
+    stream_bytes,
 )
+from hybridssm.bench import steps as steps_module
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_step.py"
 TINY = dict(embed_dim=6, hidden_size=16, num_layers=2, num_heads=2, head_dim=8, dropout=0.0)
@@ -57,6 +61,22 @@ def test_attended_cache_bytes_count_hymba_prefix():
     assert attended_cache_bytes(model.init_state(1, max_len=16)) == 2 * per_slot * (3 + 1)
 
 
+def test_attended_cache_bytes_follow_each_row():
+    model = _model("hybrid", attention_every=2, use_sliding_window=False)  # full attention, layer 1
+    _, state = model(torch.randn(2, 9, 6), return_state=True, max_len=32)
+    state.layers[1].pos.copy_(torch.tensor([3, 40]))  # a row just reset, a row past the buffer
+    assert attended_cache_bytes(state) == 2 * 8 * 4 * 2 * (4 + 32)
+
+
+def test_stream_bytes_read_and_write_the_recurrent_state_and_read_the_cache():
+    model = _model("hybrid", attention_every=2, use_sliding_window=False)  # mamba, then attention
+    _, state = model(torch.randn(3, 9, 6), return_state=True, max_len=32)
+    d_inner = 2 * TINY["hidden_size"]  # expand 2; conv window 4 - 1, state_size 16 (the defaults)
+    recurrent = 3 * (d_inner * 3 * 4 + d_inner * 16 * 4 + 8)  # conv, ssm (fp32), the model's pos (int64)
+    assert stream_bytes(state) == 2 * recurrent + attended_cache_bytes(state)
+    assert attended_cache_bytes(state) == 3 * 2 * 2 * 8 * 4 * 10
+
+
 def test_machine_rates_measure_the_read_rate():
     rates = machine_rates(seconds=0.02)
     assert set(rates) == {"gemm_gflops", "exp_gelems", "read_gbs"} and rates["read_gbs"] > 0
@@ -66,7 +86,7 @@ def test_bench_steps_rows_and_ratios():
     models = {"mamba": _model("mamba"),
               "hybrid": _model("hybrid", attention_every=2, use_sliding_window=False),  # full attention
               "hymba": _model("hymba", num_meta_tokens=2)}
-    rates = {"read_gbs": 7.0, "gemm_gflops": 11.0}  # any values: the ratios must follow them
+    rates = {"read_gbs": 7.0, "gemm_gflops": 11.0, "exp_gelems": 3.0}  # any values: the ratios follow them
     rows = bench_steps(models, rates, QUICK)
     assert [r["model"] for r in rows] == list(models)
     for r, model in zip(rows, models.values()):
@@ -77,6 +97,11 @@ def test_bench_steps_rows_and_ratios():
         for b in QUICK.batches:
             assert r[f"flops_{b}"] > 0 and r[f"fps_{b}"] > 0
             assert r[f"gemm_{b}"] == pytest.approx(r[f"flops_{b}"] * r[f"fps_{b}"] / 11e9)
+            assert r[f"trans_{b}"] > 0 and r[f"bytes_{b}"] > 0 and r[f"own_gflops_{b}"] > 0
+            parts = r[f"flops_{b}"] / 11e9, r[f"trans_{b}"] / 3e9, r[f"bytes_{b}"] / 7e9
+            assert [r[f"ideal_{k}_s_{b}"] for k in ("gemm", "exp", "mem")] == pytest.approx(parts)
+            assert r[f"machine_{b}"] == pytest.approx(sum(parts) * r[f"fps_{b}"])
+            assert r[f"own_{b}"] == pytest.approx(r[f"flops_{b}"] * r[f"fps_{b}"] / (r[f"own_gflops_{b}"] * 1e9))
     assert rows[0]["cache_mb"] == 0  # no attention in mamba
     # the attended span: WINDOW frames of history, then the timed steps of a round (and the new key)
     per_slot = 2 * 2 * 8 * 4 / 1e6
@@ -87,20 +112,49 @@ def test_bench_steps_rows_and_ratios():
     assert lines[0] == ("| model | weights MB | bar ms | step ms (B=1) | step / bar | window ms (60 frames) "
                         "| window / step | frames/s B=3 (of GEMM) | frames/s B=5 (of GEMM) |")
     assert len(lines) == 2 + len(models) and all(line.count("|") == 10 for line in lines)
+    ceiling = format_ceiling_table(rows, QUICK.batches).splitlines()
+    assert ceiling[0] == ("| model | of machine B=3 | of machine B=5 | own-shape GEMM B=3 GFLOP/s (of it) "
+                          "| own-shape GEMM B=5 GFLOP/s (of it) | ideal µs/frame B=5: GEMM + exp + memory |")
+    assert len(ceiling) == 2 + len(models) and all(line.count("|") == 7 for line in ceiling)
+    r = rows[0]
+    parts = [r[f"ideal_{k}_s_5"] * 1e6 for k in ("gemm", "exp", "mem")]
+    assert ceiling[2] == (f"| mamba | {percent(r['machine_3'])} | {percent(r['machine_5'])} "
+                          f"| {r['own_gflops_3']:.1f} ({percent(r['own_3'])}) "
+                          f"| {r['own_gflops_5']:.1f} ({percent(r['own_5'])}) "
+                          f"| {sum(parts):.2f} = {parts[0]:.2f} + {parts[1]:.2f} + {parts[2]:.2f} |")
+
+
+def test_stream_ceilings_follow_the_rates_and_the_products_rate(monkeypatch):
+    """With the own-shape GEMM rate and the machine's rates given, every fraction is the row's
+    measured frames/s times its counted work over them."""
+    monkeypatch.setattr(steps_module, "products_rate", lambda products, seconds, device, cache: 5.0)
+    rates = {"read_gbs": 2.0, "gemm_gflops": 4.0, "exp_gelems": 0.5}
+    (r,) = bench_steps({"mamba": _model("mamba")}, rates,
+                       StepBench(steps=2, rounds=1, warmup=1, window=False, batches=(4,), settings=QUICK.settings))
+    fps = r["fps_4"]
+    assert r["own_gflops_4"] == 5.0 and r["own_4"] == pytest.approx(r["flops_4"] * fps / 5e9)
+    ideal = r["flops_4"] / 4e9 + r["trans_4"] / 0.5e9 + r["bytes_4"] / 2e9
+    assert r["machine_4"] == pytest.approx(ideal * fps) and r["machine_4"] > r["gemm_4"]
 
 
 def test_stream_flops_are_the_step_products():
     """A stream's matmul FLOPs per frame: every projection once (2 * in * out) plus the SSM's readout
     ``C . h`` (2 * d_inner * N, a batched product), whatever the batch."""
     model = _model("mamba", num_layers=1)
-    rows = bench_steps({"m": model}, {"read_gbs": 1.0, "gemm_gflops": 1.0},
+    rows = bench_steps({"m": model}, {"read_gbs": 1.0, "gemm_gflops": 1.0, "exp_gelems": 1.0},
                        StepBench(steps=2, rounds=1, warmup=1, window=False, batches=(1, 4),
-                                 settings=QUICK.settings))
+                                 settings=QUICK.settings, gemm_seconds=0.001))
     linears = sum(2 * m.in_features * m.out_features for m in model.modules()
                   if isinstance(m, torch.nn.Linear))
-    readout = 2 * (2 * TINY["hidden_size"]) * 16  # expand 2, state_size 16 (the defaults)
+    d_inner, n = 2 * TINY["hidden_size"], 16  # expand 2, state_size 16 (the defaults)
+    readout = 2 * d_inner * n
     assert rows[0]["flops_1"] == rows[0]["flops_4"] == linears + readout
     assert rows[0]["window_ms"] is None and "—" in format_step_table(rows, (1, 4))
+    # per frame: silu of the conv output and of the gate, softplus of dt (2 exps), the decays
+    # exp(dt A); A = -exp(A_log) once per step, shared by the batch
+    for b in (1, 4):
+        assert rows[0][f"trans_{b}"] == 2 * d_inner + 2 * d_inner + d_inner * n + d_inner * n / b
+        assert rows[0][f"bytes_{b}"] == 2 * (d_inner * 3 * 4 + d_inner * n * 4 + 8)  # read and written
 
 
 @pytest.fixture
@@ -118,12 +172,14 @@ def test_quick_run_writes_table_and_json(script, tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert out.read_text().strip() == text.strip()
-    assert "threads 1" in text and "single-thread read" in text
+    assert "threads 1" in text and "single-thread read" in text and "exp rate in cache" in text
+    assert "| model | of machine B=2 | own-shape GEMM B=2 GFLOP/s (of it) |" in text
     record = json.loads(raw.read_text())
     assert [r["model"] for r in record["rows"]] == ["mamba", "hybrid[gru]"]
     assert {"read_gbs", "gemm_gflops"} <= set(record["rates"])
     for r in record["rows"]:
-        assert f"| {r['model']} | " in text and r["fps_2"] > 0
+        assert text.count(f"| {r['model']} | ") == 2 and r["fps_2"] > 0
+        assert r["machine_2"] > 0 and r["own_2"] > 0 and r["trans_2"] > 0
 
 
 @pytest.mark.slow  # two subprocesses importing torch

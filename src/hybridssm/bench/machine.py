@@ -1,24 +1,31 @@
 """What the machine can do, measured in the same run as the benchmark (DESIGN §5): the fp32 GEMM
-rate, the ``exp`` rate and the single-thread memory read rate, the work a call issues (matmul
-FLOPs, parameter bytes) and the fraction of the ceiling those rates imply that a measured time
-reaches.
+rate, the ``exp`` rate in cache and the single-thread memory read rate, the GEMM rate of a call's own
+matrix products (:func:`products_rate`), the work a call issues (matmul FLOPs, parameter bytes) and
+the fraction of the ceiling those rates imply that a measured time reaches.
 
 Units: GEMM in GFLOP/s, ``exp`` in G elements/s, the read rate in GB/s (1e9 bytes).
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import platform
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["ceiling_fraction", "cpu_name", "machine_line", "machine_rates", "matmul_flops", "param_bytes",
-           "read_rate", "sync", "top_ops"]
+__all__ = ["EXP_ELEMENTS", "best_seconds", "ceiling_fraction", "counting_flops", "cpu_name", "hot_rate", "machine_line", "machine_rates",
+           "matmul_flops", "param_bytes", "products_rate", "read_rate", "sync", "top_ops"]
+
+# The exp rate's buffer: 64K fp32 elements, 256 KiB in and 256 KiB out, inside a core's L2 (1 MiB
+# here; 2 MiB on recent Xeons): the rate of the exps a kernel computes on data in cache. On a buffer
+# larger than the caches the rate is the memory's (4M elements ran at ~0.6 G elem/s here, ~3x slower).
+EXP_ELEMENTS = 1 << 16
 
 
 def sync(device: torch.device) -> None:
@@ -44,30 +51,102 @@ def read_rate(seconds: float = 0.5, mib: int = 128) -> float:
         torch.set_num_threads(threads)
 
 
+def hot_rate(fn: Callable[[], Any], work: float, seconds: float, device: torch.device | str = "cpu") -> float:
+    """``work`` per call of ``fn`` over the seconds a call takes, in G per second: one untimed call,
+    then calls in a loop for ``seconds`` (the same operands each time: hot in the caches)."""
+    device = torch.device(device)
+    fn()
+    sync(device)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        fn()
+        n += 1
+    sync(device)
+    return work * n / (time.perf_counter() - t0) / 1e9
+
+
 def machine_rates(device: torch.device | str = "cpu", seconds: float = 0.5) -> dict[str, float]:
-    """Measured fp32 GEMM rate (``gemm_gflops``, GFLOP/s, 512^3), ``exp`` rate (``exp_gelems``,
-    G elements/s, 4M elements into a fixed buffer) and, on CPU, the single-thread memory read rate
-    (``read_gbs``, GB/s, :func:`read_rate`), each over ``seconds``."""
+    """Measured fp32 GEMM rate (``gemm_gflops``, GFLOP/s, 512^3), ``exp`` rate in cache
+    (``exp_gelems``, G elements/s, :data:`EXP_ELEMENTS` = 64K elements into a fixed buffer, both
+    inside L2) and, on CPU, the single-thread memory read rate (``read_gbs``, GB/s,
+    :func:`read_rate`), each over ``seconds``."""
     device = torch.device(device)
     a = torch.randn(512, 512, device=device)
-    v = torch.randn(1 << 22, device=device)
+    v = torch.randn(EXP_ELEMENTS, device=device)
     e = torch.empty_like(v)  # into a fixed buffer: the rate of exp, not of allocating its output
-
-    def rate(fn: Callable[[], Any], work: float) -> float:
-        fn()
-        sync(device)
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            fn()
-            n += 1
-        sync(device)
-        return work * n / (time.perf_counter() - t0) / 1e9
-
-    out = {"gemm_gflops": rate(lambda: a @ a, 2 * 512**3),
-           "exp_gelems": rate(lambda: torch.exp(v, out=e), v.numel())}
+    out = {"gemm_gflops": hot_rate(lambda: a @ a, 2 * 512**3, seconds, device),
+           "exp_gelems": hot_rate(lambda: torch.exp(v, out=e), v.numel(), seconds, device)}
     if device.type == "cpu":
         out["read_gbs"] = read_rate(seconds)
     return out
+
+
+def best_seconds(fn: Callable[[], Any], seconds: float, chunks: int = 5,
+                 device: torch.device | str = "cpu") -> float:
+    """Seconds per call of ``fn`` in the fastest of ``chunks`` loops that share ``seconds`` (after one
+    untimed call; the same operands each time, hot): the least disturbed by other load."""
+    device = torch.device(device)
+    fn()
+    sync(device)
+    best = math.inf
+    for _ in range(chunks):
+        n, t0 = 0, time.perf_counter()
+        while n == 0 or time.perf_counter() - t0 < seconds / chunks:
+            fn()
+            n += 1
+        sync(device)
+        best = min(best, (time.perf_counter() - t0) / n)
+    return best
+
+
+def products_rate(products: Mapping[Any, int], seconds: float, device: torch.device | str = "cpu",
+                  cache: dict[Any, tuple[float, float]] | None = None) -> float | None:
+    """The GEMM rate (GFLOP/s) of a call's own matrix products (``product -> times made``, as
+    :func:`hybridssm.bench.work.count_work` records them): their FLOPs over the time they take
+    together, each timed alone and hot (:func:`best_seconds` over ``seconds``) less the cost of
+    calling the op from Python (the same op on 1 x 1 operands, :meth:`~hybridssm.bench.work.Product.tiny`),
+    which a fused step does not pay; at least half of its time is kept, so that timing noise on a tiny
+    product cannot make it free. ``cache`` (product -> (FLOPs, seconds)) spares timing a shape
+    twice in a run. None when there are no products."""
+    cache = {} if cache is None else cache
+
+    def seconds_of(product: Any, budget: float) -> float:
+        key = ("call", product)
+        if key not in cache:
+            cache[key] = (0.0, best_seconds(product.replay(device), budget, device=device))
+        return cache[key][1]
+
+    flops = total = 0.0
+    for product, made in products.items():
+        if product not in cache:
+            work = matmul_flops(product.replay(device))
+            took = seconds_of(product, seconds)
+            cache[product] = (work, max(took - seconds_of(product.tiny(), seconds / 4), took / 2))
+        work, took = cache[product]
+        flops += made * work
+        total += made * took
+    return flops / total / 1e9 if total and flops else None
+
+
+@contextlib.contextmanager
+def counting_flops() -> Iterator[Callable[[], int]]:
+    """Count matrix-product FLOPs inside the block (as :func:`matmul_flops` does); yields a function
+    that gives the count so far."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+
+    def total() -> int:
+        per_op = counter.get_flop_counts().get("Global", {})
+        return int(sum(v for op, v in per_op.items() if "convolution" not in str(op)))
+
+    try:
+        with counter:
+            yield total
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def matmul_flops(fn: Callable[[], Any]) -> int:
@@ -80,18 +159,9 @@ def matmul_flops(fn: Callable[[], Any]) -> int:
     Convolutions are left out: the models' convolutions are depthwise (no GEMM), and torch 2.x
     counts a grouped convolution's backward as if it were dense (``groups`` ignored), which would
     add ~0.5 GFLOP per Mamba layer at (32, 60, 256) that is not there."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with counter:
-            fn()
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-    per_op = counter.get_flop_counts().get("Global", {})
-    return int(sum(v for op, v in per_op.items() if "convolution" not in str(op)))
+    with counting_flops() as total:
+        fn()
+    return total()
 
 
 def top_ops(fn: Callable[[], Any], calls: int = 1, row_limit: int = 15) -> str:
@@ -139,7 +209,7 @@ def machine_line(rates: Mapping[str, float], threads: str, kernels: Mapping[str,
     average now and, given ``hs.kernels()``'s answer, the ops on fused kernels."""
     parts = [f"{cpu_name()}, {os.cpu_count()} cores", f"torch {torch.__version__}", f"threads {threads}"]
     measured = [f"fp32 GEMM {rates['gemm_gflops']:.1f} GFLOP/s (512^3)",
-                f"exp {rates['exp_gelems']:.2f} G elem/s"]
+                f"exp {rates['exp_gelems']:.2f} G elem/s (in L2, {EXP_ELEMENTS // 1024}K elements)"]
     if "read_gbs" in rates:
         measured.append(f"single-thread read {rates['read_gbs']:.1f} GB/s")
     parts.append("measured: " + ", ".join(measured))

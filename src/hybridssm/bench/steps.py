@@ -1,6 +1,20 @@
 """Streaming steps (``benchmarks/bench_step.py``): batch-1 step latency against the machine's bar
 (DESIGN §5: reading each weight once), against re-running the window, and many streams at once
-against the GEMM ceiling."""
+against the ceilings the rates measured in the run imply:
+
+* of GEMM: the step's matmul FLOPs over the 512^3 GEMM rate;
+* of machine: the ideal time, matmul FLOPs over the GEMM rate + transcendental elements over the
+  ``exp`` rate in cache (:data:`~hybridssm.bench.work.TRANSCENDENTALS` says which ops count and how
+  many exps each costs) + the bytes a step must move beyond the caches over the read rate: each
+  recurrent state read and written once, the attended attention cache read once
+  (:func:`stream_bytes`). Weights are left out: read once per step, they are amortised over the batch
+  (B = 64 streams of a 6 MB model: 0.1 MB per frame);
+* of own-shape GEMM: the step's matrix products, each timed alone and hot at its own shape (M = B),
+  give the GEMM rate this model's products reach here (thin products such as K = 16 dt projections
+  run far below the 512^3 rate); the fraction is their time over the step's.
+
+FLOPs, transcendentals and products are counted on the PyTorch forms of the step, without the
+resets (those are in the measured time, not in the ideal)."""
 
 from __future__ import annotations
 
@@ -14,33 +28,52 @@ from torch import Tensor, nn
 
 from hybridssm.ops._kernels import use_kernels
 
-from .machine import matmul_flops, param_bytes
-from .tables import cell, markdown_table
+from .machine import param_bytes, products_rate
+from .tables import MISSING, cell, markdown_table, percent
 from .timing import BenchSettings, time_interleaved, time_rounds
+from .work import count_work
 
 __all__ = ["STREAM_BATCHES", "WINDOW", "StepBench", "attended_cache_bytes", "bench_steps",
-           "format_step_table"]
+           "format_ceiling_table", "format_step_table", "stream_bytes"]
 
 WINDOW = 60  # the seeds' real-time window (frames)
 STREAM_BATCHES = (16, 64, 256)
 
 
-def attended_cache_bytes(state: Any) -> int:
-    """Bytes of attention keys and values the next step attends: per attention layer, the filled
-    slots (prefix tokens and the new key included), at most the buffer (a full ring when the
-    window slides), at the furthest row's position."""
+def _state_nodes(state: Any) -> tuple[list[Any], list[Tensor]]:
+    """The attention states (``AttentionState``) in ``state`` and every other tensor in it."""
     from hybridssm.mixers.attention import AttentionState
 
-    total, todo = 0, [state]
+    attention, other, todo = [], [], [state]
     while todo:
         node = todo.pop()
         if isinstance(node, AttentionState):
-            slots = node.k.shape[2]
-            filled = min(int(node.pos.max()) + 1, slots)
-            total += sum(t.numel() // slots * filled * t.element_size() for t in (node.k, node.v))
-        elif isinstance(node, tuple) and not isinstance(node, Tensor):
+            attention.append(node)
+        elif isinstance(node, Tensor):
+            other.append(node)
+        elif isinstance(node, tuple):
             todo.extend(node)
+    return attention, other
+
+
+def attended_cache_bytes(state: Any) -> int:
+    """Bytes of attention keys and values the next step attends: per attention layer and row, the
+    filled slots at the row's position (prefix tokens and the new key included), at most the buffer
+    (a full ring when the window slides)."""
+    total = 0
+    for node in _state_nodes(state)[0]:
+        batch, slots = node.k.shape[0], node.k.shape[2]
+        filled = int((node.pos + 1).clamp(max=slots).sum())
+        total += sum(t.numel() // (batch * slots) * filled * t.element_size() for t in (node.k, node.v))
     return total
+
+
+def stream_bytes(state: Any) -> int:
+    """Bytes a step of ``state``'s streams must move beyond the caches: every recurrent state
+    tensor (conv windows, SSM and delta-rule states, positions) read and written once, and the
+    attention cache the step attends read once (:func:`attended_cache_bytes`)."""
+    recurrent = sum(t.numel() * t.element_size() for t in _state_nodes(state)[1])
+    return 2 * recurrent + attended_cache_bytes(state)
 
 
 def _restore(state: Any, saved: Any) -> None:
@@ -68,6 +101,7 @@ class StepBench:
     window: bool = True
     batches: tuple[int, ...] = STREAM_BATCHES
     settings: BenchSettings = field(default_factory=BenchSettings)
+    gemm_seconds: float = 0.1  # per distinct matrix product, timed alone for the own-shape GEMM rate
 
 
 def _latencies(models: Mapping[str, nn.Module], plan: StepBench) -> dict[str, dict[str, float]]:
@@ -94,23 +128,33 @@ def _latencies(models: Mapping[str, nn.Module], plan: StepBench) -> dict[str, di
     return {k: {"step_s": steps[k], "cache_bytes": statistics.mean(cache[k])} for k in models}
 
 
-def _streams(models: Mapping[str, nn.Module], batch: int, plan: StepBench) -> dict[str, dict[str, float]]:
+def _streams(models: Mapping[str, nn.Module], batch: int, plan: StepBench,
+             products: dict[Any, tuple[float, float]]) -> dict[str, dict[str, float | None]]:
     """Frames/s of ``step(x, state, reset=done, inplace=True)`` at ``batch`` streams, a random
-    1/``WINDOW`` of rows ending their episode each step, and the matmul FLOPs per frame."""
+    1/``WINDOW`` of rows ending their episode each step; per frame, the matmul FLOPs, transcendental
+    elements and bytes moved (the mean of before and after the timed steps); and the GEMM rate of
+    the step's own products (``products``: the shapes timed so far in this run)."""
     s = plan.settings
     cap = WINDOW + s.warmup + s.max_iters + 1  # the most steps a row can take here
-    fns, flops = {}, {}
+    fns, states, out = {}, {}, {}
     for label, model in models.items():
-        state = _prefilled(model, batch, cap)
+        state = states[label] = _prefilled(model, batch, cap)
         p = next(model.parameters())
         x = torch.randn(batch, model.config.embed_dim, device=p.device, dtype=p.dtype)
         dones = iter(torch.rand(s.warmup + s.max_iters, batch, device=p.device) < 1 / WINDOW)
         fns[label] = lambda m=model, x=x, st=state, d=dones: m.step(x, st, reset=next(d), inplace=True)
-        # counted on the PyTorch forms: fused kernels are opaque to the counter, and do the same products
+        # counted on the PyTorch forms: fused kernels are opaque to the counters, and do the same work
         with use_kernels("torch"):
-            flops[label] = matmul_flops(lambda m=model, x=x, st=state: m.step(x, st)) / batch
-    times = time_interleaved(fns, s, next(iter(models.values())).final_norm.weight.device)
-    return {k: {"fps": batch / times[k], "flops_per_frame": flops[k]} for k in models}
+            work = count_work(lambda m=model, x=x, st=state: m.step(x, st))
+        out[label] = {"flops_per_frame": work.flops / batch, "trans_per_frame": work.transcendentals / batch,
+                      "bytes_per_frame": stream_bytes(state) / batch, "products": work.products}
+    device = next(iter(models.values())).final_norm.weight.device
+    times = time_interleaved(fns, s, device)
+    for label, st in out.items():
+        st["fps"] = batch / times[label]
+        st["bytes_per_frame"] = (st["bytes_per_frame"] + stream_bytes(states[label]) / batch) / 2
+        st["own_gflops"] = products_rate(st.pop("products"), plan.gemm_seconds, device, products)
+    return out
 
 
 @torch.inference_mode()
@@ -119,8 +163,11 @@ def bench_steps(models: Mapping[str, nn.Module], rates: Mapping[str, float],
     """One row per model (``label -> model``, in eval mode): batch-1 step ms beside its bar
     (parameter bytes + attended cache bytes over ``rates["read_gbs"]``), re-running the
     ``WINDOW``-frame window, and frames/s of many streams with their fraction of the GEMM ceiling
-    (matmul FLOPs per frame x frames/s over ``rates["gemm_gflops"]``). Every ratio is computed
-    from the measured values in the row."""
+    (matmul FLOPs per frame x frames/s over ``rates["gemm_gflops"]``), of the machine's (the ideal
+    time over the measured one; its parts ``ideal_gemm_s_B``, ``ideal_exp_s_B``, ``ideal_mem_s_B``
+    per frame, from ``rates``' GEMM, ``exp`` and read rates) and of the own-shape GEMM rate
+    (``own_gflops_B``; see the module docstring). Every ratio is computed from the measured values
+    in the row."""
     plan = plan or StepBench()
     lat = _latencies(models, plan)
     windows: dict[str, float] = {}
@@ -129,7 +176,8 @@ def bench_steps(models: Mapping[str, nn.Module], rates: Mapping[str, float],
               for k, m in models.items()}
         windows = time_interleaved({k: (lambda m=m, x=xs[k]: m(x)) for k, m in models.items()},
                                    plan.settings, next(iter(xs.values())).device)
-    streams = {b: _streams(models, b, plan) for b in plan.batches}
+    products: dict[Any, tuple[float, float]] = {}  # a shape shared by models or batches is timed once
+    streams = {b: _streams(models, b, plan, products) for b in plan.batches}
     rows = []
     for label, model in models.items():
         weights = param_bytes(model)
@@ -146,6 +194,16 @@ def bench_steps(models: Mapping[str, nn.Module], rates: Mapping[str, float],
             row[f"fps_{b}"] = st["fps"]
             row[f"flops_{b}"] = st["flops_per_frame"]
             row[f"gemm_{b}"] = st["flops_per_frame"] * st["fps"] / (rates["gemm_gflops"] * 1e9)
+            row[f"trans_{b}"] = st["trans_per_frame"]
+            row[f"bytes_{b}"] = st["bytes_per_frame"]
+            parts = {"gemm": st["flops_per_frame"] / (rates["gemm_gflops"] * 1e9),
+                     "exp": st["trans_per_frame"] / (rates["exp_gelems"] * 1e9),
+                     "mem": st["bytes_per_frame"] / (rates["read_gbs"] * 1e9)}
+            row.update({f"ideal_{k}_s_{b}": v for k, v in parts.items()})
+            row[f"machine_{b}"] = sum(parts.values()) * st["fps"]
+            row[f"own_gflops_{b}"] = st["own_gflops"]
+            row[f"own_{b}"] = (None if st["own_gflops"] is None
+                               else st["flops_per_frame"] * st["fps"] / (st["own_gflops"] * 1e9))
         rows.append(row)
     return rows
 
@@ -160,5 +218,30 @@ def format_step_table(rows: list[dict[str, Any]], batches: tuple[int, ...] = STR
                  cell(r["step_ms"], ".3f"), cell(r["step_bar"], ".1f", "x"), cell(r["window_ms"], ".2f"),
                  cell(r["window_step"], ".1f", "x")]
         cells += [f"{r[f'fps_{b}']:,.0f} ({r[f'gemm_{b}']:.0%})" for b in batches]
+        lines.append(cells)
+    return markdown_table(head, lines)
+
+
+def _split_batch(batches: tuple[int, ...]) -> int:
+    """The batch whose ideal time the ceiling table splits: 64 (the issue's floor), else the nearest."""
+    return min(batches, key=lambda b: abs(b - 64))
+
+
+def format_ceiling_table(rows: list[dict[str, Any]], batches: tuple[int, ...] = STREAM_BATCHES) -> str:
+    """The streams of :func:`bench_steps` rows against the machine: per batch, the fraction of the
+    ideal time (GEMM + exp + memory) and the own-shape GEMM rate with its fraction; then, at B = 64
+    (or the nearest batch), the ideal microseconds per frame split into its three parts (which
+    resource bounds the row)."""
+    split = _split_batch(batches)
+    head = (["model"] + [f"of machine B={b}" for b in batches]
+            + [f"own-shape GEMM B={b} GFLOP/s (of it)" for b in batches]
+            + [f"ideal µs/frame B={split}: GEMM + exp + memory"])
+    lines = []
+    for r in rows:
+        cells = [r["model"]] + [percent(r[f"machine_{b}"]) for b in batches]
+        cells += [MISSING if r[f"own_gflops_{b}"] is None else f"{r[f'own_gflops_{b}']:.1f} ({percent(r[f'own_{b}'])})"
+                  for b in batches]
+        parts = [r[f"ideal_{k}_s_{split}"] * 1e6 for k in ("gemm", "exp", "mem")]
+        cells.append(f"{sum(parts):.2f} = {parts[0]:.2f} + {parts[1]:.2f} + {parts[2]:.2f}")
         lines.append(cells)
     return markdown_table(head, lines)
