@@ -19,7 +19,7 @@ Tables (markdown; the units are in each header):
 
 1. forward+backward and 2. forward: tokens/s per shape, the ratio to the baseline and the fraction
    of the GEMM + exp ceiling (matmul FLOPs counted in the run over the measured GEMM rate, plus the
-   row's exponentials over the measured ``exp`` rate, over the measured time);
+   row's exponentials over the measured ``exp`` rate in cache, over the measured time);
 3. peak memory (MiB) of one forward+backward, each row and shape in its own subprocess;
 4. forward+backward speed of each of our rows over every other row;
 5. streaming at batch 1 (ms): our in-place step (one fused call, and block by block), re-running

@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> str:
     head = [
         bench.machine_line(rates, str(args.threads)),
         "",
+        *(["--quick: tiny models and few iterations, a smoke test of every path; its numbers are not "
+           "measurements.", ""] if args.quick else []),
         f"Step: batch 1, inplace, under inference_mode, median of {args.steps} steps ({args.rounds} "
         "interleaved rounds) from a state that has seen 60 frames. Bar: (parameter bytes + attended "
         "attention cache bytes) / read rate. Window: re-running the 60-frame window, model(x), median. "

@@ -93,7 +93,9 @@ class StepBench:
     """What :func:`bench_steps` measures. ``steps`` batch-1 steps per model, in ``rounds``
     interleaved rounds (each round restarts from the prefilled state, so that full attention's
     span stays near ``WINDOW``); the window and stream timings follow ``settings`` (2 warm-ups,
-    then until ``max_time`` s or ``max_iters``, medians, models interleaved)."""
+    then until ``max_time`` s or ``max_iters``, medians, models interleaved); ``gemm_seconds`` per
+    distinct matrix product of the streams' steps, timed alone for the own-shape GEMM rate (a shape
+    that several models or batches share is timed once)."""
 
     steps: int = 1000
     rounds: int = 5
@@ -101,7 +103,7 @@ class StepBench:
     window: bool = True
     batches: tuple[int, ...] = STREAM_BATCHES
     settings: BenchSettings = field(default_factory=BenchSettings)
-    gemm_seconds: float = 0.1  # per distinct matrix product, timed alone for the own-shape GEMM rate
+    gemm_seconds: float = 0.1
 
 
 def _latencies(models: Mapping[str, nn.Module], plan: StepBench) -> dict[str, dict[str, float]]:
