@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import flop_registry
 
 from .machine import counting_flops
@@ -63,6 +62,13 @@ class _Operand:
         return torch.randn(span, device=device).to(self.dtype).as_strided(self.size, self.stride)
 
 
+def _map(fn: Callable[[Any], Any], value: Any) -> Any:
+    """``fn`` on every leaf of nested lists and tuples, which become tuples (hashable)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_map(fn, v) for v in value)
+    return fn(value)
+
+
 @dataclass(frozen=True)
 class Product:
     """One matrix product a call made: the op and its arguments, tensors as :class:`_Operand`."""
@@ -76,25 +82,24 @@ class Product:
         def meta(a: Any) -> Any:
             return _Operand(tuple(a.shape), tuple(a.stride()), a.dtype) if isinstance(a, Tensor) else a
 
-        return cls(func, tuple(tree_map(meta, list(args))), tuple(sorted(tree_map(meta, dict(kwargs)).items())))
+        return cls(func, _map(meta, args), tuple(sorted((k, _map(meta, v)) for k, v in kwargs.items())))
+
+    def _with(self, fn: Callable[[_Operand], Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        def leaf(a: Any) -> Any:
+            return fn(a) if isinstance(a, _Operand) else a
+
+        return _map(leaf, self.args), {k: _map(leaf, v) for k, v in self.kwargs}
 
     def tiny(self) -> Product:
         """The same op on 1 x 1 operands: what calling it costs beyond the product itself."""
-        def one(a: Any) -> Any:
-            return _Operand((1,) * len(a.size), (1,) * len(a.size), a.dtype) if isinstance(a, _Operand) else a
-
-        return Product(self.func, tuple(one(a) for a in self.args), tuple((k, one(v)) for k, v in self.kwargs))
+        args, kwargs = self._with(lambda a: _Operand((1,) * len(a.size), (1,) * len(a.size), a.dtype))
+        return Product(self.func, args, tuple(sorted(kwargs.items())))
 
     def replay(self, device: torch.device | str = "cpu") -> Callable[[], Any]:
         """A call of the same op on fresh operands of the same shapes and layouts (made once: timed
         in a loop, they stay hot in the caches)."""
         device = torch.device(device)
-
-        def make(a: Any) -> Any:
-            return a.make(device) if isinstance(a, _Operand) else a
-
-        args = tree_map(make, list(self.args), is_leaf=lambda a: isinstance(a, _Operand))
-        kwargs = tree_map(make, dict(self.kwargs), is_leaf=lambda a: isinstance(a, _Operand))
+        args, kwargs = self._with(lambda a: a.make(device))
         return lambda: self.func(*args, **kwargs)
 
     def __str__(self) -> str:
