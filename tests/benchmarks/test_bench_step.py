@@ -101,7 +101,8 @@ def test_bench_steps_rows_and_ratios():
             parts = r[f"flops_{b}"] / 11e9, r[f"trans_{b}"] / 3e9, r[f"bytes_{b}"] / 7e9
             assert [r[f"ideal_{k}_s_{b}"] for k in ("gemm", "exp", "mem")] == pytest.approx(parts)
             assert r[f"machine_{b}"] == pytest.approx(sum(parts) * r[f"fps_{b}"])
-            assert r[f"own_{b}"] == pytest.approx(r[f"flops_{b}"] * r[f"fps_{b}"] / (r[f"own_gflops_{b}"] * 1e9))
+            own = r[f"flops_{b}"] * r[f"fps_{b}"] / (r[f"own_gflops_{b}"] * 1e9)
+            assert r[f"own_{b}"] == pytest.approx(own)
     assert rows[0]["cache_mb"] == 0  # no attention in mamba
     # the attended span: WINDOW frames of history, then the timed steps of a round (and the new key)
     per_slot = 2 * 2 * 8 * 4 / 1e6
@@ -129,8 +130,8 @@ def test_stream_ceilings_follow_the_rates_and_the_products_rate(monkeypatch):
     measured frames/s times its counted work over them."""
     monkeypatch.setattr(steps_module, "products_rate", lambda products, seconds, device, cache: 5.0)
     rates = {"read_gbs": 2.0, "gemm_gflops": 4.0, "exp_gelems": 0.5}
-    (r,) = bench_steps({"mamba": _model("mamba")}, rates,
-                       StepBench(steps=2, rounds=1, warmup=1, window=False, batches=(4,), settings=QUICK.settings))
+    plan = StepBench(steps=2, rounds=1, warmup=1, window=False, batches=(4,), settings=QUICK.settings)
+    (r,) = bench_steps({"mamba": _model("mamba")}, rates, plan)
     fps = r["fps_4"]
     assert r["own_gflops_4"] == 5.0 and r["own_4"] == pytest.approx(r["flops_4"] * fps / 5e9)
     ideal = r["flops_4"] / 4e9 + r["trans_4"] / 0.5e9 + r["bytes_4"] / 2e9

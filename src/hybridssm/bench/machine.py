@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["EXP_ELEMENTS", "best_seconds", "ceiling_fraction", "counting_flops", "cpu_name", "hot_rate", "machine_line", "machine_rates",
-           "matmul_flops", "param_bytes", "products_rate", "read_rate", "sync", "top_ops"]
+__all__ = ["EXP_ELEMENTS", "best_seconds", "ceiling_fraction", "counting_flops", "cpu_name", "hot_rate",
+           "machine_line", "machine_rates", "matmul_flops", "param_bytes", "products_rate", "read_rate",
+           "sync", "top_ops"]
 
 # The exp rate's buffer, per torch thread: 64K fp32 elements, 256 KiB in and 256 KiB out, inside a
 # core's L2 (1 MiB here; 2 MiB on recent Xeons): the rate of the exps a kernel computes on data in
@@ -108,22 +109,18 @@ def products_rate(products: Mapping[Any, int], seconds: float, device: torch.dev
     together, each timed alone and hot (:func:`best_seconds` over ``seconds``) less the cost of
     calling the op from Python (the same op on 1 x 1 operands, :meth:`~hybridssm.bench.work.Product.tiny`),
     which a fused step does not pay; at least half of its time is kept, so that timing noise on a tiny
-    product cannot make it free. ``cache`` (product -> (FLOPs, seconds)) spares timing a shape
-    twice in a run. None when there are no products."""
+    product cannot make it free. ``cache`` keeps (FLOPs, seconds) of each product and of each 1 x 1
+    call timed, so that a run times each shape once. None when there are no products."""
     cache = {} if cache is None else cache
-
-    def seconds_of(product: Any, budget: float) -> float:
-        key = ("call", product)
-        if key not in cache:
-            cache[key] = (0.0, best_seconds(product.replay(device), budget, device=device))
-        return cache[key][1]
-
     flops = total = 0.0
     for product, made in products.items():
         if product not in cache:
-            work = matmul_flops(product.replay(device))
-            took = seconds_of(product, seconds)
-            cache[product] = (work, max(took - seconds_of(product.tiny(), seconds / 4), took / 2))
+            twin = product.tiny()
+            if twin not in cache:
+                cache[twin] = (0.0, best_seconds(twin.replay(device), seconds / 4, device=device))
+            fn = product.replay(device)
+            took = best_seconds(fn, seconds, device=device)
+            cache[product] = (matmul_flops(fn), max(took - cache[twin][1], took / 2))
         work, took = cache[product]
         flops += made * work
         total += made * took
@@ -211,7 +208,8 @@ def machine_line(rates: Mapping[str, float], threads: str, kernels: Mapping[str,
     average now and, given ``hs.kernels()``'s answer, the ops on fused kernels."""
     parts = [f"{cpu_name()}, {os.cpu_count()} cores", f"torch {torch.__version__}", f"threads {threads}"]
     measured = [f"fp32 GEMM {rates['gemm_gflops']:.1f} GFLOP/s (512^3)",
-                f"exp {rates['exp_gelems']:.2f} G elem/s (in L2, {EXP_ELEMENTS // 1024}K elements per thread)"]
+                f"exp {rates['exp_gelems']:.2f} G elem/s (in L2, {EXP_ELEMENTS // 1024}K elements per "
+                "thread)"]
     if "read_gbs" in rates:
         measured.append(f"single-thread read {rates['read_gbs']:.1f} GB/s")
     parts.append("measured: " + ", ".join(measured))

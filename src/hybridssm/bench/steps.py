@@ -241,8 +241,8 @@ def format_ceiling_table(rows: list[dict[str, Any]], batches: tuple[int, ...] = 
     lines = []
     for r in rows:
         cells = [r["model"]] + [percent(r[f"machine_{b}"]) for b in batches]
-        cells += [MISSING if r[f"own_gflops_{b}"] is None else f"{r[f'own_gflops_{b}']:.1f} ({percent(r[f'own_{b}'])})"
-                  for b in batches]
+        cells += [MISSING if r[f"own_gflops_{b}"] is None
+                  else f"{r[f'own_gflops_{b}']:.1f} ({percent(r[f'own_{b}'])})" for b in batches]
         parts = [r[f"ideal_{k}_s_{split}"] * 1e6 for k in ("gemm", "exp", "mem")]
         cells.append(f"{sum(parts):.2f} = {parts[0]:.2f} + {parts[1]:.2f} + {parts[2]:.2f}")
         lines.append(cells)

@@ -65,7 +65,7 @@ if _ENV_BACKEND not in BACKENDS:
     # Said at import, where the variable is read: every op (and kernels()) raises this until then.
     # A warning, not an error: what needs no op (configs, the registry, the CLI's listings) still works.
     warnings.warn(f"hybridssm: {_backend_message(_ENV_BACKEND, 'HYBRIDSSM_KERNELS')}; every op will raise "
-                  "this error until the variable is fixed or unset", UserWarning)
+                  "this error until the variable is fixed or unset", UserWarning, stacklevel=1)
 
 
 def _forced() -> list[str] | tuple[()]:
@@ -117,7 +117,9 @@ def register(
     _OPS[op] = _Op(impls=impls, forms=tuple(impls), fused_probe=fused_probe)
 
 
-def register_listed(op: str, *, forms: tuple[str, ...], fused_probe: Callable[[str], tuple[bool, str]]) -> None:
+def register_listed(
+    op: str, *, forms: tuple[str, ...], fused_probe: Callable[[str], tuple[bool, str]]
+) -> None:
     """List in :func:`kernels` a fused kernel that its caller selects itself instead of through
     :func:`get` (the streaming step: one C++ call per model step, else the blocks one by one, each
     through its own ops). ``forms`` are the backends it honours (``ref``, ``torch``, ``fused``);
