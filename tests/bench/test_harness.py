@@ -158,7 +158,7 @@ def test_machine_line_states_threads_rates_and_kernels():
     kernels = {"scan": {"backend": "fused"}, "x": {"backend": "torch"}}
     line = machine_line(rates, "2 (step latency: 1)", kernels)
     assert "threads 2 (step latency: 1)" in line and "fp32 GEMM 12.3 GFLOP/s" in line
-    assert "exp 0.50 G elem/s (in L2, 64K elements per thread)" in line
+    assert "exp 0.50 G elem/s (in L2, 64K elements, one thread's x threads)" in line
     assert "single-thread read 9.9 GB/s" in line
     assert line.endswith("fused kernels: scan") and f"torch {torch.__version__}" in line
 

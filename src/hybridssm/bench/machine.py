@@ -19,14 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["EXP_ELEMENTS", "best_seconds", "ceiling_fraction", "counting_flops", "cpu_name", "hot_rate",
-           "machine_line", "machine_rates", "matmul_flops", "param_bytes", "products_rate", "read_rate",
-           "sync", "top_ops"]
+__all__ = ["EXP_ELEMENTS", "best_seconds", "ceiling_fraction", "counting_flops", "cpu_name", "exp_rate",
+           "hot_rate", "machine_line", "machine_rates", "matmul_flops", "param_bytes", "products_rate",
+           "read_rate", "sync", "top_ops"]
 
-# The exp rate's buffer, per torch thread: 64K fp32 elements, 256 KiB in and 256 KiB out, inside a
-# core's L2 (1 MiB here; 2 MiB on recent Xeons): the rate of the exps a kernel computes on data in
-# cache. Per thread, so that each thread's slice stays in its core's L2 and one call is long enough
-# that the threads' fork and join (a few microseconds) stays small beside it.
+# The exp rate's buffer: 64K fp32 elements, 256 KiB in and 256 KiB out, inside a core's L2 (1 MiB
+# here; 2 MiB on recent Xeons): the rate of the exps a kernel computes on data in cache.
 EXP_ELEMENTS = 1 << 16
 
 
@@ -67,18 +65,34 @@ def hot_rate(fn: Callable[[], Any], work: float, seconds: float, device: torch.d
     return work * n / (time.perf_counter() - t0) / 1e9
 
 
+def exp_rate(seconds: float = 0.5, device: torch.device | str = "cpu") -> float:
+    """The ``exp`` rate in cache (G elements/s): :data:`EXP_ELEMENTS` = 64K fp32 elements into a
+    fixed buffer, both inside L2. On CPU it is timed on one thread and multiplied by the torch
+    threads: exp on data in cache is work each core does alone, and timing it across threads would
+    time the threads' fork and join (on a loaded machine a thread that waits for a core makes one
+    call last a scheduler time slice). On a buffer larger than the caches the rate can be the
+    memory's."""
+    device = torch.device(device)
+    v = torch.randn(EXP_ELEMENTS, device=device)
+    e = torch.empty_like(v)  # into a fixed buffer: the rate of exp, not of allocating its output
+    if device.type != "cpu":
+        return hot_rate(lambda: torch.exp(v, out=e), v.numel(), seconds, device)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return threads * hot_rate(lambda: torch.exp(v, out=e), v.numel(), seconds, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def machine_rates(device: torch.device | str = "cpu", seconds: float = 0.5) -> dict[str, float]:
     """Measured fp32 GEMM rate (``gemm_gflops``, GFLOP/s, 512^3), ``exp`` rate in cache
-    (``exp_gelems``, G elements/s: :data:`EXP_ELEMENTS` = 64K elements per torch thread into a fixed
-    buffer, each thread's part of both inside its core's L2; on a buffer larger than the caches the
-    rate can be the memory's) and, on CPU, the single-thread memory read rate (``read_gbs``, GB/s,
-    :func:`read_rate`), each over ``seconds``."""
+    (``exp_gelems``, G elements/s, :func:`exp_rate`) and, on CPU, the single-thread memory read rate
+    (``read_gbs``, GB/s, :func:`read_rate`), each over ``seconds``."""
     device = torch.device(device)
     a = torch.randn(512, 512, device=device)
-    v = torch.randn(EXP_ELEMENTS * torch.get_num_threads(), device=device)
-    e = torch.empty_like(v)  # into a fixed buffer: the rate of exp, not of allocating its output
     out = {"gemm_gflops": hot_rate(lambda: a @ a, 2 * 512**3, seconds, device),
-           "exp_gelems": hot_rate(lambda: torch.exp(v, out=e), v.numel(), seconds, device)}
+           "exp_gelems": exp_rate(seconds, device)}
     if device.type == "cpu":
         out["read_gbs"] = read_rate(seconds)
     return out
@@ -208,8 +222,8 @@ def machine_line(rates: Mapping[str, float], threads: str, kernels: Mapping[str,
     average now and, given ``hs.kernels()``'s answer, the ops on fused kernels."""
     parts = [f"{cpu_name()}, {os.cpu_count()} cores", f"torch {torch.__version__}", f"threads {threads}"]
     measured = [f"fp32 GEMM {rates['gemm_gflops']:.1f} GFLOP/s (512^3)",
-                f"exp {rates['exp_gelems']:.2f} G elem/s (in L2, {EXP_ELEMENTS // 1024}K elements per "
-                "thread)"]
+                f"exp {rates['exp_gelems']:.2f} G elem/s (in L2, {EXP_ELEMENTS // 1024}K elements, one "
+                "thread's x threads)"]
     if "read_gbs" in rates:
         measured.append(f"single-thread read {rates['read_gbs']:.1f} GB/s")
     parts.append("measured: " + ", ".join(measured))
