@@ -1,5 +1,5 @@
 """Streaming steps of every model: batch-1 latency against the machine's bar and against re-running
-the window, and many streams at once against the GEMM ceiling (DESIGN §5; issue 12).
+the window, and many streams at once against the GEMM and machine ceilings (DESIGN §5; issue 12).
 
     PYTHONPATH=src python benchmarks/bench_step.py [--quick] [--only NAMES] [--steps 1000] [--rounds 5]
         [--threads 1] [--batches 16,64,256] [--out results/bench_step.md] [--json FILE]
@@ -23,6 +23,11 @@ the ideal time (matmul FLOPs / GEMM rate + transcendental elements / exp rate in
 the recurrent states read and written and of the attended attention cache read, over the read rate)
 over the measured time; the own-shape GEMM rate (the step's matrix products timed alone at their own
 M = B) and the fraction of it; and the ideal time per frame at B = 64 split into those three parts.
+
+``--json`` writes the rates and, per row and batch B: ``fps_B``, ``gemm_B`` (of GEMM), ``machine_B``
+(of machine), ``own_gflops_B`` and ``own_B`` (of it), the work per frame ``flops_B``, ``trans_B``
+(exp-equivalent elements), ``bytes_B``, and the ideal seconds per frame ``ideal_gemm_s_B``,
+``ideal_exp_s_B``, ``ideal_mem_s_B``.
 
 With ``--against SRC`` only the batch-1 step is measured, in subprocesses alternating between this
 checkout's ``src`` and ``SRC`` (``--repeats`` times each; both use this checkout's harness), and the
