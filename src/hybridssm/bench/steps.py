@@ -11,7 +11,10 @@ against the ceilings the rates measured in the run imply:
   (B = 64 streams of a 6 MB model: 0.1 MB per frame);
 * of own-shape GEMM: the step's matrix products, each timed alone and hot at its own shape (M = B),
   give the GEMM rate this model's products reach here (thin products such as K = 16 dt projections
-  run far below the 512^3 rate); the fraction is their time over the step's.
+  run far below the 512^3 rate); the fraction is their time over the step's. The attention's
+  products are among them as the PyTorch form makes them (scores and weighted sums, one row of
+  queries per stream): a fused step that computes those without a GEMM call can beat their rate,
+  so this fraction can pass 100%.
 
 FLOPs, transcendentals and products are counted on the PyTorch forms of the step, without the
 resets (those are in the measured time, not in the ideal)."""
