@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> str:
             "Of machine: ideal time / measured time; ideal = matmul FLOPs / GEMM rate + transcendental "
             "elements (exp, sigmoid, silu, tanh, softmax, ... in exps; softplus 2) / exp rate in cache + "
             "bytes moved (recurrent states read and written once, attended attention cache read once; "
-            "weights, amortised over the batch, left out) / read rate; counted on the PyTorch forms of a "
+            "weights, amortised over the batch, left out) / read rate (the memory's: states that fit in "
+            "L3 can move faster); counted on the PyTorch forms of a "
             "step without resets. Own-shape GEMM: the step's matrix products timed alone, hot, at their "
             "own M = B (the rate this model's products reach here), and the step's fraction of it.",
             "", bench.format_ceiling_table(rows, batches)])

@@ -8,7 +8,9 @@ against the ceilings the rates measured in the run imply:
   many exps each costs) + the bytes a step must move beyond the caches over the read rate: each
   recurrent state read and written once, the attended attention cache read once
   (:func:`stream_bytes`). Weights are left out: read once per step, they are amortised over the batch
-  (B = 64 streams of a 6 MB model: 0.1 MB per frame);
+  (B = 64 streams of a 6 MB model: 0.1 MB per frame). The read rate is the memory's (a 128 MiB
+  buffer): states that fit in the L3 together (Mamba's 2 layers at B = 64: 5 MB) can move faster,
+  so there the memory part is an upper bound and the fraction can pass 100%;
 * of own-shape GEMM: the step's matrix products, each timed alone and hot at its own shape (M = B),
   give the GEMM rate this model's products reach here (thin products such as K = 16 dt projections
   run far below the 512^3 rate); the fraction is their time over the step's. The attention's
