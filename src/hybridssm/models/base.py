@@ -175,6 +175,14 @@ class SequenceModel(ModelChecks, nn.Module):
         restarts. Compiled graphs select every row with ``torch.where`` (no data-dependent shapes)."""
         cap = self.state_max_len(state)
         if not _compiling():
+            if inplace and done.device.type == "cpu":
+                # the streaming path: one fresh row, copied into every restarted row of every
+                # tensor in one call (a Python write per tensor cost more than the rows themselves)
+                if not bool(done.any()):
+                    return state
+                one = self.init_state(1, device=state.pos.device, max_len=cap)
+                if streaming.fill_rows(state, one, done.contiguous()):
+                    return state
             rows = done.nonzero().squeeze(1)
             if rows.numel() == 0:
                 return state

@@ -187,10 +187,13 @@ class Hymba(SequenceModel):
         if self.meta_embedding is None:
             return zero
         one = self._prefill_meta(device=zero.pos.device, max_len=max_len)
-        layers = pytree.tree_map(
-            lambda t, z: t.expand(batch_size, *t.shape[1:]).to(z.dtype, copy=True).contiguous(),
-            one, zero.layers,
-        )
+        if batch_size == 1:  # the prefill's own buffers (a reset's fresh row): no copy
+            layers = pytree.tree_map(lambda t, z: t.to(z.dtype).contiguous(), one, zero.layers)
+        else:
+            layers = pytree.tree_map(
+                lambda t, z: t.expand(batch_size, *t.shape[1:]).to(z.dtype, copy=True).contiguous(),
+                one, zero.layers,
+            )
         return ModelState(layers, zero.pos)
 
     def _prefill_meta(self, *, device, max_len) -> tuple:
