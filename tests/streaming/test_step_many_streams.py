@@ -115,6 +115,21 @@ def test_fill_rows_declines_what_it_cannot_copy_and_writes_nothing():
         _assert_states_equal(out.index(0), one)
 
 
+def test_reset_of_a_state_that_needs_its_gradient_stays_with_autograd(fill_calls):
+    model = _model("mamba")
+    _, state = model.step(torch.randn(2, 6), model.init_state(2))  # grad mode: part of the graph
+    grads = [t for t in pytree.tree_leaves(state) if t.requires_grad]
+    assert grads
+    versions = [t._version for t in grads]
+    out = model.reset_rows(state, torch.tensor([True, False]), inplace=True)
+    # declined (a C++ copy would be invisible to autograd): written by index_copy_, which bumps
+    # every tensor's version, so a backward through a stale saved value fails loudly
+    assert fill_calls == [False]
+    assert all(t._version > v for t, v in zip(grads, versions))
+    with torch.no_grad():
+        _assert_states_equal(out.index(0), model.init_state(1))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_small_batch_gives_each_row_its_own_values_exactly(name, dtype):
