@@ -169,12 +169,22 @@ class SequenceModel(ModelChecks, nn.Module):
     def reset_rows(self, state: ModelState, done: Tensor, inplace: bool = False) -> ModelState:
         """Rows where ``done`` is True restart from :meth:`init_state`.
 
-        In eager mode only those rows are built and written (an ``init_state`` of their count,
-        copied into their slots), so a reset costs what the restarted rows hold, not the whole
-        batch's buffers (many streams with full attention caches); nothing happens when no row
-        restarts. Compiled graphs select every row with ``torch.where`` (no data-dependent shapes)."""
+        In eager mode only those rows are written, so a reset costs what the restarted rows hold,
+        not the whole batch's buffers (many streams with full attention caches); nothing happens
+        when no row restarts. In place on the CPU, one fresh row (``init_state(1)``) is copied into
+        every restarted row of every tensor in one C++ call (:func:`hybridssm.streaming.fill_rows`);
+        otherwise an ``init_state`` of their count is copied into their slots, tensor by tensor.
+        Compiled graphs select every row with ``torch.where`` (no data-dependent shapes)."""
         cap = self.state_max_len(state)
         if not _compiling():
+            if inplace and done.device.type == "cpu":
+                # the streaming path: one fresh row, copied into every restarted row of every
+                # tensor in one call (a Python write per tensor cost more than the rows themselves)
+                if not bool(done.any()):
+                    return state
+                one = self.init_state(1, device=state.pos.device, max_len=cap)
+                if streaming.fill_rows(state, one, done.contiguous()):
+                    return state
             rows = done.nonzero().squeeze(1)
             if rows.numel() == 0:
                 return state

@@ -186,19 +186,23 @@ class Hymba(SequenceModel):
         zero = super().init_state(batch_size, device=device, dtype=dtype, max_len=max_len)
         if self.meta_embedding is None:
             return zero
-        one = self._prefill_meta(device=zero.pos.device, max_len=max_len)
+        if batch_size == 1:  # a reset's fresh row: the prefill writes the zero state's own buffers
+            return ModelState(self._prefill_meta(zero), zero.pos)
+        one = self._prefill_meta(super().init_state(1, device=zero.pos.device, max_len=max_len))
         layers = pytree.tree_map(
             lambda t, z: t.expand(batch_size, *t.shape[1:]).to(z.dtype, copy=True).contiguous(),
             one, zero.layers,
         )
         return ModelState(layers, zero.pos)
 
-    def _prefill_meta(self, *, device, max_len) -> tuple:
-        zero = super().init_state(1, device=device, max_len=max_len)
-        meta = self.meta_embedding.to(device=device, dtype=self._compute_dtype()).unsqueeze(0)
-        # the fused step where it applies: every stream's reset runs this, and the M frames through
-        # the one-call plan cost a fraction of the blocks' forward (dozens of small ops per layer)
+    def _prefill_meta(self, zero: ModelState) -> tuple:
+        """The layer states after the meta tokens, from ``zero`` (a zero state of batch 1)."""
+        meta = self.meta_embedding.to(device=zero.pos.device, dtype=self._compute_dtype()).unsqueeze(0)
+        # the fused step where it applies (in place): every stream's reset runs this, and the M
+        # frames through the one-call plan cost a fraction of the blocks' forward (dozens of small
+        # ops per layer)
         if streaming.prefill_blocks(self, meta, zero):
             return tuple(zero.layers)
         _, layers = super()._run_blocks(meta, zero.layers, None, False)
-        return tuple(layers)
+        # contiguous buffers (a conv window is a slice of the chunk), as every state a stream steps
+        return tuple(pytree.tree_map(lambda t: t.contiguous(), layers))

@@ -4,6 +4,8 @@
 
 #include "step/common.h"
 
+#include <cstring>
+
 // one include per mixer kind (each file registers its kernels)
 #include "step/attention.h"
 #include "step/delta_rule.h"
@@ -38,6 +40,41 @@ at::Tensor mixer_step(const std::string& kind, const at::Tensor& x, const std::v
   return fn(x.contiguous(), spec, states.data(), pos);
 }
 
+// Rows of a state restart: each dst [B, ...] takes src [1, ...] (the state of one fresh row) in the
+// rows where done [B] (bool) is true, in place: one call for every tensor of a state, so a reset
+// costs the bytes of the restarted rows. Returns how many rows restarted, or -1, with nothing
+// written, where the tensors do not fit this copy (the caller then writes the rows itself): every
+// tensor on the CPU and contiguous, each src of its dst's dtype and row shape.
+int64_t fill_rows(const std::vector<at::Tensor>& dst, const std::vector<at::Tensor>& src, const at::Tensor& done) {
+  if (dst.size() != src.size() || done.dim() != 1 || done.scalar_type() != at::kBool || !done.is_contiguous() ||
+      !done.is_cpu()) {
+    return -1;
+  }
+  const int64_t B = done.size(0);
+  for (size_t k = 0; k < dst.size(); ++k) {
+    const auto& d = dst[k];
+    const auto& s = src[k];
+    const bool fits = d.defined() && s.defined() && d.is_cpu() && s.is_cpu() && d.dim() >= 1 &&
+                      d.size(0) == B && d.is_contiguous() && s.dim() == d.dim() && s.size(0) == 1 &&
+                      s.sizes().slice(1) == d.sizes().slice(1) && s.scalar_type() == d.scalar_type() &&
+                      s.is_contiguous();
+    if (!fits) return -1;
+  }
+  const bool* flag = done.data_ptr<bool>();
+  int64_t count = 0;
+  for (int64_t r = 0; r < B; ++r) count += flag[r] ? 1 : 0;
+  if (count == 0) return 0;
+  for (size_t k = 0; k < dst.size(); ++k) {
+    const int64_t row = static_cast<int64_t>(src[k].nbytes());
+    auto* out = static_cast<char*>(dst[k].data_ptr());
+    const auto* in = static_cast<const char*>(src[k].data_ptr());
+    for (int64_t r = 0; r < B; ++r) {
+      if (flag[r]) std::memcpy(out + r * row, in, row);
+    }
+  }
+  return count;
+}
+
 std::vector<std::string> mixer_kinds() {
   std::vector<std::string> out;
   for (const auto& kv : hybridssm::step::mixer_registry()) out.push_back(kv.first);
@@ -48,6 +85,9 @@ std::vector<std::string> mixer_kinds() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mixer_step", &mixer_step, "one fused mixer step (CPU, no autograd; states in place)");
+  m.def("fill_rows", &fill_rows, "restart the rows where done is true from one fresh row (in place)",
+        pybind11::arg("dst"), pybind11::arg("src"), pybind11::arg("done"),
+        pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("mixer_kinds", &mixer_kinds, "the mixer kinds that have a fused step");
   using hybridssm::step::Plan;
   pybind11::class_<Plan>(m, "Plan", "a model's whole step in one call (see step/plan.h)")

@@ -136,21 +136,74 @@ void gemv_rows(const scalar_t* W, const scalar_t* x, const scalar_t* bias, scala
   for (; o < O; ++o) y[o] = dot(W + o * I, x, I) + (bias != nullptr ? bias[o] : scalar_t(0));
 }
 
-// x [B, I] @ W[O, I]^T (+ bias) -> [B, O]: row-wise gemv for a small batch, a GEMM otherwise.
-// W (and bias) in x's dtype and contiguous (see as_); x may be a strided row view.
+// gemv_rows for NX input rows at once (x row j at x + j * ldx, y row j at y + j * ldy): each
+// weight row is loaded once for the NX rows, so a few rows (a small batch, a short prefill) read the
+// weights once instead of NX times. Each output keeps gemv_rows' own accumulation (one vector over
+// the input in order, its tail, the horizontal sum, then the bias), so the values are those of NX
+// separate gemv_rows calls. KR weight rows per pass keep KR * NX accumulators in registers.
+template <typename scalar_t, int NX, int KR>
+void gemv_rows_multi(const scalar_t* W, const scalar_t* x, int64_t ldx, const scalar_t* bias, scalar_t* y,
+                     int64_t ldy, int64_t O, int64_t I) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t Wd = Vec::size();
+  auto out = [&](int64_t o, int j, const Vec& acc) {
+    y[j * ldy + o] = hybridssm::hsum(acc) + (bias != nullptr ? bias[o] : scalar_t(0));
+  };
+  int64_t o = 0;
+  for (; o + KR <= O; o += KR) {
+    Vec acc[KR][NX];
+    for (int r = 0; r < KR; ++r)
+      for (int j = 0; j < NX; ++j) acc[r][j] = Vec(0);
+    int64_t i = 0;
+    for (; i + Wd <= I; i += Wd) {
+      Vec xv[NX];
+      for (int j = 0; j < NX; ++j) xv[j] = Vec::loadu(x + j * ldx + i);
+      for (int r = 0; r < KR; ++r) {
+        const Vec w = Vec::loadu(W + (o + r) * I + i);
+        for (int j = 0; j < NX; ++j) acc[r][j] = at::vec::fmadd(w, xv[j], acc[r][j]);
+      }
+    }
+    if (i < I) {
+      Vec xv[NX];
+      for (int j = 0; j < NX; ++j) xv[j] = Vec::loadu(x + j * ldx + i, I - i);
+      for (int r = 0; r < KR; ++r) {
+        const Vec w = Vec::loadu(W + (o + r) * I + i, I - i);
+        for (int j = 0; j < NX; ++j) acc[r][j] = at::vec::fmadd(w, xv[j], acc[r][j]);
+      }
+    }
+    for (int r = 0; r < KR; ++r)
+      for (int j = 0; j < NX; ++j) out(o + r, j, acc[r][j]);
+  }
+  for (; o < O; ++o) {
+    for (int j = 0; j < NX; ++j) {
+      y[j * ldy + o] = dot(W + o * I, x + j * ldx, I) + (bias != nullptr ? bias[o] : scalar_t(0));
+    }
+  }
+}
+
+// x [B, I] @ W[O, I]^T (+ bias) -> [B, O]: gemv for a small batch (B <= 4: the weights read once for
+// all rows), a GEMM otherwise. W (and bias) in x's dtype and contiguous (see as_); x may be a strided
+// row view.
 inline at::Tensor linear_small(const at::Tensor& x, const at::Tensor& W, const at::Tensor& bias) {
   const int64_t B = x.size(0), I = x.size(1), O = W.size(0);
   const bool has_bias = present(bias);
   TORCH_CHECK(W.dim() == 2 && W.size(1) == I && (!has_bias || bias.numel() == O),
               "hybridssm step: linear of input ", x.sizes(), " with weight ", W.sizes(), " does not fit");
   if (B > 4) return has_bias ? at::addmm(bias, x, W.t()) : at::mm(x, W.t());
-  const auto xc = x.contiguous();
+  const auto xc = x.stride(1) == 1 ? x : x.contiguous();
+  const int64_t ldx = xc.stride(0);
   auto y = at::empty({B, O}, x.options());
+  if (B == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_small", [&] {
     const scalar_t* b = has_bias ? bias.data_ptr<scalar_t>() : nullptr;
-    for (int64_t r = 0; r < B; ++r) {
-      gemv_rows<scalar_t>(W.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>() + r * I, b,
-                          y.data_ptr<scalar_t>() + r * O, O, I);
+    const scalar_t* w = W.data_ptr<scalar_t>();
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    switch (B) {
+      case 1: return gemv_rows<scalar_t>(w, xp, b, yp, O, I);
+      case 2: return gemv_rows_multi<scalar_t, 2, 4>(w, xp, ldx, b, yp, O, O, I);
+      case 3: return gemv_rows_multi<scalar_t, 3, 3>(w, xp, ldx, b, yp, O, O, I);
+      default: return gemv_rows_multi<scalar_t, 4, 2>(w, xp, ldx, b, yp, O, O, I);
     }
   });
   return y;

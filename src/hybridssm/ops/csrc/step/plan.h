@@ -156,27 +156,33 @@ class Plan {
   }
 
   // Tokens that enter at the blocks (no input projection, no final norm), such as Hymba's meta tokens:
-  // h [B, T, d], the first block's inputs; states as in run; pos [B] advances by T. Block by block, each
-  // block over the T frames in order before the next (its weights come from memory once, then from
-  // cache): a block's frame t needs only its own input at t and its state after t - 1, so the values
-  // are those of T steps. Returns the last block's outputs [B, T, d].
+  // h [B, T, d], the first block's inputs; states as in run; pos [B] advances by T. Block by block: a
+  // block's frame t needs only its own input at t and its state after t - 1, so each block runs its
+  // mixers frame by frame and its row-wise parts (norms, fusion, FFN) over all T frames at once, which
+  // reads their weights once for the T frames (a linear of up to 4 rows is gemv_rows_multi, whose
+  // values are those of one row at a time). Returns the last block's outputs [B, T, d].
   at::Tensor prefill(const at::Tensor& h_seq, std::vector<at::Tensor> states, at::Tensor pos) const {
     TORCH_CHECK(h_seq.dim() == 3, "step plan: h must be [B, T, hidden], got ", h_seq.sizes());
-    const int64_t T = h_seq.size(1);
-    check_states(states, pos, h_seq.size(0));
-    auto h = h_seq.clone(at::MemoryFormat::Contiguous);
+    const int64_t B = h_seq.size(0), T = h_seq.size(1), d = h_seq.size(2);
+    check_states(states, pos, B);
+    // frame-major rows [T * B, d] (frame t is rows t*B .. t*B + B - 1), a copy: h_seq is not written
+    at::Tensor h = h_seq.transpose(0, 1).clone(at::MemoryFormat::Contiguous).view({T * B, d});
     const auto pos0 = pos.clone();
     at::Tensor* st = states.data();
     for (const auto& blk : blocks_) {
-      for (int64_t t = 0; t < T; ++t) {
-        pos.copy_(pos0 + t);
-        auto frame = h.select(1, t);
-        frame.copy_(block(blk, frame.contiguous(), st, pos));
-      }
+      auto mixer_frames = [&](const Mixer& mx, at::Tensor* s, const at::Tensor& hn) {
+        std::vector<at::Tensor> ys;
+        for (int64_t t = 0; t < T; ++t) {
+          pos.copy_(pos0 + t);
+          ys.push_back(mx.fn(hn.narrow(0, t * B, B), mx.spec, s, pos));
+        }
+        return at::cat(ys, 0);
+      };
+      h = block_with(blk, h, st, mixer_frames);
       st += blk.n_states;
     }
     pos.copy_(pos0 + T);
-    return h;
+    return h.reshape({T, B, d}).transpose(0, 1).contiguous();
   }
 
  private:
@@ -204,16 +210,22 @@ class Plan {
 
   // one block on h [B, d] (contiguous), its states from st on
   static at::Tensor block(const Block& blk, const at::Tensor& h, at::Tensor* st, const at::Tensor& pos) {
+    return block_with(blk, h, st, [&](const Mixer& mx, at::Tensor* s, const at::Tensor& hn) {
+      return mx.fn(hn, mx.spec, s, pos);
+    });
+  }
+
+  // one block on the rows h [N, d] (contiguous), its mixers run by mixer(mx, its states, normed rows)
+  template <typename MixerCall>
+  static at::Tensor block_with(const Block& blk, const at::Tensor& h, at::Tensor* st, const MixerCall& mixer) {
     const at::Tensor hn = blk.pre_norm ? blk.norm(h).contiguous() : h;
     at::Tensor y;
     if (blk.fusion == kNoFusion) {
-      const auto& mx = blk.mixers[0];
-      y = mx.fn(hn, mx.spec, st, pos);
+      y = mixer(blk.mixers[0], st, hn);
     } else {
       const auto& ms = blk.mixers[0];
-      const auto ys = ms.fn(hn, ms.spec, st, pos);
-      const auto& ma = blk.mixers[1];
-      const auto ya = ma.fn(hn, ma.spec, st + ms.n_states, pos);
+      const auto ys = mixer(ms, st, hn);
+      const auto ya = mixer(blk.mixers[1], st + ms.n_states, hn);
       y = fuse(blk, hn, ys, ya);
     }
     at::Tensor out = blk.pre_norm ? h + y : blk.norm(h + y);
