@@ -62,6 +62,8 @@ class Mixer(nn.Module):
     def _device_dtype(
         self, device: torch.device | str | None, dtype: torch.dtype | None
     ) -> tuple[torch.device, torch.dtype]:
+        if device is not None and dtype is not None:  # a model's init_state gives both: no parameter walk
+            return torch.device(device), dtype
         p = self._param()
         return torch.device(device) if device is not None else p.device, dtype or p.dtype
 
