@@ -2,13 +2,14 @@
 //
 //   w: in_w [2E, d], conv_w [E, 1, K] or [E, K], conv_b [E] or empty, xproj_w [R + 2N, E],
 //      dt_w [E, R], dt_bias [E], A_log [E, N], D [E], out_w [d, E],
-//      dt_norm_w [R], b_norm_w [N], c_norm_w [N] (all three or none: the inner norms), f = (eps)
+//      dt_norm_w [R], b_norm_w [N], c_norm_w [N] (all three or none: the inner norms),
+//      in_b [2E], out_b [d] (or empty: proj_bias), f = (eps)
 //   states: conv [B, E, K-1], ssm [B, E, N]
 //
-//   xi, z = in_proj(x); u = silu(conv([conv ; xi]) + conv_b); dt, Bn, Cn = x_proj(u)
+//   xi, z = in_proj(x) (+ in_b); u = silu(conv([conv ; xi]) + conv_b); dt, Bn, Cn = x_proj(u)
 //   with inner norms (Jamba): dt, Bn, Cn = rms(dt) dt_norm_w, rms(Bn) b_norm_w, rms(Cn) c_norm_w
 //   delta = softplus(dt_proj(dt) + dt_bias); h = exp(delta * A) h + delta u Bn, A = -exp(A_log)
-//   y = out_proj((Cn . h + D u) * silu(z))
+//   y = out_proj((Cn . h + D u) * silu(z)) (+ out_b)
 //
 // A is computed from A_log on every call (nothing derived is kept), with the same vectorised exp as
 // the forward's torch.exp; the decay uses the selective scan's exp (exp_u20 in fp32). The dt
@@ -46,7 +47,7 @@ void rmsnorm_rows_inplace(scalar_t* v, int64_t rows, int64_t stride, int64_t d, 
 
 inline at::Tensor mamba_mixer_step(const at::Tensor& x, const MixerSpec& m, at::Tensor* states,
                                    const at::Tensor& /*pos*/) {
-  TORCH_CHECK(m.w.size() == 12, "mamba step: expected 12 weights, got ", m.w.size());
+  TORCH_CHECK(m.w.size() == 14, "mamba step: expected 14 weights, got ", m.w.size());
   const bool inner_norms = m.w[9].defined() && m.w[9].numel() > 0;
   const auto dt = x.scalar_type();
   const at::Tensor& conv = states[0];
@@ -63,7 +64,9 @@ inline at::Tensor mamba_mixer_step(const at::Tensor& x, const MixerSpec& m, at::
                   ssm.dim() == 3 && ssm.size(0) == Bsz && ssm.size(1) == E && ssm.size(2) == N,
               "mamba step: states ", conv.sizes(), ", ", ssm.sizes(), " do not fit the weights (B=", Bsz,
               ", E=", E, ", K=", K, ", N=", N, ")");
-  const auto xz = linear_small(x, as_(m.w[0], dt), at::Tensor()).contiguous();  // [B, 2E]
+  const at::Tensor in_b = present(m.w[12]) ? as_(m.w[12], dt) : at::Tensor();
+  const at::Tensor out_b = present(m.w[13]) ? as_(m.w[13], dt) : at::Tensor();
+  const auto xz = linear_small(x, as_(m.w[0], dt), in_b).contiguous();  // [B, 2E]
   const auto conv_w = as_(m.w[1], dt);
   const auto conv_b = opt(m.w[2], dt);
   auto u = at::empty({Bsz, E}, x.options());
@@ -89,14 +92,15 @@ inline at::Tensor mamba_mixer_step(const at::Tensor& x, const MixerSpec& m, at::
               "mamba step: weights do not fit each other");
   auto A = at::empty({E, N}, x.options());
   auto y = at::empty({Bsz, E}, x.options());
+  const auto out_w = as_(m.w[8], dt);
   AT_DISPATCH_FLOATING_TYPES(dt, "mamba_update", [&] {
     mamba_decay_rates(A_log.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(), E * N);
     const MambaWeights<scalar_t> w{dt_w.data_ptr<scalar_t>(), dt_bias.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(),
-                                   Dv.data_ptr<scalar_t>(), E, R, N};
+                                   Dv.data_ptr<scalar_t>(), E, R, N, out_w.data_ptr(), out_w.nbytes()};
     mamba_update_rows<scalar_t>(xz.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), dbc.data_ptr<scalar_t>(),
                                 ssm.data_ptr<scalar_t>(), w, y.data_ptr<scalar_t>(), Bsz);
   });
-  return linear_small(y, as_(m.w[8], dt), at::Tensor());
+  return linear_small(y, out_w, out_b);
 }
 
 HYBRIDSSM_MIXER_STEP(mamba, mamba_mixer_step, 2);

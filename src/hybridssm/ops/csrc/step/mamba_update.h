@@ -33,6 +33,7 @@ struct MambaRow {
   const scalar_t* dbc;  // [R + 2N] dt, Bn, Cn (after the inner norms, if any)
   scalar_t* h;          // [E, N] the state, updated in place
   scalar_t* y;          // [E] out
+  const char* warm;     // bytes to bring into the L2 while this row computes (E lines), or null
 };
 
 template <typename scalar_t>
@@ -42,6 +43,8 @@ struct MambaWeights {
   const scalar_t* A;        // [E, N], -exp(A_log)
   const scalar_t* D;        // [E]
   int64_t E, R, N;
+  const void* next_w = nullptr;  // the weight the next GEMM reads (out_proj's), warmed into the L2
+  int64_t next_w_bytes = 0;
 };
 
 // How far ahead (bytes) the state is prefetched: a few dozen channels of compute hide a miss.
@@ -126,6 +129,7 @@ inline void mamba_chunk(const MambaRow<scalar_t>& row, const MambaWeights<scalar
     for (int64_t b = 0; b < N * int64_t(sizeof(scalar_t)); b += 64) {
       __builtin_prefetch(reinterpret_cast<const char*>(h) + kStatePrefetchBytes + b, 1);
     }
+    if (row.warm != nullptr) __builtin_prefetch(row.warm + e * 64, 0, 2);
     acc[l] = NV > 0 ? mamba_channel<scalar_t, NV>(w.A + e * N, h, Bv, Cv, delta[l], row.u[e])
                     : mamba_channel_any<scalar_t>(w.A + e * N, h, Bn, Cn, delta[l], row.u[e], N);
   }
@@ -160,10 +164,16 @@ void mamba_update_rows(const scalar_t* xz, const scalar_t* u, const scalar_t* db
                     : nv == 3 ? mamba_update_row<scalar_t, 3>
                     : nv == 4 ? mamba_update_row<scalar_t, 4>
                               : mamba_update_row<scalar_t, 0>;
+  // The state streams through the L2 and evicts the weights: the last rows bring out_proj's weight
+  // back (one line per channel), so that its GEMM reads it from the L2.
+  const int64_t lines = (w.next_w_bytes + 63) / 64;
+  const int64_t warm_rows = Bsz >= 16 && w.next_w != nullptr ? std::min(Bsz, (lines + E - 1) / E) : 0;
   at::parallel_for(0, Bsz, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
+      const int64_t k = b - (Bsz - warm_rows);
+      const char* warm = k >= 0 ? static_cast<const char*>(w.next_w) + k * E * 64 : nullptr;
       const MambaRow<scalar_t> row{xz + b * 2 * E + E, u + b * E, dbc + b * (R + 2 * N), ssm_state + b * E * N,
-                                   y + b * E};
+                                   y + b * E, warm};
       row_fn(row, w);
     }
   });
