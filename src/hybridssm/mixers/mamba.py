@@ -64,6 +64,8 @@ class MambaStepWeights(NamedTuple):
     dt_norm_w: Tensor | None  # [R]: the inner norms' gains (inner_norms), else None
     b_norm_w: Tensor | None  # [N]
     c_norm_w: Tensor | None  # [N]
+    in_b: Tensor | None  # [2E]: the projections' biases (proj_bias), else None
+    out_b: Tensor | None  # [d]
 
 
 class SelectiveSSM(nn.Module):
@@ -223,13 +225,10 @@ class MambaMixer(Mixer):
         return self.out_proj(y.to(x.dtype)), finish_state(state, new, inplace)
 
     # -- the fused step (one C++ call: ops/csrc/step/mamba.h) -------------------------------------
-    def step_spec(self) -> MixerStep | None:
+    def step_spec(self) -> MixerStep:
         """This mixer's fused step: kind ``"mamba"`` with :class:`MambaStepWeights` (the parameters
         themselves; ``-exp(A_log)`` is computed by the kernel on every call; floats: the inner norms'
-        eps). None with ``proj_bias=True`` (the kernel's projections have no biases, the reference's
-        default): such a step runs the module code."""
-        if self.proj_bias:
-            return None
+        eps; with ``proj_bias``, the projections' biases)."""
         ssm = self.ssm
         norms = (ssm.dt_norm, ssm.b_norm, ssm.c_norm)
         eps = ssm.dt_norm.eps if ssm.inner_norms else 0.0
@@ -237,13 +236,13 @@ class MambaMixer(Mixer):
             self.in_proj.weight, self.conv.weight, self.conv.bias, ssm.x_proj.weight, ssm.dt_proj.weight,
             ssm.dt_bias, ssm.A_log, ssm.D, self.out_proj.weight,
             *(n.weight if ssm.inner_norms else None for n in norms),
+            self.in_proj.bias, self.out_proj.bias,
         ), floats=(float(eps),))
 
     def _fused_step_applies(self, x: Tensor, state: MambaState) -> bool:
         """A T = 1 call in eager mode, on CPU, with no gradient needed, in one fp32/fp64 dtype for the
         input, the states and the parameters (no autocast), with the fused backend selected."""
-        if (torch.compiler.is_compiling() or x.device.type != "cpu" or self.proj_bias
-                or not fused_step_available()):
+        if torch.compiler.is_compiling() or x.device.type != "cpu" or not fused_step_available():
             return False
         dt = x.dtype
         if dt not in (torch.float32, torch.float64) or torch.is_autocast_enabled("cpu"):

@@ -1,0 +1,182 @@
+// The Mamba-1 step's per-row work after the x projection (mamba.h): the dt projection (K = R, a
+// handful of FMAs per channel), softplus, the state update and the gated output, in one pass over
+// each row's channels, so that the row's data are touched once and no thin GEMM runs.
+//
+//   delta = softplus(dt_w dt + dt_bias);  h = exp(delta A) h + delta u Bn;  y = (Cn . h + D u) silu(z)
+//
+// At many streams the state ([B, E, N], 2 MB a layer at B = 64) streams from beyond the L2: the loop
+// prefetches the state a few channels ahead, and the state width is a template argument for the usual
+// N (8, 16, 24, 32) so that Bn, Cn and each channel's accumulator live in registers.
+
+#pragma once
+
+#include "common.h"
+
+namespace hybridssm::step {
+
+inline at::vec::Vectorized<float> scan_decay_exp(const at::vec::Vectorized<float>& x) { return x.exp_u20(); }
+inline at::vec::Vectorized<double> scan_decay_exp(const at::vec::Vectorized<double>& x) { return x.exp(); }
+
+// A = -exp(A_log) over n values, with the vectorised exp of the forward's torch.exp
+template <typename scalar_t>
+void mamba_decay_rates(const scalar_t* A_log, scalar_t* A, int64_t n) {
+  vec_chunks<scalar_t>(n, [&](int64_t i, int64_t cnt) {
+    hybridssm::store(hybridssm::load(A_log + i, cnt).exp().neg(), A + i, cnt);
+  });
+}
+
+// One row's inputs and outputs (pointers at the row), and the weights shared by every row.
+template <typename scalar_t>
+struct MambaRow {
+  const scalar_t* z;    // [E] the gate (second half of the in_proj row)
+  const scalar_t* u;    // [E] the conv's output
+  const scalar_t* dbc;  // [R + 2N] dt, Bn, Cn (after the inner norms, if any)
+  scalar_t* h;          // [E, N] the state, updated in place
+  scalar_t* y;          // [E] out
+  const char* warm;     // bytes to bring into the L2 while this row computes (E lines), or null
+};
+
+template <typename scalar_t>
+struct MambaWeights {
+  const scalar_t* dt_w;     // [E, R]
+  const scalar_t* dt_bias;  // [E]
+  const scalar_t* A;        // [E, N], -exp(A_log)
+  const scalar_t* D;        // [E]
+  int64_t E, R, N;
+  const void* next_w = nullptr;  // the weight the next GEMM reads (out_proj's), warmed into the L2
+  int64_t next_w_bytes = 0;
+};
+
+// How far ahead (bytes) the state is prefetched: a few dozen channels of compute hide a miss.
+constexpr int64_t kStatePrefetchBytes = 1024;
+
+// delta [W] of channels e0 .. e0 + ne: softplus(dt_w[e] . dt + dt_bias[e]), with the forward's softplus
+template <typename scalar_t>
+inline void mamba_delta_chunk(const MambaWeights<scalar_t>& w, const scalar_t* dt, int64_t e0, int64_t ne,
+                              scalar_t* delta) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t W = Vec::size();
+  Vec acc[W];
+  for (int64_t l = 0; l < W; ++l) {
+    acc[l] = Vec(0);
+    if (l >= ne) continue;
+    const scalar_t* we = w.dt_w + (e0 + l) * w.R;
+    for (int64_t r = 0; r < w.R; r += W) {
+      const int64_t cnt = std::min(W, w.R - r);
+      acc[l] = at::vec::fmadd(hybridssm::load(we + r, cnt), hybridssm::load(dt + r, cnt), acc[l]);
+    }
+  }
+  hybridssm::store(hsum_lanes(acc) + hybridssm::load(w.dt_bias + e0, ne), delta, W);
+  softplus_inplace(delta, ne);
+}
+
+// One channel's state update (NV vectors of state, NV > 0: Bv, Cv preloaded); returns the vector
+// whose lanes sum to Cn . h_new.
+template <typename scalar_t, int NV>
+inline Vectorized<scalar_t> mamba_channel(const scalar_t* Ae, scalar_t* h, const Vectorized<scalar_t>* Bv,
+                                          const Vectorized<scalar_t>* Cv, scalar_t dl, scalar_t u) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t W = Vec::size();
+  const Vec dlv(dl), du(dl * u);
+  Vec acc(0);
+  for (int j = 0; j < NV; ++j) {
+    const Vec a = scan_decay_exp(dlv * Vec::loadu(Ae + j * W));
+    const Vec hn = at::vec::fmadd(a, Vec::loadu(h + j * W), du * Bv[j]);
+    hn.store(h + j * W);
+    acc = at::vec::fmadd(hn, Cv[j], acc);
+  }
+  return acc;
+}
+
+// The same for any N (partial vectors at the end of the row; their lanes past N hold zeros).
+template <typename scalar_t>
+inline Vectorized<scalar_t> mamba_channel_any(const scalar_t* Ae, scalar_t* h, const scalar_t* Bn,
+                                              const scalar_t* Cn, scalar_t dl, scalar_t u, int64_t N) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t W = Vec::size();
+  const Vec dlv(dl), du(dl * u);
+  Vec acc(0);
+  for (int64_t n0 = 0; n0 < N; n0 += W) {
+    const int64_t cnt = std::min(W, N - n0);
+    const Vec a = scan_decay_exp(dlv * hybridssm::load(Ae + n0, cnt));
+    const Vec hn = at::vec::fmadd(a, hybridssm::load(h + n0, cnt), du * hybridssm::load(Bn + n0, cnt));
+    hybridssm::store(hn, h + n0, cnt);
+    acc = at::vec::fmadd(hn, hybridssm::load(Cn + n0, cnt), acc);
+  }
+  return acc;
+}
+
+// Channels e0 .. e0 + ne of one row (ne = W unless kPartial): delta, the state update, the output.
+// NV = N / W for the unrolled widths, 0 for any N.
+template <typename scalar_t, int NV, bool kPartial>
+inline void mamba_chunk(const MambaRow<scalar_t>& row, const MambaWeights<scalar_t>& w, const scalar_t* Bn,
+                        const scalar_t* Cn, const Vectorized<scalar_t>* Bv, const Vectorized<scalar_t>* Cv,
+                        int64_t e0, int64_t ne) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t W = Vec::size();
+  const int64_t N = w.N;
+  const int64_t count = kPartial ? ne : W;
+  alignas(64) scalar_t delta[W];
+  mamba_delta_chunk(w, row.dbc, e0, count, delta);
+  Vec acc[W];
+  for (int64_t l = 0; l < W; ++l) {
+    if (kPartial && l >= count) {
+      acc[l] = Vec(0);
+      continue;
+    }
+    const int64_t e = e0 + l;
+    scalar_t* h = row.h + e * N;
+    for (int64_t b = 0; b < N * int64_t(sizeof(scalar_t)); b += 64) {
+      __builtin_prefetch(reinterpret_cast<const char*>(h) + kStatePrefetchBytes + b, 1);
+    }
+    if (row.warm != nullptr) __builtin_prefetch(row.warm + e * 64, 0, 2);
+    acc[l] = NV > 0 ? mamba_channel<scalar_t, NV>(w.A + e * N, h, Bv, Cv, delta[l], row.u[e])
+                    : mamba_channel_any<scalar_t>(w.A + e * N, h, Bn, Cn, delta[l], row.u[e], N);
+  }
+  const Vec out = (hsum_lanes(acc) + hybridssm::load(w.D + e0, count) * hybridssm::load(row.u + e0, count)) *
+                  silu(hybridssm::load(row.z + e0, count));
+  hybridssm::store(out, row.y + e0, count);
+}
+
+template <typename scalar_t, int NV>
+void mamba_update_row(const MambaRow<scalar_t>& row, const MambaWeights<scalar_t>& w) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t W = Vec::size();
+  const scalar_t* Bn = row.dbc + w.R;
+  const scalar_t* Cn = Bn + w.N;
+  Vec Bv[NV > 0 ? NV : 1], Cv[NV > 0 ? NV : 1];
+  for (int j = 0; j < NV; ++j) Bv[j] = Vec::loadu(Bn + j * W), Cv[j] = Vec::loadu(Cn + j * W);
+  int64_t e0 = 0;
+  for (; e0 + W <= w.E; e0 += W) mamba_chunk<scalar_t, NV, false>(row, w, Bn, Cn, Bv, Cv, e0, W);
+  if (e0 < w.E) mamba_chunk<scalar_t, NV, true>(row, w, Bn, Cn, Bv, Cv, e0, w.E - e0);
+}
+
+// Every row of the batch: xz [B, 2E] (z its second half), u [B, E], dbc [B, R + 2N], states [B, E, N],
+// y [B, E]. A [E, N] = -exp(A_log) is computed once for the call (nothing derived is kept).
+template <typename scalar_t>
+void mamba_update_rows(const scalar_t* xz, const scalar_t* u, const scalar_t* dbc, scalar_t* ssm_state,
+                       const MambaWeights<scalar_t>& w, scalar_t* y, int64_t Bsz) {
+  const int64_t E = w.E, N = w.N, R = w.R;
+  constexpr int64_t W = Vectorized<scalar_t>::size();
+  const int64_t nv = N % W == 0 && N / W <= 4 ? N / W : 0;
+  const auto row_fn = nv == 1 ? mamba_update_row<scalar_t, 1>
+                    : nv == 2 ? mamba_update_row<scalar_t, 2>
+                    : nv == 3 ? mamba_update_row<scalar_t, 3>
+                    : nv == 4 ? mamba_update_row<scalar_t, 4>
+                              : mamba_update_row<scalar_t, 0>;
+  // The state streams through the L2 and evicts the weights: the last rows bring out_proj's weight
+  // back (one line per channel), so that its GEMM reads it from the L2.
+  const int64_t lines = (w.next_w_bytes + 63) / 64;
+  const int64_t warm_rows = Bsz >= 16 && w.next_w != nullptr ? std::min(Bsz, (lines + E - 1) / E) : 0;
+  at::parallel_for(0, Bsz, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t k = b - (Bsz - warm_rows);
+      const char* warm = k >= 0 ? static_cast<const char*>(w.next_w) + k * E * 64 : nullptr;
+      const MambaRow<scalar_t> row{xz + b * 2 * E + E, u + b * E, dbc + b * (R + 2 * N), ssm_state + b * E * N,
+                                   y + b * E, warm};
+      row_fn(row, w);
+    }
+  });
+}
+
+}  // namespace hybridssm::step
