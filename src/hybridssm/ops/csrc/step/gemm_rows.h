@@ -5,9 +5,11 @@
 // time at B = 64 in the profiles), then computes. This kernel reads W where it lies instead: dot
 // products of 3 rows of x with 4 rows of W over I (12 accumulators, 16 registers with the loads),
 // 4 rows of W at a time against every row of x (W is read once, in order; x stays in L2), while it
-// prefetches the next 4 rows of W, so the weight's reads overlap the FMAs. It matches MKL on hot
-// weights and takes 0.75-0.9 of its time on cold ones at B = 64 (0.45-0.8 at B = 16). Beyond 128
-// rows, or for thin inputs (I < 32: a few FMAs per horizontal sum), MKL is faster: linear_small.
+// prefetches the next 4 rows of W, so the weight's reads overlap the FMAs. Alone it matches MKL on
+// hot weights and takes 0.75-0.9 of its time on cold ones at B = 64 (0.45-0.8 at B = 16); inside a
+// model's step (hybrid[gru], B = 64, perf) about 0.9 of MKL's time per FLOP: x is re-read from L2
+// for every 4 rows of W. Beyond 128 rows, or for thin inputs (I < 32: a few FMAs per horizontal
+// sum), MKL is faster: linear_small.
 #pragma once
 
 #include "common.h"
