@@ -139,6 +139,8 @@ RWKV = [  # (hidden, options): odd widths and head counts, ranks and channel wid
     (36, {"head_dim": 12, "mix_lora_rank": 5, "decay_lora_rank": 7, "ffn_size": 45}),
     (21, {"head_dim": 7}),
     (64, {"head_dim": 16, "mix_lora_rank": 8, "decay_lora_rank": 16}),
+    # heads wider than the 4 vectors of columns the WKV update keeps in registers, with a tail
+    (90, {"head_dim": 45, "mix_lora_rank": 6, "decay_lora_rank": 9, "ffn_size": 70}),
 ]
 
 
@@ -180,8 +182,10 @@ def test_delta_rule_step_rejects_a_spec_of_the_other_kind():
         mixer_step(gated._replace(kind="delta_net"), torch.randn(1, 16), state, pos)
 
 
-@pytest.mark.parametrize("B", [1, 8])
-@pytest.mark.parametrize("d", [1, 13, 40])
+# B = 7 and 8 leave 1 and 2 rows after the many-streams GEMM's blocks of 3; d = 37 leaves a tail of
+# inputs and 3 of 111 gate rows; B = 130 takes MKL's GEMM (beyond the blocked kernel's batches).
+@pytest.mark.parametrize("B", [1, 7, 8, 130])
+@pytest.mark.parametrize("d", [1, 13, 37, 40])
 def test_gru_step_equals_forward(d, B):
     check_step_matches_forward(GRUMixer(d), d, B)
 
@@ -199,9 +203,10 @@ SMALL = {  # one small configuration of each kind
 }
 
 
+@pytest.mark.parametrize("B", [2, 8])
 @pytest.mark.parametrize("kind", sorted(SMALL))
-def test_step_equals_forward_in_float64(kind):
-    check_step_matches_forward(SMALL[kind](), 20, 2, torch.float64)
+def test_step_equals_forward_in_float64(kind, B):
+    check_step_matches_forward(SMALL[kind](), 20, B, torch.float64)
 
 
 @pytest.mark.parametrize("kind", sorted(SMALL))

@@ -82,6 +82,8 @@ OFF_GRID = {
     "mamba2 P=12 N=16 K=5": ("mamba2", lambda: Mamba2Mixer(12, state_size=16, conv_size=5, ssm_head_dim=12)),
     "mamba2 P=6 N=10 K=7": ("mamba2", lambda: Mamba2Mixer(12, state_size=10, conv_size=7, ssm_head_dim=6,
                                                          num_groups=2)),
+    # in_proj's input off the SIMD width (the many-streams GEMM's tails), the pool's window in memory
+    "gated_ssm E=74 N=5 K=6": ("gated_ssm", lambda: GatedSSMMixer(37, state_size=5, conv_size=6)),
 }
 
 

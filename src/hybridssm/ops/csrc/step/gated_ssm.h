@@ -11,7 +11,7 @@
 
 #pragma once
 
-#include "common.h"
+#include "gemm_rows.h"
 
 namespace hybridssm::step {
 
@@ -32,58 +32,51 @@ inline at::Tensor gated_ssm_mixer_step(const at::Tensor& x, const MixerSpec& m, 
               "gated_ssm step: states ", conv.sizes(), ", ", ctx.sizes(), " do not fit the weights");
   auto w = [&](int i) { return as_(m.w[i], dt); };
   auto b = [&](int i) { return present(m.w[i]) ? as_(m.w[i], dt) : at::Tensor(); };
-  const auto xz = linear_small(x, w(0), b(1));  // [B, 2E]
+  const auto xz = linear_rows(x, w(0), b(1));  // [B, 2E]
   auto pooled = at::empty({Bsz, E}, x.options());
   AT_DISPATCH_FLOATING_TYPES(dt, "gated_ssm_pool", [&] {
     // the forward's mean pool: a depthwise conv whose K taps are all 1/K
-    const scalar_t inv = scalar_t(1) / scalar_t(K);
+    const std::vector<scalar_t> taps(E * K, scalar_t(1) / scalar_t(K));
     for (int64_t r = 0; r < Bsz; ++r) {
-      const scalar_t* xb = xz.data_ptr<scalar_t>() + r * 2 * E;
-      scalar_t* cs = conv.data_ptr<scalar_t>() + r * E * (K - 1);
-      scalar_t* out = pooled.data_ptr<scalar_t>() + r * E;
-      for (int64_t e = 0; e < E; ++e) {
-        scalar_t* s = cs + e * (K - 1);
-        scalar_t acc = 0;
-        for (int64_t k = 0; k < K - 1; ++k) acc += inv * s[k];
-        acc += inv * xb[e];
-        for (int64_t k = 0; k + 1 < K - 1; ++k) s[k] = s[k + 1];
-        if (K > 1) s[K - 2] = xb[e];
-        out[e] = acc;
-      }
+      depthwise_conv_step<scalar_t>(xz.data_ptr<scalar_t>() + r * 2 * E, conv.data_ptr<scalar_t>() + r * E * (K - 1),
+                                    taps.data(), nullptr, pooled.data_ptr<scalar_t>() + r * E, E, K);
     }
   });
-  auto u = linear_small(pooled, w(2), b(3)).contiguous();  // [B, E]
+  auto u = linear_rows(pooled, w(2), b(3));  // [B, E]
   AT_DISPATCH_FLOATING_TYPES(dt, "gated_ssm_silu", [&] { silu_inplace(u.data_ptr<scalar_t>(), Bsz * E); });
-  auto dtv = linear_small(linear_small(u, w(6), b(7)), w(8), b(9));  // [B, E]
-  const auto bcv = linear_small(u, w(4), b(5));  // [B, 2N]
+  const auto dtv = linear_rows(linear_rows(u, w(6), b(7)), w(8), b(9));  // [B, E]
+  const auto bcv = linear_rows(u, w(4), b(5));  // [B, 2N]
   auto y = at::empty({Bsz, E}, x.options());
   AT_DISPATCH_FLOATING_TYPES(dt, "gated_ssm_step", [&] {
-    const scalar_t alpha = static_cast<scalar_t>(m.f[0]);
-    const scalar_t one_minus = static_cast<scalar_t>(1.0 - m.f[0]);
-    std::vector<scalar_t> gz(E);
+    using Vec = Vectorized<scalar_t>;
+    using hybridssm::load;
+    using hybridssm::store;
+    const Vec alpha(static_cast<scalar_t>(m.f[0])), one_minus(static_cast<scalar_t>(1.0 - m.f[0]));
     for (int64_t r = 0; r < Bsz; ++r) {
-      scalar_t* ur = u.data_ptr<scalar_t>() + r * E;
-      scalar_t* dr = dtv.data_ptr<scalar_t>() + r * E;
+      const scalar_t* ur = u.data_ptr<scalar_t>() + r * E;
+      const scalar_t* dr = dtv.data_ptr<scalar_t>() + r * E;
       const scalar_t* bc = bcv.data_ptr<scalar_t>() + r * 2 * N;
       const scalar_t* z = xz.data_ptr<scalar_t>() + r * 2 * E + E;
       scalar_t* c = ctx.data_ptr<scalar_t>() + r * E;
       scalar_t* yr = y.data_ptr<scalar_t>() + r * E;
-      softplus_inplace(dr, E);
-      scalar_t mean = 0;
-      for (int64_t e = 0; e < E; ++e) mean += dr[e];
-      const scalar_t gate = scalar_t(1) / (scalar_t(1) + std::exp(-(mean / scalar_t(E))));
-      const scalar_t bsum = dot(bc, bc + N, N);
-      const scalar_t bcg = scalar_t(1) / (scalar_t(1) + std::exp(-bsum));
-      std::copy(z, z + E, gz.begin());
-      silu_inplace(gz.data(), E);
-      for (int64_t e = 0; e < E; ++e) {
-        const scalar_t g = gate * bcg * ur[e];
-        c[e] = alpha * c[e] + one_minus * g;
-        yr[e] = (g + (scalar_t(1) - gate) * c[e]) * gz[e];
-      }
+      // gate = sigmoid(mean softplus(dt)): only the sum of the softplus is needed, not the values
+      Vec dsum(0);
+      vec_chunks<scalar_t>(E, [&](int64_t e, int64_t cnt) {
+        const Vec d = load(dr + e, cnt), sp = Vec::blendv(d.exp().log1p(), d, d > Vec(20));
+        dsum = dsum + (cnt == Vec::size() ? sp : Vec::set(Vec(0), sp, cnt));
+      });
+      const scalar_t gate = scalar_t(1) / (scalar_t(1) + std::exp(-(hybridssm::hsum(dsum) / scalar_t(E))));
+      const scalar_t bcg = scalar_t(1) / (scalar_t(1) + std::exp(-dot(bc, bc + N, N)));
+      const Vec gb(gate * bcg), keep(scalar_t(1) - gate);
+      vec_chunks<scalar_t>(E, [&](int64_t e, int64_t cnt) {
+        const Vec g = gb * load(ur + e, cnt);
+        const Vec cn = alpha * load(c + e, cnt) + one_minus * g;
+        store(cn, c + e, cnt);
+        store((g + keep * cn) * silu(load(z + e, cnt)), yr + e, cnt);
+      });
     }
   });
-  return linear_small(y, w(10), b(11));
+  return linear_rows(y, w(10), b(11));
 }
 
 HYBRIDSSM_MIXER_STEP(gated_ssm, gated_ssm_mixer_step, 2);

@@ -13,7 +13,7 @@
 // first-position rule reads and the step advances (the model-level pos argument is not needed).
 #pragma once
 
-#include "common.h"
+#include "gemm_rows.h"
 
 namespace hybridssm::step {
 
@@ -55,47 +55,52 @@ inline at::Tensor rglru_step(const at::Tensor& x, const MixerSpec& m, at::Tensor
   check_state(kind, "h", states[1], {B, W}, dt);
   check_state(kind, "pos", states[2], {B}, at::kLong);
 
-  const auto yb = linear_small(x, Wy, by);  // [B, W] gate branch, before its GeLU
-  const auto xb = linear_small(x, Wx, bx);  // [B, W] conv input
+  const auto yb = linear_rows(x, Wy, by);  // [B, W] gate branch, before its GeLU
+  const auto xb = linear_rows(x, Wx, bx);  // [B, W] conv input
   auto hy = at::empty({B, W}, x.options());  // h * y, the output projection's input
+  // every row's conv output u and its two gates' pre-activations, each [B, W]
+  auto ug = at::empty({3, B, W}, x.options());
   AT_DISPATCH_FLOATING_TYPES(dt, "rglru_step", [&] {
     using Vec = Vectorized<scalar_t>;
+    using hybridssm::load;
+    using hybridssm::store;
+    auto p = [](const at::Tensor& t) { return t.data_ptr<scalar_t>(); };
+    scalar_t *u0 = p(ug), *gi0 = u0 + B * W, *ga0 = gi0 + B * W;
+    for (int64_t b = 0; b < B; ++b) {
+      depthwise_conv_step(p(xb) + b * W, p(states[0]) + b * W * (K - 1), p(cw), p(cb), u0 + b * W, W, K);
+    }
+    // block-diagonal gates u_g @ weight[g] + bias[g], all rows of a block at once (weight[g] in L1)
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t o = g * bw;
+      gemm_rows_detail::gemm_nn<scalar_t>(u0 + o, W, p(wi) + g * bw * bw, bw, p(bi) + o, gi0 + o, W, B, bw, bw);
+      gemm_rows_detail::gemm_nn<scalar_t>(u0 + o, W, p(wa) + g * bw * bw, bw, p(ba) + o, ga0 + o, W, B, bw, bw);
+    }
     const Vec neg_c(scalar_t(-m.f[0]));
-    std::vector<scalar_t> buf(4 * W);
-    scalar_t *sp = buf.data(), *u = sp + W, *gi = u + W, *ga = gi + W;
-    std::copy(lam.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>() + W, sp);
-    softplus_inplace(sp, W);  // softplus(Lambda), recomputed each step from the parameter
+    std::vector<scalar_t> sp(p(lam), p(lam) + W);
+    softplus_inplace(sp.data(), W);  // softplus(Lambda), recomputed each step from the parameter
     int64_t* pos = states[2].data_ptr<int64_t>();
     for (int64_t b = 0; b < B; ++b) {
-      depthwise_conv_step(xb.data_ptr<scalar_t>() + b * W, states[0].data_ptr<scalar_t>() + b * W * (K - 1),
-                cw.data_ptr<scalar_t>(), cb.data_ptr<scalar_t>(), u, W, K);
-      std::copy(bi.data_ptr<scalar_t>(), bi.data_ptr<scalar_t>() + W, gi);
-      std::copy(ba.data_ptr<scalar_t>(), ba.data_ptr<scalar_t>() + W, ga);
-      for (int64_t g = 0; g < G; ++g) {  // block-diagonal gates: u_g @ weight[g]
-        vecmat_add(u + g * bw, wi.data_ptr<scalar_t>() + g * bw * bw, gi + g * bw, bw, bw);
-        vecmat_add(u + g * bw, wa.data_ptr<scalar_t>() + g * bw * bw, ga + g * bw, bw, bw);
-      }
       const bool first = pos[b] == 0;
-      scalar_t* h = states[1].data_ptr<scalar_t>() + b * W;
-      const scalar_t* y = yb.data_ptr<scalar_t>() + b * W;
-      scalar_t* out = hy.data_ptr<scalar_t>() + b * W;
+      const scalar_t *u = u0 + b * W, *gi = gi0 + b * W, *ga = ga0 + b * W, *y = p(yb) + b * W;
+      scalar_t* h = p(states[1]) + b * W;
+      scalar_t* out = p(hy) + b * W;
       vec_chunks<scalar_t>(W, [&](int64_t o, int64_t cnt) {
-        const Vec log_a = neg_c * sigmoid(hybridssm::load(ga + o, cnt)) * hybridssm::load(sp + o, cnt);
+        const Vec log_a = neg_c * sigmoid(load(ga + o, cnt)) * load(sp.data() + o, cnt);
         Vec a = log_a.exp();
         Vec mult = (Vec(2) * log_a).expm1().neg().sqrt();  // sqrt(1 - a^2)
         if (first) {  // the first-position rule
           a = Vec(0);
           mult = Vec(1);
         }
-        const Vec inp = hybridssm::load(u + o, cnt) * sigmoid(hybridssm::load(gi + o, cnt)) * mult;
-        const Vec hn = inp + a * hybridssm::load(h + o, cnt);
-        hybridssm::store(hn, h + o, cnt);
-        hybridssm::store(hn * gelu_tanh(hybridssm::load(y + o, cnt)), out + o, cnt);
+        const Vec inp = load(u + o, cnt) * sigmoid(load(gi + o, cnt)) * mult;
+        const Vec hn = inp + a * load(h + o, cnt);
+        store(hn, h + o, cnt);
+        store(hn * gelu_tanh(load(y + o, cnt)), out + o, cnt);
       });
       pos[b] += 1;
     }
   });
-  return linear_small(hy, Wo, bo);
+  return linear_rows(hy, Wo, bo);
 }
 
 HYBRIDSSM_MIXER_STEP(griffin_lru, rglru_step, 3);

@@ -19,7 +19,7 @@
 // States (RWKVState): shift_time [B, D], wkv [B, H, K, K], shift_channel [B, D].
 #pragma once
 
-#include "common.h"
+#include "gemm_rows.h"
 
 namespace hybridssm::step {
 
@@ -57,6 +57,49 @@ void tanh_inplace(scalar_t* v, int64_t n) {
 template <typename scalar_t>
 inline const scalar_t* ptr_or_null(const std::optional<at::Tensor>& t) {
   return t ? t->data_ptr<scalar_t>() : nullptr;
+}
+
+// One head's WKV over NQ vectors of the columns of its K x K state (S, v and out start at the first
+// column; the last vector holds `tail` values): out = ruk v + sum_j r_j S[j], then
+// S[j] <- e_j S[j] + k_j v. The output and v stay in registers over the K rows, so each state value
+// is loaded and stored once (a loop over the whole row kept them in memory: 3 loads and 2 stores).
+template <typename scalar_t, int NQ>
+inline void wkv_columns(scalar_t* S, int64_t K, const scalar_t* r, const scalar_t* k, const scalar_t* e,
+                        const scalar_t* v, scalar_t ruk, scalar_t* out, int64_t tail) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t L = Vec::size();
+  auto cnt = [&](int q) { return q + 1 == NQ ? tail : L; };
+  Vec acc[NQ], vv[NQ];
+  for (int q = 0; q < NQ; ++q) {
+    vv[q] = hybridssm::load(v + q * L, cnt(q));
+    acc[q] = Vec(ruk) * vv[q];
+  }
+  for (int64_t j = 0; j < K; ++j) {
+    const Vec rj(r[j]), ej(e[j]), kj(k[j]);
+    scalar_t* Sj = S + j * K;
+    for (int q = 0; q < NQ; ++q) {
+      const Vec s = hybridssm::load(Sj + q * L, cnt(q));
+      acc[q] = at::vec::fmadd(rj, s, acc[q]);
+      hybridssm::store(at::vec::fmadd(ej, s, kj * vv[q]), Sj + q * L, cnt(q));
+    }
+  }
+  for (int q = 0; q < NQ; ++q) hybridssm::store(acc[q], out + q * L, cnt(q));
+}
+
+// wkv_columns over all K columns, 4 vectors at a time (8 of the 16 registers for out and v).
+template <typename scalar_t>
+void wkv_head(scalar_t* S, int64_t K, const scalar_t* r, const scalar_t* k, const scalar_t* e,
+              const scalar_t* v, scalar_t ruk, scalar_t* out) {
+  constexpr int64_t L = Vectorized<scalar_t>::size();
+  int64_t i = 0;
+  for (; i + 4 * L <= K; i += 4 * L) wkv_columns<scalar_t, 4>(S + i, K, r, k, e, v + i, ruk, out + i, L);
+  const int64_t rem = K - i, nq = (rem + L - 1) / L, tail = rem - (nq - 1) * L;
+  switch (nq) {
+    case 3: return wkv_columns<scalar_t, 3>(S + i, K, r, k, e, v + i, ruk, out + i, tail);
+    case 2: return wkv_columns<scalar_t, 2>(S + i, K, r, k, e, v + i, ruk, out + i, tail);
+    case 1: return wkv_columns<scalar_t, 1>(S + i, K, r, k, e, v + i, ruk, out + i, tail);
+    default: return;
+  }
 }
 
 inline at::Tensor rwkv_step(const at::Tensor& x, const MixerSpec& m, at::Tensor* states, const at::Tensor&) {
@@ -148,10 +191,10 @@ inline at::Tensor rwkv_step(const at::Tensor& x, const MixerSpec& m, at::Tensor*
       }
     }
     const at::Tensor none;
-    const auto r = linear_small(xs.select(0, 3), Wr, none);
-    const auto k = linear_small(xs.select(0, 1), Wk, none);
-    const auto v = linear_small(xs.select(0, 2), Wv, none);
-    auto g = linear_small(xs.select(0, 4), Wg, none);
+    const auto r = linear_rows(xs.select(0, 3), Wr, none);
+    const auto k = linear_rows(xs.select(0, 1), Wk, none);
+    const auto v = linear_rows(xs.select(0, 2), Wv, none);
+    auto g = linear_rows(xs.select(0, 4), Wg, none);
     silu_inplace(p(g), B * D);
     auto dlo = matmul_small(xs.select(0, 0), decay_down);  // [B, Rd]
     tanh_inplace(p(dlo), B * Rd);
@@ -176,18 +219,7 @@ inline at::Tensor rwkv_step(const at::Tensor& x, const MixerSpec& m, at::Tensor*
         scalar_t* S = S0 + (b * H + hh) * K * K;
         scalar_t ruk = 0;
         for (int64_t j = 0; j < K; ++j) ruk += rh[j] * uh[j] * kh[j];
-        vec_chunks<scalar_t>(K, [&](int64_t i, int64_t cnt) {
-          store(Vec(ruk) * load(vh + i, cnt), acc.data() + i, cnt);
-        });
-        for (int64_t j = 0; j < K; ++j) {
-          const Vec rj(rh[j]), ej(eh[j]), kj(kh[j]);
-          scalar_t* Sj = S + j * K;
-          vec_chunks<scalar_t>(K, [&](int64_t i, int64_t cnt) {
-            const Vec s = load(Sj + i, cnt);
-            store(at::vec::fmadd(rj, s, load(acc.data() + i, cnt)), acc.data() + i, cnt);
-            store(at::vec::fmadd(ej, s, kj * load(vh + i, cnt)), Sj + i, cnt);
-          });
-        }
+        wkv_head(S, K, rh, kh, eh, vh, ruk, acc.data());
         scalar_t* ob = o0 + b * D + off;
         layer_norm_row(acc.data(), lnx_wp + off, lnx_bp + off, ob, K, eps_x);
         const scalar_t* gb = g0 + b * D + off;
@@ -196,7 +228,7 @@ inline at::Tensor rwkv_step(const at::Tensor& x, const MixerSpec& m, at::Tensor*
         });
       }
     }
-    const auto a = linear_small(o, Wo, none);  // the time-mix's increment
+    const auto a = linear_rows(o, Wo, none);  // the time-mix's increment
 
     // channel-mix on c_in = LN_2(x + a), with its own token shift (xk, xr reuse xx and xxx)
     std::vector<scalar_t> t(D), c(D);
@@ -214,14 +246,14 @@ inline at::Tensor rwkv_step(const at::Tensor& x, const MixerSpec& m, at::Tensor*
         store(cv, sb + i, cnt);
       });
     }
-    auto kk = linear_small(xx, Ck, none);  // [B, F]
+    auto kk = linear_rows(xx, Ck, none);  // [B, F]
     scalar_t* kk0 = p(kk);
     vec_chunks<scalar_t>(B * Fn, [&](int64_t i, int64_t cnt) {
       const Vec z = at::vec::maximum(load(kk0 + i, cnt), Vec(0));
       store(z * z, kk0 + i, cnt);
     });
-    const auto rr = linear_small(xxx, Cr, none);
-    y = linear_small(kk, Cv, none);  // becomes a + sigmoid(rr) * (C_v kk)
+    const auto rr = linear_rows(xxx, Cr, none);
+    y = linear_rows(kk, Cv, none);  // becomes a + sigmoid(rr) * (C_v kk)
     const scalar_t *a0 = p(a), *rr0 = p(rr);
     scalar_t* y0 = p(y);
     vec_chunks<scalar_t>(B * D, [&](int64_t i, int64_t cnt) {
