@@ -162,7 +162,9 @@ void key_scores(const scalar_t* K, const scalar_t* q, int64_t n, int64_t D, scal
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
   int64_t r = 0;
   for (; r + 8 <= n; r += 8) {
-    if (r + kAheadRows < n) prefetch_bytes(K + (r + kAheadRows) * D, std::min<int64_t>(8, n - r - kAheadRows) * row_bytes);
+    if (r + kAheadRows < n) {
+      prefetch_bytes(K + (r + kAheadRows) * D, std::min<int64_t>(8, n - r - kAheadRows) * row_bytes);
+    }
     Vec acc[8];
     for (int j = 0; j < 8; ++j) acc[j] = Vec(0);
     const scalar_t* k = K + r * D;
