@@ -17,10 +17,10 @@ from hybridssm.ops.step import MixerStep, mixer_step
 W, P, M = 4, 2, 3  # window, prefix slots, memory kv of the small configs
 
 
-def _mixer(d=24, H=2, Dh=10, *, window=None, prefix=0, mem=0, rope=False, qk_norm=False,
+def _mixer(d=24, H=2, Dh=10, *, window=None, prefix=0, mem=0, rope=False, qk_norm=False, kv_heads=None,
            dtype=torch.float32) -> AttentionMixer:
     m = AttentionMixer(d, H, Dh, window_size=window, num_prefix=prefix, num_memory_kv=mem,
-                       positional="rope" if rope else "none", qk_layernorm=qk_norm)
+                       positional="rope" if rope else "none", qk_layernorm=qk_norm, num_kv_heads=kv_heads)
     with torch.no_grad():  # every weight non-trivial: biases, norm gains and shifts, memory kv
         for p in m.parameters():
             p.normal_(0, 0.3)
@@ -153,6 +153,18 @@ def test_two_threads_split_heads():
     torch.set_num_threads(2)
     try:
         _stream(_mixer(64, 4, 64, rope=True, mem=M), 2, 80, 3, max_len=100)  # 8 heads, 6 per task
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_two_threads_split_a_row_between_tasks():
+    """Grouped kv heads over two threads: the kernel's tasks are (row, kv head) pairs, and a thread's
+    share may start at a row's second kv head (its norms, rotation and slot write are per task)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:  # 3 rows x 2 kv heads = 6 tasks of ~100 slots: split 3 + 3, the second share mid-row
+        m = _mixer(64, 4, 64, rope=True, qk_norm=True, mem=M, kv_heads=2)
+        _stream(m, 3, 95, 3, max_len=100)
     finally:
         torch.set_num_threads(n)
 

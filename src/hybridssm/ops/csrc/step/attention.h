@@ -138,14 +138,33 @@ inline void hsum8<float>(const Vectorized<float>* acc, float* out) {
 }
 #endif
 
+// Asks the memory system for bytes [0, n) of p ahead of their use (a hint: it never faults and
+// leaves values alone). The hardware prefetcher follows a stream within a 4 KB page but does not
+// guess the next page, nor where the next (row, kv head) starts: the cache passes ask for those
+// kAheadRows slots before they read them.
+inline void prefetch_bytes(const void* p, int64_t n) {
+#if defined(__GNUC__)
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < n; o += 64) __builtin_prefetch(c + o, 0, 3);
+#else
+  (void)p, (void)n;
+#endif
+}
+
+constexpr int64_t kAheadRows = 16;
+
 // s[r] = q . K[r] for the n rows of K (D values each, contiguous), eight rows per pass so that each load
-// of q serves eight products and the eight sums reduce together.
+// of q serves eight products and the eight sums reduce together; rows kAheadRows ahead are prefetched.
 template <typename scalar_t>
 void key_scores(const scalar_t* K, const scalar_t* q, int64_t n, int64_t D, scalar_t* s) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t W = Vec::size();
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
   int64_t r = 0;
   for (; r + 8 <= n; r += 8) {
+    if (r + kAheadRows < n) {
+      prefetch_bytes(K + (r + kAheadRows) * D, std::min<int64_t>(8, n - r - kAheadRows) * row_bytes);
+    }
     Vec acc[8];
     for (int j = 0; j < 8; ++j) acc[j] = Vec(0);
     const scalar_t* k = K + r * D;
@@ -167,18 +186,21 @@ void key_scores(const scalar_t* K, const scalar_t* q, int64_t n, int64_t D, scal
 
 // out[0..D) (+)= sum_r p[r] * V[r * stride + 0..D): strips of kStrip vectors of the output stay in
 // registers while the rows of V stream through once (a full strip has a compile-time width, so that its
-// accumulators are registers).
+// accumulators are registers). With `ahead`, the first strip's pass prefetches whole rows kAheadRows
+// ahead (the cache's values; memory values stay in cache).
 template <typename scalar_t>
 void weighted_sum(const scalar_t* p, const scalar_t* V, int64_t n, int64_t stride, int64_t D, scalar_t* out,
-                  bool accumulate) {
+                  bool accumulate, bool ahead = false) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t W = Vec::size();
   constexpr int kStrip = 8;
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
   for (int64_t c0 = 0; c0 < D; c0 += kStrip * W) {
     Vec acc[kStrip];
     if (D - c0 >= kStrip * W) {
       for (int j = 0; j < kStrip; ++j) acc[j] = accumulate ? Vec::loadu(out + c0 + j * W) : Vec(0);
       for (int64_t r = 0; r < n; ++r) {
+        if (ahead && c0 == 0 && r + kAheadRows < n) prefetch_bytes(V + (r + kAheadRows) * stride, row_bytes);
         const Vec pr(p[r]);
         const scalar_t* v = V + r * stride + c0;
         for (int j = 0; j < kStrip; ++j) acc[j] = at::vec::fmadd(pr, Vec::loadu(v + j * W), acc[j]);
@@ -191,6 +213,7 @@ void weighted_sum(const scalar_t* p, const scalar_t* V, int64_t n, int64_t strid
     auto cnt = [&](int j) { return std::min<int64_t>(W, width - j * W); };
     for (int j = 0; j < nv; ++j) acc[j] = accumulate ? hybridssm::load(out + c0 + j * W, cnt(j)) : Vec(0);
     for (int64_t r = 0; r < n; ++r) {
+      if (ahead && c0 == 0 && r + kAheadRows < n) prefetch_bytes(V + (r + kAheadRows) * stride, row_bytes);
       const Vec pr(p[r]);
       const scalar_t* v = V + r * stride + c0;
       for (int j = 0; j < nv; ++j) acc[j] = at::vec::fmadd(pr, hybridssm::load(v + j * W, cnt(j)), acc[j]);
@@ -223,76 +246,78 @@ void attention_rows(const MixerSpec& m, at::Tensor& qkv, at::Tensor& ck, at::Ten
                 " is at position ", pos_p[b], ", outside the cache of ", N,
                 " slots (the mixer checks max_len before stepping)");
   }
+  const scalar_t* qn_wp = qn_w ? qn_w->data_ptr<scalar_t>() : nullptr;
+  const scalar_t* qn_bp = qn_b ? qn_b->data_ptr<scalar_t>() : nullptr;
+  const scalar_t* kn_wp = kn_w ? kn_w->data_ptr<scalar_t>() : nullptr;
+  const scalar_t* kn_bp = kn_b ? kn_b->data_ptr<scalar_t>() : nullptr;
+  const scalar_t* mk_p = mem_k ? mem_k->data_ptr<scalar_t>() : nullptr;
+  const scalar_t* mv_p = mem_v ? mem_v->data_ptr<scalar_t>() : nullptr;
+  const scalar_t* freq = rope ? inv_freq.data_ptr<scalar_t>() : nullptr;
+  scalar_t* out_p = out.data_ptr<scalar_t>();
+  const auto scale = static_cast<scalar_t>(m.f[kScale]);
+  // the head of the next stream, before the hardware prefetcher can find it
+  const int64_t ahead = std::min<int64_t>(N, kAheadRows) * D * static_cast<int64_t>(sizeof(scalar_t));
 
-  // 1. per row: q/k norm and rotation, then the new key and value into the row's slot
-  std::vector<scalar_t> cos_p(half), sin_p(half);  // RoPE's cos and sin at the row's position
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t p = pos_p[b];
-    scalar_t* q = qkv_p + b * row;
-    scalar_t* k = q + H * D;
-    const scalar_t* v = k + Hkv * D;
-    if (qn_w) {
-      const scalar_t* bias = qn_b ? qn_b->data_ptr<scalar_t>() : nullptr;
-      for (int64_t h = 0; h < H; ++h) {
-        layer_norm_inplace(q + h * D, D, qn_w->data_ptr<scalar_t>(), bias, m.f[kQNormEps]);
-      }
-    }
-    if (kn_w) {
-      const scalar_t* bias = kn_b ? kn_b->data_ptr<scalar_t>() : nullptr;
-      for (int64_t h = 0; h < Hkv; ++h) {
-        layer_norm_inplace(k + h * D, D, kn_w->data_ptr<scalar_t>(), bias, m.f[kKNormEps]);
-      }
-    }
-    if (rope) {
-      using Vec = Vectorized<scalar_t>;
-      const scalar_t* f = inv_freq.data_ptr<scalar_t>();
-      for (int64_t i = 0; i < half; i += Vec::size()) {
-        const int64_t cnt = std::min<int64_t>(Vec::size(), half - i);
-        const Vec angle = Vec(static_cast<scalar_t>(p)) * hybridssm::load(f + i, cnt);
-        hybridssm::store(angle.cos(), cos_p.data() + i, cnt);
-        hybridssm::store(angle.sin(), sin_p.data() + i, cnt);
-      }
-      for (int64_t h = 0; h < H; ++h) rope_inplace(q + h * D, cos_p.data(), sin_p.data(), half);
-      for (int64_t h = 0; h < Hkv; ++h) rope_inplace(k + h * D, cos_p.data(), sin_p.data(), half);
-    }
-    const int64_t slot = window == 0 || p < P ? p : P + (p - P) % window;
-    for (int64_t g = 0; g < Hkv; ++g) {
-      std::copy(k + g * D, k + (g + 1) * D, ck_p + ((b * Hkv + g) * N + slot) * D);
-      std::copy(v + g * D, v + (g + 1) * D, cv_p + ((b * Hkv + g) * N + slot) * D);
-    }
-  }
-
-  // 2. per (row, kv head): for each of its query heads, scores against memory + visible slots, softmax,
-  // weighted values (the group's keys and values are read from memory once: its other query heads
-  // find them in cache). The step is bound by reading the visible cache.
+  // One task per (row, kv head): its new key and value into the cache, then for each of its query
+  // heads the scores against memory + visible slots, softmax, weighted values. A pass over the keys
+  // then one over the values, each read from memory once: the group's other query heads find them
+  // in cache. The step is bound by reading the visible cache; while one stream is read, the start of
+  // the next (this task's values, the next task's keys) is prefetched.
   int64_t widest = 0;
   for (int64_t b = 0; b < B; ++b) widest = std::max(widest, std::min(pos_p[b] + 1, N));
   const int64_t grain = std::max<int64_t>(1, 32768 / (group * (M + widest) * D));  // split only big work
-  scalar_t* out_p = out.data_ptr<scalar_t>();
-  const auto scale = static_cast<scalar_t>(m.f[kScale]);
   at::parallel_for(0, B * Hkv, grain, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> scratch(group * (M + widest));
+    // the group's scores; RoPE's cos and sin at the last row prepared
+    std::vector<scalar_t> buf(group * (M + widest) + 2 * half);
+    scalar_t* cos_p = buf.data() + group * (M + widest);
+    scalar_t* sin_p = cos_p + half;
+    int64_t rope_row = -1;
     for (int64_t bg = begin; bg < end; ++bg) {
-      const int64_t b = bg / Hkv, g = bg % Hkv;
-      const int64_t n = std::min(pos_p[b] + 1, N);
-      const scalar_t* keys = ck_p + bg * N * D;
-      const scalar_t* vals = cv_p + bg * N * D;
-      for (int64_t hh = 0; hh < group; ++hh) {
-        const scalar_t* q = qkv_p + b * row + (g * group + hh) * D;
-        scalar_t* s = scratch.data() + hh * (M + n);
-        for (int64_t j = 0; j < M; ++j) {
-          s[j] = dot(q, mem_k->data_ptr<scalar_t>() + (j * Hkv + g) * D, D);
+      const int64_t b = bg / Hkv, g = bg % Hkv, p = pos_p[b];
+      scalar_t* q = qkv_p + b * row + g * group * D;  // the group's query heads
+      scalar_t* k = qkv_p + b * row + (H + g) * D;
+      const scalar_t* v = qkv_p + b * row + (H + Hkv + g) * D;
+      scalar_t* keys = ck_p + bg * N * D;
+      scalar_t* vals = cv_p + bg * N * D;
+      prefetch_bytes(vals, ahead);
+      // 1. the new token: q/k norms, rotation at the row's position, key and value into the slot
+      for (int64_t hh = 0; qn_wp != nullptr && hh < group; ++hh) {
+        layer_norm_inplace(q + hh * D, D, qn_wp, qn_bp, m.f[kQNormEps]);
+      }
+      if (kn_wp != nullptr) layer_norm_inplace(k, D, kn_wp, kn_bp, m.f[kKNormEps]);
+      if (rope) {
+        if (rope_row != b) {
+          using Vec = Vectorized<scalar_t>;
+          for (int64_t i = 0; i < half; i += Vec::size()) {
+            const int64_t cnt = std::min<int64_t>(Vec::size(), half - i);
+            const Vec angle = Vec(static_cast<scalar_t>(p)) * hybridssm::load(freq + i, cnt);
+            hybridssm::store(angle.cos(), cos_p + i, cnt);
+            hybridssm::store(angle.sin(), sin_p + i, cnt);
+          }
+          rope_row = b;
         }
-        key_scores(keys, q, n, D, s + M);
+        for (int64_t hh = 0; hh < group; ++hh) rope_inplace(q + hh * D, cos_p, sin_p, half);
+        rope_inplace(k, cos_p, sin_p, half);
+      }
+      const int64_t slot = window == 0 || p < P ? p : P + (p - P) % window;
+      std::copy(k, k + D, keys + slot * D);
+      std::copy(v, v + D, vals + slot * D);
+
+      // 2. scores against memory keys (stride Hkv D between them) and the visible slots [0, n)
+      const int64_t n = std::min(p + 1, N);
+      for (int64_t hh = 0; hh < group; ++hh) {
+        scalar_t* s = buf.data() + hh * (M + n);
+        for (int64_t j = 0; j < M; ++j) s[j] = dot(q + hh * D, mk_p + (j * Hkv + g) * D, D);
+        key_scores(keys, q + hh * D, n, D, s + M);
         scaled_softmax_inplace(s, M + n, scale);
       }
+      if (bg + 1 < end) prefetch_bytes(keys + N * D, ahead);  // the next task's keys
+      // 3. the weighted values
       for (int64_t hh = 0; hh < group; ++hh) {
-        const scalar_t* s = scratch.data() + hh * (M + n);
+        const scalar_t* s = buf.data() + hh * (M + n);
         scalar_t* o = out_p + b * H * D + (g * group + hh) * D;
-        weighted_sum(s + M, vals, n, D, D, o, /*accumulate=*/false);
-        if (M > 0) {
-          weighted_sum(s, mem_v->data_ptr<scalar_t>() + g * D, M, Hkv * D, D, o, /*accumulate=*/true);
-        }
+        weighted_sum(s + M, vals, n, D, D, o, /*accumulate=*/false, /*ahead=*/hh == 0);
+        if (M > 0) weighted_sum(s, mv_p + g * D, M, Hkv * D, D, o, /*accumulate=*/true);
       }
     }
   });
