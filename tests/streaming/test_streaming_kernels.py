@@ -82,6 +82,11 @@ OFF_GRID = {
     "mamba2 P=12 N=16 K=5": ("mamba2", lambda: Mamba2Mixer(12, state_size=16, conv_size=5, ssm_head_dim=12)),
     "mamba2 P=6 N=10 K=7": ("mamba2", lambda: Mamba2Mixer(12, state_size=10, conv_size=7, ssm_head_dim=6,
                                                          num_groups=2)),
+    # B and C held in 1, 3 or 4 registers (N a multiple of the SIMD width), and N past 4 of them
+    "mamba2 P=8 N=8 K=4": ("mamba2", lambda: Mamba2Mixer(8, state_size=8, ssm_head_dim=8)),
+    "mamba2 P=16 N=24 K=4": ("mamba2", lambda: Mamba2Mixer(16, state_size=24, ssm_head_dim=16, num_groups=2)),
+    "mamba2 P=8 N=32 K=4": ("mamba2", lambda: Mamba2Mixer(8, state_size=32, ssm_head_dim=8)),
+    "mamba2 P=8 N=40 K=4": ("mamba2", lambda: Mamba2Mixer(8, state_size=40, ssm_head_dim=8)),
 }
 
 

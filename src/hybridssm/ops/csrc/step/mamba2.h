@@ -12,21 +12,27 @@
 #pragma once
 
 #include "common.h"
+#include "prefetch.h"
 
 namespace hybridssm::step {
 
 // One head of one row: s = decay s + dt x B (per channel p, over the state dim N), then
-// y = (C . s + D x) silu(z), a SIMD width of channels reduced at once (hsum_lanes). kFull: N is a
-// multiple of the SIMD width. Pointers are locals so that they stay in registers across the stores.
-template <typename scalar_t, bool kFull>
+// y = (C . s + D x) silu(z), a SIMD width of channels reduced at once (hsum_lanes). NB > 0: N is NB
+// SIMD vectors, and B and C stay in registers across the channels (loaded once per head, where the
+// compiler would reload them after every store to the state, which may alias them); NB = 0: any N.
+// `next` (or null): the state the caller updates next, prefetched a channel at a time (a layer's
+// states are far beyond L2 at many streams).
+template <typename scalar_t, int NB>
 inline void mamba2_head(const scalar_t* xh, const scalar_t* zh, const scalar_t* Bn, const scalar_t* Cn,
                         scalar_t* sh, scalar_t decay_s, scalar_t dt, scalar_t Dh, scalar_t* yh, int64_t P,
-                        int64_t N) {
+                        int64_t N, const scalar_t* next) {
   using Vec = Vectorized<scalar_t>;
   using hybridssm::load;
   using hybridssm::store;
   constexpr int64_t W = Vec::size();
   const Vec decay(decay_s);
+  Vec Bv[NB > 0 ? NB : 1], Cv[NB > 0 ? NB : 1];
+  for (int i = 0; i < NB; ++i) Bv[i] = Vec::loadu(Bn + i * W), Cv[i] = Vec::loadu(Cn + i * W);
   for (int64_t p0 = 0; p0 < P; p0 += W) {
     const int64_t np = std::min(W, P - p0);
     Vec acc[W];
@@ -35,11 +41,20 @@ inline void mamba2_head(const scalar_t* xh, const scalar_t* zh, const scalar_t* 
       if (l >= np) continue;
       const Vec dx(dt * xh[p0 + l]);
       scalar_t* s = sh + (p0 + l) * N;
-      for (int64_t n0 = 0; n0 < N; n0 += W) {
-        const int64_t cnt = kFull ? W : std::min(W, N - n0);
-        const Vec sn = at::vec::fmadd(decay, load(s + n0, cnt), dx * load(Bn + n0, cnt));
-        store(sn, s + n0, cnt);
-        acc[l] = at::vec::fmadd(sn, load(Cn + n0, cnt), acc[l]);
+      if (next != nullptr) prefetch_span(next + (p0 + l) * N, N);
+      if constexpr (NB > 0) {
+        for (int i = 0; i < NB; ++i) {
+          const Vec sn = at::vec::fmadd(decay, Vec::loadu(s + i * W), dx * Bv[i]);
+          sn.store(s + i * W);
+          acc[l] = at::vec::fmadd(sn, Cv[i], acc[l]);
+        }
+      } else {
+        for (int64_t n0 = 0; n0 < N; n0 += W) {
+          const int64_t cnt = std::min(W, N - n0);
+          const Vec sn = at::vec::fmadd(decay, load(s + n0, cnt), dx * load(Bn + n0, cnt));
+          store(sn, s + n0, cnt);
+          acc[l] = at::vec::fmadd(sn, load(Cn + n0, cnt), acc[l]);
+        }
       }
     }
     store((hsum_lanes(acc) + Vec(Dh) * load(xh + p0, np)) * silu(load(zh + p0, np)), yh + p0, np);
@@ -58,6 +73,13 @@ void mamba2_rows(const scalar_t* proj, scalar_t* conv_state, scalar_t* ssm_state
   using hybridssm::store;
   constexpr int64_t W = Vec::size();
   const int64_t E = H * P, C = E + 2 * G * N, row = E + C + H, heads_per_group = H / G, gw = E / G;
+  // B and C in registers for N up to 4 SIMD vectors (the usual 16-64 state sizes in float)
+  const int64_t nb = N % W == 0 && N / W <= 4 ? N / W : 0;
+  const auto head = nb == 1   ? mamba2_head<scalar_t, 1>
+                    : nb == 2 ? mamba2_head<scalar_t, 2>
+                    : nb == 3 ? mamba2_head<scalar_t, 3>
+                    : nb == 4 ? mamba2_head<scalar_t, 4>
+                              : mamba2_head<scalar_t, 0>;
   at::parallel_for(0, Bsz, 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> xbc(C);
     for (int64_t b = begin; b < end; ++b) {
@@ -74,9 +96,9 @@ void mamba2_rows(const scalar_t* proj, scalar_t* conv_state, scalar_t* ssm_state
         const scalar_t A = -std::exp(A_log[h]);
         const int64_t g = h / heads_per_group;
         const scalar_t* Bn = xs + E + g * N;
-        const auto head = N % W == 0 ? mamba2_head<scalar_t, true> : mamba2_head<scalar_t, false>;
-        head(xs + h * P, z + h * P, Bn, Bn + G * N, ssm_state + (b * H + h) * P * N, std::exp(dt * A), dt, Dv[h],
-             y + h * P, P, N);
+        const int64_t bh = b * H + h;
+        head(xs + h * P, z + h * P, Bn, Bn + G * N, ssm_state + bh * P * N, std::exp(dt * A), dt, Dv[h], y + h * P,
+             P, N, bh + 1 < Bsz * H ? ssm_state + (bh + 1) * P * N : nullptr);
       }
       // gated RMSNorm per group of gw channels
       for (int64_t g = 0; g < G; ++g) {
