@@ -158,6 +158,11 @@ DELTA = [  # (hidden, options): odd head widths, several head counts, value expa
     (30, {"num_heads": 3, "conv_size": 4}),
     (21, {"num_heads": 1, "conv_size": 2, "expand_v": 2}),
     (40, {"num_heads": 4, "head_dim": 9, "conv_size": 1, "allow_neg_eigval": True}),
+    # the kernel's column strips (4 SIMD vectors): full strips only (Vh 64, the benchmarks' heads),
+    # a strip of 4 vectors with a partial last (Vh 30), full strips and a 1-vector rest (Vh 40)
+    (128, {"num_heads": 2}),
+    (30, {"num_heads": 1}),
+    (40, {"num_heads": 2, "expand_v": 2}),
 ]
 
 

@@ -84,6 +84,11 @@ OFF_GRID = {
                                                          num_groups=2)),
     # in_proj's input off the SIMD width (the many-streams GEMM's tails), the pool's window in memory
     "gated_ssm E=74 N=5 K=6": ("gated_ssm", lambda: GatedSSMMixer(37, state_size=5, conv_size=6)),
+    # B and C held in 1, 3 or 4 registers (N a multiple of the SIMD width), and N past 4 of them
+    "mamba2 P=8 N=8 K=4": ("mamba2", lambda: Mamba2Mixer(8, state_size=8, ssm_head_dim=8)),
+    "mamba2 P=16 N=24 K=4": ("mamba2", lambda: Mamba2Mixer(16, state_size=24, ssm_head_dim=16, num_groups=2)),
+    "mamba2 P=8 N=32 K=4": ("mamba2", lambda: Mamba2Mixer(8, state_size=32, ssm_head_dim=8)),
+    "mamba2 P=8 N=40 K=4": ("mamba2", lambda: Mamba2Mixer(8, state_size=40, ssm_head_dim=8)),
 }
 
 

@@ -117,9 +117,11 @@ class Mamba2StepWeights(NamedTuple):
     conv_b: Tensor | None  # [C]
     dt_bias: Tensor  # [H]
     A_log: Tensor  # [H]
-    D: Tensor  # [H]
+    D: Tensor  # [H], or [E] with D_has_hdim
     norm_w: Tensor  # [E]
     out_w: Tensor  # [d, E]
+    in_b: Tensor | None = None  # [E + C + H] (proj_bias)
+    out_b: Tensor | None = None  # [d] (proj_bias)
 
 
 class GatedRMSNorm(nn.Module):
@@ -272,16 +274,13 @@ class Mamba2Mixer(Mixer):
         new = Mamba2State(conv=conv_state, ssm=ssm_state.to(acc))
         return self.out_proj(y.to(x.dtype)), finish_state(state, new, inplace)
 
-    def step_spec(self) -> MixerStep | None:
-        """This mixer's fused step: kind ``"mamba2"``, ints ``(H, P, G, N)``, floats ``(norm eps,)``.
-        None for the options its kernel does not cover (all off by default, as in the reference):
-        ``proj_bias``, ``D_has_hdim``, ``norm_before_gate``, a ``dt_limit`` clamp."""
-        if (self.in_proj.bias is not None or self.D.numel() != self.num_heads or self.norm.norm_before_gate
-                or self.dt_limit != (0.0, math.inf)):
-            return None
+    def step_spec(self) -> MixerStep:
+        """This mixer's fused step, for every configuration: kind ``"mamba2"``, ints
+        ``(H, P, G, N, norm_before_gate)``, floats ``(norm eps, dt_limit lo, dt_limit hi)``; the
+        projections' biases (``proj_bias``) and a per-channel ``D`` (``D_has_hdim``) are weights."""
         w = Mamba2StepWeights(
             self.in_proj.weight, self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.A_log, self.D,
-            self.norm.weight, self.out_proj.weight,
+            self.norm.weight, self.out_proj.weight, self.in_proj.bias, self.out_proj.bias,
         )
-        ints = (self.num_heads, self.head_dim, self.num_groups, self.state_size)
-        return MixerStep("mamba2", w, ints, (float(self.norm.eps),))
+        ints = (self.num_heads, self.head_dim, self.num_groups, self.state_size, int(self.norm.norm_before_gate))
+        return MixerStep("mamba2", w, ints, (float(self.norm.eps), *self.dt_limit))

@@ -13,8 +13,82 @@
 #pragma once
 
 #include "common.h"
+#include "prefetch.h"
 
 namespace hybridssm::step {
+
+// One strip of NV vectors of columns [c0, c0 + NV W) of one head's state S [K, Vh] (the last vector
+// holds `last` columns), in two passes over the strip while it stays in L1:
+//   pass 1  kS = S^T k and qS = S^T q over the old state (2 NV independent FMA chains, in registers)
+//           u = beta (v - alpha kS);  o = S_new^T q = alpha qS + (k . q) u
+//   pass 2  S = alpha S + k u^T
+// A column's u needs only that column of S^T k, so each strip is finished before the next is read:
+// the state is read from memory once and written once per step. `next` (or null): the state the
+// caller reads after this one, fetched into the cache row by row during pass 1 (the states of a
+// layer at many streams are far beyond L2: without it every strip waits on memory).
+template <typename scalar_t, bool kGated, int NV>
+inline void delta_strip(scalar_t* S, const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t beta,
+                        scalar_t alpha, scalar_t kq, scalar_t* o, int64_t K, int64_t Vh, int64_t c0,
+                        int64_t last, const scalar_t* next) {
+  using Vec = Vectorized<scalar_t>;
+  using hybridssm::load;
+  using hybridssm::store;
+  constexpr int64_t W = Vec::size();
+  int64_t cnt[NV];
+  for (int i = 0; i < NV; ++i) cnt[i] = i + 1 < NV ? W : last;
+  Vec ka[NV], qa[NV];
+  for (int i = 0; i < NV; ++i) ka[i] = qa[i] = Vec(0);
+  for (int64_t j = 0; j < K; ++j) {
+    const Vec kj(k[j]), qj(q[j]);
+    const scalar_t* r = S + j * Vh + c0;
+    if (next != nullptr) prefetch_span(next + j * Vh, Vh);
+    for (int i = 0; i < NV; ++i) {
+      const Vec s = load(r + i * W, cnt[i]);
+      ka[i] = at::vec::fmadd(kj, s, ka[i]);
+      qa[i] = at::vec::fmadd(qj, s, qa[i]);
+    }
+  }
+  const Vec a(alpha), bt(beta), kqv(kq);
+  Vec u[NV];
+  for (int i = 0; i < NV; ++i) {
+    const Vec kS = kGated ? a * ka[i] : ka[i];
+    u[i] = bt * (load(v + c0 + i * W, cnt[i]) - kS);
+    store(at::vec::fmadd(kqv, u[i], kGated ? a * qa[i] : qa[i]), o + c0 + i * W, cnt[i]);
+  }
+  for (int64_t j = 0; j < K; ++j) {
+    const Vec kj(k[j]);
+    scalar_t* r = S + j * Vh + c0;
+    for (int i = 0; i < NV; ++i) {
+      const Vec s = load(r + i * W, cnt[i]);
+      store(at::vec::fmadd(kj, u[i], kGated ? a * s : s), r + i * W, cnt[i]);
+    }
+  }
+}
+
+// One head of one row: o = S_new^T q (unscaled) into o [Vh], the state S [K, Vh] updated in place,
+// strip by strip (delta_strip): 4 vectors wide where they fit (8 accumulators and 4 u's in registers),
+// then one narrower strip for the remaining columns. `next`: the state [K, Vh] the caller updates
+// next (null for the last), prefetched during the first strip.
+template <typename scalar_t, bool kGated>
+inline void delta_head(scalar_t* S, const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t beta,
+                       scalar_t alpha, scalar_t* o, int64_t K, int64_t Vh, const scalar_t* next) {
+  constexpr int64_t W = Vectorized<scalar_t>::size();
+  constexpr int kStrip = 4;
+  const scalar_t kq = dot(k, q, K);
+  int64_t c0 = 0;
+  for (; c0 + kStrip * W <= Vh; c0 += kStrip * W, next = nullptr) {
+    delta_strip<scalar_t, kGated, kStrip>(S, q, k, v, beta, alpha, kq, o, K, Vh, c0, W, next);
+  }
+  const int64_t rest = Vh - c0;
+  if (rest == 0) return;
+  const int64_t nv = (rest + W - 1) / W, last = rest - (nv - 1) * W;
+  switch (nv) {
+    case 1: return delta_strip<scalar_t, kGated, 1>(S, q, k, v, beta, alpha, kq, o, K, Vh, c0, last, next);
+    case 2: return delta_strip<scalar_t, kGated, 2>(S, q, k, v, beta, alpha, kq, o, K, Vh, c0, last, next);
+    case 3: return delta_strip<scalar_t, kGated, 3>(S, q, k, v, beta, alpha, kq, o, K, Vh, c0, last, next);
+    default: return delta_strip<scalar_t, kGated, 4>(S, q, k, v, beta, alpha, kq, o, K, Vh, c0, last, next);
+  }
+}
 
 template <bool kGated>
 at::Tensor delta_rule_step(const at::Tensor& x, const MixerSpec& m, at::Tensor* states, const at::Tensor&) {
@@ -55,7 +129,7 @@ at::Tensor delta_rule_step(const at::Tensor& x, const MixerSpec& m, at::Tensor* 
     using Vec = Vectorized<scalar_t>;
     using hybridssm::load;
     using hybridssm::store;
-    std::vector<scalar_t> qkv(C), kS(Vh);
+    std::vector<scalar_t> qkv(C);
     // raw pointers taken once (data_ptr checks the tensor on every call)
     const scalar_t* w = cw.data_ptr<scalar_t>();
     const scalar_t* proj0 = proj.data_ptr<scalar_t>();
@@ -92,25 +166,10 @@ at::Tensor delta_rule_step(const at::Tensor& x, const MixerSpec& m, at::Tensor* 
           const scalar_t sp = z > scalar_t(20) ? z : std::log1p(std::exp(z));
           alpha = std::exp(-std::exp(A_log0[h]) * sp);
         }
-        scalar_t* S = S0 + (b * H + h) * K * Vh;
-        // kS = S^T k (the old state), then u = beta (v - alpha kS) in place
-        std::fill(kS.begin(), kS.end(), scalar_t(0));
-        vecmat_add(k, S, kS.data(), K, Vh);
-        vec_chunks<scalar_t>(Vh, [&](int64_t i, int64_t cnt) {
-          store(Vec(beta) * (load(v + i, cnt) - Vec(alpha) * load(kS.data() + i, cnt)), kS.data() + i, cnt);
-        });
-        // S <- alpha S + k u^T and o = S^T q, in one pass over S
+        const int64_t bh = b * H + h;
+        delta_head<scalar_t, kGated>(S0 + bh * K * Vh, q, k, v, beta, alpha, ob + h * Vh, K, Vh,
+                                     bh + 1 < B * H ? S0 + (bh + 1) * K * Vh : nullptr);
         scalar_t* oh = ob + h * Vh;
-        std::fill(oh, oh + Vh, scalar_t(0));
-        for (int64_t j = 0; j < K; ++j) {
-          const Vec kj(k[j]), qj(q[j]);
-          scalar_t* Sj = S + j * Vh;
-          vec_chunks<scalar_t>(Vh, [&](int64_t i, int64_t cnt) {
-            const Vec s = Vec(alpha) * load(Sj + i, cnt) + kj * load(kS.data() + i, cnt);
-            store(s, Sj + i, cnt);
-            store(at::vec::fmadd(qj, s, load(oh + i, cnt)), oh + i, cnt);
-          });
-        }
         // o * scale, RMSNorm over the head (weights shared by heads), then the output gate
         const Vec sc = Vec(static_cast<scalar_t>(scale));
         vec_chunks<scalar_t>(Vh, [&](int64_t i, int64_t cnt) { store(load(oh + i, cnt) * sc, oh + i, cnt); });
