@@ -29,6 +29,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include "../vec_helpers.h"
+#include "gemm_rows.h"
 
 #include <algorithm>
 #include <map>
@@ -182,14 +183,29 @@ void gemv_rows_multi(const scalar_t* W, const scalar_t* x, int64_t ldx, const sc
 }
 
 // x [B, I] @ W[O, I]^T (+ bias) -> [B, O]: gemv for a small batch (B <= 4: the weights read once for
-// all rows), a GEMM otherwise. W (and bias) in x's dtype and contiguous (see as_); x may be a strided
-// row view.
+// all rows), gemm_rows.h's blocked product up to kGemmRowsMaxBatch rows, MKL's GEMM beyond. W (and
+// bias) in x's dtype and contiguous (see as_); x may be a strided row view.
 inline at::Tensor linear_small(const at::Tensor& x, const at::Tensor& W, const at::Tensor& bias) {
   const int64_t B = x.size(0), I = x.size(1), O = W.size(0);
   const bool has_bias = present(bias);
   TORCH_CHECK(W.dim() == 2 && W.size(1) == I && (!has_bias || bias.numel() == O),
               "hybridssm step: linear of input ", x.sizes(), " with weight ", W.sizes(), " does not fit");
-  if (B > 4) return has_bias ? at::addmm(bias, x, W.t()) : at::mm(x, W.t());
+  if (B > 4) {
+    // Many streams: up to kGemmRowsMaxBatch rows the weight is read where it lies (gemm_rows.h: MKL
+    // would first pack the cold weight), beyond that and for thin inputs MKL's GEMM is faster.
+    if (B > kGemmRowsMaxBatch || I < kGemmRowsMinInputs || !W.is_contiguous() || W.scalar_type() != x.scalar_type() ||
+        (has_bias && (!bias.is_contiguous() || bias.scalar_type() != x.scalar_type()))) {
+      return has_bias ? at::addmm(bias, x, W.t()) : at::mm(x, W.t());
+    }
+    const auto xr = x.stride(1) == 1 ? x : x.contiguous();
+    auto y = at::empty({B, O}, x.options());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_small_rows", [&] {
+      gemm_rows_detail::gemm_nt<scalar_t>(xr.data_ptr<scalar_t>(), xr.stride(0), W.data_ptr<scalar_t>(),
+                                          has_bias ? bias.data_ptr<scalar_t>() : nullptr,
+                                          y.data_ptr<scalar_t>(), O, B, O, I);
+    });
+    return y;
+  }
   const auto xc = x.stride(1) == 1 ? x : x.contiguous();
   const int64_t ldx = xc.stride(0);
   auto y = at::empty({B, O}, x.options());

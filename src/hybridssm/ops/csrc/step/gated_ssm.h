@@ -11,7 +11,6 @@
 
 #pragma once
 
-#include "gemm_rows.h"
 
 namespace hybridssm::step {
 
@@ -32,7 +31,7 @@ inline at::Tensor gated_ssm_mixer_step(const at::Tensor& x, const MixerSpec& m, 
               "gated_ssm step: states ", conv.sizes(), ", ", ctx.sizes(), " do not fit the weights");
   auto w = [&](int i) { return as_(m.w[i], dt); };
   auto b = [&](int i) { return present(m.w[i]) ? as_(m.w[i], dt) : at::Tensor(); };
-  const auto xz = linear_rows(x, w(0), b(1));  // [B, 2E]
+  const auto xz = linear_small(x, w(0), b(1));  // [B, 2E]
   auto pooled = at::empty({Bsz, E}, x.options());
   AT_DISPATCH_FLOATING_TYPES(dt, "gated_ssm_pool", [&] {
     // the forward's mean pool: a depthwise conv whose K taps are all 1/K
@@ -42,10 +41,10 @@ inline at::Tensor gated_ssm_mixer_step(const at::Tensor& x, const MixerSpec& m, 
                                     taps.data(), nullptr, pooled.data_ptr<scalar_t>() + r * E, E, K);
     }
   });
-  auto u = linear_rows(pooled, w(2), b(3));  // [B, E]
+  auto u = linear_small(pooled, w(2), b(3));  // [B, E]
   AT_DISPATCH_FLOATING_TYPES(dt, "gated_ssm_silu", [&] { silu_inplace(u.data_ptr<scalar_t>(), Bsz * E); });
-  const auto dtv = linear_rows(linear_rows(u, w(6), b(7)), w(8), b(9));  // [B, E]
-  const auto bcv = linear_rows(u, w(4), b(5));  // [B, 2N]
+  const auto dtv = linear_small(linear_small(u, w(6), b(7)), w(8), b(9));  // [B, E]
+  const auto bcv = linear_small(u, w(4), b(5));  // [B, 2N]
   auto y = at::empty({Bsz, E}, x.options());
   AT_DISPATCH_FLOATING_TYPES(dt, "gated_ssm_step", [&] {
     using Vec = Vectorized<scalar_t>;
@@ -76,7 +75,7 @@ inline at::Tensor gated_ssm_mixer_step(const at::Tensor& x, const MixerSpec& m, 
       });
     }
   });
-  return linear_rows(y, w(10), b(11));
+  return linear_small(y, w(10), b(11));
 }
 
 HYBRIDSSM_MIXER_STEP(gated_ssm, gated_ssm_mixer_step, 2);

@@ -1,4 +1,5 @@
-// x [B, I] @ W[O, I]^T (+ bias) for the recurrent mixers' projections at many streams (4 < B <= 128).
+// x [B, I] @ W[O, I]^T (+ bias) for every step's projections at many streams (4 < B <= 128; common.h's
+// linear_small calls it).
 //
 // At these batch sizes a step's weights are cold (a model's layers do not fit in L2) and MKL's sgemm
 // first packs the whole weight, a pass that waits on memory without computing (a third of the GEMM's
@@ -9,12 +10,22 @@
 // hot weights and takes 0.75-0.9 of its time on cold ones at B = 64 (0.45-0.8 at B = 16); inside a
 // model's step (hybrid[gru], B = 64, perf) about 0.9 of MKL's time per FLOP: x is re-read from L2
 // for every 4 rows of W. Beyond 128 rows, or for thin inputs (I < 32: a few FMAs per horizontal
-// sum), MKL is faster: linear_small.
+// sum), MKL is faster. Every step's projections take it since whole models at B = 64 ran 5-25%
+// more frames/s with it than with MKL (mamba, transformer, hybrid, hymba, the delta rules; two
+// alternating runs at load ~1.5), the recurrent mixers' first.
 #pragma once
 
-#include "common.h"
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include "../vec_helpers.h"
+
+#include <algorithm>
+#include <cstdint>
 
 namespace hybridssm::step {
+
+using at::vec::Vectorized;
 
 namespace gemm_rows_detail {
 
@@ -155,24 +166,5 @@ void gemm_nn(const scalar_t* x, int64_t ldx, const scalar_t* W, int64_t ldw, con
 
 constexpr int64_t kGemmRowsMaxBatch = 128;  // beyond, MKL's packed GEMM wins (measured at B = 256)
 constexpr int64_t kGemmRowsMinInputs = 32;  // below, the horizontal sums outweigh the FMAs
-
-// x [B, I] @ W[O, I]^T (+ bias) -> [B, O], as linear_small (same arguments and checks), through the
-// kernel above for 4 < B <= kGemmRowsMaxBatch and I >= kGemmRowsMinInputs.
-inline at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& W, const at::Tensor& bias) {
-  const int64_t B = x.size(0), I = x.size(1), O = W.size(0);
-  if (B <= 4 || B > kGemmRowsMaxBatch || I < kGemmRowsMinInputs) return linear_small(x, W, bias);
-  const bool has_bias = present(bias);
-  TORCH_CHECK(W.dim() == 2 && W.size(1) == I && W.is_contiguous() && W.scalar_type() == x.scalar_type() &&
-                  (!has_bias || (bias.numel() == O && bias.is_contiguous())),
-              "hybridssm step: linear of input ", x.sizes(), " with weight ", W.sizes(), " does not fit");
-  const auto xr = x.stride(1) == 1 ? x : x.contiguous();
-  auto y = at::empty({B, O}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_rows", [&] {
-    gemm_rows_detail::gemm_nt<scalar_t>(xr.data_ptr<scalar_t>(), xr.stride(0), W.data_ptr<scalar_t>(),
-                                        has_bias ? bias.data_ptr<scalar_t>() : nullptr,
-                                        y.data_ptr<scalar_t>(), O, B, O, I);
-  });
-  return y;
-}
 
 }  // namespace hybridssm::step

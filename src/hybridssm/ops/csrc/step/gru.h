@@ -7,7 +7,6 @@
 // States (GRUState): h [B, H]. Returns the new h (a copy: the state is updated in place too).
 #pragma once
 
-#include "gemm_rows.h"
 
 namespace hybridssm::step {
 
@@ -26,8 +25,8 @@ inline at::Tensor gru_step(const at::Tensor& x, const MixerSpec& m, at::Tensor* 
   const auto b_hh = weight(kind, m, 3, "bias_hh", {3 * H}, dt);
   check_state(kind, "h", states[0], {B, H}, dt);
 
-  const auto gi = linear_rows(x, w_ih, b_ih);  // [B, 3H]
-  const auto gh = linear_rows(states[0], w_hh, b_hh);
+  const auto gi = linear_small(x, w_ih, b_ih);  // [B, 3H]
+  const auto gh = linear_small(states[0], w_hh, b_hh);
   auto y = at::empty({B, H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(dt, "gru_step", [&] {
     using Vec = Vectorized<scalar_t>;

@@ -13,7 +13,6 @@
 // first-position rule reads and the step advances (the model-level pos argument is not needed).
 #pragma once
 
-#include "gemm_rows.h"
 
 namespace hybridssm::step {
 
@@ -55,8 +54,8 @@ inline at::Tensor rglru_step(const at::Tensor& x, const MixerSpec& m, at::Tensor
   check_state(kind, "h", states[1], {B, W}, dt);
   check_state(kind, "pos", states[2], {B}, at::kLong);
 
-  const auto yb = linear_rows(x, Wy, by);  // [B, W] gate branch, before its GeLU
-  const auto xb = linear_rows(x, Wx, bx);  // [B, W] conv input
+  const auto yb = linear_small(x, Wy, by);  // [B, W] gate branch, before its GeLU
+  const auto xb = linear_small(x, Wx, bx);  // [B, W] conv input
   auto hy = at::empty({B, W}, x.options());  // h * y, the output projection's input
   // every row's conv output u and its two gates' pre-activations, each [B, W]
   auto ug = at::empty({3, B, W}, x.options());
@@ -100,7 +99,7 @@ inline at::Tensor rglru_step(const at::Tensor& x, const MixerSpec& m, at::Tensor
       pos[b] += 1;
     }
   });
-  return linear_rows(hy, Wo, bo);
+  return linear_small(hy, Wo, bo);
 }
 
 HYBRIDSSM_MIXER_STEP(griffin_lru, rglru_step, 3);

@@ -19,7 +19,6 @@
 // States (RWKVState): shift_time [B, D], wkv [B, H, K, K], shift_channel [B, D].
 #pragma once
 
-#include "gemm_rows.h"
 
 namespace hybridssm::step {
 
@@ -191,10 +190,10 @@ inline at::Tensor rwkv_step(const at::Tensor& x, const MixerSpec& m, at::Tensor*
       }
     }
     const at::Tensor none;
-    const auto r = linear_rows(xs.select(0, 3), Wr, none);
-    const auto k = linear_rows(xs.select(0, 1), Wk, none);
-    const auto v = linear_rows(xs.select(0, 2), Wv, none);
-    auto g = linear_rows(xs.select(0, 4), Wg, none);
+    const auto r = linear_small(xs.select(0, 3), Wr, none);
+    const auto k = linear_small(xs.select(0, 1), Wk, none);
+    const auto v = linear_small(xs.select(0, 2), Wv, none);
+    auto g = linear_small(xs.select(0, 4), Wg, none);
     silu_inplace(p(g), B * D);
     auto dlo = matmul_small(xs.select(0, 0), decay_down);  // [B, Rd]
     tanh_inplace(p(dlo), B * Rd);
@@ -228,7 +227,7 @@ inline at::Tensor rwkv_step(const at::Tensor& x, const MixerSpec& m, at::Tensor*
         });
       }
     }
-    const auto a = linear_rows(o, Wo, none);  // the time-mix's increment
+    const auto a = linear_small(o, Wo, none);  // the time-mix's increment
 
     // channel-mix on c_in = LN_2(x + a), with its own token shift (xk, xr reuse xx and xxx)
     std::vector<scalar_t> t(D), c(D);
@@ -246,14 +245,14 @@ inline at::Tensor rwkv_step(const at::Tensor& x, const MixerSpec& m, at::Tensor*
         store(cv, sb + i, cnt);
       });
     }
-    auto kk = linear_rows(xx, Ck, none);  // [B, F]
+    auto kk = linear_small(xx, Ck, none);  // [B, F]
     scalar_t* kk0 = p(kk);
     vec_chunks<scalar_t>(B * Fn, [&](int64_t i, int64_t cnt) {
       const Vec z = at::vec::maximum(load(kk0 + i, cnt), Vec(0));
       store(z * z, kk0 + i, cnt);
     });
-    const auto rr = linear_rows(xxx, Cr, none);
-    y = linear_rows(kk, Cv, none);  // becomes a + sigmoid(rr) * (C_v kk)
+    const auto rr = linear_small(xxx, Cr, none);
+    y = linear_small(kk, Cv, none);  // becomes a + sigmoid(rr) * (C_v kk)
     const scalar_t *a0 = p(a), *rr0 = p(rr);
     scalar_t* y0 = p(y);
     vec_chunks<scalar_t>(B * D, [&](int64_t i, int64_t cnt) {
