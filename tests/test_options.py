@@ -479,15 +479,17 @@ def test_mamba2_options_param_count_is_exact(name):
 
 @pytest.mark.parametrize("name", ["ss_transformer", "hybrid"])
 @torch.no_grad()
-def test_mamba2_options_step_equals_forward_block_by_block(name):
-    """The one-call step declines D_has_hdim, norm_before_gate, dt_limit and proj_bias (its kernel
-    does not have them): the block-by-block step runs and equals the forward."""
+@pytest.mark.parametrize("fused", [True, False], ids=["one_call", "block_by_block"])
+def test_mamba2_options_step_equals_forward(name, fused):
+    """D_has_hdim, norm_before_gate, dt_limit and proj_bias each take the one-call step (its kernel
+    has them); both it and the block-by-block step equal the forward."""
     from hybridssm.streaming import plan_status
 
     assert plan_status(_tiny2(name, ssm_head_dim=4)) == "fused"
     for one in ("D_has_hdim", "norm_before_gate", "dt_limit", "proj_bias"):
-        assert plan_status(_tiny2(name, **{one: SET2[one]})) != "fused", one
+        assert plan_status(_tiny2(name, **{one: SET2[one]})) == "fused", one
     model = _tiny2(name, **SET2)
+    model.use_fused_step = fused
     x = torch.randn(2, 9, 5)
     full = model(x, return_sequence=True)
     state = model.init_state(2)
