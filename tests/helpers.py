@@ -12,7 +12,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-__all__ = ["assert_close", "assert_tree_close", "assert_bitwise"]
+__all__ = ["assert_close", "assert_tree_close", "assert_bitwise", "block_by_block"]
 
 # precision class -> relative tolerance; atol scales with the expected values' magnitude.
 #   fp32: CPU fp32 against fp32 (fast form vs reference, stream vs forward)
@@ -68,3 +68,14 @@ def benchmark_script(name: str) -> Iterator[ModuleType]:
         yield module
     finally:
         sys.modules.pop(name, None)
+
+
+@contextlib.contextmanager
+def block_by_block(model) -> Iterator[None]:
+    """Inside the block, ``model`` steps (and builds states) block by block instead of through the
+    one-call plan (``use_fused_step = False``); restored on exit, also after a failure."""
+    model.use_fused_step = False
+    try:
+        yield
+    finally:
+        model.use_fused_step = True

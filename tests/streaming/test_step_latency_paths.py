@@ -10,7 +10,7 @@ from torch import nn
 
 import hybridssm as hs
 from conformance_cases import tiny_cases
-from helpers import assert_close, assert_tree_close
+from helpers import assert_close, assert_tree_close, block_by_block
 from hybridssm.ops import use_kernels
 from hybridssm.state import ModelState
 from hybridssm.streaming import plan as plan_mod
@@ -77,11 +77,8 @@ def test_one_call_equals_block_by_block():
     x = torch.randn(2, 7, E_IN)
     with torch.no_grad():
         fused, s_fused = _stream(model, x)
-        model.use_fused_step = False
-        try:
+        with block_by_block(model):
             plain, s_plain = _stream(model, x)
-        finally:
-            model.use_fused_step = True
     assert_close(fused, plain)
     assert_tree_close(s_fused, s_plain)
 
@@ -351,9 +348,8 @@ def test_hymba_meta_prefill_runs_through_the_plan_with_the_forward_values(monkey
     with torch.no_grad():
         fused = model.init_state(3, max_len=12)
         assert prefills == [True]
-        model.use_fused_step = False
-        want = model.init_state(3, max_len=12)
-        model.use_fused_step = True
+        with block_by_block(model):
+            want = model.init_state(3, max_len=12)
     assert fused.pos.tolist() == [0, 0, 0]
     assert_tree_close(fused, want)
     with torch.no_grad():

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_streaming_kernels import check_kernel_equals_forward
 
 import hybridssm as hs
 from helpers import assert_close, assert_tree_close
 from hybridssm.mixers.mamba import MambaMixer
 from hybridssm.ops import use_kernels
 from hybridssm.streaming import plan_status
-from test_streaming_kernels import check_kernel_equals_forward
 
 
 # N / SIMD width = 1, 3, 4 in fp32 (2 is the default model's, tested beside it) and 2, 6, 8 in fp64;

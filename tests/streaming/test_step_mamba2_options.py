@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import hybridssm as hs
-from helpers import assert_close, assert_tree_close
+from helpers import assert_close, assert_tree_close, block_by_block
 from hybridssm.mixers.mamba2 import Mamba2Mixer
 from hybridssm.ops.step import mixer_step
 from hybridssm.streaming import plan_status
@@ -96,11 +96,8 @@ def test_model_step_with_option_is_fused_and_equals_block_by_block_and_forward(c
     x = torch.randn(3, 7, E_IN, dtype=dtype)
     with torch.no_grad():
         fused, s_fused = _stream(model, x)
-        model.use_fused_step = False
-        try:
+        with block_by_block(model):
             plain, s_plain = _stream(model, x)
-        finally:
-            model.use_fused_step = True
         want, s_want = model(x, return_sequence=True, return_state=True)
     cls = "fp64" if dtype == torch.float64 else "fp32"
     assert_close(fused, plain, cls, msg=f"{case}: fused against block by block")

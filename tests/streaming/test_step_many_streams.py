@@ -11,7 +11,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 import hybridssm as hs
-from helpers import assert_tree_close
+from helpers import assert_tree_close, block_by_block
 from hybridssm import streaming
 from hybridssm.models.base import SequenceModel
 
@@ -95,7 +95,7 @@ def test_fill_rows_declines_what_it_cannot_copy_and_writes_nothing():
     done = torch.tensor([True, False])
     with torch.no_grad():
         state = model.init_state(2)
-        for t in range(2):
+        for _ in range(2):
             model.step(torch.randn(2, 6), state, inplace=True)
         one = model.init_state(1)
         conv, ssm = state.layers[0]
@@ -159,11 +159,8 @@ def test_meta_prefill_over_all_tokens_equals_one_token_at_a_time(dtype):
             assert streaming.prefill_blocks(model, meta[:, t : t + 1], one_by_one)
         _assert_states_equal(together, one_by_one)
         # and both are the blocks' forward over the meta tokens (the state init_state stands for)
-        model.use_fused_step = False
-        try:
+        with block_by_block(model):
             want = model.init_state(1)
-        finally:
-            model.use_fused_step = True
         got = model.init_state(1)
     assert_tree_close(got, want, "fp32" if dtype == torch.float32 else "fp64")
 

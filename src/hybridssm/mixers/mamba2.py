@@ -282,5 +282,6 @@ class Mamba2Mixer(Mixer):
             self.in_proj.weight, self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.A_log, self.D,
             self.norm.weight, self.out_proj.weight, self.in_proj.bias, self.out_proj.bias,
         )
-        ints = (self.num_heads, self.head_dim, self.num_groups, self.state_size, int(self.norm.norm_before_gate))
+        ints = (self.num_heads, self.head_dim, self.num_groups, self.state_size,
+                int(self.norm.norm_before_gate))
         return MixerStep("mamba2", w, ints, (float(self.norm.eps), *self.dt_limit))
