@@ -12,7 +12,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-__all__ = ["assert_close", "assert_tree_close", "assert_bitwise", "block_by_block"]
+__all__ = ["assert_close", "assert_tree_close", "assert_bitwise", "block_by_block", "stream"]
 
 # precision class -> relative tolerance; atol scales with the expected values' magnitude.
 #   fp32: CPU fp32 against fp32 (fast form vs reference, stream vs forward)
@@ -79,3 +79,13 @@ def block_by_block(model) -> Iterator[None]:
         yield
     finally:
         model.use_fused_step = True
+
+
+def stream(model, x: torch.Tensor, state=None, inplace: bool = False):
+    """Step through ``x`` one frame at a time; returns ``([B, T, H], final state)``."""
+    state = model.init_state(x.shape[0]) if state is None else state
+    outs = []
+    for t in range(x.shape[1]):
+        y, state = model.step(x[:, t], state, inplace=inplace)
+        outs.append(y)
+    return torch.stack(outs, 1), state

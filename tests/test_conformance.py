@@ -21,7 +21,7 @@ from conformance_cases import (
     fit_options,
     tiny_cases,
 )
-from helpers import assert_bitwise, assert_close, assert_tree_close
+from helpers import assert_bitwise, assert_close, assert_tree_close, stream
 from hybridssm.state import ModelState
 
 CASES = all_cases()
@@ -33,16 +33,6 @@ tiny_ids = [c.id for c in TINY_CASES]
 def inputs(model, B: int, T: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(B, T, model.config.embed_dim, generator=g)
-
-
-def stream(model, x: torch.Tensor, state: ModelState | None = None, inplace: bool = False):
-    """Step through ``x`` one frame at a time; returns ``([B, T, H], final state)``."""
-    state = model.init_state(x.shape[0]) if state is None else state
-    outs = []
-    for t in range(x.shape[1]):
-        y, state = model.step(x[:, t], state, inplace=inplace)
-        outs.append(y)
-    return torch.stack(outs, 1), state
 
 
 def seq_len_for(case: Case) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -126,8 +127,10 @@ def test_export_traces_the_torch_forms(monkeypatch):
         assert _kernels.resolve("selective_scan", "cpu")[0] == "ref"
 
 
-def test_kernels_report_does_not_probe_a_kernel_with_a_peek():
-    # A probe with a peek (the C++ kernels') is asked without building: hs.kernels() never builds.
+@contextlib.contextmanager
+def _op_with_peeking_probe(name):
+    """Registers op ``name`` whose fused probe (as the C++ kernels') records each build and has a
+    peek that builds nothing; yields the list of builds; unregisters it on exit."""
     calls = []
 
     def probe(device_type):
@@ -135,34 +138,28 @@ def test_kernels_report_does_not_probe_a_kernel_with_a_peek():
         return True, "built"
 
     probe.peek = lambda device_type: (None, "not built yet")
-    _kernels.register("_peek_op", ref=lambda: "ref", torch_impl=lambda: "torch", fused=lambda: "fused",
+    _kernels.register(name, ref=lambda: "ref", torch_impl=lambda: "torch", fused=lambda: "fused",
                       fused_probe=probe)
     try:
         with hs.use_kernels("auto"):
-            assert hs.kernels()["_peek_op"] == {"backend": "fused", "reason": "not built yet",
-                                                "available": "ref, torch, fused"}
-            assert calls == []
-            assert _kernels.get("_peek_op")() == "fused" and calls == ["cpu"]
-            assert hs.kernels()["_peek_op"]["reason"] == "built"
+            yield calls
     finally:
-        del _kernels._OPS["_peek_op"]
+        del _kernels._OPS[name]
+
+
+def test_kernels_report_does_not_probe_a_kernel_with_a_peek():
+    # A probe with a peek (the C++ kernels') is asked without building: hs.kernels() never builds.
+    with _op_with_peeking_probe("_peek_op") as calls:
+        assert hs.kernels()["_peek_op"] == {"backend": "fused", "reason": "not built yet",
+                                            "available": "ref, torch, fused"}
+        assert calls == []
+        assert _kernels.get("_peek_op")() == "fused" and calls == ["cpu"]
+        assert hs.kernels()["_peek_op"]["reason"] == "built"
 
 
 def test_kernels_report_builds_on_request():
-    calls = []
-
-    def probe(device_type):
-        calls.append(device_type)
-        return True, "built"
-
-    probe.peek = lambda device_type: (None, "not built yet")
-    _kernels.register("_build_op", ref=lambda: "ref", torch_impl=lambda: "torch", fused=lambda: "fused",
-                      fused_probe=probe)
-    try:
-        with hs.use_kernels("auto"):
-            assert hs.kernels(build=True)["_build_op"]["reason"] == "built" and calls == ["cpu"]
-    finally:
-        del _kernels._OPS["_build_op"]
+    with _op_with_peeking_probe("_build_op") as calls:
+        assert hs.kernels(build=True)["_build_op"]["reason"] == "built" and calls == ["cpu"]
 
 
 def test_kernel_op_registers_forward_fake_and_backward(monkeypatch):

@@ -10,7 +10,7 @@ from torch import nn
 
 import hybridssm as hs
 from conformance_cases import tiny_cases
-from helpers import assert_close, assert_tree_close, block_by_block
+from helpers import assert_close, assert_tree_close, block_by_block, stream
 from hybridssm.ops import use_kernels
 from hybridssm.state import ModelState
 from hybridssm.streaming import plan as plan_mod
@@ -29,21 +29,12 @@ def _model(dtype=torch.float32, seed=0, **kw):
     return m
 
 
-def _stream(model, x, inplace=True, state=None):
-    state = model.init_state(x.shape[0]) if state is None else state
-    ys = []
-    for t in range(x.shape[1]):
-        y, state = model.step(x[:, t], state, inplace=inplace)
-        ys.append(y)
-    return torch.stack(ys, 1), state
-
-
 def _assert_stream_equals_forward(model, B=2, T=9, msg=""):
     x = torch.randn(B, T, E_IN, dtype=model.input_proj.weight.dtype)
     with torch.no_grad():
         want, want_state = model(x, return_sequence=True, return_state=True)
         for inplace in (True, False):
-            got, state = _stream(model, x, inplace)
+            got, state = stream(model, x, inplace=inplace)
             assert_close(got, want, msg=f"{msg} inplace={inplace}")
             assert_tree_close(state, want_state, msg=f"{msg} inplace={inplace} state")
 
@@ -76,9 +67,9 @@ def test_one_call_equals_block_by_block():
     model = _model()
     x = torch.randn(2, 7, E_IN)
     with torch.no_grad():
-        fused, s_fused = _stream(model, x)
+        fused, s_fused = stream(model, x, inplace=True)
         with block_by_block(model):
-            plain, s_plain = _stream(model, x)
+            plain, s_plain = stream(model, x, inplace=True)
     assert_close(fused, plain)
     assert_tree_close(s_fused, s_plain)
 
@@ -87,7 +78,7 @@ def test_functional_one_call_leaves_the_state_alone():
     model = _model()
     x = torch.randn(2, 5, E_IN)
     with torch.no_grad():
-        _, state = _stream(model, x)
+        _, state = stream(model, x, inplace=True)
         before = state.clone()
         y, new = model.step(x[:, 0], state)
     assert_tree_close(state, before)
@@ -112,18 +103,18 @@ def test_falls_back_where_the_one_call_does_not_apply(case, count_stack_calls):
     model = _model(dropout=0.1 if case == "dropout_training" else 0.0)
     x = torch.randn(2, 5, E_IN)
     if case == "grad":  # autograd through the step: the generic (differentiable) path
-        _, state = _stream(model, x)
+        _, state = stream(model, x, inplace=True)
         assert state.layers[0].ssm.grad_fn is not None
     elif case == "autocast":
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            _stream(model, x)
+            stream(model, x, inplace=True)
     elif case == "torch_kernels":
         with torch.no_grad(), use_kernels("torch"):
             _assert_stream_equals_forward(model)
     else:  # dropout between blocks is active in training mode
         model.train()
         with torch.no_grad():
-            _stream(model, x)
+            stream(model, x, inplace=True)
     assert count_stack_calls == []
 
 
@@ -133,7 +124,7 @@ def test_training_mode_without_active_dropout_keeps_the_one_call(count_stack_cal
     assert len(count_stack_calls) == 2 * 9
     model.dropout.p = 0.1  # set after the plan was built: seen at the next step
     with torch.no_grad():
-        _stream(model, torch.randn(1, 2, E_IN))
+        stream(model, torch.randn(1, 2, E_IN), inplace=True)
     assert len(count_stack_calls) == 2 * 9
 
 
@@ -146,14 +137,14 @@ def test_hybrid_with_mamba_blocks_streams_exactly():
     x = torch.randn(2, 6, E_IN)
     with torch.no_grad():
         want = model(x, return_sequence=True)
-        got, _ = _stream(model, x)
+        got, _ = stream(model, x, inplace=True)
     assert_close(got, want)
 
 
 # -- nothing goes stale: every way of writing a parameter is seen by the next step ------------------
 def _warm(model):
     with torch.no_grad():
-        _stream(model, torch.randn(1, 3, E_IN, dtype=model.input_proj.weight.dtype))
+        stream(model, torch.randn(1, 3, E_IN, dtype=model.input_proj.weight.dtype), inplace=True)
 
 
 def _mutations():
@@ -353,7 +344,7 @@ def test_hymba_meta_prefill_runs_through_the_plan_with_the_forward_values(monkey
     assert fused.pos.tolist() == [0, 0, 0]
     assert_tree_close(fused, want)
     with torch.no_grad():
-        got, _ = _stream(model, x, state=fused)
+        got, _ = stream(model, x, fused, inplace=True)
         assert_close(got, model(x, return_sequence=True))
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import hybridssm as hs
-from helpers import assert_close, assert_tree_close, block_by_block
+from helpers import assert_close, assert_tree_close, block_by_block, stream
 from hybridssm.mixers.mamba2 import Mamba2Mixer
 from hybridssm.ops.step import mixer_step
 from hybridssm.streaming import plan_status
@@ -79,15 +79,6 @@ def _model(options: dict, dtype=torch.float32) -> torch.nn.Module:
     return _perturbed(m.to(dtype))
 
 
-def _stream(model, x):
-    state = model.init_state(x.shape[0])
-    ys = []
-    for t in range(x.shape[1]):
-        y, state = model.step(x[:, t], state, inplace=True)
-        ys.append(y)
-    return torch.stack(ys, 1), state
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", sorted(OPTIONS))
 def test_model_step_with_option_is_fused_and_equals_block_by_block_and_forward(case, dtype):
@@ -95,9 +86,9 @@ def test_model_step_with_option_is_fused_and_equals_block_by_block_and_forward(c
     assert plan_status(model) == "fused"
     x = torch.randn(3, 7, E_IN, dtype=dtype)
     with torch.no_grad():
-        fused, s_fused = _stream(model, x)
+        fused, s_fused = stream(model, x, inplace=True)
         with block_by_block(model):
-            plain, s_plain = _stream(model, x)
+            plain, s_plain = stream(model, x, inplace=True)
         want, s_want = model(x, return_sequence=True, return_state=True)
     cls = "fp64" if dtype == torch.float64 else "fp32"
     assert_close(fused, plain, cls, msg=f"{case}: fused against block by block")
