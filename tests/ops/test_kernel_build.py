@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from hybridssm.ops import _cpu_ext
+
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 TINY = r"""
@@ -114,12 +116,45 @@ def test_each_torch_install_keeps_its_own_build(tmp_path, env):
     assert len(names) == 3
 
 
-def test_source_or_header_change_gives_a_new_build(tmp_path, env):
+def test_source_or_included_header_change_gives_a_new_build(tmp_path, env):
     out, _ = _run(tmp_path, env)
-    (tmp_path / "src" / "sub").mkdir()
-    (tmp_path / "src" / "sub" / "extra.h").write_text("// a header the source may include\n")
+    src = tmp_path / "src"
+    (src / "sub").mkdir()
+    (src / "sub" / "extra.h").write_text("// a header the source does not include\n")
     out2, err2 = _run(tmp_path, env)
-    assert _building(err2) == 1 and out2.split()[2] != out.split()[2]
+    assert _building(err2) == 0 and out2 == out  # a header nothing includes changes nothing
+    (src / "tiny.cpp").write_text('#include "sub/extra.h"\n' + TINY)
+    out3, err3 = _run(tmp_path, env)
+    assert _building(err3) == 1 and out3.split()[2] != out.split()[2]
+    (src / "sub" / "extra.h").write_text("// the included header, edited\n")
+    out4, err4 = _run(tmp_path, env)
+    assert _building(err4) == 1 and out4.split()[2] not in (out.split()[2], out3.split()[2])
+
+
+def test_cache_key_follows_quoted_includes_transitively(tmp_path):
+    (tmp_path / "step").mkdir()
+    (tmp_path / "a.cpp").write_text('#include "step/b.h"\n#include <vector>\n#include "torch/extension.h"\n')
+    (tmp_path / "step" / "b.h").write_text('#include "c.h"\n  #  include "../d.h"\n')
+    (tmp_path / "step" / "c.h").write_text('#include "b.h"  // a cycle is followed once\n')
+    (tmp_path / "d.h").write_text("// reached through ../ from step/\n")
+    (tmp_path / "step" / "unused.h").write_text("// included by nothing\n")
+    a = tmp_path / "a.cpp"
+    assert [p.relative_to(tmp_path).as_posix() for p in _cpu_ext.included_files(a, tmp_path)] == [
+        "a.cpp", "d.h", "step/b.h", "step/c.h"]
+    key = _cpu_ext.cache_key(a, tmp_path, ["-O3"])
+    (tmp_path / "step" / "unused.h").write_text("// edited\n")
+    assert _cpu_ext.cache_key(a, tmp_path, ["-O3"]) == key
+    assert _cpu_ext.cache_key(a, tmp_path, ["-O2"]) != key
+    (tmp_path / "d.h").write_text("// edited\n")
+    assert _cpu_ext.cache_key(a, tmp_path, ["-O3"]) != key
+
+
+def test_each_kernel_hashes_only_its_own_headers():
+    # the step kernel's headers are not part of the other kernels' builds (an edit there rebuilds one)
+    step = {p.name for p in _cpu_ext.included_files(_cpu_ext.CSRC / "step.cpp", _cpu_ext.CSRC)}
+    scan = {p.name for p in _cpu_ext.included_files(_cpu_ext.CSRC / "selective_scan.cpp", _cpu_ext.CSRC)}
+    assert {"step.cpp", "plan.h", "common.h", "gemm_rows.h", "vec_helpers.h"} <= step
+    assert scan == {"selective_scan.cpp", "checks.h", "vec_helpers.h"}
 
 
 def test_concurrent_first_builds_both_succeed(tmp_path, env):

@@ -6,7 +6,7 @@ The build defines ``CPU_CAPABILITY`` from :func:`torch.backends.cpu.get_cpu_capa
 **The cache.** A build is ``<root>/hybridssm/<name>.so`` with ``<root>`` torch's extension cache
 (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). The name carries a hash of
 everything the binary depends on (:func:`cache_key`): torch's version and build, its C++ ABI, the
-Python ABI, the CPU capability and compiler flags, the source and every header under ``csrc``. So
+Python ABI, the CPU capability and compiler flags, the source and the headers it includes. So
 virtual environments with different torch installs keep their own builds side by side (switching
 between them never rebuilds), and no process loads a build made for another torch or other sources.
 
@@ -29,6 +29,7 @@ import functools
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import sys
 import threading
@@ -44,7 +45,7 @@ import torch
 
 __all__ = [
     "load_extension", "cpu_capability_flags", "kernel_probe", "build_status", "cache_dir", "cache_key",
-    "KernelBuildError", "Extension",
+    "included_files", "KernelBuildError", "Extension",
 ]
 
 CSRC = Path(__file__).parent / "csrc"
@@ -78,25 +79,50 @@ def cache_dir() -> Path:
     return Path(root) / "hybridssm"
 
 
+_QUOTED_INCLUDE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.MULTILINE)
+
+
+def included_files(source: Path, headers: Path) -> list[Path]:
+    """``source`` and every file it includes with ``#include "..."``, transitively: each name is
+    looked up beside the including file (as the compiler does), then under ``headers``. Names found in
+    neither (torch's and the system's headers) are left out: torch's version is in the key."""
+    seen: dict[Path, None] = {}
+    todo = [source.resolve()]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen[path] = None
+        for name in _QUOTED_INCLUDE.findall(path.read_text(errors="replace")):
+            for base in (path.parent, headers):
+                candidate = (base / name).resolve()
+                if candidate.is_file():
+                    todo.append(candidate)
+                    break
+    return sorted(seen)
+
+
 def cache_key(source: Path, headers: Path, flags: list[str]) -> str:
     """A hash of everything a build depends on: torch (version, git revision, C++ ABI), Python's
-    extension ABI, the compiler flags, the source and every header under ``headers``."""
+    extension ABI, the compiler flags, the source and the project headers it includes (transitively,
+    :func:`included_files`), so an edit to one kernel's header rebuilds only the kernels that use it."""
     h = hashlib.sha256()
     for part in (
         torch.__version__, getattr(torch.version, "git_version", ""), str(torch._C._GLIBCXX_USE_CXX11_ABI),
         sys.implementation.cache_tag, sys.platform, " ".join(flags),
     ):
         h.update(part.encode() + b"\0")
-    h.update(source.read_bytes())
-    for header in sorted(headers.rglob("*.h")):  # csrc/step/*.h are included by step.cpp
-        h.update(str(header.relative_to(headers)).encode() + b"\0" + header.read_bytes())
+    root = headers.resolve()
+    for path in included_files(source, headers):
+        name = path.relative_to(root) if path.is_relative_to(root) else Path(path.name)
+        h.update(str(name).encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
 class Extension:
-    """One extension module: ``source`` compiled with ``cflags``; ``headers`` is the folder whose
-    ``*.h`` files it may include (hashed into the name)."""
+    """One extension module: ``source`` compiled with ``cflags``; ``headers`` is the folder of the project's
+    headers; those the source includes (transitively) are hashed into the name."""
 
     stem: str
     source: Path
