@@ -191,8 +191,8 @@ inline at::Tensor linear_small(const at::Tensor& x, const at::Tensor& W, const a
   TORCH_CHECK(W.dim() == 2 && W.size(1) == I && (!has_bias || bias.numel() == O),
               "hybridssm step: linear of input ", x.sizes(), " with weight ", W.sizes(), " does not fit");
   if (B > 4) {
-    // Many streams: up to kGemmRowsMaxBatch rows the weight is read where it lies (gemm_rows.h: MKL
-    // would first pack the cold weight), beyond that and for thin inputs MKL's GEMM is faster.
+    // Many streams: the weight is read where it lies (gemm_rows.h: MKL would first pack the cold
+    // weight); MKL's GEMM for longer inputs (a prefill's frames) and thin ones (I < 32).
     if (B > kGemmRowsMaxBatch || I < kGemmRowsMinInputs || !W.is_contiguous() || W.scalar_type() != x.scalar_type() ||
         (has_bias && (!bias.is_contiguous() || bias.scalar_type() != x.scalar_type()))) {
       return has_bias ? at::addmm(bias, x, W.t()) : at::mm(x, W.t());
@@ -202,7 +202,7 @@ inline at::Tensor linear_small(const at::Tensor& x, const at::Tensor& W, const a
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_small_rows", [&] {
       gemm_rows_detail::gemm_nt<scalar_t>(xr.data_ptr<scalar_t>(), xr.stride(0), W.data_ptr<scalar_t>(),
                                           has_bias ? bias.data_ptr<scalar_t>() : nullptr,
-                                          y.data_ptr<scalar_t>(), O, B, O, I);
+                                          y.data_ptr<scalar_t>(), O, B, O, I, kGemmRowsPassBytes);
     });
     return y;
   }

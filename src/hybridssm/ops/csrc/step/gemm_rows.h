@@ -1,18 +1,18 @@
-// x [B, I] @ W[O, I]^T (+ bias) for every step's projections at many streams (4 < B <= 128; common.h's
+// x [B, I] @ W[O, I]^T (+ bias) for every step's projections at many streams (4 < B <= 256; common.h's
 // linear_small calls it).
 //
 // At these batch sizes a step's weights are cold (a model's layers do not fit in L2) and MKL's sgemm
 // first packs the whole weight, a pass that waits on memory without computing (a third of the GEMM's
 // time at B = 64 in the profiles), then computes. This kernel reads W where it lies instead: dot
-// products of 3 rows of x with 4 rows of W over I (12 accumulators, 16 registers with the loads),
-// 4 rows of W at a time against every row of x (W is read once, in order; x stays in L2), while it
-// prefetches the next 4 rows of W, so the weight's reads overlap the FMAs. Alone it matches MKL on
-// hot weights and takes 0.75-0.9 of its time on cold ones at B = 64 (0.45-0.8 at B = 16); inside a
-// model's step (hybrid[gru], B = 64, perf) about 0.9 of MKL's time per FLOP: x is re-read from L2
-// for every 4 rows of W. Beyond 128 rows, or for thin inputs (I < 32: a few FMAs per horizontal
-// sum), MKL is faster. Every step's projections take it since whole models at B = 64 ran 5-25%
-// more frames/s with it than with MKL (mamba, transformer, hybrid, hymba, the delta rules; two
-// alternating runs at load ~1.5), the recurrent mixers' first.
+// products of a block of rows of x (3 with AVX2's 16 vector registers, 6 with AVX-512's 32) with 4
+// rows of W over I, 4 rows of W at a time against every row of x (W is read once per pass, in order;
+// x stays in L2), while it prefetches the next 4 rows of W, so the weight's reads overlap the FMAs.
+// The four dot products of a row end in one reduction and one store of four outputs. Rows of x
+// beyond what L2 holds beside W's stream (kGemmRowsPassBytes) go in further passes over W.
+//
+// Measured alone (benchmarks/bench_gemm_rows.py, AVX2, the models' shapes, load 4-5): 1.2-1.7x
+// MKL's rate at B = 16, 1.1-1.4x at B = 64 hot, 1.0-1.8x cold; at B = 256, 1.0-1.2x (with passes;
+// without them 0.85-0.95x). Thin inputs (I < 32: a few FMAs per reduction) stay with MKL.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -29,80 +29,150 @@ using at::vec::Vectorized;
 
 namespace gemm_rows_detail {
 
-// out[j] = the sum of acc[j]'s lanes, j < 4.
-template <typename scalar_t>
-inline void hsum4(const Vectorized<scalar_t>* acc, scalar_t* out) {
-  for (int j = 0; j < 4; ++j) out[j] = hybridssm::hsum(acc[j]);
+#if defined(__GNUC__) && !defined(_MSC_VER)
+#define HYBRIDSSM_GEMM_INLINE inline __attribute__((always_inline))
+#else
+#define HYBRIDSSM_GEMM_INLINE inline
+#endif
+
+// Rows of x per block (MB), against 4 rows of W: MB * 4 accumulators, MB vectors of x and one of W
+// in registers. With 16 vector registers (AVX2) 3 rows: 12 + 3 + 1; with 32 (AVX-512, 16 floats a
+// vector) 6 rows: 24 + 6 + 1, a third fewer loads per FMA. The inner loops of both keep everything
+// in registers (checked with objdump on the built code).
+constexpr int kRowBlock = Vectorized<float>::size() >= 16 ? 6 : 3;
+
+// y[j] = the sum of acc[j]'s lanes (+ bias[j]) for j < NB <= 4. The 4-row case reduces the four
+// accumulators together and stores the four outputs at once (a handful of shuffles instead of four
+// separate horizontal sums, which cost as much as the FMAs of a short row).
+template <typename scalar_t, int NB>
+HYBRIDSSM_GEMM_INLINE void finish(const Vectorized<scalar_t> (&acc)[4], const scalar_t* bias, scalar_t* y) {
+  for (int j = 0; j < NB; ++j) y[j] = hybridssm::hsum(acc[j]) + (bias != nullptr ? bias[j] : scalar_t(0));
 }
 
-#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+#if (defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)) && !defined(_MSC_VER)
+// [sum a0, sum a1, sum a2, sum a3] of four 8-float vectors.
+HYBRIDSSM_GEMM_INLINE __m128 sum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));  // the two halves' sums
+}
+
+// [sum a0, sum a1, sum a2, sum a3] of four 4-double vectors.
+HYBRIDSSM_GEMM_INLINE __m256d sum4(__m256d a0, __m256d a1, __m256d a2, __m256d a3) {
+  const __m256d h01 = _mm256_hadd_pd(a0, a1), h23 = _mm256_hadd_pd(a2, a3);  // [a0 a1 a0 a1] pair sums
+  return _mm256_add_pd(_mm256_permute2f128_pd(h01, h23, 0x20), _mm256_permute2f128_pd(h01, h23, 0x31));
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+HYBRIDSSM_GEMM_INLINE __m256 halves(__m512 a) {
+  return _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+}
+HYBRIDSSM_GEMM_INLINE __m256d halves(__m512d a) {
+  return _mm256_add_pd(_mm512_castpd512_pd256(a), _mm512_extractf64x4_pd(a, 1));
+}
+#else
+HYBRIDSSM_GEMM_INLINE __m256 halves(__m256 a) { return a; }
+HYBRIDSSM_GEMM_INLINE __m256d halves(__m256d a) { return a; }
+#endif
+
 template <>
-inline void hsum4<float>(const Vectorized<float>* acc, float* out) {
-  const __m256 t0 = _mm256_hadd_ps(acc[0], acc[1]), t1 = _mm256_hadd_ps(acc[2], acc[3]);
-  const __m256 u = _mm256_hadd_ps(t0, t1);  // [s0 s1 s2 s3 | s0' s1' s2' s3'] (the two halves' sums)
-  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
+HYBRIDSSM_GEMM_INLINE void finish<float, 4>(const Vectorized<float> (&acc)[4], const float* bias, float* y) {
+  __m128 s = sum4(halves(acc[0]), halves(acc[1]), halves(acc[2]), halves(acc[3]));
+  if (bias != nullptr) s = _mm_add_ps(s, _mm_loadu_ps(bias));
+  _mm_storeu_ps(y, s);
+}
+
+template <>
+HYBRIDSSM_GEMM_INLINE void finish<double, 4>(const Vectorized<double> (&acc)[4], const double* bias, double* y) {
+  __m256d s = sum4(halves(acc[0]), halves(acc[1]), halves(acc[2]), halves(acc[3]));
+  if (bias != nullptr) s = _mm256_add_pd(s, _mm256_loadu_pd(bias));
+  _mm256_storeu_pd(y, s);
 }
 #endif
 
 // y[i, j] = x[i, :] . W[j, :] (+ bias[j]) for i < MB, j < NB <= 4; W's rows are I apart.
 template <typename scalar_t, int MB, int NB>
-inline void block(const scalar_t* x, int64_t ldx, const scalar_t* W, int64_t I, const scalar_t* bias,
-                  scalar_t* y, int64_t ldy) {
+HYBRIDSSM_GEMM_INLINE void block(const scalar_t* x, int64_t ldx, const scalar_t* W, int64_t I,
+                                 const scalar_t* bias, scalar_t* y, int64_t ldy) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t L = Vec::size();
   Vec acc[MB][4];
   for (int i = 0; i < MB; ++i) {
     for (int j = 0; j < 4; ++j) acc[i][j] = Vec(0);
   }
-  auto step = [&](int64_t k, int64_t cnt) {
+  int64_t k = 0;
+  for (; k + L <= I; k += L) {
     Vec xv[MB];
-    for (int i = 0; i < MB; ++i) xv[i] = hybridssm::load(x + i * ldx + k, cnt);
+    for (int i = 0; i < MB; ++i) xv[i] = Vec::loadu(x + i * ldx + k);
     for (int j = 0; j < NB; ++j) {
-      const Vec w = hybridssm::load(W + j * I + k, cnt);
+      const Vec w = Vec::loadu(W + j * I + k);
       for (int i = 0; i < MB; ++i) acc[i][j] = at::vec::fmadd(xv[i], w, acc[i][j]);
     }
-  };
-  int64_t k = 0;
-  for (; k + L <= I; k += L) step(k, L);
-  if (k < I) step(k, I - k);
-  for (int i = 0; i < MB; ++i) {
-    scalar_t s[4];
-    hsum4<scalar_t>(acc[i], s);
-    for (int j = 0; j < NB; ++j) y[i * ldy + j] = s[j] + (bias != nullptr ? bias[j] : scalar_t(0));
+  }
+  if (k < I) {  // the row's tail, zero-filled past I
+    const int64_t cnt = I - k;
+    Vec xv[MB];
+    for (int i = 0; i < MB; ++i) xv[i] = Vec::loadu(x + i * ldx + k, cnt);
+    for (int j = 0; j < NB; ++j) {
+      const Vec w = Vec::loadu(W + j * I + k, cnt);
+      for (int i = 0; i < MB; ++i) acc[i][j] = at::vec::fmadd(xv[i], w, acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MB; ++i) finish<scalar_t, NB>(acc[i], bias, y + i * ldy);
+}
+
+// The last n < MB rows of a column: block of M = n rows, found by counting M down from MB - 1.
+template <typename scalar_t, int M, int NB>
+HYBRIDSSM_GEMM_INLINE void rest(const scalar_t* x, int64_t ldx, const scalar_t* W, int64_t I,
+                                const scalar_t* bias, scalar_t* y, int64_t ldy, int64_t n) {
+  if constexpr (M > 0) {
+    if (n == M) return block<scalar_t, M, NB>(x, ldx, W, I, bias, y, ldy);
+    rest<scalar_t, M - 1, NB>(x, ldx, W, I, bias, y, ldy, n);
   }
 }
 
-// NB rows of W against all B rows of x, prefetching `next_len` values at `next` (the following
-// rows of W) spread over the row blocks.
+// NB rows of W against all B rows of x, MB at a time (the last block from the few rows left),
+// prefetching `next_len` values at `next` (the following rows of W) spread over the row blocks.
 template <typename scalar_t, int NB>
 inline void column(const scalar_t* x, int64_t ldx, const scalar_t* W, int64_t I, const scalar_t* bias,
                    scalar_t* y, int64_t ldy, int64_t B, const scalar_t* next, int64_t next_len) {
+  constexpr int MB = kRowBlock;
   constexpr int64_t kLine = 64 / sizeof(scalar_t);
-  const int64_t per_block = (next_len + kLine * ((B + 2) / 3) - 1) / (kLine * ((B + 2) / 3));
+  const int64_t blocks = (B + MB - 1) / MB;
+  const int64_t per_block = (next_len + kLine * blocks - 1) / (kLine * blocks);
   int64_t pf = 0, r = 0;
-  for (; r + 3 <= B; r += 3) {
+  for (; r + MB <= B; r += MB) {
     for (int64_t e = 0; e < per_block && pf < next_len; ++e, pf += kLine) __builtin_prefetch(next + pf, 0, 3);
-    block<scalar_t, 3, NB>(x + r * ldx, ldx, W, I, bias, y + r * ldy, ldy);
+    block<scalar_t, MB, NB>(x + r * ldx, ldx, W, I, bias, y + r * ldy, ldy);
   }
-  if (B - r == 2) block<scalar_t, 2, NB>(x + r * ldx, ldx, W, I, bias, y + r * ldy, ldy);
-  if (B - r == 1) block<scalar_t, 1, NB>(x + r * ldx, ldx, W, I, bias, y + r * ldy, ldy);
+  rest<scalar_t, MB - 1, NB>(x + r * ldx, ldx, W, I, bias, y + r * ldy, ldy, B - r);
 }
 
-// y[B, O] (rows ldy apart) = x[B, I] (rows ldx apart) W[O, I]^T (+ bias); W contiguous.
+// y[B, O] (rows ldy apart) = x[B, I] (rows ldx apart) W[O, I]^T (+ bias); W contiguous. The rows of
+// x go in passes of at most `x_bytes` (so that they stay in L2 while W streams past them: 4 rows of
+// W at a time against every row of the pass, the next 4 prefetched); W is read once per pass.
 template <typename scalar_t>
 void gemm_nt(const scalar_t* x, int64_t ldx, const scalar_t* W, const scalar_t* bias, scalar_t* y,
-             int64_t ldy, int64_t B, int64_t O, int64_t I) {
+             int64_t ldy, int64_t B, int64_t O, int64_t I, int64_t x_bytes) {
+  constexpr int MB = kRowBlock;
+  const int64_t fit = std::max<int64_t>(4 * MB, x_bytes / (I * static_cast<int64_t>(sizeof(scalar_t))));
+  const int64_t passes = (B + fit - 1) / fit;
+  const int64_t rows = ((B + passes - 1) / passes + MB - 1) / MB * MB;  // balanced, whole blocks
   auto b = [&](int64_t o) { return bias != nullptr ? bias + o : nullptr; };
-  int64_t o = 0;
-  for (; o + 4 <= O; o += 4) {
-    const int64_t next_rows = std::min<int64_t>(4, O - o - 4);
-    column<scalar_t, 4>(x, ldx, W + o * I, I, b(o), y + o, ldy, B, W + (o + 4) * I, next_rows * I);
-  }
-  switch (O - o) {
-    case 3: return column<scalar_t, 3>(x, ldx, W + o * I, I, b(o), y + o, ldy, B, nullptr, 0);
-    case 2: return column<scalar_t, 2>(x, ldx, W + o * I, I, b(o), y + o, ldy, B, nullptr, 0);
-    case 1: return column<scalar_t, 1>(x, ldx, W + o * I, I, b(o), y + o, ldy, B, nullptr, 0);
-    default: return;
+  for (int64_t r0 = 0; r0 < B; r0 += rows) {
+    const int64_t n = std::min(rows, B - r0);
+    const scalar_t* xr = x + r0 * ldx;
+    scalar_t* yr = y + r0 * ldy;
+    int64_t o = 0;
+    for (; o + 4 <= O; o += 4) {
+      const int64_t next_rows = std::min<int64_t>(4, O - o - 4);
+      column<scalar_t, 4>(xr, ldx, W + o * I, I, b(o), yr + o, ldy, n, W + (o + 4) * I, next_rows * I);
+    }
+    switch (O - o) {
+      case 3: column<scalar_t, 3>(xr, ldx, W + o * I, I, b(o), yr + o, ldy, n, nullptr, 0); break;
+      case 2: column<scalar_t, 2>(xr, ldx, W + o * I, I, b(o), yr + o, ldy, n, nullptr, 0); break;
+      case 1: column<scalar_t, 1>(xr, ldx, W + o * I, I, b(o), yr + o, ldy, n, nullptr, 0); break;
+      default: break;
+    }
   }
 }
 
@@ -164,7 +234,8 @@ void gemm_nn(const scalar_t* x, int64_t ldx, const scalar_t* W, int64_t ldw, con
 
 }  // namespace gemm_rows_detail
 
-constexpr int64_t kGemmRowsMaxBatch = 128;  // beyond, MKL's packed GEMM wins (measured at B = 256)
+constexpr int64_t kGemmRowsMaxBatch = 256;  // up to here ahead of MKL (measured at B = 256)
 constexpr int64_t kGemmRowsMinInputs = 32;  // below, the horizontal sums outweigh the FMAs
+constexpr int64_t kGemmRowsPassBytes = 256 * 1024;  // rows of x per pass over W (half of L2)
 
 }  // namespace hybridssm::step
