@@ -120,5 +120,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("run", &Plan::run, pybind11::arg("x"), pybind11::arg("states"), pybind11::arg("pos"),
            pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("prefill", &Plan::prefill, pybind11::arg("h"), pybind11::arg("states"), pybind11::arg("pos"),
-           pybind11::call_guard<pybind11::gil_scoped_release>());
+           pybind11::arg("by_frame") = false, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -324,15 +324,14 @@ void attention_rows(const MixerSpec& m, at::Tensor& qkv, at::Tensor& ck, at::Ten
   for (int64_t b = 0; b < B; ++b) pos_p[b] += 1;
 }
 
-inline at::Tensor attention_mixer_step(const at::Tensor& x, const MixerSpec& m, at::Tensor* states,
-                                       const at::Tensor& /*pos: the state's own pos is the position*/) {
+// Checks the options, the weights and the states of a batch of B rows in dtype dt.
+inline void check_step(const MixerSpec& m, at::Tensor* states, int64_t B, at::ScalarType dt) {
   TORCH_CHECK(m.w.size() == kNumWeights && m.i.size() == kNumInts && m.f.size() == kNumFloats,
               "attention step: expected ", int(kNumWeights), " weights, ", int(kNumInts), " ints and ",
               int(kNumFloats), " floats, got ", m.w.size(), ", ", m.i.size(), ", ", m.f.size());
-  const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "attention step: x must be float32 or float64, got ",
               dt);
-  const int64_t B = x.size(0), H = m.i[kHeads], Hkv = m.i[kKvHeads], D = m.i[kHeadDim];
+  const int64_t H = m.i[kHeads], Hkv = m.i[kKvHeads], D = m.i[kHeadDim];
   const int64_t window = m.i[kWindow], P = m.i[kPrefix];
   TORCH_CHECK(H >= 1 && D >= 1 && Hkv >= 1 && H % Hkv == 0 && window >= 0 && P >= 0,
               "attention step: bad options H=", H, " Hkv=", Hkv, " Dh=", D, " window=", window, " P=", P);
@@ -349,7 +348,8 @@ inline at::Tensor attention_mixer_step(const at::Tensor& x, const MixerSpec& m, 
               window ? std::to_string(window) : "");
   TORCH_CHECK(pos.dim() == 1 && pos.size(0) == B && pos.scalar_type() == at::kLong,
               "attention step: state pos must be int64 [", B, "], got ", pos.sizes());
-  const auto Wqkv = as_(m.w[kQkvW], dt), Wo = as_(m.w[kOW], dt);
+  const auto& Wqkv = m.w[kQkvW];
+  const auto& Wo = m.w[kOW];
   TORCH_CHECK(Wqkv.dim() == 2 && Wqkv.size(0) == (H + 2 * Hkv) * D, "attention step: qkv weight ",
               Wqkv.sizes(), " must have (H + 2 Hkv) Dh = ", (H + 2 * Hkv) * D, " rows");
   TORCH_CHECK(Wo.dim() == 2 && Wo.size(1) == H * D, "attention step: output weight ", Wo.sizes(),
@@ -367,7 +367,17 @@ inline at::Tensor attention_mixer_step(const at::Tensor& x, const MixerSpec& m, 
                 "attention step: memory keys ", mk.sizes(), " and values ", m.w[kMemV].sizes(),
                 " must both be [M, ", Hkv, ", ", D, "]");
   }
+}
 
+inline at::Tensor attention_mixer_step(const at::Tensor& x, const MixerSpec& m, at::Tensor* states,
+                                       const at::Tensor& /*pos: the state's own pos is the position*/) {
+  const auto dt = x.scalar_type();
+  check_step(m, states, x.size(0), dt);
+  const int64_t B = x.size(0), H = m.i[kHeads], D = m.i[kHeadDim];
+  at::Tensor& ck = states[0];
+  at::Tensor& cv = states[1];
+  at::Tensor& pos = states[2];
+  const auto Wqkv = as_(m.w[kQkvW], dt), Wo = as_(m.w[kOW], dt);
   auto qkv = linear_small(x, Wqkv, opt(m.w[kQkvB], dt).value_or(at::Tensor()));  // [B, (H + 2 Hkv) Dh]
   auto out = at::empty({B, H * D}, x.options());
   AT_DISPATCH_FLOATING_TYPES(dt, "attention_step",

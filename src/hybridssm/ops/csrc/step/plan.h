@@ -16,6 +16,7 @@
 #pragma once
 
 #include "common.h"
+#include "prefill.h"
 
 #include <string>
 #include <vector>
@@ -62,9 +63,14 @@ struct Norm {
   }
 };
 
+// A linear layer x @ W^T (+ b): linear_small in a step; in a prefill of up to 4 rows a frame,
+// prefill.h's linear_rows (the same values, each weight read once for every frame).
+using LinearFn = at::Tensor (*)(const at::Tensor& x, const at::Tensor& W, const at::Tensor& bias);
+
 struct Mixer {
   std::string kind;
   MixerFn fn = nullptr;
+  FramesFn frames = nullptr;  // several frames in one call (prefill.h), or null: frame by frame
   MixerSpec spec;
   int64_t n_states = 0;
 };
@@ -111,7 +117,7 @@ class Plan {
     blk.pre_norm = pre_norm;
     blk.norm = make_norm(norm_kind, norm_w, norm_b, norm_eps);
     for (size_t j = 0; j < n; ++j) {
-      blk.mixers.push_back(Mixer{kinds[j], find_mixer(kinds[j], n_states[j]),
+      blk.mixers.push_back(Mixer{kinds[j], find_mixer(kinds[j], n_states[j]), find_frames(kinds[j]),
                                  MixerSpec{weights[j], ints[j], floats[j]},
                                  n_states[j]});
       blk.n_states += n_states[j];
@@ -158,19 +164,31 @@ class Plan {
   // Tokens that enter at the blocks (no input projection, no final norm), such as Hymba's meta tokens:
   // h [B, T, d], the first block's inputs; states as in run; pos [B] advances by T. Block by block: a
   // block's frame t needs only its own input at t and its state after t - 1, so each block runs its
-  // mixers frame by frame and its row-wise parts (norms, fusion, FFN) over all T frames at once, which
-  // reads their weights once for the T frames (a linear of up to 4 rows is gemv_rows_multi, whose
-  // values are those of one row at a time). Returns the last block's outputs [B, T, d].
-  at::Tensor prefill(const at::Tensor& h_seq, std::vector<at::Tensor> states, at::Tensor pos) const {
-    TORCH_CHECK(h_seq.dim() == 3, "step plan: h must be [B, T, hidden], got ", h_seq.sizes());
+  // row-wise parts (norms, fusion, FFN) over all T frames at once, which reads their weights once for
+  // the T frames (at up to 4 rows a frame, prefill.h's linear_rows: the values of the step's linear),
+  // and its mixers through their several-frames entries (prefill.h: the projections of the T frames
+  // together, the recurrence frame by frame; the values of T steps), or frame by frame where a kind has
+  // none. With by_frame, T plain steps of the blocks instead (the reference of the tests). Returns the
+  // last block's outputs [B, T, d].
+  at::Tensor prefill(const at::Tensor& h_seq, std::vector<at::Tensor> states, at::Tensor pos,
+                     bool by_frame = false) const {
+    TORCH_CHECK(h_seq.dim() == 3 && h_seq.size(1) >= 1, "step plan: h must be [B, T >= 1, hidden], got ",
+                h_seq.sizes());
     const int64_t B = h_seq.size(0), T = h_seq.size(1), d = h_seq.size(2);
     check_states(states, pos, B);
     // frame-major rows [T * B, d] (frame t is rows t*B .. t*B + B - 1), a copy: h_seq is not written
     at::Tensor h = h_seq.transpose(0, 1).clone(at::MemoryFormat::Contiguous).view({T * B, d});
+    if (by_frame) {
+      std::vector<at::Tensor> ys;
+      for (int64_t t = 0; t < T; ++t) ys.push_back(blocks(h.narrow(0, t * B, B).contiguous(), states, pos));
+      return at::stack(ys, 1);
+    }
     const auto pos0 = pos.clone();
+    const LinearFn lin = B <= 4 ? linear_rows : linear_small;
     at::Tensor* st = states.data();
     for (const auto& blk : blocks_) {
       auto mixer_frames = [&](const Mixer& mx, at::Tensor* s, const at::Tensor& hn) {
+        if (mx.frames != nullptr) return mx.frames(hn, T, mx.spec, s, pos0);
         std::vector<at::Tensor> ys;
         for (int64_t t = 0; t < T; ++t) {
           pos.copy_(pos0 + t);
@@ -178,7 +196,7 @@ class Plan {
         }
         return at::cat(ys, 0);
       };
-      h = block_with(blk, h, st, mixer_frames);
+      h = block_with(blk, h, st, mixer_frames, lin);
       st += blk.n_states;
     }
     pos.copy_(pos0 + T);
@@ -217,7 +235,8 @@ class Plan {
 
   // one block on the rows h [N, d] (contiguous), its mixers run by mixer(mx, its states, normed rows)
   template <typename MixerCall>
-  static at::Tensor block_with(const Block& blk, const at::Tensor& h, at::Tensor* st, const MixerCall& mixer) {
+  static at::Tensor block_with(const Block& blk, const at::Tensor& h, at::Tensor* st, const MixerCall& mixer,
+                               LinearFn lin = linear_small) {
     const at::Tensor hn = blk.pre_norm ? blk.norm(h).contiguous() : h;
     at::Tensor y;
     if (blk.fusion == kNoFusion) {
@@ -226,11 +245,11 @@ class Plan {
       const auto& ms = blk.mixers[0];
       const auto ys = mixer(ms, st, hn);
       const auto ya = mixer(blk.mixers[1], st + ms.n_states, hn);
-      y = fuse(blk, hn, ys, ya);
+      y = fuse(blk, hn, ys, ya, lin);
     }
     at::Tensor out = blk.pre_norm ? h + y : blk.norm(h + y);
     if (!blk.has_ffn) return out;
-    return blk.pre_norm ? out + ffn(blk, blk.ffn_norm(out)) : blk.ffn_norm(out + ffn(blk, out));
+    return blk.pre_norm ? out + ffn(blk, blk.ffn_norm(out), lin) : blk.ffn_norm(out + ffn(blk, out, lin));
   }
 
   static Norm make_norm(int64_t kind, const at::Tensor& w, const at::Tensor& b, double eps) {
@@ -239,27 +258,27 @@ class Plan {
     return Norm{kind, w, b, eps};
   }
 
-  static at::Tensor fuse(const Block& blk, const at::Tensor& h, const at::Tensor& ys, const at::Tensor& ya) {
+  static at::Tensor fuse(const Block& blk, const at::Tensor& h, const at::Tensor& ys, const at::Tensor& ya,
+                         LinearFn lin) {
     const auto s = blk.ssm_norm(ys), a = blk.attn_norm(ya);
     if (blk.fusion == kMean) return (a + s) * 0.5;
     const auto dt = h.scalar_type();
-    const auto g = at::sigmoid(linear_small(h, as_(blk.gate_w, dt), present(blk.gate_b) ? as_(blk.gate_b, dt)
-                                                                                       : at::Tensor()));
+    const auto g = at::sigmoid(lin(h, as_(blk.gate_w, dt), present(blk.gate_b) ? as_(blk.gate_b, dt) : at::Tensor()));
     return g * s + (1.0 - g) * a;
   }
 
-  static at::Tensor ffn(const Block& blk, const at::Tensor& x) {
+  static at::Tensor ffn(const Block& blk, const at::Tensor& x, LinearFn lin) {
     const auto dt = x.scalar_type();
     auto bias = [dt](const at::Tensor& b) { return present(b) ? as_(b, dt) : at::Tensor(); };
-    const auto up = linear_small(x, as_(blk.up_w, dt), bias(blk.up_b));
+    const auto up = lin(x, as_(blk.up_w, dt), bias(blk.up_b));
     at::Tensor h;
     if (blk.ffn_kind == kGeluFFN) {
       h = at::gelu(up);
     } else {  // the same ATen ops, in the same order, as layers.FFN
-      const auto gate = linear_small(x, as_(blk.gate_w_ffn, dt), bias(blk.gate_b_ffn));
+      const auto gate = lin(x, as_(blk.gate_w_ffn, dt), bias(blk.gate_b_ffn));
       h = (blk.ffn_kind == kSwiGLU ? at::silu(gate) : at::gelu(gate, "tanh")) * up;
     }
-    return linear_small(h, as_(blk.down_w, dt), bias(blk.down_b));
+    return lin(h, as_(blk.down_w, dt), bias(blk.down_b));
   }
 
   at::Tensor in_w_, in_b_;

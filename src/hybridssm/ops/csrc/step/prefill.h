@@ -1,0 +1,137 @@
+// Several frames of one mixer in one call, for the plan's prefill (plan.h: Hymba's meta tokens, the
+// state every reset row restarts from, recomputed on every call since nothing derived from a weight is
+// kept). Frame by frame, each frame's projections read every weight of the mixer again; here the
+// frames' projections go together and only the recurrence runs frame by frame:
+//
+//   mamba:      xz = in_proj(all frames); u_t = conv(xz_t) frame by frame (the conv window);
+//               dbc = x_proj(all u); y_t = update(xz_t, u_t, dbc_t) frame by frame (the SSM state);
+//               out_proj(all y)
+//   attention:  qkv = qkv_proj(all frames); frame by frame: the key and value into the cache, then
+//               attention over the cache so far (attention_rows); o_proj(all outputs)
+//
+// The values are those of the frame-by-frame steps, bit for bit: every per-row part is the step's
+// own building block (mamba.h, attention.h), and the projections (linear_frames) give each row the
+// values of the step's own linear: at up to 4 rows a frame the step's linear_small gives each row
+// gemv_rows' values (gemv_rows_multi), and so does linear_rows here for any number of frames; at more
+// rows a frame, one linear_small per frame, as the step.
+// Mixer kinds without an entry here run frame by frame (plan.h).
+//
+// An entry takes hn [T * B, d], frame-major (frame t is rows t * B .. t * B + B - 1), contiguous, the
+// number of frames T, the mixer's spec and states (updated in place, as a step's), and pos [B] (each
+// row's position before frame 0; neither entry here reads it: Mamba has no positions, attention keeps
+// its own in its state); it returns the T frames' outputs [T * B, d_out], frame-major.
+
+#pragma once
+
+#include "attention.h"
+#include "common.h"
+#include "mamba.h"
+
+#include <string>
+#include <vector>
+
+namespace hybridssm::step {
+
+using FramesFn = at::Tensor (*)(const at::Tensor& hn, int64_t T, const MixerSpec& m, at::Tensor* states,
+                                const at::Tensor& pos);
+
+// x [n, I] @ W^T (+ bias) -> [n, O] with each row's values those of gemv_rows on that row alone (so
+// those of linear_small at up to 4 rows), the weight read from memory once for every row: W goes by
+// blocks of gemv_rows' 8 rows (at most 8 I values, in L1 or L2), each block taken by every row of x in
+// turn (a block's outputs are those of the whole call: gemv_rows computes each row of W alone). While
+// the later rows compute from cache, the next block is asked for. W and bias in x's dtype, contiguous.
+// At n = 4 this ran the Hymba prefill's projections ~2x faster than gemv_rows_multi<4, 2>, which
+// reads only 2 rows of W at a time: too few streams to keep the memory busy.
+inline at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& W, const at::Tensor& bias) {
+  const int64_t n = x.size(0), I = x.size(1), O = W.size(0);
+  const bool has_bias = present(bias);
+  TORCH_CHECK(W.dim() == 2 && W.size(1) == I && W.is_contiguous() && W.scalar_type() == x.scalar_type() &&
+                  (!has_bias || (bias.numel() == O && bias.is_contiguous() && bias.scalar_type() == x.scalar_type())),
+              "hybridssm prefill: linear of input ", x.sizes(), " with weight ", W.sizes(), " does not fit");
+  const auto xc = x.contiguous();
+  auto y = at::empty({n, O}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "prefill_linear_rows", [&] {
+    constexpr int64_t kBlock = 8;  // gemv_rows' rows per pass
+    const scalar_t* w = W.data_ptr<scalar_t>();
+    const scalar_t* b = has_bias ? bias.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    const int64_t block_bytes = kBlock * I * static_cast<int64_t>(sizeof(scalar_t));
+    for (int64_t o = 0; o < O; o += kBlock) {
+      const int64_t rows = std::min(kBlock, O - o);
+      for (int64_t j = 0; j < n; ++j) {
+        if (j == 1 && o + kBlock < O) {
+          attention_step::prefetch_bytes(w + (o + kBlock) * I, std::min(block_bytes, (O - o - kBlock) * I * int64_t(sizeof(scalar_t))));
+        }
+        gemv_rows<scalar_t>(w + o * I, xp + j * I, b != nullptr ? b + o : nullptr, yp + j * O + o, rows, I);
+      }
+    }
+  });
+  return y;
+}
+
+// The prefill's linear of x [T * B, I], frame-major: at up to 4 rows a frame linear_rows (the values
+// of the step's linear_small at that batch, each weight read once for every frame); beyond, one
+// linear_small per frame, as the step (whose product then depends on the number of rows).
+inline at::Tensor linear_frames(const at::Tensor& x, int64_t B, const at::Tensor& W, const at::Tensor& bias) {
+  if (B <= 4) return linear_rows(x, W, bias);
+  const int64_t rows = x.size(0);
+  if (rows == B) return linear_small(x, W, bias);
+  std::vector<at::Tensor> parts;
+  for (int64_t r = 0; r < rows; r += B) parts.push_back(linear_small(x.narrow(0, r, B), W, bias));
+  return at::cat(parts, 0);
+}
+
+inline at::Tensor mamba_frames(const at::Tensor& hn, int64_t T, const MixerSpec& m, at::Tensor* states,
+                               const at::Tensor& /*pos*/) {
+  const auto dt = hn.scalar_type();
+  const int64_t B = hn.size(0) / T;
+  const MambaDims d = mamba_dims(m, states, B, dt);
+  const auto xz = linear_frames(hn, B, as_(m.w[0], dt), mamba_in_bias(m, dt)).contiguous();  // [T B, 2E]
+  std::vector<at::Tensor> parts;
+  for (int64_t t = 0; t < T; ++t) parts.push_back(mamba_conv(xz.narrow(0, t * B, B), m, d, states[0]));
+  const auto u = at::cat(parts, 0);                                                         // [T B, E]
+  const auto dbc = linear_frames(u, B, as_(m.w[3], dt), at::Tensor()).contiguous();        // [T B, R + 2N]
+  mamba_inner_norms(dbc, m, d);
+  const auto A = mamba_decay(m, d, hn.options());
+  parts.clear();
+  for (int64_t t = 0; t < T; ++t) {
+    parts.push_back(mamba_update(xz.narrow(0, t * B, B), u.narrow(0, t * B, B), dbc.narrow(0, t * B, B), states[1],
+                                 A, m, d));
+  }
+  return linear_frames(at::cat(parts, 0), B, as_(m.w[8], dt), mamba_out_bias(m, dt));
+}
+
+inline at::Tensor attention_frames(const at::Tensor& hn, int64_t T, const MixerSpec& m, at::Tensor* states,
+                                   const at::Tensor& /*pos: the state's own*/) {
+  using namespace attention_step;
+  const auto dt = hn.scalar_type();
+  const int64_t B = hn.size(0) / T, H = m.i[kHeads], D = m.i[kHeadDim];
+  check_step(m, states, B, dt);
+  // every frame fits before any is written (a full cache holds N slots): a refused prefill changes nothing
+  const int64_t N = states[0].size(2);
+  const int64_t* pos_p = states[2].data_ptr<int64_t>();
+  for (int64_t b = 0; m.i[kWindow] == 0 && b < B; ++b) {
+    TORCH_CHECK(pos_p[b] >= 0 && pos_p[b] + T <= N, "attention prefill: row ", b, " at position ", pos_p[b],
+                " cannot take ", T, " more frames in a cache of ", N, " slots");
+  }
+  const auto qkv = linear_frames(hn, B, as_(m.w[kQkvW], dt), opt(m.w[kQkvB], dt).value_or(at::Tensor()))
+                       .contiguous();  // [T B, (H + 2 Hkv) Dh]
+  auto out = at::empty({T * B, H * D}, hn.options());
+  for (int64_t t = 0; t < T; ++t) {
+    auto q = qkv.narrow(0, t * B, B);
+    auto o = out.narrow(0, t * B, B);
+    AT_DISPATCH_FLOATING_TYPES(dt, "attention_prefill",
+                               [&] { attention_rows<scalar_t>(m, q, states[0], states[1], states[2], o); });
+  }
+  return linear_frames(out, B, as_(m.w[kOW], dt), opt(m.w[kOB], dt).value_or(at::Tensor()));
+}
+
+// the several-frames entry of a mixer kind, or null (the plan then runs that mixer frame by frame)
+inline FramesFn find_frames(const std::string& kind) {
+  if (kind == "mamba") return mamba_frames;
+  if (kind == "attention") return attention_frames;
+  return nullptr;
+}
+
+}  // namespace hybridssm::step
