@@ -158,9 +158,14 @@ DELTA = [  # (hidden, options): odd head widths, several head counts, value expa
     (30, {"num_heads": 3, "conv_size": 4}),
     (21, {"num_heads": 1, "conv_size": 2, "expand_v": 2}),
     (40, {"num_heads": 4, "head_dim": 9, "conv_size": 1, "allow_neg_eigval": True}),
-    # the kernel's column strips (4 SIMD vectors): full strips only (Vh 64, the benchmarks' heads),
-    # a strip of 4 vectors with a partial last (Vh 30), full strips and a 1-vector rest (Vh 40)
+    # the kernel's column blocks (8 SIMD vectors, 64 floats with AVX2): one full block (Vh 64, the
+    # benchmarks' heads), 8 vectors with a partial last (Vh 60), a block and a 1-vector rest (Vh 70),
+    # two blocks (the second not prefetched) and a 3-vector rest (Vh 150); narrower rests above and
+    # here: 4 vectors with a partial last (Vh 30), 5 (Vh 40), 6 (Vh 42 above), 2 (Vh 9 above)
     (128, {"num_heads": 2}),
+    (60, {"num_heads": 1}),
+    (70, {"num_heads": 1}),
+    (75, {"num_heads": 1, "expand_v": 2}),
     (30, {"num_heads": 1}),
     (40, {"num_heads": 2, "expand_v": 2}),
 ]

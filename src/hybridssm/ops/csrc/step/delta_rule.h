@@ -17,77 +17,87 @@
 
 namespace hybridssm::step {
 
-// One strip of NV vectors of columns [c0, c0 + NV W) of one head's state S [K, Vh] (the last vector
-// holds `last` columns), in two passes over the strip while it stays in L1:
-//   pass 1  kS = S^T k and qS = S^T q over the old state (2 NV independent FMA chains, in registers)
-//           u = beta (v - alpha kS);  o = S_new^T q = alpha qS + (k . q) u
-//   pass 2  S = alpha S + k u^T
-// A column's u needs only that column of S^T k, so each strip is finished before the next is read:
-// the state is read from memory once and written once per step. `next` (or null): the state the
-// caller reads after this one, fetched into the cache row by row during pass 1 (the states of a
-// layer at many streams are far beyond L2: without it every strip waits on memory).
+// One column block of NV vectors, columns [c0, c0 + NV W) of one head's state S [K, Vh] (the last
+// vector holds `last` columns), in two passes over the block while it stays in L1:
+//   pass 1  kS = S^T k over the old state (NV independent FMA chains, in registers);
+//           u = beta (v - alpha kS)
+//   pass 2  S = alpha S + k u^T, and o = S^T q over the new state as it is written
+// A column's u needs only that column of S^T k, so each block is finished before the next is read:
+// the state is read from memory once and written once per step. With the widest block (kBlock
+// vectors) covering a whole row of the usual heads, a head's state is read as one sequential stream:
+// measured at a plain read-and-write pass's rate at 64 streams, where column strips of half a row
+// (every other 128 bytes) ran 1.35x slower. `next` (or null): the state the caller reads after this
+// one, fetched into the cache row by row during pass 1 (the states of a layer at many streams are far
+// beyond L2: without it every block waits on memory).
 template <typename scalar_t, bool kGated, int NV>
-inline void delta_strip(scalar_t* S, const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t beta,
-                        scalar_t alpha, scalar_t kq, scalar_t* o, int64_t K, int64_t Vh, int64_t c0,
-                        int64_t last, const scalar_t* next) {
+inline void delta_block(scalar_t* S, const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t beta,
+                        scalar_t alpha, scalar_t* o, int64_t K, int64_t Vh, int64_t c0, int64_t last,
+                        const scalar_t* next) {
   using Vec = Vectorized<scalar_t>;
   using hybridssm::load;
   using hybridssm::store;
   constexpr int64_t W = Vec::size();
   int64_t cnt[NV];
   for (int i = 0; i < NV; ++i) cnt[i] = i + 1 < NV ? W : last;
-  Vec ka[NV], qa[NV];
-  for (int i = 0; i < NV; ++i) ka[i] = qa[i] = Vec(0);
-  for (int64_t j = 0; j < K; ++j) {
-    const Vec kj(k[j]), qj(q[j]);
-    const scalar_t* r = S + j * Vh + c0;
-    if (next != nullptr) prefetch_span(next + j * Vh, Vh);
-    for (int i = 0; i < NV; ++i) {
-      const Vec s = load(r + i * W, cnt[i]);
-      ka[i] = at::vec::fmadd(kj, s, ka[i]);
-      qa[i] = at::vec::fmadd(qj, s, qa[i]);
-    }
-  }
-  const Vec a(alpha), bt(beta), kqv(kq);
-  Vec u[NV];
-  for (int i = 0; i < NV; ++i) {
-    const Vec kS = kGated ? a * ka[i] : ka[i];
-    u[i] = bt * (load(v + c0 + i * W, cnt[i]) - kS);
-    store(at::vec::fmadd(kqv, u[i], kGated ? a * qa[i] : qa[i]), o + c0 + i * W, cnt[i]);
-  }
+  Vec acc[NV];
+  for (int i = 0; i < NV; ++i) acc[i] = Vec(0);
   for (int64_t j = 0; j < K; ++j) {
     const Vec kj(k[j]);
+    const scalar_t* r = S + j * Vh + c0;
+    if (next != nullptr) prefetch_span(next + j * Vh, Vh);
+    for (int i = 0; i < NV; ++i) acc[i] = at::vec::fmadd(kj, load(r + i * W, cnt[i]), acc[i]);
+  }
+  // u in L1 (not registers): pass 2 holds NV output accumulators instead
+  alignas(64) scalar_t u[NV * W];
+  const Vec a(alpha), bt(beta);
+  for (int i = 0; i < NV; ++i) {
+    const Vec kS = kGated ? a * acc[i] : acc[i];
+    (bt * (load(v + c0 + i * W, cnt[i]) - kS)).store(u + i * W);
+    acc[i] = Vec(0);
+  }
+  for (int64_t j = 0; j < K; ++j) {
+    const Vec kj(k[j]), qj(q[j]);
     scalar_t* r = S + j * Vh + c0;
     for (int i = 0; i < NV; ++i) {
       const Vec s = load(r + i * W, cnt[i]);
-      store(at::vec::fmadd(kj, u[i], kGated ? a * s : s), r + i * W, cnt[i]);
+      const Vec sn = at::vec::fmadd(kj, Vec::loadu(u + i * W), kGated ? a * s : s);
+      store(sn, r + i * W, cnt[i]);
+      acc[i] = at::vec::fmadd(qj, sn, acc[i]);
     }
+  }
+  for (int i = 0; i < NV; ++i) store(acc[i], o + c0 + i * W, cnt[i]);
+}
+
+// The last block of a head, nv <= N vectors wide: one instantiation per width, since the
+// accumulators must be a compile-time count to stay in registers.
+template <typename scalar_t, bool kGated, int N>
+inline void delta_rest(int64_t nv, scalar_t* S, const scalar_t* q, const scalar_t* k, const scalar_t* v,
+                       scalar_t beta, scalar_t alpha, scalar_t* o, int64_t K, int64_t Vh, int64_t c0,
+                       int64_t last, const scalar_t* next) {
+  if (nv == N) return delta_block<scalar_t, kGated, N>(S, q, k, v, beta, alpha, o, K, Vh, c0, last, next);
+  if constexpr (N > 1) {
+    delta_rest<scalar_t, kGated, N - 1>(nv, S, q, k, v, beta, alpha, o, K, Vh, c0, last, next);
   }
 }
 
 // One head of one row: o = S_new^T q (unscaled) into o [Vh], the state S [K, Vh] updated in place,
-// strip by strip (delta_strip): 4 vectors wide where they fit (8 accumulators and 4 u's in registers),
-// then one narrower strip for the remaining columns. `next`: the state [K, Vh] the caller updates
-// next (null for the last), prefetched during the first strip.
+// block by block (delta_block): kBlock vectors wide where they fit (kBlock accumulators, two
+// broadcasts and the decay in registers; 64 float columns with AVX2), then one narrower block for
+// the remaining columns. `next`: the state [K, Vh] the caller updates next (null for the last),
+// prefetched during the first block.
 template <typename scalar_t, bool kGated>
 inline void delta_head(scalar_t* S, const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t beta,
                        scalar_t alpha, scalar_t* o, int64_t K, int64_t Vh, const scalar_t* next) {
   constexpr int64_t W = Vectorized<scalar_t>::size();
-  constexpr int kStrip = 4;
-  const scalar_t kq = dot(k, q, K);
+  constexpr int kBlock = 8;
   int64_t c0 = 0;
-  for (; c0 + kStrip * W <= Vh; c0 += kStrip * W, next = nullptr) {
-    delta_strip<scalar_t, kGated, kStrip>(S, q, k, v, beta, alpha, kq, o, K, Vh, c0, W, next);
+  for (; c0 + kBlock * W <= Vh; c0 += kBlock * W, next = nullptr) {
+    delta_block<scalar_t, kGated, kBlock>(S, q, k, v, beta, alpha, o, K, Vh, c0, W, next);
   }
   const int64_t rest = Vh - c0;
   if (rest == 0) return;
   const int64_t nv = (rest + W - 1) / W, last = rest - (nv - 1) * W;
-  switch (nv) {
-    case 1: return delta_strip<scalar_t, kGated, 1>(S, q, k, v, beta, alpha, kq, o, K, Vh, c0, last, next);
-    case 2: return delta_strip<scalar_t, kGated, 2>(S, q, k, v, beta, alpha, kq, o, K, Vh, c0, last, next);
-    case 3: return delta_strip<scalar_t, kGated, 3>(S, q, k, v, beta, alpha, kq, o, K, Vh, c0, last, next);
-    default: return delta_strip<scalar_t, kGated, 4>(S, q, k, v, beta, alpha, kq, o, K, Vh, c0, last, next);
-  }
+  delta_rest<scalar_t, kGated, kBlock>(nv, S, q, k, v, beta, alpha, o, K, Vh, c0, last, next);
 }
 
 template <bool kGated>
