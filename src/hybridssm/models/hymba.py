@@ -200,7 +200,8 @@ class Hymba(SequenceModel):
         meta = self.meta_embedding.to(device=zero.pos.device, dtype=self._compute_dtype()).unsqueeze(0)
         # the fused step where it applies (in place): every stream's reset runs this, and the M
         # frames through the one-call plan cost a fraction of the blocks' forward (dozens of small
-        # ops per layer)
+        # ops per layer); the plan reads each weight once for the M frames (csrc/step/prefill.h),
+        # about what one batch-1 step reads
         if streaming.prefill_blocks(self, meta, zero):
             return tuple(zero.layers)
         _, layers = super()._run_blocks(meta, zero.layers, None, False)
