@@ -161,7 +161,8 @@ DELTA = [  # (hidden, options): odd head widths, several head counts, value expa
     # the kernel's column blocks (8 SIMD vectors, 64 floats with AVX2): one full block (Vh 64, the
     # benchmarks' heads), 8 vectors with a partial last (Vh 60), a block and a 1-vector rest (Vh 70),
     # two blocks (the second not prefetched) and a 3-vector rest (Vh 150); narrower rests above and
-    # here: 4 vectors with a partial last (Vh 30), 5 (Vh 40), 6 (Vh 42 above), 2 (Vh 9 above)
+    # here: 4 vectors with a partial last (Vh 30), 5 (Vh 40), 6 (Vh 42 above), 2 (Vh 9 above).
+    # The 4-tap conv's 8-channel path with and without a scalar tail: q/k/v widths 128, 60, 70, 150.
     (128, {"num_heads": 2}),
     (60, {"num_heads": 1}),
     (70, {"num_heads": 1}),

@@ -13,6 +13,7 @@
 #pragma once
 
 #include "common.h"
+#include "conv_silu.h"
 #include "prefetch.h"
 
 namespace hybridssm::step {
@@ -142,6 +143,7 @@ at::Tensor delta_rule_step(const at::Tensor& x, const MixerSpec& m, at::Tensor* 
     std::vector<scalar_t> qkv(C);
     // raw pointers taken once (data_ptr checks the tensor on every call)
     const scalar_t* w = cw.data_ptr<scalar_t>();
+    const std::vector<scalar_t> wt = B >= kConvTapsRows ? conv_taps(w, C, c) : std::vector<scalar_t>();
     const scalar_t* proj0 = proj.data_ptr<scalar_t>();
     const scalar_t* wn0 = wn.data_ptr<scalar_t>();
     const scalar_t* A_log0 = kGated ? A_log.data_ptr<scalar_t>() : nullptr;
@@ -152,14 +154,13 @@ at::Tensor delta_rule_step(const at::Tensor& x, const MixerSpec& m, at::Tensor* 
     scalar_t* o0 = o.data_ptr<scalar_t>();
     for (int64_t b = 0; b < B; ++b) {
       const scalar_t* pb = proj0 + b * P;
-      // the three convs, each over its own state, then SiLU
+      // the three convs, each over its own state, with SiLU
       const int64_t offs[3] = {0, HK, 2 * HK}, widths[3] = {HK, HK, HV};
       for (int f = 0; f < 3; ++f) {
         scalar_t* st = conv0[f] + b * widths[f] * (c - 1);
-        depthwise_conv_step(pb + offs[f], st, w + offs[f] * c, static_cast<const scalar_t*>(nullptr),
-                            qkv.data() + offs[f], widths[f], c);
+        conv_silu_step(pb + offs[f], st, wt.empty() ? nullptr : wt.data() + offs[f], C, w + offs[f] * c,
+                       qkv.data() + offs[f], widths[f], c);
       }
-      silu_inplace(qkv.data(), C);
       scalar_t* ob = o0 + b * HV;
       for (int64_t h = 0; h < H; ++h) {
         scalar_t *q = qkv.data() + h * K, *k = qkv.data() + HK + h * K;
