@@ -35,6 +35,17 @@ def test_mamba_kernel_with_projection_biases(B, dtype):
                                 dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mamba_kernel_softplus_over_its_whole_range(dtype):
+    """dt_bias spread over -100..30: delta below fp32's normal range, around torch's threshold 20 and
+    above it, through the step's own fp32 softplus (softplus.h) against the forward's F.softplus."""
+    torch.manual_seed(4)
+    m = MambaMixer(16, state_size=16, conv_size=4)
+    with torch.no_grad():
+        m.ssm.dt_bias.copy_(torch.linspace(-100.0, 30.0, m.ssm.dt_bias.numel()))
+    check_kernel_equals_forward(m, "mamba", 9, 16, dtype)
+
+
 def _stream(model, x):
     state = model.init_state(x.shape[0])
     ys = [model.step(x[:, t], state, inplace=True)[0] for t in range(x.shape[1])]

@@ -87,6 +87,22 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& W, const at::Tensor& bi
                                        hybridssm::step::present(bias) ? hybridssm::step::as_(bias, dt) : bias);
 }
 
+// The Mamba step's fp32 softplus of delta (step/softplus.h) over a float tensor, for the tests of its
+// error bound against torch's.
+at::Tensor softplus_f32(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "softplus_f32: x must be float32, got ", x.scalar_type());
+  const auto xc = x.contiguous();
+  auto y = at::empty_like(xc);
+  using Vec = at::vec::Vectorized<float>;
+  const float* in = xc.data_ptr<float>();
+  float* out = y.data_ptr<float>();
+  for (int64_t i = 0; i < xc.numel(); i += Vec::size()) {
+    const int64_t cnt = std::min<int64_t>(Vec::size(), xc.numel() - i);
+    hybridssm::store(hybridssm::step::softplus_f32(hybridssm::load(in + i, cnt)), out + i, cnt);
+  }
+  return y;
+}
+
 std::vector<std::string> mixer_kinds() {
   std::vector<std::string> out;
   for (const auto& kv : hybridssm::step::mixer_registry()) out.push_back(kv.first);
@@ -104,6 +120,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"), pybind11::arg("W"), pybind11::arg("bias"),
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("mixer_kinds", &mixer_kinds, "the mixer kinds that have a fused step");
+  m.def("softplus_f32", &softplus_f32, "the Mamba step's fp32 softplus (tests of its error bound)");
   using hybridssm::step::Plan;
   pybind11::class_<Plan>(m, "Plan", "a model's whole step in one call (see step/plan.h)")
       .def(pybind11::init<>())

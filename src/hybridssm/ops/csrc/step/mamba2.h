@@ -15,6 +15,7 @@
 
 #include "common.h"
 #include "prefetch.h"
+#include "state_width.h"
 
 #include <limits>
 
@@ -90,12 +91,8 @@ void mamba2_rows(const scalar_t* proj, scalar_t* conv_state, scalar_t* ssm_state
   constexpr int64_t W = Vec::size();
   const int64_t E = H * P, C = E + 2 * G * N, row = E + C + H, heads_per_group = H / G, gw = E / G;
   // B and C in registers for N up to 4 SIMD vectors (the usual 16-64 state sizes in float)
-  const int64_t nb = N % W == 0 && N / W <= 4 ? N / W : 0;
-  const auto head = nb == 1   ? mamba2_head<scalar_t, 1>
-                    : nb == 2 ? mamba2_head<scalar_t, 2>
-                    : nb == 3 ? mamba2_head<scalar_t, 3>
-                    : nb == 4 ? mamba2_head<scalar_t, 4>
-                              : mamba2_head<scalar_t, 0>;
+  const auto head =
+      with_state_vectors<scalar_t>(N, [](auto nb) { return &mamba2_head<scalar_t, decltype(nb)::value>; });
   at::parallel_for(0, Bsz, 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> xbc(C);
     for (int64_t b = begin; b < end; ++b) {

@@ -11,6 +11,8 @@
 #pragma once
 
 #include "common.h"
+#include "softplus.h"
+#include "state_width.h"
 
 namespace hybridssm::step {
 
@@ -50,7 +52,14 @@ struct MambaWeights {
 // How far ahead (bytes) the state is prefetched: a few dozen channels of compute hide a miss.
 constexpr int64_t kStatePrefetchBytes = 1024;
 
-// delta [W] of channels e0 .. e0 + ne: softplus(dt_w[e] . dt + dt_bias[e]), with the forward's softplus
+// softplus of delta in registers: fp32 without library calls (softplus.h, within 3 ULP of torch's),
+// double as torch's log1p(exp(x)) with threshold 20
+inline Vectorized<float> mamba_softplus(const Vectorized<float>& x) { return softplus_f32(x); }
+inline Vectorized<double> mamba_softplus(const Vectorized<double>& x) {
+  return Vectorized<double>::blendv(x.exp().log1p(), x, x > Vectorized<double>(20));
+}
+
+// delta [W] of channels e0 .. e0 + ne: softplus(dt_w[e] . dt + dt_bias[e]), with the step's softplus
 template <typename scalar_t>
 inline void mamba_delta_chunk(const MambaWeights<scalar_t>& w, const scalar_t* dt, int64_t e0, int64_t ne,
                               scalar_t* delta) {
@@ -66,8 +75,7 @@ inline void mamba_delta_chunk(const MambaWeights<scalar_t>& w, const scalar_t* d
       acc[l] = at::vec::fmadd(hybridssm::load(we + r, cnt), hybridssm::load(dt + r, cnt), acc[l]);
     }
   }
-  hybridssm::store(hsum_lanes(acc) + hybridssm::load(w.dt_bias + e0, ne), delta, W);
-  softplus_inplace(delta, ne);
+  hybridssm::store(mamba_softplus(hsum_lanes(acc) + hybridssm::load(w.dt_bias + e0, ne)), delta, W);
 }
 
 // One channel's state update (NV vectors of state, NV > 0: Bv, Cv preloaded); returns the vector
@@ -157,13 +165,8 @@ template <typename scalar_t>
 void mamba_update_rows(const scalar_t* xz, const scalar_t* u, const scalar_t* dbc, scalar_t* ssm_state,
                        const MambaWeights<scalar_t>& w, scalar_t* y, int64_t Bsz) {
   const int64_t E = w.E, N = w.N, R = w.R;
-  constexpr int64_t W = Vectorized<scalar_t>::size();
-  const int64_t nv = N % W == 0 && N / W <= 4 ? N / W : 0;
-  const auto row_fn = nv == 1 ? mamba_update_row<scalar_t, 1>
-                    : nv == 2 ? mamba_update_row<scalar_t, 2>
-                    : nv == 3 ? mamba_update_row<scalar_t, 3>
-                    : nv == 4 ? mamba_update_row<scalar_t, 4>
-                              : mamba_update_row<scalar_t, 0>;
+  const auto row_fn =
+      with_state_vectors<scalar_t>(N, [](auto nv) { return &mamba_update_row<scalar_t, decltype(nv)::value>; });
   // The state streams through the L2 and evicts the weights: the last rows bring out_proj's weight
   // back (one line per channel), so that its GEMM reads it from the L2.
   const int64_t lines = (w.next_w_bytes + 63) / 64;
