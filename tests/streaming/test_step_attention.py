@@ -217,3 +217,13 @@ def test_bad_sizes_raise_without_writing():
     ring = _mixer(window=W, prefix=P).step_spec()
     _unchanged_after_error(ring._replace(ints=(*ring.ints[:3], W + 1, *ring.ints[4:])), x,
                            _mixer(window=W, prefix=P).init_state(2), "cache slots do not fit")
+
+
+@pytest.mark.parametrize("Dh", [40, 64, 72, 100])
+def test_wide_heads_every_value_strip(Dh):
+    """The weighted sum over the values keeps a strip of up to 8 SIMD vectors of the output in
+    registers: one strip of 5 vectors (40 fp32), one full strip (64), a full strip then a 1-vector
+    rest (72) and then a partial 5-vector rest (100); float64 halves the vector, so 40 takes two
+    strips there."""
+    _stream(_mixer(2 * Dh, 2, Dh, prefix=P, mem=M, rope=True), 2, 9, 6)
+    _stream(_mixer(2 * Dh, 2, Dh, window=W, mem=M, dtype=torch.float64), 1, 3, 6)

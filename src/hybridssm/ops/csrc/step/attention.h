@@ -184,41 +184,53 @@ void key_scores(const scalar_t* K, const scalar_t* q, int64_t n, int64_t D, scal
   }
 }
 
-// out[0..D) (+)= sum_r p[r] * V[r * stride + 0..D): strips of kStrip vectors of the output stay in
-// registers while the rows of V stream through once (a full strip has a compile-time width, so that its
-// accumulators are registers). With `ahead`, the first strip's pass prefetches whole rows kAheadRows
-// ahead (the cache's values; memory values stay in cache).
+// One strip of NV vectors of weighted_sum's output (the last holds `tail` values): its accumulators
+// are NV named registers over the n rows. NV is a compile-time width for every strip, the narrow last
+// one included: an array indexed by a run-time count lives on the stack, and each row's FMAs then go
+// through memory (a store-to-load chain per row).
+template <typename scalar_t, int NV>
+inline void weighted_strip(const scalar_t* p, const scalar_t* V, int64_t n, int64_t stride, scalar_t* out,
+                           int64_t tail, bool accumulate, int64_t ahead_bytes) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t W = Vec::size();
+  auto cnt = [&](int j) { return j + 1 == NV ? tail : W; };
+  Vec acc[NV];
+  for (int j = 0; j < NV; ++j) acc[j] = accumulate ? hybridssm::load(out + j * W, cnt(j)) : Vec(0);
+  for (int64_t r = 0; r < n; ++r) {
+    if (ahead_bytes > 0 && r + kAheadRows < n) prefetch_bytes(V + (r + kAheadRows) * stride, ahead_bytes);
+    const Vec pr(p[r]);
+    const scalar_t* v = V + r * stride;
+    for (int j = 0; j < NV; ++j) acc[j] = at::vec::fmadd(pr, hybridssm::load(v + j * W, cnt(j)), acc[j]);
+  }
+  for (int j = 0; j < NV; ++j) hybridssm::store(acc[j], out + j * W, cnt(j));
+}
+
+// out[0..D) (+)= sum_r p[r] * V[r * stride + 0..D): strips of up to kStrip vectors of the output stay in
+// registers while the rows of V stream through once. With `ahead`, the first strip's pass prefetches
+// whole rows kAheadRows ahead (the cache's values; memory values stay in cache).
 template <typename scalar_t>
 void weighted_sum(const scalar_t* p, const scalar_t* V, int64_t n, int64_t stride, int64_t D, scalar_t* out,
                   bool accumulate, bool ahead = false) {
-  using Vec = Vectorized<scalar_t>;
-  constexpr int64_t W = Vec::size();
+  constexpr int64_t W = Vectorized<scalar_t>::size();
   constexpr int kStrip = 8;
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
   for (int64_t c0 = 0; c0 < D; c0 += kStrip * W) {
-    Vec acc[kStrip];
-    if (D - c0 >= kStrip * W) {
-      for (int j = 0; j < kStrip; ++j) acc[j] = accumulate ? Vec::loadu(out + c0 + j * W) : Vec(0);
-      for (int64_t r = 0; r < n; ++r) {
-        if (ahead && c0 == 0 && r + kAheadRows < n) prefetch_bytes(V + (r + kAheadRows) * stride, row_bytes);
-        const Vec pr(p[r]);
-        const scalar_t* v = V + r * stride + c0;
-        for (int j = 0; j < kStrip; ++j) acc[j] = at::vec::fmadd(pr, Vec::loadu(v + j * W), acc[j]);
-      }
-      for (int j = 0; j < kStrip; ++j) acc[j].store(out + c0 + j * W);
-      continue;
-    }
-    const int64_t width = D - c0;
+    const int64_t width = std::min<int64_t>(D - c0, kStrip * W);
     const int nv = static_cast<int>((width + W - 1) / W);
-    auto cnt = [&](int j) { return std::min<int64_t>(W, width - j * W); };
-    for (int j = 0; j < nv; ++j) acc[j] = accumulate ? hybridssm::load(out + c0 + j * W, cnt(j)) : Vec(0);
-    for (int64_t r = 0; r < n; ++r) {
-      if (ahead && c0 == 0 && r + kAheadRows < n) prefetch_bytes(V + (r + kAheadRows) * stride, row_bytes);
-      const Vec pr(p[r]);
-      const scalar_t* v = V + r * stride + c0;
-      for (int j = 0; j < nv; ++j) acc[j] = at::vec::fmadd(pr, hybridssm::load(v + j * W, cnt(j)), acc[j]);
+    const int64_t tail = width - (nv - 1) * W;
+    const int64_t pf = ahead && c0 == 0 ? row_bytes : 0;
+    const scalar_t* v = V + c0;
+    scalar_t* o = out + c0;
+    switch (nv) {
+      case 8: weighted_strip<scalar_t, 8>(p, v, n, stride, o, tail, accumulate, pf); break;
+      case 7: weighted_strip<scalar_t, 7>(p, v, n, stride, o, tail, accumulate, pf); break;
+      case 6: weighted_strip<scalar_t, 6>(p, v, n, stride, o, tail, accumulate, pf); break;
+      case 5: weighted_strip<scalar_t, 5>(p, v, n, stride, o, tail, accumulate, pf); break;
+      case 4: weighted_strip<scalar_t, 4>(p, v, n, stride, o, tail, accumulate, pf); break;
+      case 3: weighted_strip<scalar_t, 3>(p, v, n, stride, o, tail, accumulate, pf); break;
+      case 2: weighted_strip<scalar_t, 2>(p, v, n, stride, o, tail, accumulate, pf); break;
+      default: weighted_strip<scalar_t, 1>(p, v, n, stride, o, tail, accumulate, pf); break;
     }
-    for (int j = 0; j < nv; ++j) hybridssm::store(acc[j], out + c0 + j * W, cnt(j));
   }
 }
 

@@ -101,6 +101,23 @@ void wkv_head(scalar_t* S, int64_t K, const scalar_t* r, const scalar_t* k, cons
   }
 }
 
+// y [B, O] (rows O apart) = x [B, I] (rows ldx apart) @ W [I, O] (input-major, contiguous), written
+// into y: vecmat_add per row for a small batch (after the first row the factor is in cache), a GEMM
+// over views of the buffers for many rows (the values of matmul_small, without its tensors: at
+// batch 1 a LoRA factor is a few microseconds of work and the tensors cost as much again).
+template <typename scalar_t>
+void input_major_rows(const scalar_t* x, int64_t ldx, const scalar_t* W, scalar_t* y, int64_t B, int64_t I,
+                      int64_t O, const at::TensorOptions& opts) {
+  if (B > 4) {
+    auto yv = at::from_blob(y, {B, O}, opts);
+    at::mm_out(yv, at::from_blob(const_cast<scalar_t*>(x), {B, I}, {ldx, 1}, opts),
+               at::from_blob(const_cast<scalar_t*>(W), {I, O}, opts));
+    return;
+  }
+  std::fill(y, y + B * O, scalar_t(0));
+  for (int64_t b = 0; b < B; ++b) vecmat_add(x + b * ldx, W, y + b * O, I, O);
+}
+
 inline at::Tensor rwkv_step(const at::Tensor& x, const MixerSpec& m, at::Tensor* states, const at::Tensor&) {
   constexpr const char* kind = "rwkv";
   check_compute_dtype(kind, x);
@@ -151,7 +168,6 @@ inline at::Tensor rwkv_step(const at::Tensor& x, const MixerSpec& m, at::Tensor*
   auto xs = at::empty({5, B, D}, x.options());
   auto xx = at::empty({B, D}, x.options());
   auto xxx = at::empty({B, D}, x.options());
-  auto h = at::empty({B, D}, x.options());
   at::Tensor y;
   AT_DISPATCH_FLOATING_TYPES(dt, "rwkv_step", [&] {
     using Vec = Vectorized<scalar_t>;
@@ -162,10 +178,15 @@ inline at::Tensor rwkv_step(const at::Tensor& x, const MixerSpec& m, at::Tensor*
     auto p = [](const at::Tensor& t) { return t.data_ptr<scalar_t>(); };
     const scalar_t *mu_x = p(mu[0]), *decay_p = p(decay), *bonus_p = p(bonus), *lnx_wp = p(lnx_w);
     const scalar_t *lnx_bp = p(lnx_b), *cmu_kp = p(cmu_k), *cmu_rp = p(cmu_r);
+    // scratch that never leaves the kernel: h [B, D], one LoRA mix [B, D], the decay [B, D], the
+    // LoRA activations [B, 5R] and [B, Rd]
+    std::vector<scalar_t> scratch(B * (3 * D + 5 * R + Rd));
+    scalar_t *h0 = scratch.data(), *mix0 = h0 + B * D, *e0 = mix0 + B * D, *lora0 = e0 + B * D;
+    scalar_t* dlo0 = lora0 + B * 5 * R;
 
     // token shift: h = LN_1(x), xx = shift - h, the LoRA's input h + xx mu_x; the shift takes h
     for (int64_t b = 0; b < B; ++b) {
-      scalar_t *hb = row(h, b), *xxb = row(xx, b), *sb = row(states[0], b), *ib = row(xxx, b);
+      scalar_t *hb = h0 + b * D, *xxb = row(xx, b), *sb = row(states[0], b), *ib = row(xxx, b);
       layer_norm_row(row(x, b), p(ln1_w), ptr_or_null<scalar_t>(ln1_b), hb, D, eps1);
       vec_chunks<scalar_t>(D, [&](int64_t i, int64_t cnt) {
         const Vec hv = load(hb + i, cnt), d = load(sb + i, cnt) - hv;
@@ -174,11 +195,12 @@ inline at::Tensor rwkv_step(const at::Tensor& x, const MixerSpec& m, at::Tensor*
         store(hv, sb + i, cnt);
       });
     }
-    auto lora = matmul_small(xxx, mix_down);  // [B, 5R]
-    tanh_inplace(p(lora), B * 5 * R);
+    const auto opts = x.options();
+    input_major_rows(p(xxx), D, p(mix_down), lora0, B, D, 5 * R, opts);  // [B, 5R]
+    tanh_inplace(lora0, B * 5 * R);
     for (int64_t f = 0; f < 5; ++f) {  // x_f = h + xx (mu_f + lora_f @ mix_up[f])
-      const auto mf = matmul_small(lora.narrow(1, f * R, R), mix_up.select(0, f));
-      const scalar_t *h0 = p(h), *xx0 = p(xx), *m0 = p(mf), *mu_f = p(mu[1 + f]);
+      input_major_rows(lora0 + f * R, 5 * R, p(mix_up) + f * R * D, mix0, B, R, D, opts);
+      const scalar_t *xx0 = p(xx), *m0 = mix0, *mu_f = p(mu[1 + f]);
       scalar_t* o0 = p(xs) + f * B * D;
       for (int64_t b = 0; b < B; ++b) {
         const scalar_t *hb = h0 + b * D, *xxb = xx0 + b * D, *mb = m0 + b * D;
@@ -195,16 +217,16 @@ inline at::Tensor rwkv_step(const at::Tensor& x, const MixerSpec& m, at::Tensor*
     const auto v = linear_small(xs.select(0, 2), Wv, none);
     auto g = linear_small(xs.select(0, 4), Wg, none);
     silu_inplace(p(g), B * D);
-    auto dlo = matmul_small(xs.select(0, 0), decay_down);  // [B, Rd]
-    tanh_inplace(p(dlo), B * Rd);
-    auto e = matmul_small(dlo, decay_up);  // [B, D], becomes the decay factor exp(-exp(d))
+    input_major_rows(p(xs), D, p(decay_down), dlo0, B, D, Rd, opts);  // [B, Rd]
+    tanh_inplace(dlo0, B * Rd);
+    input_major_rows(dlo0, Rd, p(decay_up), e0, B, Rd, D, opts);  // [B, D], becomes exp(-exp(d))
 
     // WKV, per row and head, one pass over the state: o = r^T S + (r . (u * k)) v, then S <- e S + k v^T;
     // then the group norm with its affine, times the gate (into o)
     auto o = at::empty({B, D}, x.options());
     std::vector<scalar_t> acc(K);
     const scalar_t *r0 = p(r), *k0 = p(k), *v0 = p(v), *g0 = p(g);
-    scalar_t *e0 = p(e), *o0 = p(o), *S0 = p(states[1]);
+    scalar_t *o0 = p(o), *S0 = p(states[1]);
     for (int64_t b = 0; b < B; ++b) {
       scalar_t* eb = e0 + b * D;
       vec_chunks<scalar_t>(D, [&](int64_t i, int64_t cnt) {
