@@ -10,9 +10,11 @@
 // The four dot products of a row end in one reduction and one store of four outputs. Rows of x
 // beyond what L2 holds beside W's stream (kGemmRowsPassBytes) go in further passes over W.
 //
-// Measured alone (benchmarks/bench_gemm_rows.py, AVX2, the models' shapes, load 4-5): 1.2-1.7x
-// MKL's rate at B = 16, 1.1-1.4x at B = 64 hot, 1.0-1.8x cold; at B = 256, 1.0-1.2x (with passes;
-// without them 0.85-0.95x). Thin inputs (I < 32: a few FMAs per reduction) stay with MKL.
+// Measured alone (benchmarks/bench_gemm_rows.py, AVX2, the models' shapes, load ~7): MKL's rate
+// times 1.25-1.6 at B = 16 hot, 1.4-2.1 cold; 1.1-1.25 at B = 64 hot, 1.4-1.6 cold; 1.0-1.25 at
+// B = 256 (where without the passes it ran 0.85-0.95x). Against the previous version (per-output
+// horizontal sums, 3 rows on every ISA) 1.05-1.2x hot. Thin inputs (I < 32: a few FMAs per
+// reduction) stay with MKL: 0.6-0.8x of it hot at I = 16.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
