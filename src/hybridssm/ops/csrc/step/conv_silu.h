@@ -26,6 +26,16 @@ std::vector<scalar_t> conv_taps(const scalar_t* w, int64_t C, int64_t K) {
 
 inline constexpr int64_t kConvTapsRows = 4;
 
+// Whether conv_silu_step has a vector path for this dtype and width (only then do the taps pay off).
+template <typename scalar_t>
+constexpr bool conv_vector_path(int64_t K) {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+  return std::is_same_v<scalar_t, float> && K == 4;
+#else
+  return K < 0;  // never (K is used: no unused-parameter warning)
+#endif
+}
+
 #if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
 namespace conv3_detail {
 
@@ -100,7 +110,7 @@ void conv_silu_step(const scalar_t* u, scalar_t* st, const scalar_t* wt, int64_t
   int64_t c0 = 0;
 #if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (K == 4 && wt != nullptr) {
+    if (conv_vector_path<scalar_t>(K) && wt != nullptr) {
       c0 = C / 8 * 8;
       conv3_detail::conv4_silu(u, st, wt, ldw, out, c0);
     }

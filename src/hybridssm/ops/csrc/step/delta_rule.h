@@ -143,7 +143,8 @@ at::Tensor delta_rule_step(const at::Tensor& x, const MixerSpec& m, at::Tensor* 
     std::vector<scalar_t> qkv(C);
     // raw pointers taken once (data_ptr checks the tensor on every call)
     const scalar_t* w = cw.data_ptr<scalar_t>();
-    const std::vector<scalar_t> wt = B >= kConvTapsRows ? conv_taps(w, C, c) : std::vector<scalar_t>();
+    const bool taps = B >= kConvTapsRows && conv_vector_path<scalar_t>(c);
+    const std::vector<scalar_t> wt = taps ? conv_taps(w, C, c) : std::vector<scalar_t>();
     const scalar_t* proj0 = proj.data_ptr<scalar_t>();
     const scalar_t* wn0 = wn.data_ptr<scalar_t>();
     const scalar_t* A_log0 = kGated ? A_log.data_ptr<scalar_t>() : nullptr;
