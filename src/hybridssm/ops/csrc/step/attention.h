@@ -24,6 +24,7 @@
 #pragma once
 
 #include "common.h"
+#include "prefetch.h"
 
 #include <cmath>
 #include <limits>
@@ -138,19 +139,7 @@ inline void hsum8<float>(const Vectorized<float>* acc, float* out) {
 }
 #endif
 
-// Asks the memory system for bytes [0, n) of p ahead of their use (a hint: it never faults and
-// leaves values alone). The hardware prefetcher follows a stream within a 4 KB page but does not
-// guess the next page, nor where the next (row, kv head) starts: the cache passes ask for those
-// kAheadRows slots before they read them.
-inline void prefetch_bytes(const void* p, int64_t n) {
-#if defined(__GNUC__)
-  const char* c = static_cast<const char*>(p);
-  for (int64_t o = 0; o < n; o += 64) __builtin_prefetch(c + o, 0, 3);
-#else
-  (void)p, (void)n;
-#endif
-}
-
+// the cache passes ask for the slots kAheadRows ahead of the one they read (prefetch_bytes)
 constexpr int64_t kAheadRows = 16;
 
 // s[r] = q . K[r] for the n rows of K (D values each, contiguous), eight rows per pass so that each load

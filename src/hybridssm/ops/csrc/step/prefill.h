@@ -26,6 +26,7 @@
 #include "attention.h"
 #include "common.h"
 #include "mamba.h"
+#include "prefetch.h"
 
 #include <string>
 #include <vector>
@@ -61,7 +62,8 @@ inline at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& W, const at
       const int64_t rows = std::min(kBlock, O - o);
       for (int64_t j = 0; j < n; ++j) {
         if (j == 1 && o + kBlock < O) {
-          attention_step::prefetch_bytes(w + (o + kBlock) * I, std::min(block_bytes, (O - o - kBlock) * I * int64_t(sizeof(scalar_t))));
+          const int64_t left = (O - o - kBlock) * I * static_cast<int64_t>(sizeof(scalar_t));
+          prefetch_bytes(w + (o + kBlock) * I, std::min(block_bytes, left));
         }
         gemv_rows<scalar_t>(w + o * I, xp + j * I, b != nullptr ? b + o : nullptr, yp + j * O + o, rows, I);
       }
