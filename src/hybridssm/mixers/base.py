@@ -80,9 +80,14 @@ def valid_mask(lengths: Tensor | None, T: int, device: torch.device) -> Tensor |
 
 
 def finish_state(old: NamedTuple | None, new: NamedTuple, inplace: bool) -> NamedTuple:
-    """Return ``new``, or copy it into ``old``'s buffers and return ``old`` when ``inplace``."""
+    """Return ``new``, or copy it into ``old``'s buffers and return ``old`` when ``inplace``.
+
+    A returned ``new`` is contiguous like the state ``init_state`` allocates: a field that is a view
+    of a larger tensor (a conv window sliced from ``[state ; x]``, one of several states split from
+    one product) would otherwise change strides after the first frame, and a compiled step would
+    recompile on them."""
     if not inplace or old is None:
-        return new
+        return type(new)(*(t.contiguous() if isinstance(t, Tensor) else t for t in new))
     for o, n in zip(old, new):
         if o is not n:
             o.copy_(n)

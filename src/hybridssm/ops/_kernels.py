@@ -141,6 +141,14 @@ def _fused_ok(entry: _Op, device_type: str) -> tuple[bool, str]:
     return entry.fused_status[device_type]
 
 
+@torch._dynamo.assume_constant_result
+def _fused_status(op: str, device_type: str) -> tuple[bool, str]:
+    """:func:`_fused_ok` by name, a constant to a compiled caller: ``torch.compile`` runs it while
+    tracing and guards on nothing, so the status it caches on the first call does not make a
+    compiled step recompile on its second frame (the status never changes once known)."""
+    return _fused_ok(_OPS[op], device_type)
+
+
 # Non-empty once the process has warned about a failed build: one warning in all, not one per op.
 _WARNED: set[str] = set()
 
@@ -171,7 +179,7 @@ def resolve(op: str, device_type: str = "cpu") -> tuple[str, str]:
     fixed = _requested(device_type)
     if fixed is not None:
         return fixed
-    ok, reason = _fused_ok(entry, device_type)
+    ok, reason = _fused_status(op, device_type)
     if current_backend() == "fused":
         if not ok:
             raise RuntimeError(f"fused kernel for {op!r} on {device_type} unavailable: {reason}")

@@ -20,11 +20,13 @@ __all__ = ["causal_conv1d", "causal_conv1d_ref", "conv_final_state"]
 
 
 def conv_final_state(xs: Tensor, lengths: Tensor | None, width: int) -> Tensor:
-    """The last ``width`` columns of ``xs [B, C, width + T]`` before each row's length."""
+    """The last ``width`` columns of ``xs [B, C, width + T]`` before each row's length, contiguous
+    like the state that ``init_state`` allocates (a strided view would make a compiled step
+    recompile after its first frame, on the state's new strides)."""
     if width == 0:
         return xs[:, :, :0]
     if lengths is None:
-        return xs[:, :, xs.shape[2] - width :]
+        return xs[:, :, xs.shape[2] - width :].contiguous()
     idx = lengths.view(-1, 1) + torch.arange(width, device=xs.device)  # [B, width]
     return xs.gather(2, idx.unsqueeze(1).expand(-1, xs.shape[1], -1))
 
