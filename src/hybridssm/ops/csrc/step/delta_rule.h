@@ -101,6 +101,13 @@ inline void delta_head(scalar_t* S, const scalar_t* q, const scalar_t* k, const 
   delta_rest<scalar_t, kGated, kBlock>(nv, S, q, k, v, beta, alpha, o, K, Vh, c0, last, next);
 }
 
+// Measured and not kept (one thread, B = 64, in-process A/B at load 3-4; the products and the state
+// pass did not overlap here): the next rows' in_proj and the previous rows' o_proj run in pieces
+// from inside the state pass, rows in blocks of 12-48, were within noise of one after the other,
+// 10-20% slower with pieces of 3-6 rows; head-major blocks of 12 rows, their states prefetched from
+// inside the head's in_proj, 5-10% slower. Pass 1's accumulators live on the stack (the prefetch's
+// test and inner loop make the compiler spill them); kept in registers it measured the same at
+// B = 8, 16 and 64: the pass waits on the states' cache lines, not on the FMAs.
 template <bool kGated>
 at::Tensor delta_rule_step(const at::Tensor& x, const MixerSpec& m, at::Tensor* states, const at::Tensor&) {
   constexpr const char* kind = kGated ? "gated_delta_net" : "delta_net";
