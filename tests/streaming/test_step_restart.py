@@ -58,14 +58,15 @@ def reset_calls(monkeypatch):
     return calls
 
 
+@pytest.mark.parametrize("B", [7, 256])  # 256: the step's own products' widest batch, plus the meta rows
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_restarted_rows_equal_a_fresh_row_and_the_other_rows_keep_their_values(dtype, reset_calls):
+def test_restarted_rows_equal_a_fresh_row_and_the_other_rows_keep_their_values(dtype, B, reset_calls):
     model = _hymba(dtype)
-    B = 7
     cls = "fp32" if dtype == torch.float32 else "fp64"
     with torch.no_grad():
         state, x = _streamed(model, B, dtype=dtype)
-        done = torch.tensor([False, True, False, False, True, False, False])
+        done = torch.zeros(B, dtype=torch.bool)
+        done[[1, 4, B - 1]] = True
         plain = state.clone()
         y_plain, _ = model.step(x[:, 3], plain, inplace=True)
         ref = state.clone()
@@ -74,19 +75,19 @@ def test_restarted_rows_equal_a_fresh_row_and_the_other_rows_keep_their_values(d
         reset_calls.clear()
         y, out = model.step(x[:, 3], state, reset=done, inplace=True)
         assert out is state and reset_calls == [], "the reset ran before the step, not inside it"
-        assert state.pos.tolist() == [4, 1, 4, 4, 1, 4, 4]
+        assert state.pos.tolist() == torch.where(done, 1, 4).tolist()
         # every other row: the values of the step without a reset, bit for bit
         keep = ~done
         assert torch.equal(y[keep], y_plain[keep])
         for got, want in zip(_leaves(state), _leaves(plain), strict=True):
             assert torch.equal(got[keep], want[keep])
         # the restarted rows: a fresh init_state row's step, and the block-by-block step
-        fresh = model.init_state(2)
+        fresh = model.init_state(3)
         y_fresh, _ = model.step(x[done, 3], fresh, inplace=True)
         assert_close(y[done], y_fresh, cls)
         assert_close(y, y_ref, cls)
         assert_tree_close(state, ref, cls)
-        for row, fresh_row in zip(done.nonzero().squeeze(1).tolist(), range(2)):
+        for row, fresh_row in zip(done.nonzero().squeeze(1).tolist(), range(3)):
             assert_tree_close(state.index(row), fresh.index(fresh_row), cls, f"row {row}")
         # and they stream on as a fresh stream does
         y_next, _ = model.step(x[:, 4], state, inplace=True)
@@ -169,7 +170,8 @@ def test_plan_restart_checks_its_arguments_and_plans_without_restart_entries_dec
         for got, want in zip(_leaves(state), _leaves(before), strict=True):
             assert torch.equal(got, want)
         # functional steps do not restart inside the call
-        assert streaming.fused_step(model, x[:, 3], state, False, restart=(meta, torch.ones(6, dtype=torch.bool))) is None
+        everyone = torch.ones(6, dtype=torch.bool)
+        assert streaming.fused_step(model, x[:, 3], state, False, restart=(meta, everyone)) is None
     # a plan with a mixer that has no restart entry declines (its model resets before the step)
     gated = hs.build("gated_ssm", embed_dim=E_IN, hidden_size=32, num_layers=1).eval()
     with torch.no_grad():

@@ -118,10 +118,9 @@ class HymbaConfig(MambaOptions, ModelConfig):
 
 # Batches whose resets run the meta tokens inside the step (the plan's restart): from 5 streams the
 # step's products are gemm_rows.h's row blocks, where the M meta rows ride along and each weight is
-# read once for both; up to 256 rows in all, that kernel's range. Elsewhere (batch 1 among them) the
-# reset's own prefill runs before the step, as init_state's.
+# read once for both. Below (batch 1 among them) the reset's own prefill runs before the step, as
+# init_state's.
 RESTART_IN_STEP_MIN_BATCH = 5
-RESTART_IN_STEP_MAX_ROWS = 256
 
 
 # Weights saved under an older name -> their name now (read by `hs.load` and `load_state_dict`).
@@ -208,12 +207,11 @@ class Hymba(SequenceModel):
         the M meta tokens ride along with the step's B rows through every block (each weight read
         once for both, not once more by a separate prefill; ``csrc/step/prefill.h``), computed from
         the current parameters on every call as :meth:`init_state` is. None where that does not
-        apply (the step then resets the rows first): no meta tokens, a batch outside
-        RESTART_IN_STEP_MIN_BATCH .. RESTART_IN_STEP_MAX_ROWS - M, no row restarting, or no plan."""
-        B, M = x_t.shape[0], self.num_prefix
+        apply (the step then resets the rows first): no meta tokens, a batch below
+        RESTART_IN_STEP_MIN_BATCH, no row restarting, or no plan."""
         if (
             self.meta_embedding is None
-            or not RESTART_IN_STEP_MIN_BATCH <= B <= RESTART_IN_STEP_MAX_ROWS - M
+            or x_t.shape[0] < RESTART_IN_STEP_MIN_BATCH
             or done.device.type != "cpu"
             or not self.use_fused_step
             or not streaming.fused_step_available()

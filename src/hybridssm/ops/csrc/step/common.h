@@ -224,8 +224,8 @@ void gemv_rows_multi(const scalar_t* W, const scalar_t* x, int64_t ldx, const sc
 }
 
 // Whether linear_small computes B rows of x [*, I] @ W^T with gemm_rows.h's kernel, where each row
-// accumulates alone: its values are the same whatever the number of rows (prefill.h's linear_joint
-// relies on it to append rows to a product).
+// accumulates alone: a row's values are the same whatever the number of rows (prefill.h's
+// linear_joint relies on it to append rows to a step's product).
 inline bool gemm_rows_takes(int64_t B, const at::Tensor& x, const at::Tensor& W, const at::Tensor& bias) {
   return B > 4 && B <= kGemmRowsMaxBatch && x.size(1) >= kGemmRowsMinInputs && W.is_contiguous() &&
          W.scalar_type() == x.scalar_type() &&
@@ -234,10 +234,8 @@ inline bool gemm_rows_takes(int64_t B, const at::Tensor& x, const at::Tensor& W,
 
 // x [B, I] @ W[O, I]^T (+ bias) -> [B, O]: gemv for a small batch (B <= 4: the weights read once for
 // all rows), gemm_rows.h's blocked product up to kGemmRowsMaxBatch rows, MKL's GEMM beyond. W (and
-// bias) in x's dtype and contiguous (see as_); x may be a strided row view. linear_passes: with the
-// bytes of x's rows per pass over W in gemm_rows.h's product (the values do not depend on it).
-inline at::Tensor linear_passes(const at::Tensor& x, const at::Tensor& W, const at::Tensor& bias,
-                                int64_t pass_bytes) {
+// bias) in x's dtype and contiguous (see as_); x may be a strided row view.
+inline at::Tensor linear_small(const at::Tensor& x, const at::Tensor& W, const at::Tensor& bias) {
   const int64_t B = x.size(0), I = x.size(1), O = W.size(0);
   const bool has_bias = present(bias);
   TORCH_CHECK(W.dim() == 2 && W.size(1) == I && (!has_bias || bias.numel() == O),
@@ -251,7 +249,7 @@ inline at::Tensor linear_passes(const at::Tensor& x, const at::Tensor& W, const 
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_small_rows", [&] {
       gemm_rows_detail::gemm_nt<scalar_t>(xr.data_ptr<scalar_t>(), xr.stride(0), W.data_ptr<scalar_t>(),
                                           has_bias ? bias.data_ptr<scalar_t>() : nullptr,
-                                          y.data_ptr<scalar_t>(), O, B, O, I, pass_bytes);
+                                          y.data_ptr<scalar_t>(), O, B, O, I, kGemmRowsPassBytes);
     });
     return y;
   }
@@ -272,10 +270,6 @@ inline at::Tensor linear_passes(const at::Tensor& x, const at::Tensor& W, const 
     }
   });
   return y;
-}
-
-inline at::Tensor linear_small(const at::Tensor& x, const at::Tensor& W, const at::Tensor& bias) {
-  return linear_passes(x, W, bias, kGemmRowsPassBytes);
 }
 
 // The formulas of torch's CPU kernels (x / (1 + exp(-x)); softplus threshold 20), vectorised the

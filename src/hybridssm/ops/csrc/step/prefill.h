@@ -165,17 +165,27 @@ inline void copy_row_where(const at::Tensor& dst, const at::Tensor& src, const b
 }
 
 // x [B + T, I] @ W^T (+ bias): the step's B rows take the values of the step's own linear
-// (linear_small of B rows) and the T rows those of a row alone. Where gemm_rows.h's kernel takes both
-// B and B + T rows (its rows accumulate alone), one product over all rows, each weight read once: in
-// as many passes over W as the B rows alone take (the T rows widen each pass a little: 64 + 4 rows
-// of Hymba's FFN down-projection took two passes, one more read of its 1 MB weight); elsewhere the
-// two apart (the T rows by linear_rows, as the prefill of one stream).
+// (linear_small of B rows) and the T rows those of a row alone. Where the step's B rows go through
+// gemm_rows.h's kernel (its rows accumulate alone), the T rows join them in one product, each weight
+// read once for both, in as many passes over W as the B rows alone take (the T rows widen each pass
+// a little: 64 + 4 rows of Hymba's FFN down-projection took two passes, one more read of its 1 MB
+// weight; and at B = 256 the B + T rows stay in that kernel). Elsewhere the two apart (the T rows
+// by linear_rows, as the prefill of one stream).
 inline at::Tensor linear_joint(const at::Tensor& x, int64_t B, const at::Tensor& W, const at::Tensor& bias) {
-  const int64_t rows = x.size(0);
-  if (gemm_rows_takes(B, x, W, bias) && gemm_rows_takes(rows, x, W, bias)) {
-    return linear_passes(x, W, bias, kGemmRowsPassBytes * rows / B);
+  const int64_t rows = x.size(0), I = x.size(1), O = W.size(0);
+  if (!gemm_rows_takes(B, x, W, bias)) {
+    return at::cat({linear_small(x.narrow(0, 0, B), W, bias), linear_rows(x.narrow(0, B, rows - B), W, bias)}, 0);
   }
-  return at::cat({linear_small(x.narrow(0, 0, B), W, bias), linear_rows(x.narrow(0, B, rows - B), W, bias)}, 0);
+  TORCH_CHECK(W.dim() == 2 && W.size(1) == I && (!present(bias) || bias.numel() == O),
+              "hybridssm restart: linear of input ", x.sizes(), " with weight ", W.sizes(), " does not fit");
+  const auto xc = x.contiguous();
+  auto y = at::empty({rows, O}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "restart_linear_joint", [&] {
+    gemm_rows_detail::gemm_nt<scalar_t>(xc.data_ptr<scalar_t>(), I, W.data_ptr<scalar_t>(),
+                                        present(bias) ? bias.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(),
+                                        O, rows, O, I, kGemmRowsPassBytes * rows / B);
+  });
+  return y;
 }
 
 inline at::Tensor mamba_restart(const at::Tensor& hn, int64_t B, const MixerSpec& m, at::Tensor* states,
