@@ -189,7 +189,8 @@ class Hymba(SequenceModel):
         Computed on every call (the ``M`` meta tokens through the blocks: the one-call step plan where
         it applies, else the blocks' forward; the same values), never cached, so it always
         follows the current parameters, however they were written; a stream builds it once and
-        ``step(reset=...)`` only when some row restarts."""
+        ``step(reset=...)`` only when some row restarts (from 5 streams, in place, inside the step's
+        own call: :meth:`_restart_in_step`)."""
         zero = super().init_state(batch_size, device=device, dtype=dtype, max_len=max_len)
         if self.meta_embedding is None:
             return zero

@@ -12,6 +12,10 @@
 //       mean  (a + s) / 2                                      (likewise)
 // Norms are LayerNorm (at::layer_norm, the forward's own call), RMSNorm or the identity (a mixer that
 // owns its norms). The ATen calls are those of the eager forward, so the values are the forward's.
+//
+// run may also restart rows of the batch from the state after a few tokens (Hymba's meta tokens at a
+// reset), the tokens riding along with the step's rows (prefill.h's restart entries); prefill runs
+// tokens through the blocks alone.
 
 #pragma once
 
@@ -164,9 +168,8 @@ class Plan {
   // block) and done [B] bool: the rows where done is true restart first, from the state after the
   // tokens (and position 0), in the same call: every block runs its products over the B rows and the
   // T tokens together (each weight read once for both; prefill.h's restart entries), the tokens'
-  // recurrences on a fresh state of one row, which the restarted rows then take, before the B rows'.
-  // The fresh state starts all zeros: the state of every mixer kind with a restart entry before its
-  // first token (init_state's).
+  // recurrences on a fresh state of one row (all zeros at first, as init_state's), which the restarted
+  // rows then take, before the B rows'.
   at::Tensor run(const at::Tensor& x_in, std::vector<at::Tensor> states, at::Tensor pos,
                  const std::optional<at::Tensor>& tokens = std::nullopt,
                  const std::optional<at::Tensor>& done = std::nullopt) const {
@@ -253,9 +256,6 @@ class Plan {
     const int64_t B = h.size(0);
     TORCH_CHECK(tokens.size(1) == h.size(1) && tokens.scalar_type() == h.scalar_type(), "step plan: tokens ",
                 tokens.scalar_type(), " ", tokens.sizes(), " do not fit the blocks' rows ", h.sizes());
-    // the fresh stream's state: one zero row of each state tensor (scratch the tokens run through)
-    std::vector<at::Tensor> fresh;
-    for (const auto& s : states) fresh.push_back(at::zeros_like(s.narrow(0, 0, 1)));
     const bool* flag = done.data_ptr<bool>();
     int64_t* p = pos.data_ptr<int64_t>();
     for (int64_t r = 0; r < B; ++r) p[r] = flag[r] ? 0 : p[r];  // a restarted row starts at position 0
@@ -265,11 +265,10 @@ class Plan {
     at::Tensor rows = at::cat({h, tokens}, 0);  // [B + T, d]: the step's rows, then the tokens
     at::Tensor* st = states.data();
     for (const auto& blk : blocks_) {
-      at::Tensor* fr = fresh.data() + (st - states.data());
       rows = block_with(
           blk, rows, st,
           [&](const Mixer& mx, at::Tensor* s, const at::Tensor& hn) {
-            return mx.restart(hn, B, mx.spec, s, fr + (s - st), flag, pos);
+            return mx.restart(hn, B, mx.spec, s, flag, pos);
           },
           lin);
       st += blk.n_states;

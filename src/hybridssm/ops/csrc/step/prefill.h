@@ -146,12 +146,12 @@ inline FramesFn find_frames(const std::string& kind) {
 // restarted rows of the step's state take it, and only then the B rows' recurrences run.
 //
 // A restart entry takes hn [B + T, d] (the step's B rows, then the T frames of the fresh stream),
-// the mixer's spec, its states [B, ...] and the fresh stream's [1, ...] (the state before the
-// frames; updated in place, as a prefill's), done (B flags: the rows that restart); it returns the
-// outputs [B + T, d_out] in the same row order. pos as in a step (neither entry reads it).
+// the mixer's spec, its states [B, ...] (in place) and done (B flags: the rows that restart); the
+// fresh stream starts from the mixer's state before any token (all zeros, as init_state's). It
+// returns the outputs [B + T, d_out] in the same row order. pos as in a step (neither entry reads it).
 
 using RestartFn = at::Tensor (*)(const at::Tensor& hn, int64_t B, const MixerSpec& m, at::Tensor* states,
-                                 at::Tensor* fresh, const bool* done, const at::Tensor& pos);
+                                 const bool* done, const at::Tensor& pos);
 
 // The rows r of dst [B, ...] where done[r] take src [1, ...] (the same row shape and dtype, both
 // contiguous): a restarted row's whole state, as a fresh one's.
@@ -189,11 +189,11 @@ inline at::Tensor linear_joint(const at::Tensor& x, int64_t B, const at::Tensor&
 }
 
 inline at::Tensor mamba_restart(const at::Tensor& hn, int64_t B, const MixerSpec& m, at::Tensor* states,
-                                at::Tensor* fresh, const bool* done, const at::Tensor& /*pos*/) {
+                                const bool* done, const at::Tensor& /*pos*/) {
   const auto dt = hn.scalar_type();
   const int64_t T = hn.size(0) - B;
   const MambaDims d = mamba_dims(m, states, B, dt);
-  mamba_dims(m, fresh, 1, dt);
+  at::Tensor fresh[2] = {at::zeros_like(states[0].narrow(0, 0, 1)), at::zeros_like(states[1].narrow(0, 0, 1))};
   const auto xz = linear_joint(hn, B, as_(m.w[0], dt), mamba_in_bias(m, dt)).contiguous();  // [B + T, 2E]
   std::vector<at::Tensor> u_parts(1);
   for (int64_t t = 0; t < T; ++t) u_parts.push_back(mamba_conv(xz.narrow(0, B + t, 1), m, d, fresh[0]));
@@ -212,12 +212,38 @@ inline at::Tensor mamba_restart(const at::Tensor& hn, int64_t B, const MixerSpec
   return linear_joint(at::cat(y_parts, 0), B, as_(m.w[8], dt), mamba_out_bias(m, dt));
 }
 
+// The rows r of a cache dst [B, Hkv, N, Dh] where done[r] take a fresh row's src [1, Hkv, n, Dh] in
+// their first n <= N slots and zeros in the others (a fresh full cache's slots past its tokens).
+inline void copy_cache_row_where(const at::Tensor& dst, const at::Tensor& src, const bool* done) {
+  const int64_t B = dst.size(0), Hkv = dst.size(1), N = dst.size(2), n = src.size(2);
+  const int64_t slot = dst.size(3) * static_cast<int64_t>(dst.element_size());
+  auto* out = static_cast<char*>(dst.data_ptr());
+  const auto* in = static_cast<const char*>(src.data_ptr());
+  for (int64_t r = 0; r < B; ++r) {
+    if (!done[r]) continue;
+    for (int64_t h = 0; h < Hkv; ++h) {
+      char* head = out + (r * Hkv + h) * N * slot;
+      std::memcpy(head, in + h * n * slot, n * slot);
+      std::memset(head + n * slot, 0, (N - n) * slot);
+    }
+  }
+}
+
 inline at::Tensor attention_restart(const at::Tensor& hn, int64_t B, const MixerSpec& m, at::Tensor* states,
-                                    at::Tensor* fresh, const bool* done, const at::Tensor& /*pos*/) {
+                                    const bool* done, const at::Tensor& /*pos*/) {
   using namespace attention_step;
   const auto dt = hn.scalar_type();
   const int64_t T = hn.size(0) - B, H = m.i[kHeads], D = m.i[kHeadDim];
   check_step(m, states, B, dt);
+  // The fresh stream's cache: a full cache keeps the T tokens' keys in its first slots (slot =
+  // position), so its scratch needs only those and one more (a full cache has more slots than
+  // prefix tokens), not the whole max_len of zeros, and the restarted rows take zeros past them
+  // (with a window, the ring's slots depend on its size: the whole cache).
+  const int64_t N = states[0].size(2), P = m.i[kPrefix];
+  const int64_t n = m.i[kWindow] == 0 ? std::min(N, std::max(T, P) + 1) : N;
+  const auto& ck = states[0];
+  at::Tensor fresh[3] = {at::zeros({1, ck.size(1), n, ck.size(3)}, ck.options()),
+                         at::zeros({1, ck.size(1), n, ck.size(3)}, ck.options()), at::zeros({1}, states[2].options())};
   check_step(m, fresh, 1, dt);
   const auto qkv = linear_joint(hn, B, as_(m.w[kQkvW], dt), opt(m.w[kQkvB], dt).value_or(at::Tensor()))
                        .contiguous();  // [B + T, (H + 2 Hkv) Dh]
@@ -228,7 +254,9 @@ inline at::Tensor attention_restart(const at::Tensor& hn, int64_t B, const Mixer
       auto o = out.narrow(0, t, 1);
       attention_rows<scalar_t>(m, q, fresh[0], fresh[1], fresh[2], o);
     }
-    for (int k = 0; k < 3; ++k) copy_row_where(states[k], fresh[k], done);
+    copy_cache_row_where(states[0], fresh[0], done);
+    copy_cache_row_where(states[1], fresh[1], done);
+    copy_row_where(states[2], fresh[2], done);
     auto q = qkv.narrow(0, 0, B);
     auto o = out.narrow(0, 0, B);
     attention_rows<scalar_t>(m, q, states[0], states[1], states[2], o);
