@@ -139,7 +139,7 @@ inline FramesFn find_frames(const std::string& kind) {
 
 // ---- a step whose restarted rows take a prefill's state, in the same products ---------------------
 // A reset re-runs the prefill tokens (Hymba's meta tokens) for the restarted rows. Run apart, that
-// pass reads every weight once more for T rows (~1.5 batch-1 steps of a Hymba step at 64 streams).
+// pass reads every weight once more for T rows (~1.5 batch-1 steps per reset step, Hymba at 64 streams).
 // Here the T frames of one fresh stream ride along with the step's B rows: each projection takes
 // the B + T rows at once (each weight read once for both), then the frames' recurrences run on a
 // fresh state of one row (conv and scan frame by frame, attention over the frames' keys), the
