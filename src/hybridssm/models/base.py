@@ -166,6 +166,12 @@ class SequenceModel(ModelChecks, nn.Module):
                 return cap
         return None
 
+    def _restart_in_step(self, x_t: Tensor, state: ModelState, done: Tensor):
+        """An in-place step whose rows where ``done`` restart from :meth:`init_state` within the
+        step itself, ``(y, state)``, or None: the step then calls :meth:`reset_rows` first (here
+        always; Hymba overrides it)."""
+        return None
+
     def reset_rows(self, state: ModelState, done: Tensor, inplace: bool = False) -> ModelState:
         """Rows where ``done`` is True restart from :meth:`init_state`.
 
@@ -336,11 +342,14 @@ class SequenceModel(ModelChecks, nn.Module):
         if not compiling:
             # before anything is written: a refused step leaves every layer as it was
             self._check_step_capacity(cap, state.pos, reset)
-        if reset is not None:
-            fresh = self.reset_rows(state, reset, inplace)
-            state = state if inplace else fresh  # inplace: the same buffers, rewritten
         out = None
-        if self.use_fused_step and not compiling and streaming.fused_step_available():
+        if reset is not None:
+            # a model may restart the rows inside its step (Hymba: the meta tokens ride along)
+            out = None if compiling or not inplace else self._restart_in_step(x_t, state, reset)
+            if out is None:
+                fresh = self.reset_rows(state, reset, inplace)
+                state = state if inplace else fresh  # inplace: the same buffers, rewritten
+        if out is None and self.use_fused_step and not compiling and streaming.fused_step_available():
             out = streaming.fused_step(self, x_t, state, inplace)
         if out is None:
             x = x_t if x_t.dim() == 3 else x_t.unsqueeze(1)

@@ -116,6 +116,13 @@ class HymbaConfig(MambaOptions, ModelConfig):
         return self.global_layers is None or layer in self.global_layers
 
 
+# Batches whose resets run the meta tokens inside the step (the plan's restart): from 5 streams the
+# step's products are gemm_rows.h's row blocks, where the M meta rows ride along and each weight is
+# read once for both. Below (batch 1 among them) the reset's own prefill runs before the step, as
+# init_state's.
+RESTART_IN_STEP_MIN_BATCH = 5
+
+
 # Weights saved under an older name -> their name now (read by `hs.load` and `load_state_dict`).
 RENAMED_WEIGHTS = {"meta": "meta_embedding"}
 
@@ -182,7 +189,8 @@ class Hymba(SequenceModel):
         Computed on every call (the ``M`` meta tokens through the blocks: the one-call step plan where
         it applies, else the blocks' forward; the same values), never cached, so it always
         follows the current parameters, however they were written; a stream builds it once and
-        ``step(reset=...)`` only when some row restarts."""
+        ``step(reset=...)`` only when some row restarts (from 5 streams, in place, inside the step's
+        own call: :meth:`_restart_in_step`)."""
         zero = super().init_state(batch_size, device=device, dtype=dtype, max_len=max_len)
         if self.meta_embedding is None:
             return zero
@@ -194,6 +202,25 @@ class Hymba(SequenceModel):
             one, zero.layers,
         )
         return ModelState(layers, zero.pos)
+
+    def _restart_in_step(self, x_t: Tensor, state: ModelState, done: Tensor):
+        """A many-streams step whose restarted rows get their fresh state inside the same C++ call:
+        the M meta tokens ride along with the step's B rows through every block (each weight read
+        once for both, not once more by a separate prefill; ``csrc/step/prefill.h``), computed from
+        the current parameters on every call as :meth:`init_state` is. None where that does not
+        apply (the step then resets the rows first): no meta tokens, a batch below
+        RESTART_IN_STEP_MIN_BATCH, no row restarting, or no plan."""
+        if (
+            self.meta_embedding is None
+            or x_t.shape[0] < RESTART_IN_STEP_MIN_BATCH
+            or done.device.type != "cpu"
+            or not self.use_fused_step
+            or not streaming.fused_step_available()
+            or not bool(done.any())
+        ):
+            return None
+        meta = self.meta_embedding.to(self._compute_dtype())
+        return streaming.fused_step(self, x_t, state, True, restart=(meta, done.contiguous()))
 
     def _prefill_meta(self, zero: ModelState) -> tuple:
         """The layer states after the meta tokens, from ``zero`` (a zero state of batch 1)."""

@@ -124,6 +124,7 @@ class StepPlan:
         self._params = tuple(tensors)
         self._dropouts = tuple(m for m in model.modules() if isinstance(m, nn.Dropout))
         self._memo: tuple[Any, list[Tensor] | None] | None = None  # (state, its leaves) of inplace runs
+        self.restarts: bool = cpp.restarts()  # every mixer can restart rows inside a step (run's restart)
 
     def _grad_needed(self, x: Tensor) -> bool:
         return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self._params))
@@ -152,18 +153,30 @@ class StepPlan:
     def run(
         self, x: Tensor, state: ModelState, *, inplace: bool, training: bool,
         embed: Callable[[Tensor, Tensor], Tensor] | None = None,
+        restart: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, ModelState] | None:
         """One frame through the plan: ``(y [B, d], state)``, or None where it does not apply (the
         caller then runs the block-by-block step). ``inplace`` writes into ``state``'s buffers (which
         must be contiguous), else they are copied first. A plan that :attr:`embeds` takes the
         model's ``embed(x [B, 1, E], start [B]) -> h [B, 1, d]`` (its input projection and
-        positional encoding) and applies it before the call."""
+        positional encoding) and applies it before the call.
+
+        ``restart = (tokens [T, hidden], done [B] bool)`` (in place only, where :attr:`restarts`):
+        the rows where ``done`` is True first restart, in the same call, from the state after
+        ``tokens`` (tokens that enter at the first block, such as Hymba's meta tokens) run from the
+        zero state, at position 0; the tokens' products go with the step's (``csrc/step/plan.h``,
+        ``prefill.h``). Values: the other rows' exactly those of the step without the restart, the
+        restarted rows' state that of the tokens' prefill within float rounding (their products
+        sum in another order than a lone row's)."""
         if not self.applies(x, training):
+            return None
+        if restart is not None and not (inplace and self.restarts):
             return None
         if self.embeds:
             if embed is None:
                 return None
-            x = embed(x if x.dim() == 3 else x.unsqueeze(1), state.pos)[:, 0].contiguous()
+            start = state.pos if restart is None else state.pos.masked_fill(restart[2], 0)
+            x = embed(x if x.dim() == 3 else x.unsqueeze(1), start)[:, 0].contiguous()
         if inplace:
             memo = self._memo
             if memo is None or memo[0] is not state:
@@ -171,7 +184,12 @@ class StepPlan:
                 memo = self._memo = (state, leaves if self._leaves_ok(leaves, True) else None)
             if memo[1] is None:
                 return None
-            return self._cpp.run(x, memo[1], state.pos), state
+            if restart is None:
+                return self._cpp.run(x, memo[1], state.pos), state
+            tokens, done = restart
+            if tokens.dtype is not self.dtype:
+                return None
+            return self._cpp.run(x, memo[1], state.pos, tokens, done), state
         leaves, spec = pytree.tree_flatten(state.layers)
         if not self._leaves_ok(leaves, False):
             return None
@@ -280,14 +298,16 @@ def plan_status(model: nn.Module) -> str:
 
 
 def fused_step(
-    model: nn.Module, x: Tensor, state: ModelState, inplace: bool
+    model: nn.Module, x: Tensor, state: ModelState, inplace: bool,
+    restart: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, ModelState] | None:
-    """``model``'s step through its plan, or None where none applies (see the module docstring)."""
+    """``model``'s step through its plan, or None where none applies (see the module docstring);
+    ``restart`` as in :meth:`StepPlan.run`."""
     plan = _entry(model).plan
     if plan is None:
         return None
     embed = model._embed if plan.embeds else None
-    return plan.run(x, state, inplace=inplace, training=model.training, embed=embed)
+    return plan.run(x, state, inplace=inplace, training=model.training, embed=embed, restart=restart)
 
 
 def prefill_blocks(model: nn.Module, h: Tensor, state: ModelState) -> bool:

@@ -4,8 +4,6 @@
 
 #include "step/common.h"
 
-#include <cstring>
-
 // one include per mixer kind (each file registers its kernels)
 #include "step/attention.h"
 #include "step/delta_rule.h"
@@ -64,14 +62,7 @@ int64_t fill_rows(const std::vector<at::Tensor>& dst, const std::vector<at::Tens
   int64_t count = 0;
   for (int64_t r = 0; r < B; ++r) count += flag[r] ? 1 : 0;
   if (count == 0) return 0;
-  for (size_t k = 0; k < dst.size(); ++k) {
-    const int64_t row = static_cast<int64_t>(src[k].nbytes());
-    auto* out = static_cast<char*>(dst[k].data_ptr());
-    const auto* in = static_cast<const char*>(src[k].data_ptr());
-    for (int64_t r = 0; r < B; ++r) {
-      if (flag[r]) std::memcpy(out + r * row, in, row);
-    }
-  }
+  for (size_t k = 0; k < dst.size(); ++k) hybridssm::step::copy_row_where(dst[k], src[k], flag);
   return count;
 }
 
@@ -134,8 +125,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("ffn_norm_kind"), pybind11::arg("ffn"), pybind11::arg("ffn_eps"),
            pybind11::arg("ffn_kind"))
       .def("num_states", &Plan::num_states)
+      .def("restarts", &Plan::restarts)
       .def("run", &Plan::run, pybind11::arg("x"), pybind11::arg("states"), pybind11::arg("pos"),
-           pybind11::call_guard<pybind11::gil_scoped_release>())
+           pybind11::arg("tokens") = pybind11::none(), pybind11::arg("done") = pybind11::none(), pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("prefill", &Plan::prefill, pybind11::arg("h"), pybind11::arg("states"), pybind11::arg("pos"),
            pybind11::arg("by_frame") = false, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

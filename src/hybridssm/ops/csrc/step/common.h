@@ -223,6 +223,15 @@ void gemv_rows_multi(const scalar_t* W, const scalar_t* x, int64_t ldx, const sc
   }
 }
 
+// Whether linear_small computes B rows of x [*, I] @ W^T with gemm_rows.h's kernel, where each row
+// accumulates alone: a row's values are the same whatever the number of rows (prefill.h's
+// linear_joint relies on it to append rows to a step's product).
+inline bool gemm_rows_takes(int64_t B, const at::Tensor& x, const at::Tensor& W, const at::Tensor& bias) {
+  return B > 4 && B <= kGemmRowsMaxBatch && x.size(1) >= kGemmRowsMinInputs && W.is_contiguous() &&
+         W.scalar_type() == x.scalar_type() &&
+         (!present(bias) || (bias.is_contiguous() && bias.scalar_type() == x.scalar_type()));
+}
+
 // x [B, I] @ W[O, I]^T (+ bias) -> [B, O]: gemv for a small batch (B <= 4: the weights read once for
 // all rows), gemm_rows.h's blocked product up to kGemmRowsMaxBatch rows, MKL's GEMM beyond. W (and
 // bias) in x's dtype and contiguous (see as_); x may be a strided row view.
@@ -234,10 +243,7 @@ inline at::Tensor linear_small(const at::Tensor& x, const at::Tensor& W, const a
   if (B > 4) {
     // Many streams: the weight is read where it lies (gemm_rows.h: MKL would first pack the cold
     // weight); MKL's GEMM for longer inputs (a prefill's frames) and thin ones (I < 32).
-    if (B > kGemmRowsMaxBatch || I < kGemmRowsMinInputs || !W.is_contiguous() || W.scalar_type() != x.scalar_type() ||
-        (has_bias && (!bias.is_contiguous() || bias.scalar_type() != x.scalar_type()))) {
-      return has_bias ? at::addmm(bias, x, W.t()) : at::mm(x, W.t());
-    }
+    if (!gemm_rows_takes(B, x, W, bias)) return has_bias ? at::addmm(bias, x, W.t()) : at::mm(x, W.t());
     const auto xr = x.stride(1) == 1 ? x : x.contiguous();
     auto y = at::empty({B, O}, x.options());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_small_rows", [&] {

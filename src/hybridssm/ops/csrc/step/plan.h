@@ -12,6 +12,10 @@
 //       mean  (a + s) / 2                                      (likewise)
 // Norms are LayerNorm (at::layer_norm, the forward's own call), RMSNorm or the identity (a mixer that
 // owns its norms). The ATen calls are those of the eager forward, so the values are the forward's.
+//
+// run may also restart rows of the batch from the state after a few tokens (Hymba's meta tokens at a
+// reset), the tokens riding along with the step's rows (prefill.h's restart entries); prefill runs
+// tokens through the blocks alone.
 
 #pragma once
 
@@ -71,6 +75,7 @@ struct Mixer {
   std::string kind;
   MixerFn fn = nullptr;
   FramesFn frames = nullptr;  // several frames in one call (prefill.h), or null: frame by frame
+  RestartFn restart = nullptr;  // a step whose restarted rows take a prefill's state (prefill.h), or null
   MixerSpec spec;
   int64_t n_states = 0;
 };
@@ -118,7 +123,7 @@ class Plan {
     blk.norm = make_norm(norm_kind, norm_w, norm_b, norm_eps);
     for (size_t j = 0; j < n; ++j) {
       blk.mixers.push_back(Mixer{kinds[j], find_mixer(kinds[j], n_states[j]), find_frames(kinds[j]),
-                                 MixerSpec{weights[j], ints[j], floats[j]},
+                                 find_restart(kinds[j]), MixerSpec{weights[j], ints[j], floats[j]},
                                  n_states[j]});
       blk.n_states += n_states[j];
       n_states_ += n_states[j];
@@ -148,17 +153,36 @@ class Plan {
 
   int64_t num_states() const { return n_states_; }
 
+  // whether run can restart rows (every mixer has a restart entry, prefill.h)
+  bool restarts() const {
+    for (const auto& blk : blocks_)
+      for (const auto& mx : blk.mixers)
+        if (mx.restart == nullptr) return false;
+    return !blocks_.empty();
+  }
+
   // x [B, embed_dim] (or [B, 1, embed_dim]); states: every block's state tensors in order, contiguous,
   // updated in place; pos [B] int64, each row's input position, advanced by one here. Returns [B, d].
-  at::Tensor run(const at::Tensor& x_in, std::vector<at::Tensor> states, at::Tensor pos) const {
+  //
+  // With tokens [T, hidden] (a reset's prefill, such as Hymba's meta tokens: they enter at the first
+  // block) and done [B] bool: the rows where done is true restart first, from the state after the
+  // tokens (and position 0), in the same call: every block runs its products over the B rows and the
+  // T tokens together (each weight read once for both; prefill.h's restart entries), the tokens'
+  // recurrences on a fresh state of one row (all zeros at first, as init_state's), which the restarted
+  // rows then take, before the B rows'.
+  at::Tensor run(const at::Tensor& x_in, std::vector<at::Tensor> states, at::Tensor pos,
+                 const std::optional<at::Tensor>& tokens = std::nullopt,
+                 const std::optional<at::Tensor>& done = std::nullopt) const {
     TORCH_CHECK(x_in.dim() == 2 || (x_in.dim() == 3 && x_in.size(1) == 1),
                 "step plan: x must be [B, embed_dim] or [B, 1, embed_dim], got ", x_in.sizes());
     const at::Tensor x = x_in.dim() == 3 ? x_in.select(1, 0) : x_in;
     check_states(states, pos, x.size(0));
+    TORCH_CHECK(tokens.has_value() == done.has_value(), "step plan: a restart takes both tokens and done");
+    if (tokens) check_restart(*tokens, *done, x.size(0));
     const auto dt = x.scalar_type();
     at::Tensor h = present(in_w_) ? linear_small(x, as_(in_w_, dt), present(in_b_) ? as_(in_b_, dt) : in_b_)
                                   : x.contiguous();
-    return final_norm_(blocks(h, states, pos));
+    return final_norm_(tokens ? restarting_blocks(h, states, pos, *tokens, *done) : blocks(h, states, pos));
   }
 
   // Tokens that enter at the blocks (no input projection, no final norm), such as Hymba's meta tokens:
@@ -215,6 +239,44 @@ class Plan {
     }
   }
 
+  // run's restart arguments fit the plan and the states (checked before anything is written)
+  void check_restart(const at::Tensor& tokens, const at::Tensor& done, int64_t B) const {
+    TORCH_CHECK(restarts(), "step plan: a mixer of this plan has no restarting step");
+    TORCH_CHECK(tokens.dim() == 2 && tokens.size(0) >= 1, "step plan: tokens must be [T >= 1, hidden], got ",
+                tokens.sizes());
+    TORCH_CHECK(done.dim() == 1 && done.size(0) == B && done.scalar_type() == at::kBool && done.is_contiguous() &&
+                    done.is_cpu(),
+                "step plan: done must be a contiguous CPU bool tensor [", B, "], got ", done.scalar_type(), " ",
+                done.sizes());
+  }
+
+  // every block on h [B, d] and the restart's tokens [T, d] (see run); advances pos by one
+  at::Tensor restarting_blocks(const at::Tensor& h, std::vector<at::Tensor>& states, at::Tensor& pos,
+                               const at::Tensor& tokens, const at::Tensor& done) const {
+    const int64_t B = h.size(0);
+    TORCH_CHECK(tokens.size(1) == h.size(1) && tokens.scalar_type() == h.scalar_type(), "step plan: tokens ",
+                tokens.scalar_type(), " ", tokens.sizes(), " do not fit the blocks' rows ", h.sizes());
+    const bool* flag = done.data_ptr<bool>();
+    int64_t* p = pos.data_ptr<int64_t>();
+    for (int64_t r = 0; r < B; ++r) p[r] = flag[r] ? 0 : p[r];  // a restarted row starts at position 0
+    const auto lin = [B](const at::Tensor& x, const at::Tensor& W, const at::Tensor& b) {
+      return linear_joint(x, B, W, b);
+    };
+    at::Tensor rows = at::cat({h, tokens}, 0);  // [B + T, d]: the step's rows, then the tokens
+    at::Tensor* st = states.data();
+    for (const auto& blk : blocks_) {
+      rows = block_with(
+          blk, rows, st,
+          [&](const Mixer& mx, at::Tensor* s, const at::Tensor& hn) {
+            return mx.restart(hn, B, mx.spec, s, flag, pos);
+          },
+          lin);
+      st += blk.n_states;
+    }
+    pos.add_(1);
+    return rows.narrow(0, 0, B);
+  }
+
   // every block on h [B, d] (contiguous); advances pos by one
   at::Tensor blocks(at::Tensor h, std::vector<at::Tensor>& states, at::Tensor& pos) const {
     at::Tensor* st = states.data();
@@ -233,10 +295,11 @@ class Plan {
     });
   }
 
-  // one block on the rows h [N, d] (contiguous), its mixers run by mixer(mx, its states, normed rows)
-  template <typename MixerCall>
+  // one block on the rows h [N, d] (contiguous), its mixers run by mixer(mx, its states, normed rows),
+  // its linear layers by lin (a LinearFn, or prefill.h's linear_joint for a restart)
+  template <typename MixerCall, typename Lin = LinearFn>
   static at::Tensor block_with(const Block& blk, const at::Tensor& h, at::Tensor* st, const MixerCall& mixer,
-                               LinearFn lin = linear_small) {
+                               const Lin& lin = linear_small) {
     const at::Tensor hn = blk.pre_norm ? blk.norm(h).contiguous() : h;
     at::Tensor y;
     if (blk.fusion == kNoFusion) {
@@ -258,8 +321,9 @@ class Plan {
     return Norm{kind, w, b, eps};
   }
 
+  template <typename Lin>
   static at::Tensor fuse(const Block& blk, const at::Tensor& h, const at::Tensor& ys, const at::Tensor& ya,
-                         LinearFn lin) {
+                         const Lin& lin) {
     const auto s = blk.ssm_norm(ys), a = blk.attn_norm(ya);
     if (blk.fusion == kMean) return (a + s) * 0.5;
     const auto dt = h.scalar_type();
@@ -267,7 +331,8 @@ class Plan {
     return g * s + (1.0 - g) * a;
   }
 
-  static at::Tensor ffn(const Block& blk, const at::Tensor& x, LinearFn lin) {
+  template <typename Lin>
+  static at::Tensor ffn(const Block& blk, const at::Tensor& x, const Lin& lin) {
     const auto dt = x.scalar_type();
     auto bias = [dt](const at::Tensor& b) { return present(b) ? as_(b, dt) : at::Tensor(); };
     const auto up = lin(x, as_(blk.up_w, dt), bias(blk.up_b));

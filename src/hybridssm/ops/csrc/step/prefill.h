@@ -28,6 +28,7 @@
 #include "mamba.h"
 #include "prefetch.h"
 
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -133,6 +134,140 @@ inline at::Tensor attention_frames(const at::Tensor& hn, int64_t T, const MixerS
 inline FramesFn find_frames(const std::string& kind) {
   if (kind == "mamba") return mamba_frames;
   if (kind == "attention") return attention_frames;
+  return nullptr;
+}
+
+// ---- a step whose restarted rows take a prefill's state, in the same products ---------------------
+// A reset re-runs the prefill tokens (Hymba's meta tokens) for the restarted rows. Run apart, that
+// pass reads every weight once more for T rows (~1.5 batch-1 steps per reset step, Hymba at 64 streams).
+// Here the T frames of one fresh stream ride along with the step's B rows: each projection takes
+// the B + T rows at once (each weight read once for both), then the frames' recurrences run on a
+// fresh state of one row (conv and scan frame by frame, attention over the frames' keys), the
+// restarted rows of the step's state take it, and only then the B rows' recurrences run.
+//
+// A restart entry takes hn [B + T, d] (the step's B rows, then the T frames of the fresh stream),
+// the mixer's spec, its states [B, ...] (in place) and done (B flags: the rows that restart); the
+// fresh stream starts from the mixer's state before any token (all zeros, as init_state's). It
+// returns the outputs [B + T, d_out] in the same row order. pos as in a step (neither entry reads it).
+
+using RestartFn = at::Tensor (*)(const at::Tensor& hn, int64_t B, const MixerSpec& m, at::Tensor* states,
+                                 const bool* done, const at::Tensor& pos);
+
+// The rows r of dst [B, ...] where done[r] take src [1, ...] (the same row shape and dtype, both
+// contiguous): a restarted row's whole state, as a fresh one's.
+inline void copy_row_where(const at::Tensor& dst, const at::Tensor& src, const bool* done) {
+  const int64_t row = static_cast<int64_t>(src.nbytes());
+  auto* out = static_cast<char*>(dst.data_ptr());
+  const auto* in = static_cast<const char*>(src.data_ptr());
+  for (int64_t r = 0; r < dst.size(0); ++r) {
+    if (done[r]) std::memcpy(out + r * row, in, row);
+  }
+}
+
+// x [B + T, I] @ W^T (+ bias): the step's B rows take the values of the step's own linear
+// (linear_small of B rows) and the T rows those of a row alone. Where the step's B rows go through
+// gemm_rows.h's kernel (its rows accumulate alone), the T rows join them in one product, each weight
+// read once for both, in as many passes over W as the B rows alone take (the T rows widen each pass
+// a little: 64 + 4 rows of Hymba's FFN down-projection took two passes, one more read of its 1 MB
+// weight; and at B = 256 the B + T rows stay in that kernel). Elsewhere the two apart (the T rows
+// by linear_rows, as the prefill of one stream).
+inline at::Tensor linear_joint(const at::Tensor& x, int64_t B, const at::Tensor& W, const at::Tensor& bias) {
+  const int64_t rows = x.size(0), I = x.size(1), O = W.size(0);
+  if (!gemm_rows_takes(B, x, W, bias)) {
+    return at::cat({linear_small(x.narrow(0, 0, B), W, bias), linear_rows(x.narrow(0, B, rows - B), W, bias)}, 0);
+  }
+  TORCH_CHECK(W.dim() == 2 && W.size(1) == I && (!present(bias) || bias.numel() == O),
+              "hybridssm restart: linear of input ", x.sizes(), " with weight ", W.sizes(), " does not fit");
+  const auto xc = x.contiguous();
+  auto y = at::empty({rows, O}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "restart_linear_joint", [&] {
+    gemm_rows_detail::gemm_nt<scalar_t>(xc.data_ptr<scalar_t>(), I, W.data_ptr<scalar_t>(),
+                                        present(bias) ? bias.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(),
+                                        O, rows, O, I, kGemmRowsPassBytes * rows / B);
+  });
+  return y;
+}
+
+inline at::Tensor mamba_restart(const at::Tensor& hn, int64_t B, const MixerSpec& m, at::Tensor* states,
+                                const bool* done, const at::Tensor& /*pos*/) {
+  const auto dt = hn.scalar_type();
+  const int64_t T = hn.size(0) - B;
+  const MambaDims d = mamba_dims(m, states, B, dt);
+  at::Tensor fresh[2] = {at::zeros_like(states[0].narrow(0, 0, 1)), at::zeros_like(states[1].narrow(0, 0, 1))};
+  const auto xz = linear_joint(hn, B, as_(m.w[0], dt), mamba_in_bias(m, dt)).contiguous();  // [B + T, 2E]
+  std::vector<at::Tensor> u_parts(1);
+  for (int64_t t = 0; t < T; ++t) u_parts.push_back(mamba_conv(xz.narrow(0, B + t, 1), m, d, fresh[0]));
+  copy_row_where(states[0], fresh[0], done);
+  u_parts[0] = mamba_conv(xz.narrow(0, 0, B), m, d, states[0]);
+  const auto u = at::cat(u_parts, 0);                                                        // [B + T, E]
+  const auto dbc = linear_joint(u, B, as_(m.w[3], dt), at::Tensor()).contiguous();           // [B + T, R + 2N]
+  mamba_inner_norms(dbc, m, d);
+  const auto A = mamba_decay(m, d, hn.options());
+  std::vector<at::Tensor> y_parts(1);
+  for (int64_t t = B; t < B + T; ++t) {
+    y_parts.push_back(mamba_update(xz.narrow(0, t, 1), u.narrow(0, t, 1), dbc.narrow(0, t, 1), fresh[1], A, m, d));
+  }
+  copy_row_where(states[1], fresh[1], done);
+  y_parts[0] = mamba_update(xz.narrow(0, 0, B), u.narrow(0, 0, B), dbc.narrow(0, 0, B), states[1], A, m, d);
+  return linear_joint(at::cat(y_parts, 0), B, as_(m.w[8], dt), mamba_out_bias(m, dt));
+}
+
+// The rows r of a cache dst [B, Hkv, N, Dh] where done[r] take a fresh row's src [1, Hkv, n, Dh] in
+// their first n <= N slots and zeros in the others (a fresh full cache's slots past its tokens).
+inline void copy_cache_row_where(const at::Tensor& dst, const at::Tensor& src, const bool* done) {
+  const int64_t B = dst.size(0), Hkv = dst.size(1), N = dst.size(2), n = src.size(2);
+  const int64_t slot = dst.size(3) * static_cast<int64_t>(dst.element_size());
+  auto* out = static_cast<char*>(dst.data_ptr());
+  const auto* in = static_cast<const char*>(src.data_ptr());
+  for (int64_t r = 0; r < B; ++r) {
+    if (!done[r]) continue;
+    for (int64_t h = 0; h < Hkv; ++h) {
+      char* head = out + (r * Hkv + h) * N * slot;
+      std::memcpy(head, in + h * n * slot, n * slot);
+      std::memset(head + n * slot, 0, (N - n) * slot);
+    }
+  }
+}
+
+inline at::Tensor attention_restart(const at::Tensor& hn, int64_t B, const MixerSpec& m, at::Tensor* states,
+                                    const bool* done, const at::Tensor& /*pos*/) {
+  using namespace attention_step;
+  const auto dt = hn.scalar_type();
+  const int64_t T = hn.size(0) - B, H = m.i[kHeads], D = m.i[kHeadDim];
+  check_step(m, states, B, dt);
+  // The fresh stream's cache: a full cache keeps the T tokens' keys in its first slots (slot =
+  // position), so its scratch needs only those and one more (a full cache has more slots than
+  // prefix tokens), not the whole max_len of zeros, and the restarted rows take zeros past them
+  // (with a window, the ring's slots depend on its size: the whole cache).
+  const int64_t N = states[0].size(2), P = m.i[kPrefix];
+  const int64_t n = m.i[kWindow] == 0 ? std::min(N, std::max(T, P) + 1) : N;
+  const auto& ck = states[0];
+  at::Tensor fresh[3] = {at::zeros({1, ck.size(1), n, ck.size(3)}, ck.options()),
+                         at::zeros({1, ck.size(1), n, ck.size(3)}, ck.options()), at::zeros({1}, states[2].options())};
+  check_step(m, fresh, 1, dt);
+  const auto qkv = linear_joint(hn, B, as_(m.w[kQkvW], dt), opt(m.w[kQkvB], dt).value_or(at::Tensor()))
+                       .contiguous();  // [B + T, (H + 2 Hkv) Dh]
+  auto out = at::empty({B + T, H * D}, hn.options());
+  AT_DISPATCH_FLOATING_TYPES(dt, "attention_restart", [&] {
+    for (int64_t t = B; t < B + T; ++t) {
+      auto q = qkv.narrow(0, t, 1);
+      auto o = out.narrow(0, t, 1);
+      attention_rows<scalar_t>(m, q, fresh[0], fresh[1], fresh[2], o);
+    }
+    copy_cache_row_where(states[0], fresh[0], done);
+    copy_cache_row_where(states[1], fresh[1], done);
+    copy_row_where(states[2], fresh[2], done);
+    auto q = qkv.narrow(0, 0, B);
+    auto o = out.narrow(0, 0, B);
+    attention_rows<scalar_t>(m, q, states[0], states[1], states[2], o);
+  });
+  return linear_joint(out, B, as_(m.w[kOW], dt), opt(m.w[kOB], dt).value_or(at::Tensor()));
+}
+
+// the restart entry of a mixer kind, or null (the plan then has no restarting step)
+inline RestartFn find_restart(const std::string& kind) {
+  if (kind == "mamba") return mamba_restart;
+  if (kind == "attention") return attention_restart;
   return nullptr;
 }
 
