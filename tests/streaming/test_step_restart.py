@@ -179,3 +179,30 @@ def test_plan_restart_checks_its_arguments_and_plans_without_restart_entries_dec
         assert not streaming.plan._entry(gated).plan.restarts
         assert streaming.fused_step(gated, torch.randn(6, E_IN), s, True,
                                     restart=(torch.zeros(2, 32), torch.ones(6, dtype=torch.bool))) is None
+
+
+def test_a_plan_that_embeds_positions_restarts_rows_at_position_zero():
+    # a transformer with sinusoidal positions: its plan applies the embedding before the call, at
+    # each row's position, and a restarting row is embedded at position 0
+    model = hs.build("transformer", embed_dim=E_IN, hidden_size=32, num_layers=1, num_heads=2,
+                     positional="seed_sinusoidal", use_sliding_window=True, window_size=4).eval()
+    plan = streaming.plan._entry(model).plan
+    assert plan.embeds and plan.restarts
+    tokens = torch.randn(1, 32)  # enters at the first block before a restarted row's frame
+    with torch.no_grad():
+        state, x = _streamed(model, 6)
+        plain = state.clone()
+        y_plain, _ = streaming.fused_step(model, x[:, 3], plain, True)
+        nobody = torch.zeros(6, dtype=torch.bool)
+        y, _ = streaming.fused_step(model, x[:, 3], state, True, restart=(tokens, nobody))
+        assert torch.equal(y, y_plain)
+        for got, want in zip(_leaves(state), _leaves(plain), strict=True):
+            assert torch.equal(got, want)
+        # row 2 restarts: the token through the blocks from a zero state, then its frame at position 0
+        done = torch.tensor([False, False, True, False, False, False])
+        fresh = model.init_state(1)
+        assert streaming.prefill_blocks(model, tokens[None], fresh)
+        y_fresh, fresh = model.step(x[2:3, 4], fresh, inplace=True)
+        y, _ = streaming.fused_step(model, x[:, 4], state, True, restart=(tokens, done))
+        assert_close(y[2:3], y_fresh)
+        assert state.pos.tolist() == [5, 5, 1, 5, 5, 5]

@@ -175,7 +175,7 @@ class StepPlan:
         if self.embeds:
             if embed is None:
                 return None
-            start = state.pos if restart is None else state.pos.masked_fill(restart[2], 0)
+            start = state.pos if restart is None else state.pos.masked_fill(restart[1], 0)
             x = embed(x if x.dim() == 3 else x.unsqueeze(1), start)[:, 0].contiguous()
         if inplace:
             memo = self._memo
