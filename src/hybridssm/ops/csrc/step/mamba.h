@@ -12,7 +12,8 @@
 //   y = out_proj((Cn . h + D u) * silu(z)) (+ out_b)
 //
 // A is computed from A_log on every call (nothing derived is kept), with the same vectorised exp as
-// the forward's torch.exp; the decay uses the selective scan's exp (exp_u20 in fp32). The dt
+// the forward's torch.exp; the fp32 decay is decay_exp.h's exp (within 1.5 ULP of torch.exp), fp64
+// the forward's exp. The dt
 // projection, softplus, state update and gated output run in one pass per row (mamba_update.h).
 
 #pragma once
@@ -124,8 +125,11 @@ inline at::Tensor mamba_update(const at::Tensor& xz, const at::Tensor& u, const 
   auto y = at::empty({Bsz, E}, xz.options());
   const auto out_w = as_(m.w[8], dt);
   AT_DISPATCH_FLOATING_TYPES(dt, "mamba_update", [&] {
+    const auto panels = Bsz >= kDeltaPanelRows ? mamba_delta_panels(dt_w.data_ptr<scalar_t>(), E, d.R)
+                                               : std::vector<scalar_t>();
     const MambaWeights<scalar_t> w{dt_w.data_ptr<scalar_t>(), dt_bias.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(),
-                                   Dv.data_ptr<scalar_t>(), E, d.R, d.N, out_w.data_ptr(), out_w.nbytes()};
+                                   Dv.data_ptr<scalar_t>(), E, d.R, d.N, out_w.data_ptr(), out_w.nbytes(),
+                                   panels.empty() ? nullptr : panels.data()};
     mamba_update_rows<scalar_t>(xz.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), dbc.data_ptr<scalar_t>(),
                                 ssm.data_ptr<scalar_t>(), w, y.data_ptr<scalar_t>(), Bsz);
   });
