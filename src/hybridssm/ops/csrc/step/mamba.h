@@ -19,18 +19,21 @@
 #pragma once
 
 #include "common.h"
+#include "conv_silu.h"
 #include "mamba_update.h"
 
 namespace hybridssm::step {
 
 // u [B, E] = silu(conv([conv_state ; xi]) + conv_b), xi the first half of each row of xz [B, 2E]; the
-// conv windows shift in place
+// conv windows shift in place. From kConvTapsRows rows the 4-tap conv takes conv_silu.h's vector path.
 template <typename scalar_t>
 void mamba_conv_rows(const scalar_t* xz, scalar_t* conv_state, const scalar_t* conv_w, const scalar_t* conv_b,
                      scalar_t* u, int64_t Bsz, int64_t E, int64_t K) {
+  const bool taps = conv_vector_path<scalar_t>(K) && Bsz >= kConvTapsRows;
+  const std::vector<scalar_t> wt = taps ? conv_taps(conv_w, E, K) : std::vector<scalar_t>();
   for (int64_t b = 0; b < Bsz; ++b) {
-    depthwise_conv_step(xz + b * 2 * E, conv_state + b * E * (K - 1), conv_w, conv_b, u + b * E, E, K);
-    silu_inplace(u + b * E, E);
+    conv_silu_step(xz + b * 2 * E, conv_state + b * E * (K - 1), wt.empty() ? nullptr : wt.data(), E, conv_w,
+                   u + b * E, E, K, conv_b);
   }
 }
 
