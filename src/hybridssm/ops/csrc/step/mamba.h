@@ -12,9 +12,9 @@
 //   y = out_proj((Cn . h + D u) * silu(z)) (+ out_b)
 //
 // A is computed from A_log on every call (nothing derived is kept), with the same vectorised exp as
-// the forward's torch.exp; the fp32 decay is decay_exp.h's exp (within 1.5 ULP of torch.exp), fp64
-// the forward's exp. The dt
-// projection, softplus, state update and gated output run in one pass per row (mamba_update.h).
+// the forward's torch.exp; the fp32 decay is decay_exp.h's exp (within 1.5 ULP of the exact exp of
+// the fp32 product, exp_u20 4.7), fp64 the forward's exp. The dt projection, softplus, state update
+// and gated output run in three passes per row (mamba_update.h); the conv + SiLU is conv_silu.h's.
 
 #pragma once
 
