@@ -94,6 +94,27 @@ at::Tensor softplus_f32(const at::Tensor& x) {
   return y;
 }
 
+// The Mamba step's fp32 decay exp(delta A) as its update computes it (step/decay_exp.h's exp of the
+// fp32 product), elementwise over float tensors of one shape, for the tests of its error bound.
+at::Tensor mamba_decay_f32(const at::Tensor& delta, const at::Tensor& A) {
+  TORCH_CHECK(delta.scalar_type() == at::kFloat && A.scalar_type() == at::kFloat,
+              "mamba_decay_f32: delta and A must be float32, got ", delta.scalar_type(), " and ", A.scalar_type());
+  TORCH_CHECK(delta.sizes() == A.sizes(), "mamba_decay_f32: delta ", delta.sizes(), " and A ", A.sizes(),
+              " must have one shape");
+  const auto dc = delta.contiguous(), ac = A.contiguous();
+  auto y = at::empty_like(dc);
+  using Vec = at::vec::Vectorized<float>;
+  const float* d = dc.data_ptr<float>();
+  const float* a = ac.data_ptr<float>();
+  float* out = y.data_ptr<float>();
+  for (int64_t i = 0; i < dc.numel(); i += Vec::size()) {
+    const int64_t cnt = std::min<int64_t>(Vec::size(), dc.numel() - i);
+    const Vec x = hybridssm::load(d + i, cnt) * hybridssm::load(a + i, cnt);
+    hybridssm::store(hybridssm::step::scan_decay_exp(x), out + i, cnt);
+  }
+  return y;
+}
+
 std::vector<std::string> mixer_kinds() {
   std::vector<std::string> out;
   for (const auto& kv : hybridssm::step::mixer_registry()) out.push_back(kv.first);
@@ -112,6 +133,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("mixer_kinds", &mixer_kinds, "the mixer kinds that have a fused step");
   m.def("softplus_f32", &softplus_f32, "the Mamba step's fp32 softplus (tests of its error bound)");
+  m.def("mamba_decay_f32", &mamba_decay_f32, "the Mamba step's fp32 decay exp(delta A) (tests of its error bound)",
+        pybind11::arg("delta"), pybind11::arg("A"));
   using hybridssm::step::Plan;
   pybind11::class_<Plan>(m, "Plan", "a model's whole step in one call (see step/plan.h)")
       .def(pybind11::init<>())

@@ -75,8 +75,10 @@ inline __m256 blend3(__m256 a, __m256 b, __m256 c, const int32_t (*m)[8]) {
                           _mm256_castsi256_ps(lanes(m[1])));
 }
 
-// Channels [0, n) with n a multiple of 8: out = silu(sum_j wt[j] win[j]), windows shifted by u.
-inline void conv4_silu(const float* u, float* st, const float* wt, int64_t ldw, float* out, int64_t n) {
+// Channels [0, n) with n a multiple of 8: out = silu(bias + sum_j wt[j] win[j]) (bias: null for none),
+// windows shifted by u.
+inline void conv4_silu(const float* u, float* st, const float* wt, int64_t ldw, float* out, int64_t n,
+                       const float* bias = nullptr) {
   const auto& T = kTables;
   for (int64_t c = 0; c < n; c += 8, st += 24) {
     const __m256 v0 = _mm256_loadu_ps(st), v1 = _mm256_loadu_ps(st + 8), v2 = _mm256_loadu_ps(st + 16);
@@ -85,7 +87,8 @@ inline void conv4_silu(const float* u, float* st, const float* wt, int64_t ldw, 
       tap[j] = _mm256_permutevar8x32_ps(blend3(v0, v1, v2, T.pick[j]), lanes(T.gather[j]));
     }
     const __m256 x = _mm256_loadu_ps(u + c);
-    __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(wt + c), tap[0]);
+    __m256 acc = bias != nullptr ? _mm256_fmadd_ps(_mm256_loadu_ps(wt + c), tap[0], _mm256_loadu_ps(bias + c))
+                                 : _mm256_mul_ps(_mm256_loadu_ps(wt + c), tap[0]);
     acc = _mm256_fmadd_ps(_mm256_loadu_ps(wt + ldw + c), tap[1], acc);
     acc = _mm256_fmadd_ps(_mm256_loadu_ps(wt + 2 * ldw + c), tap[2], acc);
     acc = _mm256_fmadd_ps(_mm256_loadu_ps(wt + 3 * ldw + c), x, acc);
@@ -103,21 +106,22 @@ inline void conv4_silu(const float* u, float* st, const float* wt, int64_t ldw, 
 
 // depthwise_conv_step's contract (channels [0, C) of one row, st [C, K-1] updated), then SiLU on
 // out; w: the taps [C, K]; wt: the same from conv_taps, with the row stride ldw (its C, which may
-// exceed this call's: the caller offsets wt to its first channel), or null for the scalar loop.
+// exceed this call's: the caller offsets wt to its first channel), or null for the scalar loop;
+// bias [C] (offset as wt) or null for none.
 template <typename scalar_t>
 void conv_silu_step(const scalar_t* u, scalar_t* st, const scalar_t* wt, int64_t ldw, const scalar_t* w,
-                    scalar_t* out, int64_t C, int64_t K) {
+                    scalar_t* out, int64_t C, int64_t K, const scalar_t* bias = nullptr) {
   int64_t c0 = 0;
 #if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (conv_vector_path<scalar_t>(K) && wt != nullptr) {
       c0 = C / 8 * 8;
-      conv3_detail::conv4_silu(u, st, wt, ldw, out, c0);
+      conv3_detail::conv4_silu(u, st, wt, ldw, out, c0, bias);
     }
   }
 #endif
-  depthwise_conv_step(u + c0, st + c0 * (K - 1), w + c0 * K, static_cast<const scalar_t*>(nullptr), out + c0,
-                      C - c0, K);
+  depthwise_conv_step(u + c0, st + c0 * (K - 1), w + c0 * K, bias != nullptr ? bias + c0 : bias, out + c0, C - c0,
+                      K);
   silu_inplace(out + c0, C - c0);
 }
 

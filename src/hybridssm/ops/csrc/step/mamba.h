@@ -12,24 +12,28 @@
 //   y = out_proj((Cn . h + D u) * silu(z)) (+ out_b)
 //
 // A is computed from A_log on every call (nothing derived is kept), with the same vectorised exp as
-// the forward's torch.exp; the decay uses the selective scan's exp (exp_u20 in fp32). The dt
-// projection, softplus, state update and gated output run in one pass per row (mamba_update.h).
+// the forward's torch.exp; the fp32 decay is decay_exp.h's exp (within 1.5 ULP of the exact exp of
+// the fp32 product, exp_u20 4.7), fp64 the forward's exp. The dt projection, softplus, state update
+// and gated output run in three passes per row (mamba_update.h); the conv + SiLU is conv_silu.h's.
 
 #pragma once
 
 #include "common.h"
+#include "conv_silu.h"
 #include "mamba_update.h"
 
 namespace hybridssm::step {
 
 // u [B, E] = silu(conv([conv_state ; xi]) + conv_b), xi the first half of each row of xz [B, 2E]; the
-// conv windows shift in place
+// conv windows shift in place. From kConvTapsRows rows the 4-tap conv takes conv_silu.h's vector path.
 template <typename scalar_t>
 void mamba_conv_rows(const scalar_t* xz, scalar_t* conv_state, const scalar_t* conv_w, const scalar_t* conv_b,
                      scalar_t* u, int64_t Bsz, int64_t E, int64_t K) {
+  const bool taps = conv_vector_path<scalar_t>(K) && Bsz >= kConvTapsRows;
+  const std::vector<scalar_t> wt = taps ? conv_taps(conv_w, E, K) : std::vector<scalar_t>();
   for (int64_t b = 0; b < Bsz; ++b) {
-    depthwise_conv_step(xz + b * 2 * E, conv_state + b * E * (K - 1), conv_w, conv_b, u + b * E, E, K);
-    silu_inplace(u + b * E, E);
+    conv_silu_step(xz + b * 2 * E, conv_state + b * E * (K - 1), wt.empty() ? nullptr : wt.data(), E, conv_w,
+                   u + b * E, E, K, conv_b);
   }
 }
 
@@ -124,8 +128,11 @@ inline at::Tensor mamba_update(const at::Tensor& xz, const at::Tensor& u, const 
   auto y = at::empty({Bsz, E}, xz.options());
   const auto out_w = as_(m.w[8], dt);
   AT_DISPATCH_FLOATING_TYPES(dt, "mamba_update", [&] {
+    const auto panels = Bsz >= kDeltaPanelRows ? mamba_delta_panels(dt_w.data_ptr<scalar_t>(), E, d.R)
+                                               : std::vector<scalar_t>();
     const MambaWeights<scalar_t> w{dt_w.data_ptr<scalar_t>(), dt_bias.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(),
-                                   Dv.data_ptr<scalar_t>(), E, d.R, d.N, out_w.data_ptr(), out_w.nbytes()};
+                                   Dv.data_ptr<scalar_t>(), E, d.R, d.N, out_w.data_ptr(), out_w.nbytes(),
+                                   panels.empty() ? nullptr : panels.data()};
     mamba_update_rows<scalar_t>(xz.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), dbc.data_ptr<scalar_t>(),
                                 ssm.data_ptr<scalar_t>(), w, y.data_ptr<scalar_t>(), Bsz);
   });

@@ -1,6 +1,6 @@
 // The Mamba-1 step's per-row work after the x projection (mamba.h): the dt projection (K = R, a
-// handful of FMAs per channel), softplus, the state update and the gated output, in one pass over
-// each row's channels, so that the row's data are touched once and no thin GEMM runs.
+// handful of FMAs per channel), softplus, the state update and the gated output, in three passes
+// over each row's channels (mamba_update_row says why) and no thin GEMM.
 //
 //   delta = softplus(dt_w dt + dt_bias);  h = exp(delta A) h + delta u Bn;  y = (Cn . h + D u) silu(z)
 //
@@ -11,12 +11,15 @@
 #pragma once
 
 #include "common.h"
+#include "decay_exp.h"
 #include "softplus.h"
 #include "state_width.h"
 
 namespace hybridssm::step {
 
-inline at::vec::Vectorized<float> scan_decay_exp(const at::vec::Vectorized<float>& x) { return x.exp_u20(); }
+// The decay exp(delta A): fp32 with decay_exp.h's exp (within 1.5 ULP of the exact exp of the fp32
+// product, where exp_u20 was 4.7), fp64 with the forward's exp
+inline at::vec::Vectorized<float> scan_decay_exp(const at::vec::Vectorized<float>& x) { return decay_exp_f32(x); }
 inline at::vec::Vectorized<double> scan_decay_exp(const at::vec::Vectorized<double>& x) { return x.exp(); }
 
 // A = -exp(A_log) over n values, with the vectorised exp of the forward's torch.exp
@@ -47,7 +50,24 @@ struct MambaWeights {
   int64_t E, R, N;
   const void* next_w = nullptr;  // the weight the next GEMM reads (out_proj's), warmed into the L2
   int64_t next_w_bytes = 0;
+  const scalar_t* dt_panels = nullptr;  // dt_w in panels of W channels (mamba_delta_panels), or null
 };
+
+// dt_w [E, R] in panels of W channels, [ceil(E / W)][R][W] (zeros past E): with them a vector of
+// channels' delta is R FMAs of broadcast dt values over consecutive memory, where per channel it is
+// a dot product of R and a horizontal sum (at many streams that took a third of the update's time).
+// Built per call from kDeltaPanelRows rows: at one row the copy costs what it saves.
+inline constexpr int64_t kDeltaPanelRows = 4;
+
+template <typename scalar_t>
+std::vector<scalar_t> mamba_delta_panels(const scalar_t* dt_w, int64_t E, int64_t R) {
+  constexpr int64_t W = Vectorized<scalar_t>::size();
+  std::vector<scalar_t> panels((E + W - 1) / W * R * W, scalar_t(0));
+  for (int64_t e = 0; e < E; ++e) {
+    for (int64_t r = 0; r < R; ++r) panels[(e / W * R + r) * W + e % W] = dt_w[e * R + r];
+  }
+  return panels;
+}
 
 // How far ahead (bytes) the state is prefetched: a few dozen channels of compute hide a miss.
 constexpr int64_t kStatePrefetchBytes = 1024;
@@ -59,23 +79,91 @@ inline Vectorized<double> mamba_softplus(const Vectorized<double>& x) {
   return Vectorized<double>::blendv(x.exp().log1p(), x, x > Vectorized<double>(20));
 }
 
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+// t[j] lane l <- t[l] lane j
+inline void transpose8x8_ps(__m256* t) {
+  __m256 u[8], v[8];
+  for (int i = 0; i < 8; i += 2) {
+    u[i] = _mm256_unpacklo_ps(t[i], t[i + 1]), u[i + 1] = _mm256_unpackhi_ps(t[i], t[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    v[i] = _mm256_shuffle_ps(u[i], u[i + 2], 0x44), v[i + 1] = _mm256_shuffle_ps(u[i], u[i + 2], 0xEE);
+    v[i + 2] = _mm256_shuffle_ps(u[i + 1], u[i + 3], 0x44), v[i + 3] = _mm256_shuffle_ps(u[i + 1], u[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm256_permute2f128_ps(v[i], v[i + 4], 0x20), t[i + 4] = _mm256_permute2f128_ps(v[i], v[i + 4], 0x31);
+  }
+}
+#endif
+
+// The sums of mamba_delta_chunk's panels path, from dt_w's rows transposed in registers where that
+// is cheap (AVX2 floats, whole chunks, R a multiple of 8; false elsewhere): the same values into the
+// same FMAs, so bit for bit the panels' result, without building them.
+template <typename scalar_t>
+inline bool mamba_delta_transposed(const MambaWeights<scalar_t>&, const scalar_t*, int64_t, int64_t,
+                                   Vectorized<scalar_t>&) {
+  return false;
+}
+
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+inline bool mamba_delta_transposed(const MambaWeights<float>& w, const float* dt, int64_t e0, int64_t ne,
+                                   Vectorized<float>& pre) {
+  if (ne != 8 || w.R % 8 != 0) return false;
+  using Vec = Vectorized<float>;
+  Vec a[4] = {Vec::loadu(w.dt_bias + e0), Vec(0), Vec(0), Vec(0)};
+  for (int64_t r0 = 0; r0 < w.R; r0 += 8) {
+    __m256 t[8];
+    for (int l = 0; l < 8; ++l) t[l] = _mm256_loadu_ps(w.dt_w + (e0 + l) * w.R + r0);
+    transpose8x8_ps(t);
+    for (int j = 0; j < 8; ++j) a[j % 4] = at::vec::fmadd(Vec(dt[r0 + j]), Vec(t[j]), a[j % 4]);
+  }
+  pre = (a[0] + a[1]) + (a[2] + a[3]);
+  return true;
+}
+#endif
+
 // delta [W] of channels e0 .. e0 + ne: softplus(dt_w[e] . dt + dt_bias[e]), with the step's softplus
 template <typename scalar_t>
 inline void mamba_delta_chunk(const MambaWeights<scalar_t>& w, const scalar_t* dt, int64_t e0, int64_t ne,
                               scalar_t* delta) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t W = Vec::size();
-  Vec acc[W];
-  for (int64_t l = 0; l < W; ++l) {
-    acc[l] = Vec(0);
-    if (l >= ne) continue;
-    const scalar_t* we = w.dt_w + (e0 + l) * w.R;
-    for (int64_t r = 0; r < w.R; r += W) {
-      const int64_t cnt = std::min(W, w.R - r);
-      acc[l] = at::vec::fmadd(hybridssm::load(we + r, cnt), hybridssm::load(dt + r, cnt), acc[l]);
+  Vec pre;
+  if (w.dt_panels != nullptr) {
+    // four accumulators over the R broadcast dt values: four FMA chains instead of one
+    const scalar_t* p = w.dt_panels + e0 * w.R;  // e0 is a multiple of W
+    Vec a0 = hybridssm::load(w.dt_bias + e0, ne), a1(0), a2(0), a3(0);
+    int64_t r = 0;
+    for (; r + 4 <= w.R; r += 4) {
+      a0 = at::vec::fmadd(Vec(dt[r]), Vec::loadu(p + r * W), a0);
+      a1 = at::vec::fmadd(Vec(dt[r + 1]), Vec::loadu(p + (r + 1) * W), a1);
+      a2 = at::vec::fmadd(Vec(dt[r + 2]), Vec::loadu(p + (r + 2) * W), a2);
+      a3 = at::vec::fmadd(Vec(dt[r + 3]), Vec::loadu(p + (r + 3) * W), a3);
     }
+    for (; r < w.R; ++r) a0 = at::vec::fmadd(Vec(dt[r]), Vec::loadu(p + r * W), a0);
+    pre = (a0 + a1) + (a2 + a3);
+  } else if (mamba_delta_transposed(w, dt, e0, ne, pre)) {
+  } else {
+    // the same sums in the same order, one channel at a time (lane 0 of the vectors): bit for bit
+    // the panels' result, so that a row's values do not depend on the batch it steps in
+    alignas(64) scalar_t sums[W] = {}, lane[W];
+    for (int64_t l = 0; l < ne; ++l) {
+      const scalar_t* we = w.dt_w + (e0 + l) * w.R;
+      Vec a0(w.dt_bias[e0 + l]), a1(0), a2(0), a3(0);
+      int64_t r = 0;
+      for (; r + 4 <= w.R; r += 4) {
+        a0 = at::vec::fmadd(Vec(dt[r]), Vec(we[r]), a0);
+        a1 = at::vec::fmadd(Vec(dt[r + 1]), Vec(we[r + 1]), a1);
+        a2 = at::vec::fmadd(Vec(dt[r + 2]), Vec(we[r + 2]), a2);
+        a3 = at::vec::fmadd(Vec(dt[r + 3]), Vec(we[r + 3]), a3);
+      }
+      for (; r < w.R; ++r) a0 = at::vec::fmadd(Vec(dt[r]), Vec(we[r]), a0);
+      ((a0 + a1) + (a2 + a3)).store(lane);
+      sums[l] = lane[0];
+    }
+    pre = Vec::loadu(sums);
   }
-  hybridssm::store(mamba_softplus(hsum_lanes(acc) + hybridssm::load(w.dt_bias + e0, ne)), delta, W);
+  hybridssm::store(mamba_softplus(pre), delta, W);
 }
 
 // One channel's state update (NV vectors of state, NV > 0: Bv, Cv preloaded); returns the vector
@@ -114,18 +202,16 @@ inline Vectorized<scalar_t> mamba_channel_any(const scalar_t* Ae, scalar_t* h, c
   return acc;
 }
 
-// Channels e0 .. e0 + ne of one row (ne = W unless kPartial): delta, the state update, the output.
-// NV = N / W for the unrolled widths, 0 for any N.
+// Channels e0 .. e0 + ne of one row (ne = W unless kPartial): the state update with the row's delta
+// [W] at delta; the W sums Cn . h_new to sums [W]. NV = N / W for the unrolled widths, 0 for any N.
 template <typename scalar_t, int NV, bool kPartial>
-inline void mamba_chunk(const MambaRow<scalar_t>& row, const MambaWeights<scalar_t>& w, const scalar_t* Bn,
-                        const scalar_t* Cn, const Vectorized<scalar_t>* Bv, const Vectorized<scalar_t>* Cv,
-                        int64_t e0, int64_t ne) {
+inline void mamba_state_chunk(const MambaRow<scalar_t>& row, const MambaWeights<scalar_t>& w, const scalar_t* Bn,
+                              const scalar_t* Cn, const Vectorized<scalar_t>* Bv, const Vectorized<scalar_t>* Cv,
+                              int64_t e0, int64_t ne, const scalar_t* delta, scalar_t* sums) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t W = Vec::size();
   const int64_t N = w.N;
   const int64_t count = kPartial ? ne : W;
-  alignas(64) scalar_t delta[W];
-  mamba_delta_chunk(w, row.dbc, e0, count, delta);
   Vec acc[W];
   for (int64_t l = 0; l < W; ++l) {
     if (kPartial && l >= count) {
@@ -141,22 +227,42 @@ inline void mamba_chunk(const MambaRow<scalar_t>& row, const MambaWeights<scalar
     acc[l] = NV > 0 ? mamba_channel<scalar_t, NV>(w.A + e * N, h, Bv, Cv, delta[l], row.u[e])
                     : mamba_channel_any<scalar_t>(w.A + e * N, h, Bn, Cn, delta[l], row.u[e], N);
   }
-  const Vec out = (hsum_lanes(acc) + hybridssm::load(w.D + e0, count) * hybridssm::load(row.u + e0, count)) *
-                  silu(hybridssm::load(row.z + e0, count));
-  hybridssm::store(out, row.y + e0, count);
+  hsum_lanes(acc).store(sums);
 }
 
+// Scratch floats a row needs (mamba_update_row): delta and the sums Cn . h, E each rounded up to W.
+template <typename scalar_t>
+inline int64_t mamba_row_scratch(int64_t E) {
+  constexpr int64_t W = Vectorized<scalar_t>::size();
+  return 2 * ((E + W - 1) / W * W);
+}
+
+// One row in three passes over its channels: delta, the state update, the gated output. Each pass's
+// chunks are independent of one another, so that the out-of-order core overlaps them; in one pass
+// per chunk, each chunk's delta (a dot product, a softplus: a long dependent chain) waited on the
+// previous chunk's state update and held up the next (with the panels, three passes take 0.7 of the
+// one pass's time a row at B = 64, 0.85 at B = 1).
 template <typename scalar_t, int NV>
-void mamba_update_row(const MambaRow<scalar_t>& row, const MambaWeights<scalar_t>& w) {
+void mamba_update_row(const MambaRow<scalar_t>& row, const MambaWeights<scalar_t>& w, scalar_t* scratch) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t W = Vec::size();
+  const int64_t E = w.E, tail = E % W, full = E - tail;
+  scalar_t* delta = scratch;
+  scalar_t* sums = scratch + mamba_row_scratch<scalar_t>(E) / 2;
+  for (int64_t e0 = 0; e0 < E; e0 += W) mamba_delta_chunk(w, row.dbc, e0, std::min(W, E - e0), delta + e0);
   const scalar_t* Bn = row.dbc + w.R;
   const scalar_t* Cn = Bn + w.N;
   Vec Bv[NV > 0 ? NV : 1], Cv[NV > 0 ? NV : 1];
   for (int j = 0; j < NV; ++j) Bv[j] = Vec::loadu(Bn + j * W), Cv[j] = Vec::loadu(Cn + j * W);
-  int64_t e0 = 0;
-  for (; e0 + W <= w.E; e0 += W) mamba_chunk<scalar_t, NV, false>(row, w, Bn, Cn, Bv, Cv, e0, W);
-  if (e0 < w.E) mamba_chunk<scalar_t, NV, true>(row, w, Bn, Cn, Bv, Cv, e0, w.E - e0);
+  for (int64_t e0 = 0; e0 < full; e0 += W) {
+    mamba_state_chunk<scalar_t, NV, false>(row, w, Bn, Cn, Bv, Cv, e0, W, delta + e0, sums + e0);
+  }
+  if (tail > 0) mamba_state_chunk<scalar_t, NV, true>(row, w, Bn, Cn, Bv, Cv, full, tail, delta + full, sums + full);
+  vec_chunks<scalar_t>(E, [&](int64_t e0, int64_t cnt) {
+    const Vec du = hybridssm::load(w.D + e0, cnt) * hybridssm::load(row.u + e0, cnt);
+    const Vec out = (hybridssm::load(sums + e0, cnt) + du) * silu(hybridssm::load(row.z + e0, cnt));
+    hybridssm::store(out, row.y + e0, cnt);
+  });
 }
 
 // Every row of the batch: xz [B, 2E] (z its second half), u [B, E], dbc [B, R + 2N], states [B, E, N],
@@ -172,12 +278,13 @@ void mamba_update_rows(const scalar_t* xz, const scalar_t* u, const scalar_t* db
   const int64_t lines = (w.next_w_bytes + 63) / 64;
   const int64_t warm_rows = Bsz >= 16 && w.next_w != nullptr ? std::min(Bsz, (lines + E - 1) / E) : 0;
   at::parallel_for(0, Bsz, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> scratch(mamba_row_scratch<scalar_t>(E));
     for (int64_t b = begin; b < end; ++b) {
       const int64_t k = b - (Bsz - warm_rows);
       const char* warm = k >= 0 ? static_cast<const char*>(w.next_w) + k * E * 64 : nullptr;
       const MambaRow<scalar_t> row{xz + b * 2 * E + E, u + b * E, dbc + b * (R + 2 * N), ssm_state + b * E * N,
                                    y + b * E, warm};
-      row_fn(row, w);
+      row_fn(row, w, scratch.data());
     }
   });
 }
