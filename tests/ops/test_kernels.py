@@ -234,3 +234,15 @@ def test_misspelt_backend_variable_warns_at_import():
     assert "UserWarning" in before and message in before and "every op will raise" in before
     assert run.stdout == "imported\n" and run.returncode != 0
     assert f"ValueError: {message}" in after
+
+
+def test_the_fused_status_is_marked_constant_as_torch_compiler_marks_it():
+    # the mark is set by hand so that `import hybridssm` loads no compiler stack; it must stay what
+    # torch.compiler.assume_constant_result sets, or compiled steps recompile at frame 2 again
+    def probe():
+        return None
+
+    before = set(vars(probe))
+    torch.compiler.assume_constant_result(probe)
+    assert set(vars(probe)) - before == {_kernels._CONSTANT_MARK}
+    assert getattr(_kernels._fused_status, _kernels._CONSTANT_MARK) is True

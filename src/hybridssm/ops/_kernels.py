@@ -141,12 +141,17 @@ def _fused_ok(entry: _Op, device_type: str) -> tuple[bool, str]:
     return entry.fused_status[device_type]
 
 
-@torch._dynamo.assume_constant_result
 def _fused_status(op: str, device_type: str) -> tuple[bool, str]:
     """:func:`_fused_ok` by name, a constant to a compiled caller: ``torch.compile`` runs it while
     tracing and guards on nothing, so the status it caches on the first call does not make a
     compiled step recompile on its second frame (the status never changes once known)."""
     return _fused_ok(_OPS[op], device_type)
+
+
+# What torch.compiler.assume_constant_result(fn) does, without importing the compiler stack at
+# `import hybridssm` (test_import.py; tests/ops/test_kernels.py checks that torch's marker is this).
+_CONSTANT_MARK = "_dynamo_marked_constant"
+setattr(_fused_status, _CONSTANT_MARK, True)
 
 
 # Non-empty once the process has warned about a failed build: one warning in all, not one per op.
