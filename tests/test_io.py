@@ -103,6 +103,42 @@ def test_atomic_write_failure_keeps_the_old_file_and_no_temporary(tmp_path):
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
 
 
+
+def test_ctrl_c_during_a_torch_save_waits_for_the_file_then_interrupts(tmp_path):
+    # SIGINT in the middle of torch.save's writes: without the hold-back the zip writer turns the
+    # KeyboardInterrupt into "unexpected pos" and the file is lost; with it the file is complete
+    # and the KeyboardInterrupt comes after.
+    import signal
+
+    target = tmp_path / "ckpt.pt"
+    payload = {f"w{i}": torch.full((1000,), float(i)) for i in range(8)}
+
+    class Interrupting:
+        def __init__(self, fh):
+            self.fh, self.writes = fh, 0
+
+        def write(self, data):
+            self.writes += 1
+            if self.writes == 3:
+                os.kill(os.getpid(), signal.SIGINT)  # delivered between bytecodes, mid-save
+            return self.fh.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            torch.save(payload, Interrupting(fh))
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt):
+        io.atomic_write(target, write)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    got = torch.load(target, weights_only=True)
+    assert got.keys() == payload.keys() and all(torch.equal(got[k], payload[k]) for k in payload)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
 # -- load: eval mode --------------------------------------------------------------------------------
 def test_loading_a_run_directory_points_to_its_model(tmp_path):
     """`hs.load("runs/x")` (the --out directory) said only that config.json is missing."""

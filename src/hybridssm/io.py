@@ -17,11 +17,14 @@ Every file the library writes (models, training checkpoints, metrics) goes throu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import secrets
+import signal
 import stat
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -71,21 +74,44 @@ def atomic_write(target: str | os.PathLike, write: Callable[[Path], Any]) -> Pat
     The file gets the mode the process's umask gives a new file (``0o666 & ~umask``), as
     ``open(target, "w")`` would. On any error the temporary file is removed and the error raised;
     a process killed mid-write leaves ``.<name>.<random>.tmp`` (:data:`TEMP_SUFFIX`) behind.
+    A Ctrl-C (SIGINT, in the main thread, under Python's own handler) during the write waits for
+    the file to be complete and then raises ``KeyboardInterrupt``: interrupted inside
+    ``torch.save``, the zip writer would turn it into a write error and lose the file.
     """
     target = Path(target)
-    tmp = _create_temp(target)
-    mode = stat.S_IMODE(tmp.stat().st_mode)  # the umask's mode, applied by the kernel
-    try:
-        write(tmp)
-        if stat.S_IMODE(tmp.stat().st_mode) != mode:  # a writer that replaced the file
-            os.chmod(tmp, mode)
-        _fsync_path(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(target.parent)
+    with _interrupt_after():
+        tmp = _create_temp(target)
+        mode = stat.S_IMODE(tmp.stat().st_mode)  # the umask's mode, applied by the kernel
+        try:
+            write(tmp)
+            if stat.S_IMODE(tmp.stat().st_mode) != mode:  # a writer that replaced the file
+                os.chmod(tmp, mode)
+            _fsync_path(tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(target.parent)
     return target
+
+
+@contextlib.contextmanager
+def _interrupt_after():
+    """Hold back SIGINT until the block ends, then raise ``KeyboardInterrupt`` (also when the
+    block raised: the user asked to stop). Only where Python's default handler is installed and in
+    the main thread (the only one that may set handlers); elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    caught: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if caught:
+            raise KeyboardInterrupt
 
 
 def _create_temp(target: Path) -> Path:
