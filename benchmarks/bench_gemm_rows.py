@@ -78,7 +78,8 @@ def measure(I: int, O: int, B: int, calls: int, cold_bytes: float, seed: int = 0
 
 def row(I: int, O: int, B: int, r: dict[str, float]) -> list[str]:
     """One table row: the four rates (GFLOP/s) and ours over MKL, hot and cold."""
-    return [f"{I}x{O}", str(B), f"{r['hot_ours']:.1f}", f"{r['hot_mkl']:.1f}", f"{r['hot_ours'] / r['hot_mkl']:.2f}x",
+    return [f"{I}x{O}", str(B), f"{r['hot_ours']:.1f}", f"{r['hot_mkl']:.1f}",
+            f"{r['hot_ours'] / r['hot_mkl']:.2f}x",
             f"{r['cold_ours']:.1f}", f"{r['cold_mkl']:.1f}", f"{r['cold_ours'] / r['cold_mkl']:.2f}x"]
 
 
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", default="16,64,256", help="rows of x (streams), comma-separated")
     p.add_argument("--shapes", default=None, help="IxO,... (default: the models' projections)")
     p.add_argument("--calls", type=int, default=200, help="timed calls per case (median kept)")
-    p.add_argument("--cold-mb", type=float, default=64.0, help="MB of weight copies the cold case cycles through")
+    p.add_argument("--cold-mb", type=float, default=64.0,
+                   help="MB of weight copies the cold case cycles through")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -99,13 +101,15 @@ def main(argv: list[str] | None = None) -> None:
     calls, cold = (5, 1e5) if args.quick else (args.calls, args.cold_mb * 1e6)
     with torch.inference_mode():
         gemm = machine_rates(seconds=0.05 if args.quick else 0.5)["gemm_gflops"]
-        print(f"GEMM 512^3: {gemm:.1f} GFLOP/s ({args.threads} thread(s)); rates in GFLOP/s, ratio = ours / MKL")
+        print(f"GEMM 512^3: {gemm:.1f} GFLOP/s ({args.threads} thread(s)); "
+              "rates in GFLOP/s, ratio = ours / MKL")
         print("| " + " | ".join(HEAD) + " |")
         print("|" + "---|" * len(HEAD))
         for I, O in shapes:
             for B in batches:
                 print("| " + " | ".join(row(I, O, B, measure(I, O, B, calls, cold))) + " |", flush=True)
-    cmd = " ".join(["PYTHONPATH=src python benchmarks/bench_gemm_rows.py", *(argv if argv is not None else sys.argv[1:])])
+    args_given = argv if argv is not None else sys.argv[1:]
+    cmd = " ".join(["PYTHONPATH=src python benchmarks/bench_gemm_rows.py", *args_given])
     print(f"\n`{cmd.strip()}`")
 
 

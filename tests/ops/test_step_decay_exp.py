@@ -10,7 +10,8 @@ import torch
 
 from hybridssm.ops.step import fused_step_available, step_extension
 
-pytestmark = pytest.mark.skipif(not fused_step_available(), reason="the fused step kernels are not built here")
+pytestmark = pytest.mark.skipif(not fused_step_available(),
+                                reason="the fused step kernels are not built here")
 
 FLUSH = 2.0 ** -125  # below this the decay is flushed to 0 (the header)
 
@@ -67,11 +68,13 @@ def test_decay_special_values():
     # every length (the vector's partial tail) gives the same values as the whole
     full = step_extension().mamba_decay_f32(delta, A)
     for n in range(1, len(delta)):
-        assert torch.equal(step_extension().mamba_decay_f32(delta[:n], A[:n]).nan_to_num(-1), full[:n].nan_to_num(-1))
+        part = step_extension().mamba_decay_f32(delta[:n], A[:n])
+        assert torch.equal(part.nan_to_num(-1), full[:n].nan_to_num(-1))
 
 
 def test_decay_rejects_other_dtypes_and_shapes():
     with pytest.raises(RuntimeError, match="float32"):
-        step_extension().mamba_decay_f32(torch.ones(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64))
+        ones = torch.ones(4, dtype=torch.float64)
+        step_extension().mamba_decay_f32(ones, ones)
     with pytest.raises(RuntimeError, match="one shape"):
         step_extension().mamba_decay_f32(torch.ones(4), torch.ones(5))

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from hybridssm.ops.step import fused_step_available, step_extension
 
-pytestmark = pytest.mark.skipif(not fused_step_available(), reason="the fused step kernels are not built here")
+pytestmark = pytest.mark.skipif(not fused_step_available(),
+                                reason="the fused step kernels are not built here")
 
 TINY = torch.finfo(torch.float32).tiny
 DENORM_MIN = 2.0 ** -149

@@ -180,7 +180,6 @@ def _requested(device_type: str) -> tuple[str, str] | None:
 
 def resolve(op: str, device_type: str = "cpu") -> tuple[str, str]:
     """The backend ``op`` would use on ``device_type`` now, and why (builds a fused kernel if needed)."""
-    entry = _OPS[op]
     fixed = _requested(device_type)
     if fixed is not None:
         return fixed
