@@ -147,6 +147,13 @@ def tiny_cases() -> list[Case]:
     return [c for c in all_cases() if c.tiny]
 
 
+def every_state_kind_case() -> Case:
+    """The tiny case that holds every kind of streaming state, for the tests too slow to run on
+    every model by default: Hymba with ``global_layers=(0,)`` (layer 0 attends to the whole stream,
+    layer 1 within a window, each beside a Mamba mixer, after meta tokens)."""
+    return next(c for c in tiny_cases() if c.name == "hymba" and c.options().get("global_layers") == (0,))
+
+
 @functools.cache
 def cached_model(case: Case) -> torch.nn.Module:
     """One eval-mode model per case, shared by the read-only tests."""

@@ -21,7 +21,7 @@ from torch.export import Dim
 from torch.utils import _pytree as pytree
 
 import hybridssm as hs
-from conformance_cases import CHUNK, Case, tiny_cases
+from conformance_cases import CHUNK, Case, every_state_kind_case, tiny_cases
 from helpers import assert_close
 from hybridssm.export import forward_program, init_leaves_path, step_program
 from hybridssm.ops import _time as ops_time
@@ -47,12 +47,6 @@ def _tiny_case(name: str) -> Case:
     """The conformance suite's tiny case of ``name`` (``hybrid``: the Mamba backbone)."""
     want = "hybrid[tiny,backbone=mamba]" if name == "hybrid" else f"{name}[tiny]"
     return next(c for c in tiny_cases() if c.id == want)
-
-
-def _every_state_kind() -> Case:
-    """The conformance suite's tiny Hymba with ``global_layers=(0,)``: layer 0 attends to the whole
-    stream, layer 1 within a window, both beside a Mamba mixer, after meta tokens."""
-    return next(c for c in tiny_cases() if c.name == "hymba" and c.options().get("global_layers") == (0,))
 
 
 def _stream(model, frames, dones):
@@ -107,7 +101,7 @@ def _check_package(case: Case, tmp_path: Path) -> None:
 
 
 def test_step_package_runs_without_hybridssm(tmp_path):
-    _check_package(_every_state_kind(), tmp_path)
+    _check_package(every_state_kind_case(), tmp_path)
 
 
 @pytest.mark.slow

@@ -8,14 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conformance_cases import Case, tiny_cases
+from conformance_cases import Case, every_state_kind_case, tiny_cases
 from helpers import assert_close, assert_tree_close
 
 CASES = [c for c in tiny_cases() if not c.variant]
-# One model that holds every kind of state runs by default: Hymba with a full-attention and a
-# sliding-window layer beside Mamba, after meta tokens (so a reset re-runs the meta tokens).
-DEFAULT = next(c for c in tiny_cases() if c.name == "hymba" and c.options().get("global_layers") == (0,))
-PARAMS = [DEFAULT] + [pytest.param(c, marks=pytest.mark.slow) for c in CASES]
+# One model that holds every kind of state runs by default (a reset there re-runs meta tokens).
+PARAMS = [every_state_kind_case()] + [pytest.param(c, marks=pytest.mark.slow) for c in CASES]
 
 
 @pytest.mark.parametrize("case", PARAMS, ids=lambda c: c.id)
