@@ -16,7 +16,8 @@ The models and options are ``bench_models.py``'s step table (the seeds' defaults
 * window ms: re-running the 60-frame window, ``model(x)`` (the seeds' alternative to a state);
   window / step.
 * frames/s at B = 16, 64, 256 streams (a random 1/60 of rows reset each step, as episodes end),
-  with its fraction of the GEMM ceiling (matmul FLOPs per frame x frames/s / the measured GEMM rate).
+  with its fraction of the GEMM ceiling (matmul FLOPs per frame x frames/s / the 512^3 GEMM rate
+  measured between the streams' steps at that B, as they are timed: the header gives each).
 
 A second table sets the streams against the machine (:mod:`hybridssm.bench.steps`): "of machine",
 the ideal time (matmul FLOPs / GEMM rate + transcendental elements / exp rate in cache + the bytes of
@@ -164,7 +165,10 @@ def main(argv: list[str] | None = None) -> str:
         "interleaved rounds) from a state that has seen 60 frames. Bar: (parameter bytes + attended "
         "attention cache bytes) / read rate. Window: re-running the 60-frame window, model(x), median. "
         "Streams: step(x, state, reset=done, inplace=True) with a random 1/60 of rows reset per step; "
-        "(of GEMM) = matmul FLOPs per frame x frames/s / GEMM rate.",
+        "(of GEMM) = matmul FLOPs per frame x frames/s / the 512^3 GEMM rate measured between the "
+        "streams' steps (one GEMM call per turn, median, like the steps)"
+        + (": " + ", ".join(f"B={b} {rows[0][f'gemm_gflops_{b}']:.1f}" for b in batches) + " GFLOP/s."
+           if batches and rows else "."),
         "",
         "",
     ]
@@ -172,7 +176,7 @@ def main(argv: list[str] | None = None) -> str:
     if batches:
         text += "\n".join([
             "", "", "## Streams against the machine", "",
-            "Of machine: ideal time / measured time; ideal = matmul FLOPs / GEMM rate + transcendental "
+            "Of machine: ideal time / measured time; ideal = matmul FLOPs / that GEMM rate + transcendental "
             "elements (exp, sigmoid, silu, tanh, softmax, ... in exps; softplus 2) / exp rate in cache + "
             "bytes moved (recurrent states read and written once, attended attention cache read once; "
             "weights, amortised over the batch, left out) / read rate (the memory's: states that fit in "

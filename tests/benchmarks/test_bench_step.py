@@ -96,9 +96,11 @@ def test_bench_steps_rows_and_ratios():
         assert r["window_step"] == pytest.approx(r["window_ms"] / r["step_ms"])
         for b in QUICK.batches:
             assert r[f"flops_{b}"] > 0 and r[f"fps_{b}"] > 0
-            assert r[f"gemm_{b}"] == pytest.approx(r[f"flops_{b}"] * r[f"fps_{b}"] / 11e9)
+            gemm = r[f"gemm_gflops_{b}"] * 1e9  # measured between the streams' steps, the same for every row
+            assert gemm > 0 and all(other[f"gemm_gflops_{b}"] * 1e9 == gemm for other in rows)
+            assert r[f"gemm_{b}"] == pytest.approx(r[f"flops_{b}"] * r[f"fps_{b}"] / gemm)
             assert r[f"trans_{b}"] > 0 and r[f"bytes_{b}"] > 0 and r[f"own_gflops_{b}"] > 0
-            parts = r[f"flops_{b}"] / 11e9, r[f"trans_{b}"] / 3e9, r[f"bytes_{b}"] / 7e9
+            parts = r[f"flops_{b}"] / gemm, r[f"trans_{b}"] / 3e9, r[f"bytes_{b}"] / 7e9
             assert [r[f"ideal_{k}_s_{b}"] for k in ("gemm", "exp", "mem")] == pytest.approx(parts)
             assert r[f"machine_{b}"] == pytest.approx(sum(parts) * r[f"fps_{b}"])
             own = r[f"flops_{b}"] * r[f"fps_{b}"] / (r[f"own_gflops_{b}"] * 1e9)
@@ -134,8 +136,34 @@ def test_stream_ceilings_follow_the_rates_and_the_products_rate(monkeypatch):
     (r,) = bench_steps({"mamba": _model("mamba")}, rates, plan)
     fps = r["fps_4"]
     assert r["own_gflops_4"] == 5.0 and r["own_4"] == pytest.approx(r["flops_4"] * fps / 5e9)
-    ideal = r["flops_4"] / 4e9 + r["trans_4"] / 0.5e9 + r["bytes_4"] / 2e9
+    ideal = r["flops_4"] / (r["gemm_gflops_4"] * 1e9) + r["trans_4"] / 0.5e9 + r["bytes_4"] / 2e9
     assert r["machine_4"] == pytest.approx(ideal * fps) and r["machine_4"] > r["gemm_4"]
+
+
+def test_gemm_ceiling_is_timed_between_the_streams_steps(monkeypatch):
+    """The GEMM rate of a batch's fractions is the ``gemm_size``^3 product timed in the same
+    interleaved loop as the models' steps at that batch (not the rate measured once before the rows,
+    which the machine's load can move by a third within minutes)."""
+    real = steps_module.time_interleaved
+    seen = []
+
+    def timed(fns, settings, device):
+        times = real(fns, settings, device)
+        if steps_module._GEMM in fns:  # the streams' loop: the GEMM call among the models' steps
+            seen.append(sorted(k for k in fns if k is not steps_module._GEMM))
+            times[steps_module._GEMM] = 2 * 64**3 / (len(seen) * 1e9)  # 1, then 2 GFLOP/s
+        return times
+
+    monkeypatch.setattr(steps_module, "time_interleaved", timed)
+    plan = StepBench(steps=2, rounds=1, warmup=1, window=False, batches=(2, 3), settings=QUICK.settings,
+                     gemm_seconds=0.001, gemm_size=64)
+    rows = bench_steps({"a": _model("mamba"), "b": _model("mamba2")}, {"read_gbs": 1.0, "gemm_gflops": 99.0,
+                                                                       "exp_gelems": 1.0}, plan)
+    assert seen == [["a", "b"], ["a", "b"]]  # one loop per batch, both models in it
+    for r in rows:
+        assert (r["gemm_gflops_2"], r["gemm_gflops_3"]) == pytest.approx((1.0, 2.0))
+        assert r["gemm_3"] == pytest.approx(r["flops_3"] * r["fps_3"] / 2e9)
+        assert r["ideal_gemm_s_2"] == pytest.approx(r["flops_2"] / 1e9)
 
 
 def test_stream_flops_are_the_step_products():
@@ -174,6 +202,8 @@ def test_quick_run_writes_table_and_json(script, tmp_path):
         torch.set_num_threads(threads)
     assert out.read_text().strip() == text.strip()
     assert "threads 1" in text and "single-thread read" in text and "exp rate in cache" in text
+    rate = json.loads(raw.read_text())["rows"][0]["gemm_gflops_2"]  # the fractions' denominator
+    assert rate > 0 and f"(one GEMM call per turn, median, like the steps): B=2 {rate:.1f} GFLOP/s." in text
     assert "| model | of machine B=2 | own-shape GEMM B=2 GFLOP/s (of it) |" in text
     record = json.loads(raw.read_text())
     assert [r["model"] for r in record["rows"]] == ["mamba", "hybrid[gru]"]

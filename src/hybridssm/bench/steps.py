@@ -2,7 +2,10 @@
 (DESIGN §5: reading each weight once), against re-running the window, and many streams at once
 against the ceilings the rates measured in the run imply:
 
-* of GEMM: the step's matmul FLOPs over the 512^3 GEMM rate;
+* of GEMM: the step's matmul FLOPs over the 512^3 GEMM rate, measured interleaved with the streams
+  (one GEMM call between the models' steps, the same median protocol): on a shared machine the rate
+  moves by a third within minutes, and a rate measured once before the rows would move every
+  fraction with it;
 * of machine: the ideal time, matmul FLOPs over the GEMM rate + transcendental elements over the
   ``exp`` rate in cache (:data:`~hybridssm.bench.work.TRANSCENDENTALS` says which ops count and how
   many exps each costs) + the bytes a step must move beyond the caches over the read rate: each
@@ -43,6 +46,7 @@ __all__ = ["STREAM_BATCHES", "WINDOW", "StepBench", "attended_cache_bytes", "ben
 
 WINDOW = 60  # the seeds' real-time window (frames)
 STREAM_BATCHES = (16, 64, 256)
+_GEMM = object()  # the GEMM ceiling's entry among the streams' timed functions (no label can equal it)
 
 
 def _state_nodes(state: Any) -> tuple[list[Any], list[Tensor]]:
@@ -100,7 +104,8 @@ class StepBench:
     span stays near ``WINDOW``); the window and stream timings follow ``settings`` (2 warm-ups,
     then until ``max_time`` s or ``max_iters``, medians, models interleaved); ``gemm_seconds`` per
     distinct matrix product of the streams' steps, timed alone for the own-shape GEMM rate (a shape
-    that several models or batches share is timed once)."""
+    that several models or batches share is timed once); ``gemm_size`` the square fp32 GEMM timed
+    between the streams' steps for the GEMM ceiling (512: the rate :func:`machine_rates` reports)."""
 
     steps: int = 1000
     rounds: int = 5
@@ -109,6 +114,7 @@ class StepBench:
     batches: tuple[int, ...] = STREAM_BATCHES
     settings: BenchSettings = field(default_factory=BenchSettings)
     gemm_seconds: float = 0.1
+    gemm_size: int = 512
 
 
 def _latencies(models: Mapping[str, nn.Module], plan: StepBench) -> dict[str, dict[str, float]]:
@@ -136,11 +142,13 @@ def _latencies(models: Mapping[str, nn.Module], plan: StepBench) -> dict[str, di
 
 
 def _streams(models: Mapping[str, nn.Module], batch: int, plan: StepBench,
-             products: dict[Any, tuple[float, float]]) -> dict[str, dict[str, float | None]]:
+             products: dict[Any, tuple[float, float]]) -> tuple[dict[str, dict[str, float | None]], float]:
     """Frames/s of ``step(x, state, reset=done, inplace=True)`` at ``batch`` streams, a random
     1/``WINDOW`` of rows ending their episode each step; per frame, the matmul FLOPs, transcendental
     elements and bytes moved (the mean of before and after the timed steps); and the GEMM rate of
-    the step's own products (``products``: the shapes timed so far in this run)."""
+    the step's own products (``products``: the shapes timed so far in this run). Also the GEMM
+    ceiling's rate (GFLOP/s): ``plan.gemm_size``^3 products timed between the models' steps, one
+    call each turn, median, as the steps are."""
     s = plan.settings
     cap = WINDOW + s.warmup + s.max_iters + 1  # the most steps a row can take here
     fns, states, out = {}, {}, {}
@@ -156,12 +164,16 @@ def _streams(models: Mapping[str, nn.Module], batch: int, plan: StepBench,
         out[label] = {"flops_per_frame": work.flops / batch, "trans_per_frame": work.transcendentals / batch,
                       "bytes_per_frame": stream_bytes(state) / batch, "products": work.products}
     device = next(iter(models.values())).final_norm.weight.device
+    n = plan.gemm_size
+    a, c = torch.randn(n, n, device=device), torch.empty(n, n, device=device)
+    fns[_GEMM] = lambda: torch.mm(a, a, out=c)
     times = time_interleaved(fns, s, device)
+    gemm_gflops = 2 * n**3 / times.pop(_GEMM) / 1e9
     for label, st in out.items():
         st["fps"] = batch / times[label]
         st["bytes_per_frame"] = (st["bytes_per_frame"] + stream_bytes(states[label]) / batch) / 2
         st["own_gflops"] = products_rate(st.pop("products"), plan.gemm_seconds, device, products)
-    return out
+    return out, gemm_gflops
 
 
 @torch.inference_mode()
@@ -170,11 +182,13 @@ def bench_steps(models: Mapping[str, nn.Module], rates: Mapping[str, float],
     """One row per model (``label -> model``, in eval mode): batch-1 step ms beside its bar
     (parameter bytes + attended cache bytes over ``rates["read_gbs"]``), re-running the
     ``WINDOW``-frame window, and frames/s of many streams with their fraction of the GEMM ceiling
-    (matmul FLOPs per frame x frames/s over ``rates["gemm_gflops"]``), of the machine's (the ideal
-    time over the measured one; its parts ``ideal_gemm_s_B``, ``ideal_exp_s_B``, ``ideal_mem_s_B``
-    per frame, from ``rates``' GEMM, ``exp`` and read rates) and of the own-shape GEMM rate
-    (``own_gflops_B``; see the module docstring). Every ratio is computed from the measured values
-    in the row."""
+    (matmul FLOPs per frame x frames/s over ``gemm_gflops_B``, the GEMM rate measured between the
+    streams' steps at that batch), of the machine's (the ideal time over the measured one; its parts
+    ``ideal_gemm_s_B``, ``ideal_exp_s_B``, ``ideal_mem_s_B`` per frame, from ``gemm_gflops_B`` and
+    ``rates``' ``exp`` and read rates) and of the own-shape GEMM rate (``own_gflops_B``; see the
+    module docstring). ``rates["gemm_gflops"]`` (measured once, before) is not used: the header of a
+    table states it beside the interleaved ones. Every ratio is computed from the measured values in
+    the row."""
     plan = plan or StepBench()
     lat = _latencies(models, plan)
     windows: dict[str, float] = {}
@@ -184,7 +198,9 @@ def bench_steps(models: Mapping[str, nn.Module], rates: Mapping[str, float],
         windows = time_interleaved({k: (lambda m=m, x=xs[k]: m(x)) for k, m in models.items()},
                                    plan.settings, next(iter(xs.values())).device)
     products: dict[Any, tuple[float, float]] = {}  # a shape shared by models or batches is timed once
-    streams = {b: _streams(models, b, plan, products) for b in plan.batches}
+    streams, gemm = {}, {}
+    for b in plan.batches:
+        streams[b], gemm[b] = _streams(models, b, plan, products)
     rows = []
     for label, model in models.items():
         weights = param_bytes(model)
@@ -200,10 +216,11 @@ def bench_steps(models: Mapping[str, nn.Module], rates: Mapping[str, float],
             st = streams[b][label]
             row[f"fps_{b}"] = st["fps"]
             row[f"flops_{b}"] = st["flops_per_frame"]
-            row[f"gemm_{b}"] = st["flops_per_frame"] * st["fps"] / (rates["gemm_gflops"] * 1e9)
+            row[f"gemm_gflops_{b}"] = gemm[b]
+            row[f"gemm_{b}"] = st["flops_per_frame"] * st["fps"] / (gemm[b] * 1e9)
             row[f"trans_{b}"] = st["trans_per_frame"]
             row[f"bytes_{b}"] = st["bytes_per_frame"]
-            parts = {"gemm": st["flops_per_frame"] / (rates["gemm_gflops"] * 1e9),
+            parts = {"gemm": st["flops_per_frame"] / (gemm[b] * 1e9),
                      "exp": st["trans_per_frame"] / (rates["exp_gelems"] * 1e9),
                      "mem": st["bytes_per_frame"] / (rates["read_gbs"] * 1e9)}
             row.update({f"ideal_{k}_s_{b}": v for k, v in parts.items()})
