@@ -67,13 +67,15 @@ int64_t fill_rows(const std::vector<at::Tensor>& dst, const std::vector<at::Tens
 }
 
 // The steps' projection x [B, I] @ W [O, I]^T (+ bias) exactly as the kernels compute it
-// (common.h's linear_small), for its tests and benchmarks/bench_gemm_rows.py. An empty bias is none.
-at::Tensor linear(const at::Tensor& x, const at::Tensor& W, const at::Tensor& bias) {
+// (common.h's linear_small), for its tests and benchmarks/bench_gemm_rows.py. An empty bias is none;
+// streamed: as inside a plan whose weights are read from memory (common.h's weights_streamed).
+at::Tensor linear(const at::Tensor& x, const at::Tensor& W, const at::Tensor& bias, bool streamed) {
   TORCH_CHECK(x.dim() == 2 && x.is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
               "linear: x must be a float or double CPU tensor [B, I], got ", x.scalar_type(), " ", x.sizes());
   TORCH_CHECK(W.dim() == 2 && W.size(1) == x.size(1), "linear: W must be [O, I = ", x.size(1), "], got ",
               W.sizes());
   const auto dt = x.scalar_type();
+  const hybridssm::step::StreamedWeights scope(streamed);
   return hybridssm::step::linear_small(x, hybridssm::step::as_(W, dt),
                                        hybridssm::step::present(bias) ? hybridssm::step::as_(bias, dt) : bias);
 }
@@ -129,7 +131,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("dst"), pybind11::arg("src"), pybind11::arg("done"),
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("linear", &linear, "the steps' projection x @ W^T (+ bias), as the kernels compute it",
-        pybind11::arg("x"), pybind11::arg("W"), pybind11::arg("bias"),
+        pybind11::arg("x"), pybind11::arg("W"), pybind11::arg("bias"), pybind11::arg("streamed") = false,
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("mixer_kinds", &mixer_kinds, "the mixer kinds that have a fused step");
   m.def("softplus_f32", &softplus_f32, "the Mamba step's fp32 softplus (tests of its error bound)");

@@ -138,16 +138,57 @@ class WeightAhead {
   int64_t per_ = 0;
 };
 
+// Weights beyond this many bytes are read from memory at every step: they do not stay in the caches
+// from one step to the next (L2 1 MiB a core; L3 32 MiB, shared with whatever else runs).
+constexpr int64_t kStreamedWeightBytes = int64_t(8) << 20;
+
+// Whether the weights of the step running on this thread come from memory (a plan whose weights
+// exceed kStreamedWeightBytes, plan.h): linear_small's batch-1 GEMV then reads fewer rows at a time
+// (gemv_rows). Set for a scope by StreamedWeights; false elsewhere.
+inline bool& weights_streamed() {
+  thread_local bool streamed = false;
+  return streamed;
+}
+
+class StreamedWeights {
+ public:
+  explicit StreamedWeights(bool streamed) : saved_(weights_streamed()) { weights_streamed() = streamed; }
+  ~StreamedWeights() { weights_streamed() = saved_; }
+  StreamedWeights(const StreamedWeights&) = delete;
+  StreamedWeights& operator=(const StreamedWeights&) = delete;
+
+ private:
+  bool saved_;
+};
+
 // y[o] = W[o, :] . x (+ bias[o]) for o < O over a row-major W [O, I], kRows rows at a time so that
 // kRows independent FMA chains hide the FMA latency and each load of x serves kRows rows. At batch 1
 // this streams the weights faster than a GEMM call (whose M = 1 path is tuned for larger M): a step
 // is bound by reading its weights once (WeightAhead keeps the read near the memory's rate).
-template <typename scalar_t>
+// Each output is its row's dot product alone (one vector accumulator over the input in order, then
+// the tail, the horizontal sum and the bias), so the values do not depend on kRows.
+//
+// kRows: 8 for weights that stay in cache, 4 for weights read from memory (linear_small picks by
+// weights_streamed()). Measured on this machine (2 cores shared with other jobs, load 2.5-5), the
+// batch-1 step with the two switched at run time step by step in one process, median of the paired
+// ratios over 300-400 steps: 4 rows took 0.90-0.95x of 8 rows' step on the models whose weights
+// come from memory (transformer 12.6 MB 0.91x twice, hybrid / hybrid[gru] / hybrid[delta_net]
+// 0.90x, hymba 0.95-0.96x, hybrid[griffin_lru] 0.95x, hybrid[gated_ssm] 0.95x, hybrid[rwkv] 0.95x
+// and 1.04x, ss_transformer 1.01x twice) but 1.01-1.05x on those whose weights stay in cache
+// (mamba, mamba2, gated_ssm: 3.3-5.5 MB), where 8 chains compute faster. The GEMVs alone over a
+// model's weights in step order (time over a plain 4-accumulator read of the same bytes): 8 rows
+// 1.24-1.39x, 4 rows 1.06-1.26x; fewer streams at once keep the hardware prefetcher ahead.
+// Tried and not kept (common.h, this session): 2 rows (1.0-1.2x the read from memory, latency-bound
+// in cache: mamba 1.39x), 3 rows (between 2 and 4), 16 rows (worse), the WeightAhead cursor 4 or
+// 16 KB ahead instead of 8 (no better), a lead-in burst over the first 8 KB (mixed, within noise),
+// prefetching the next block's rows column by column (worse), non-temporal (NTA) and L2-only (T1)
+// prefetch hints with 4 rows (the step 0.94-1.10x of the plain hint's, no consistent gain: keeping
+// the weights out of the caches did not speed up the step's other work).
+template <typename scalar_t, int kRows = 8>
 void gemv_rows(const scalar_t* W, const scalar_t* x, const scalar_t* bias, scalar_t* y, int64_t O,
                int64_t I) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t Wd = Vec::size();
-  constexpr int kRows = 8;
   const int64_t row_bytes = I * static_cast<int64_t>(sizeof(scalar_t));
   WeightAhead ahead(W, O * row_bytes);
   int64_t o = 0;
@@ -263,7 +304,9 @@ inline at::Tensor linear_small(const at::Tensor& x, const at::Tensor& W, const a
     const scalar_t* xp = xc.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     switch (B) {
-      case 1: return gemv_rows<scalar_t>(w, xp, b, yp, O, I);
+      case 1:
+        return weights_streamed() ? gemv_rows<scalar_t, 4>(w, xp, b, yp, O, I)
+                                  : gemv_rows<scalar_t, 8>(w, xp, b, yp, O, I);
       case 2: return gemv_rows_multi<scalar_t, 2, 4>(w, xp, ldx, b, yp, O, O, I);
       case 3: return gemv_rows_multi<scalar_t, 3, 3>(w, xp, ldx, b, yp, O, O, I);
       default: return gemv_rows_multi<scalar_t, 4, 2>(w, xp, ldx, b, yp, O, O, I);

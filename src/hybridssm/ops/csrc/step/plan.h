@@ -96,7 +96,10 @@ struct Block {
 
 class Plan {
  public:
-  void set_input(const at::Tensor& w, const at::Tensor& b) { in_w_ = w, in_b_ = b; }
+  void set_input(const at::Tensor& w, const at::Tensor& b) {
+    in_w_ = w, in_b_ = b;
+    weight_bytes_ += bytes_of(w) + bytes_of(b);
+  }
 
   void set_final_norm(int64_t kind, const at::Tensor& w, const at::Tensor& b, double eps) {
     final_norm_ = make_norm(kind, w, b, eps);
@@ -121,6 +124,10 @@ class Plan {
     Block blk;
     blk.pre_norm = pre_norm;
     blk.norm = make_norm(norm_kind, norm_w, norm_b, norm_eps);
+    for (const auto& ws : weights)
+      for (const auto& t : ws) weight_bytes_ += bytes_of(t);
+    for (const auto& t : fusion_w) weight_bytes_ += bytes_of(t);
+    for (const auto& t : ffn) weight_bytes_ += bytes_of(t);
     for (size_t j = 0; j < n; ++j) {
       blk.mixers.push_back(Mixer{kinds[j], find_mixer(kinds[j], n_states[j]), find_frames(kinds[j]),
                                  find_restart(kinds[j]), MixerSpec{weights[j], ints[j], floats[j]},
@@ -179,6 +186,7 @@ class Plan {
     check_states(states, pos, x.size(0));
     TORCH_CHECK(tokens.has_value() == done.has_value(), "step plan: a restart takes both tokens and done");
     if (tokens) check_restart(*tokens, *done, x.size(0));
+    const StreamedWeights streamed(weight_bytes_ > kStreamedWeightBytes);  // common.h's gemv_rows
     const auto dt = x.scalar_type();
     at::Tensor h = present(in_w_) ? linear_small(x, as_(in_w_, dt), present(in_b_) ? as_(in_b_, dt) : in_b_)
                                   : x.contiguous();
@@ -315,6 +323,8 @@ class Plan {
     return blk.pre_norm ? out + ffn(blk, blk.ffn_norm(out), lin) : blk.ffn_norm(out + ffn(blk, out, lin));
   }
 
+  static int64_t bytes_of(const at::Tensor& t) { return present(t) ? static_cast<int64_t>(t.nbytes()) : 0; }
+
   static Norm make_norm(int64_t kind, const at::Tensor& w, const at::Tensor& b, double eps) {
     TORCH_CHECK(kind == kIdentity || kind == kLayerNorm || kind == kRMSNorm, "step plan: unknown norm kind ", kind);
     TORCH_CHECK(kind != kRMSNorm || present(w), "step plan: an RMSNorm needs its weight");
@@ -350,6 +360,7 @@ class Plan {
   Norm final_norm_;
   std::vector<Block> blocks_;
   int64_t n_states_ = 0;
+  int64_t weight_bytes_ = 0;  // the weights' bytes at build time: beyond what stays in cache, run streams them
 };
 
 }  // namespace hybridssm::step
