@@ -1,12 +1,14 @@
 """Fresh processes for tests that start many: each run is a new process forked from one server that
-has imported torch (and ``torch.utils.cpp_extension``) and nothing else, so the run starts without
-hybridssm, any extension or any cache in memory, as a new interpreter would, but skips the ~3 s
-``import torch`` a new interpreter pays (most of a short run's time).
+has imported torch, ``torch.utils.cpp_extension`` and ``torch._dynamo`` (which torch's optimizers
+import on first use) and nothing else, so the run starts without hybridssm, any extension or any
+cache in memory, as a new interpreter would, but skips the 3-6 s of those imports a new interpreter
+pays (most of a short run's time).
 
 ``start(script, *args, env=...)`` runs ``script`` as ``__main__`` with ``sys.argv = [script, *args]``
-and ``os.environ = env``; its stdout and stderr go to files beside the script, readable while it
-runs. The server is ``multiprocessing``'s fork server, started on first use (this module imports
-nothing of hybridssm: its children unpickle it before they run the script)."""
+and ``os.environ = env``; ``start_module(name, *args, env=..., logs=folder)`` runs ``python -m name``.
+Their stdout and stderr go to files (beside the script, or in ``logs``), readable while they run. The
+server is ``multiprocessing``'s fork server, started on first use (this module imports nothing of
+hybridssm: the children unpickle it before they run the script)."""
 
 from __future__ import annotations
 
@@ -18,33 +20,36 @@ import time
 from pathlib import Path
 
 _CTX = mp.get_context("forkserver")
-_CTX.set_forkserver_preload(["torch", "torch.utils.cpp_extension"])
+_CTX.set_forkserver_preload(["torch", "torch.utils.cpp_extension", "torch._dynamo"])
 _COUNT = itertools.count()
 
 
-def _run(script: str, args: list[str], env: dict[str, str], out: str, err: str) -> None:
+def _run(target: str, module: bool, args: list[str], env: dict[str, str], out: str, err: str) -> None:
     import runpy
     import sys
 
     for fd, path in ((1, out), (2, err)):
-        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(target, fd)
-        os.close(target)
+        log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(log, fd)
+        os.close(log)
     os.environ.clear()
     os.environ.update(env)
-    sys.argv = [script, *args]
-    runpy.run_path(script, run_name="__main__")
+    sys.argv = [target, *args]
+    if module:
+        runpy.run_module(target, run_name="__main__", alter_sys=True)
+    else:
+        runpy.run_path(target, run_name="__main__")
 
 
 class Run:
     """A started script: ``pid``, ``stdout()``/``stderr()`` so far, ``wait``, ``kill``, ``returncode``
     (negative: the signal that ended it), ``communicate`` (wait, then both outputs)."""
 
-    def __init__(self, script: Path, args: tuple[str, ...], env: dict[str, str]) -> None:
-        n = next(_COUNT)
-        self._out = script.with_name(f"{script.stem}.{n}.out")
-        self._err = script.with_name(f"{script.stem}.{n}.err")
-        self._proc = _CTX.Process(target=_run, args=(str(script), list(args), dict(env), str(self._out),
+    def __init__(self, target: str, module: bool, args: tuple[str, ...], env: dict[str, str],
+                 logs: Path) -> None:
+        name = f"{Path(target).stem}.{next(_COUNT)}"
+        self._out, self._err = logs / f"{name}.out", logs / f"{name}.err"
+        self._proc = _CTX.Process(target=_run, args=(target, module, list(args), dict(env), str(self._out),
                                                      str(self._err)))
         self._proc.start()
         self.pid = self._proc.pid
@@ -92,4 +97,9 @@ class Run:
 
 def start(script: Path, *args: str, env: dict[str, str]) -> Run:
     """Run ``script`` in a fresh process forked from the torch-importing server."""
-    return Run(Path(script), args, env)
+    return Run(str(script), False, args, env, Path(script).parent)
+
+
+def start_module(name: str, *args: str, env: dict[str, str], logs: Path) -> Run:
+    """``python -m name *args`` in a fresh process forked from the torch-importing server."""
+    return Run(name, True, args, env, Path(logs))

@@ -3,8 +3,8 @@ TORCH_EXTENSIONS_DIR: one build per torch install and source, concurrent first b
 part-way, a wait that gives up, the one stderr line while building, the compiler log of a failed
 build and the one fallback warning. A tiny extension (plain Python C API, compiles in a second or
 two) stands in for the real kernels where the test is about the cache. Each run is a fresh process
-forked from a server that has imported torch only (tests/forked.py): these 19 runs would otherwise
-pay ~3 s of ``import torch`` each."""
+forked from a server that has imported torch and nothing of hybridssm (tests/forked.py): these 19
+runs would otherwise pay 3 s or more of ``import torch`` each."""
 
 from __future__ import annotations
 

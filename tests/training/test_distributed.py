@@ -1,6 +1,6 @@
 """Data-parallel training (torch.distributed, gloo on CPU): two processes == one with the same
 global batch. The two ranks are fresh processes forked from a server that has imported torch
-(tests/forked.py), which saves each of them ~3 s of ``import torch``."""
+(tests/forked.py), which saves each of them the 3-6 s of importing torch and its compiler stack."""
 
 from __future__ import annotations
 
