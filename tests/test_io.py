@@ -7,8 +7,6 @@ import json
 import os
 import re
 import stat
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -16,17 +14,21 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import forked
 import hybridssm as hs
 from hybridssm import io
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 TINY = dict(embed_dim=5, hidden_size=8, num_layers=2, state_size=4)
 
 
-def run_python(code: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True,
-                          text=True, env=env, timeout=timeout)
+def run_python(folder: Path, code: str, *args: str, timeout: int = 300) -> tuple[int, str, str]:
+    """``code`` run as a script in a fresh process (forked from one that imported torch, see
+    tests/forked.py): its exit code, stdout and stderr."""
+    script = folder / "script.py"
+    script.write_text(textwrap.dedent(code))
+    proc = forked.start(script, *args, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out, err = proc.communicate(timeout)
+    return proc.returncode, out, err
 
 
 @pytest.fixture
@@ -322,12 +324,12 @@ FAIL_FAST_SCRIPT = """
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmSize from /proc")
-def test_a_wide_config_beside_small_weights_fails_fast_without_allocating(saved):
+def test_a_wide_config_beside_small_weights_fails_fast_without_allocating(saved, tmp_path):
     # the 4096-wide model would need GBs, far beyond the 256 MiB address space the loader is allowed
     assert hs.param_count("gated_ssm", **{**TINY, "hidden_size": 4096}) * 4 > 4 * 256 * 2**20
-    proc = run_python(FAIL_FAST_SCRIPT, str(saved))
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    code, stdout, stderr = run_python(tmp_path, FAIL_FAST_SCRIPT, str(saved))
+    assert code == 0, stderr
+    out = json.loads(stdout.strip().splitlines()[-1])
     for name, (message, seconds) in out.items():
         assert message.startswith("ValueError: "), f"{name}: {message}"
         assert "config.json" in message and seconds < 1.0, f"{name}: {message} ({seconds:.2f} s)"
