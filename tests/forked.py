@@ -25,6 +25,8 @@ _COUNT = itertools.count()
 
 
 def _run(target: str, module: bool, args: list[str], env: dict[str, str], out: str, err: str) -> None:
+    """In the forked child: stdout and stderr to the files (at the descriptors, so that C code and
+    subprocesses write there too), the run's environment, then the script as ``__main__``."""
     import runpy
     import sys
 
