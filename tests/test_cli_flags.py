@@ -201,24 +201,25 @@ def test_plot_title_and_chance_line(tmp_path, monkeypatch):
     assert (tmp_path / "curves.png").is_file()
 
 
+def _cli_process(tmp_path, *argv: str):
+    """``python -m hybridssm *argv`` in a fresh process (forked from one that imported torch, see
+    tests/forked.py); its stdout and stderr are files."""
+    import os
+
+    import forked
+
+    return forked.start_module("hybridssm", *argv, env={**os.environ, "OMP_NUM_THREADS": "1"}, logs=tmp_path)
+
+
 def test_progress_lines_in_a_real_process_without_a_terminal(tmp_path):
     """As under nohup or a batch system: stderr is a file, so no bar, only log lines."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
-           "OMP_NUM_THREADS": "1"}
-    with (tmp_path / "stderr.log").open("w") as err:
-        proc = subprocess.run([sys.executable, "-m", "hybridssm", "--threads", "1", *TINY, "--steps", "4",
-                               "--progress-every", "2", "--out", str(tmp_path / "run")],
-                              stdout=subprocess.PIPE, stderr=err, text=True, timeout=300, env=env)
-    log_text = (tmp_path / "stderr.log").read_text()
+    proc = _cli_process(tmp_path, "--threads", "1", *TINY, "--steps", "4", "--progress-every", "2",
+                        "--out", str(tmp_path / "run"))
+    out, log_text = proc.communicate(timeout=300)
     assert proc.returncode == 0, log_text
     assert re.findall(r"^hybridssm: step (\d+)/4 ", log_text, flags=re.M) == ["2", "4"]
     assert "\r" not in log_text and "it/s" not in log_text  # no tqdm bar
-    assert json.loads(proc.stdout)["step"] == 4
+    assert json.loads(out)["step"] == 4
 
 
 def test_ctrl_c_is_one_line_that_says_how_to_resume(capsys, tmp_path, monkeypatch):
@@ -243,32 +244,26 @@ def test_ctrl_c_is_one_line_that_says_how_to_resume(capsys, tmp_path, monkeypatc
 def test_ctrl_c_of_a_real_training_process_then_resume(tmp_path):
     """SIGINT (Ctrl-C) in the middle of training: exit 130 with one line, no traceback, and the
     run resumes from its checkpoint."""
-    import os
     import signal
-    import subprocess
-    import sys
     import time
-    from pathlib import Path
 
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
-           "OMP_NUM_THREADS": "1"}
     out = tmp_path / "run"
-    argv = [sys.executable, "-m", "hybridssm", "--threads", "1", *TINY, "--steps", "100000",
-            "--eval-every", "2", "--log-every", "1", "--save-every", "2", "--out", str(out)]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    argv = ["--threads", "1", *TINY, "--steps", "100000", "--eval-every", "2", "--log-every", "1",
+            "--save-every", "2", "--out", str(out)]
+    proc = _cli_process(tmp_path, *argv)
     deadline = time.monotonic() + 240
-    while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not (out / "checkpoint.pt").exists() and proc.running() and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "interrupted" in err and "--resume" in err
     step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
-    done = subprocess.run([*argv, "--resume", "--stop-after", str(step + 2)], capture_output=True, text=True,
-                          env=env, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["step"] == step + 2
-    assert f"resuming from step {step}" in done.stderr
+    done = _cli_process(tmp_path, *argv, "--resume", "--stop-after", str(step + 2))
+    done_out, done_err = done.communicate(timeout=300)
+    assert done.returncode == 0, done_err
+    assert json.loads(done_out)["step"] == step + 2
+    assert f"resuming from step {step}" in done_err
 
 
 def test_train_defaults_are_the_python_defaults(capsys, monkeypatch):

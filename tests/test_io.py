@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import stat
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -15,17 +14,21 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import forked
 import hybridssm as hs
 from hybridssm import io
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 TINY = dict(embed_dim=5, hidden_size=8, num_layers=2, state_size=4)
 
 
-def run_python(code: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True,
-                          text=True, env=env, timeout=timeout)
+def run_python(folder: Path, code: str, *args: str, timeout: int = 300) -> tuple[int, str, str]:
+    """``code`` run as a script in a fresh process (forked from one that imported torch, see
+    tests/forked.py): its exit code, stdout and stderr."""
+    script = folder / "script.py"
+    script.write_text(textwrap.dedent(code))
+    proc = forked.start(script, *args, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out, err = proc.communicate(timeout)
+    return proc.returncode, out, err
 
 
 @pytest.fixture
@@ -44,30 +47,33 @@ def rewrite_config(path: Path, change) -> None:
 
 
 # -- atomic writes --------------------------------------------------------------------------------
-UMASK_SCRIPT = """
-    import json, os, sys
-    from pathlib import Path
-    os.umask(int(sys.argv[1], 8))
-    import torch
-    torch.set_num_threads(1)
-    import hybridssm as hs
-    from hybridssm.training import TrainConfig, train
-    out = Path(sys.argv[2])
-    hs.build("gated_ssm", embed_dim=5, hidden_size=8, num_layers=1).save_pretrained(out / "model")
-    cfg = TrainConfig(model="gated_ssm", model_options=dict(hidden_size=8, num_layers=1), task="mqar",
-                      task_options=dict(vocab_size=16, seq_len=16, num_kv_pairs=2), steps=2,
-                      batch_size=4, eval_every=2, eval_size=4, log_every=1, checkpoint_every=1,
-                      progress=False)
-    train(cfg, out=out / "run")
-    print(json.dumps({str(p.relative_to(out)): p.stat().st_mode for p in sorted(out.rglob("*"))}))
-"""
+@contextlib.contextmanager
+def _umask(mask: int):
+    """The process's umask set to ``mask`` inside the block (tests run in one thread, so nothing
+    else writes files meanwhile), the old one restored after."""
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_written_files_get_the_umask_mode(tmp_path, umask):
-    proc = run_python(UMASK_SCRIPT, f"{umask:o}", str(tmp_path))
-    assert proc.returncode == 0, proc.stderr
-    modes = json.loads(proc.stdout.strip().splitlines()[-1])
+    """Every kind of file the library writes (a saved model, a run's checkpoint, metrics, run.json,
+    its model) gets ``0o666 & ~umask``, directories ``0o777 & ~umask``. In this process, under the
+    umask set around the writes: a fresh interpreter per umask cost 10 s and checked nothing more,
+    since the mode comes from the umask the kernel applies at each file's creation."""
+    from hybridssm.training import TrainConfig, train
+
+    cfg = TrainConfig(model="gated_ssm", model_options=dict(hidden_size=8, num_layers=1), task="mqar",
+                      task_options=dict(vocab_size=16, seq_len=16, num_kv_pairs=2), steps=2,
+                      batch_size=4, eval_every=2, eval_size=4, log_every=1, checkpoint_every=1,
+                      progress=False)
+    with _umask(umask):
+        hs.build("gated_ssm", embed_dim=5, hidden_size=8, num_layers=1).save_pretrained(tmp_path / "model")
+        train(cfg, out=tmp_path / "run")
+    modes = {str(p.relative_to(tmp_path)): p.stat().st_mode for p in sorted(tmp_path.rglob("*"))}
     files = {p for p, m in modes.items() if stat.S_ISREG(m)}
     assert {"model/config.json", "model/model.safetensors", "run/checkpoint.pt",
             "run/metrics.jsonl"} <= files
@@ -318,12 +324,12 @@ FAIL_FAST_SCRIPT = """
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmSize from /proc")
-def test_a_wide_config_beside_small_weights_fails_fast_without_allocating(saved):
+def test_a_wide_config_beside_small_weights_fails_fast_without_allocating(saved, tmp_path):
     # the 4096-wide model would need GBs, far beyond the 256 MiB address space the loader is allowed
     assert hs.param_count("gated_ssm", **{**TINY, "hidden_size": 4096}) * 4 > 4 * 256 * 2**20
-    proc = run_python(FAIL_FAST_SCRIPT, str(saved))
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    code, stdout, stderr = run_python(tmp_path, FAIL_FAST_SCRIPT, str(saved))
+    assert code == 0, stderr
+    out = json.loads(stdout.strip().splitlines()[-1])
     for name, (message, seconds) in out.items():
         assert message.startswith("ValueError: "), f"{name}: {message}"
         assert "config.json" in message and seconds < 1.0, f"{name}: {message} ({seconds:.2f} s)"

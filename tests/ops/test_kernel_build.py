@@ -2,20 +2,21 @@
 TORCH_EXTENSIONS_DIR: one build per torch install and source, concurrent first builds, a build killed
 part-way, a wait that gives up, the one stderr line while building, the compiler log of a failed
 build and the one fallback warning. A tiny extension (plain Python C API, compiles in a second or
-two) stands in for the real kernels where the test is about the cache."""
+two) stands in for the real kernels where the test is about the cache. Each run is a fresh process
+forked from a server that has imported torch and nothing of hybridssm (tests/forked.py): these 19
+runs would otherwise pay 3 s or more of ``import torch`` each."""
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
+import forked
 from hybridssm.ops import _cpu_ext
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -77,9 +78,8 @@ def env(tmp_path):
 
 
 def _start(tmp_path, env, version="-", abi="-", delay=0.0, extra_env=None):
-    cmd = [sys.executable, str(tmp_path / "run.py"), str(tmp_path / "src"), version, abi, str(delay)]
-    return subprocess.Popen(cmd, env={**env, **(extra_env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return forked.start(tmp_path / "run.py", str(tmp_path / "src"), version, abi, str(delay),
+                        env={**env, **(extra_env or {})})
 
 
 def _run(tmp_path, env, *args, timeout=240, **kwargs):
@@ -165,22 +165,9 @@ def test_concurrent_first_builds_both_succeed(tmp_path, env):
     assert sum(_building(err) for _, err in results) == 1  # one built, the other waited and loaded
 
 
-def _wait_for_line(proc, text, timeout=120):
-    deadline = time.monotonic() + timeout
-    lines = []
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        lines.append(line)
-        if text in line:
-            return
-        if not line and proc.poll() is not None:
-            break
-    raise AssertionError(f"no {text!r} on stderr: {lines}")
-
-
 def test_a_build_killed_part_way_is_retried_by_the_next_process(tmp_path, env):
     victim = _start(tmp_path, env, delay=600)
-    _wait_for_line(victim, "building fused CPU kernels")
+    victim.wait_for("building fused CPU kernels")
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     lock = next((tmp_path / "cache" / "hybridssm").glob("*.lock"))
@@ -195,7 +182,7 @@ def test_a_build_killed_part_way_is_retried_by_the_next_process(tmp_path, env):
 def test_a_waiter_gives_up_instead_of_hanging(tmp_path, env):
     owner = _start(tmp_path, env, delay=600)
     try:
-        _wait_for_line(owner, "building fused CPU kernels")
+        owner.wait_for("building fused CPU kernels")
         out, err = _run(tmp_path, env, extra_env={"HYBRIDSSM_BUILD_TIMEOUT": "1"}, timeout=120)
         assert f"waiting for process {owner.pid} to finish building" in err
         assert out.startswith("error gave up after 1 s waiting for process")
@@ -249,20 +236,22 @@ FALLBACK = textwrap.dedent(
 def test_a_failed_build_falls_back_with_one_warning_in_all(tmp_path, env):
     # A compiler that fails at once: three ops, three extensions, one warning naming the way out.
     (tmp_path / "fallback.py").write_text(FALLBACK)
-    p = subprocess.run([sys.executable, str(tmp_path / "fallback.py")], env={**env, "CXX": "false"},
-                       capture_output=True, text=True, timeout=240)
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.strip() == "{'gru': 'torch', 'selective_scan': 'torch', 'wkv6': 'torch'}"
-    warned = [line for line in p.stderr.splitlines() if "Warning" in line]
-    assert len(warned) == 1, p.stderr
+    p = forked.start(tmp_path / "fallback.py", env={**env, "CXX": "false"})
+    out, err = p.communicate(timeout=240)
+    assert p.returncode == 0, err
+    assert out.strip() == "{'gru': 'torch', 'selective_scan': 'torch', 'wkv6': 'torch'}"
+    warned = [line for line in err.splitlines() if "Warning" in line]
+    assert len(warned) == 1, err
     assert "HYBRIDSSM_KERNELS=torch" in warned[0] and "compiler log: " in warned[0]
-    assert len(p.stderr) < 2000, p.stderr  # no compiler output on the console
+    assert len(err) < 2000, err  # no compiler output on the console
 
 
 def test_kernels_report_builds_nothing(tmp_path, env):
-    code = ("import hybridssm as hs; r = hs.kernels(); "
-            "print(r['selective_scan']['backend'], '|', r['selective_scan']['reason'])")
-    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.startswith("fused | not built yet; builds on first use")
-    assert p.stderr == "" and not (tmp_path / "cache").exists()
+    (tmp_path / "report.py").write_text(
+        "import hybridssm as hs; r = hs.kernels(); "
+        "print(r['selective_scan']['backend'], '|', r['selective_scan']['reason'])\n")
+    p = forked.start(tmp_path / "report.py", env=env)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert out.startswith("fused | not built yet; builds on first use")
+    assert err == "" and not (tmp_path / "cache").exists()

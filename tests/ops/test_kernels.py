@@ -216,23 +216,25 @@ def test_kernels_report_lists_the_streaming_step():
         _kernels.get("streaming_step")
 
 
-def test_misspelt_backend_variable_warns_at_import():
+def test_misspelt_backend_variable_warns_at_import(tmp_path):
     """A ``HYBRIDSSM_KERNELS`` value outside auto|fused|torch|ref is named at ``import hybridssm``
-    (configs still work), and the first op raises the same message."""
+    (configs still work), and the first op raises the same message. (A fresh process, forked from
+    one that imported torch but not hybridssm: tests/forked.py.)"""
     import os
-    import subprocess
-    import sys
 
-    code = ("import hybridssm as hs, torch\n"
-            "hs.get_config_class('gated_ssm')(embed_dim=3)\n"
-            "print('imported')\n"
-            "hs.build('gated_ssm', embed_dim=3, hidden_size=4)(torch.randn(1, 2, 3))\n")
-    env = {**os.environ, "HYBRIDSSM_KERNELS": "fusd"}
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    import forked
+
+    (tmp_path / "probe.py").write_text(
+        "import hybridssm as hs, torch\n"
+        "hs.get_config_class('gated_ssm')(embed_dim=3)\n"
+        "print('imported')\n"
+        "hs.build('gated_ssm', embed_dim=3, hidden_size=4)(torch.randn(1, 2, 3))\n")
+    run = forked.start(tmp_path / "probe.py", env={**os.environ, "HYBRIDSSM_KERNELS": "fusd"})
+    stdout, stderr = run.communicate(timeout=300)
     message = "HYBRIDSSM_KERNELS must be one of auto, fused, torch, ref; got 'fusd'"
-    before, _, after = run.stderr.partition("Traceback")
+    before, _, after = stderr.partition("Traceback")
     assert "UserWarning" in before and message in before and "every op will raise" in before
-    assert run.stdout == "imported\n" and run.returncode != 0
+    assert stdout == "imported\n" and run.returncode != 0
     assert f"ValueError: {message}" in after
 
 

@@ -1,5 +1,6 @@
 """Data-parallel training (torch.distributed, gloo on CPU): two processes == one with the same
-global batch."""
+global batch. The two ranks are fresh processes forked from a server that has imported torch
+(tests/forked.py), which saves each of them the 3-6 s of importing torch and its compiler stack."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import forked  # noqa: F401 - sets the fork server's preload (torch)
 from helpers import assert_close
 from hybridssm.training import TrainConfig, train
 
@@ -35,7 +37,8 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_two_process_ddp_matches_single_process(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    mp.start_processes(_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True,
+                       start_method="forkserver")
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
     for k in r0["params"]:  # replicas never drift apart
