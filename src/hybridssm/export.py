@@ -115,8 +115,9 @@ def export_step(model: nn.Module, path: str | os.PathLike, *, batch_size: int = 
     ``pkg(x_t, *leaves) -> (y_t, *new_leaves)``, ``x_t [batch_size, embed_dim]``, ``leaves`` in
     ``torch.utils._pytree.tree_flatten(state)`` order (see the module docstring for a loader).
     Compiling takes a while (C++: about a minute for a small model on one core);
-    ``inductor_configs`` passes options to ``torch._inductor.aoti_compile_and_package`` (tests use
-    ``{"aot_inductor.debug_compile": True}``: no C++ optimisation, a faster build)."""
+    ``inductor_configs`` passes options to ``torch._inductor.aoti_compile_and_package`` (for a
+    faster build of the same values, as the tests do: ``{"aot_inductor.debug_compile": True}``, no C++
+    optimisation; ``"cpp.simdlen": 1``, scalar kernels; ``"aot_inductor.precompile_headers": False``)."""
     path = Path(path)
     if path.suffix != ".pt2":
         raise ValueError(f"path must name a .pt2 file (an AOTInductor package), got {str(path)!r}")
