@@ -22,6 +22,14 @@ namespace hybridssm::step {
 inline at::vec::Vectorized<float> scan_decay_exp(const at::vec::Vectorized<float>& x) { return decay_exp_f32(x); }
 inline at::vec::Vectorized<double> scan_decay_exp(const at::vec::Vectorized<double>& x) { return x.exp(); }
 
+// The same of K vectors in place (fp32: in lockstep, decay_exp_f32_n says why)
+template <int K>
+inline void scan_decay_exp_n(at::vec::Vectorized<float> (&x)[K]) { decay_exp_f32_n(x); }
+template <int K>
+inline void scan_decay_exp_n(at::vec::Vectorized<double> (&x)[K]) {
+  for (int i = 0; i < K; ++i) x[i] = x[i].exp();
+}
+
 // A = -exp(A_log) over n values, with the vectorised exp of the forward's torch.exp
 template <typename scalar_t>
 void mamba_decay_rates(const scalar_t* A_log, scalar_t* A, int64_t n) {
@@ -74,9 +82,12 @@ constexpr int64_t kStatePrefetchBytes = 1024;
 
 // softplus of delta in registers: fp32 without library calls (softplus.h, within 3 ULP of torch's),
 // double as torch's log1p(exp(x)) with threshold 20
-inline Vectorized<float> mamba_softplus(const Vectorized<float>& x) { return softplus_f32(x); }
-inline Vectorized<double> mamba_softplus(const Vectorized<double>& x) {
-  return Vectorized<double>::blendv(x.exp().log1p(), x, x > Vectorized<double>(20));
+// (of K vectors in place; fp32 in lockstep, softplus_f32_n)
+template <int K>
+inline void mamba_softplus_n(Vectorized<float> (&x)[K]) { softplus_f32_n(x); }
+template <int K>
+inline void mamba_softplus_n(Vectorized<double> (&x)[K]) {
+  for (int i = 0; i < K; ++i) x[i] = Vectorized<double>::blendv(x[i].exp().log1p(), x[i], x[i] > Vectorized<double>(20));
 }
 
 #if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
@@ -96,7 +107,7 @@ inline void transpose8x8_ps(__m256* t) {
 }
 #endif
 
-// The sums of mamba_delta_chunk's panels path, from dt_w's rows transposed in registers where that
+// The sums of mamba_delta_pre's panels path, from dt_w's rows transposed in registers where that
 // is cheap (AVX2 floats, whole chunks, R a multiple of 8; false elsewhere): the same values into the
 // same FMAs, so bit for bit the panels' result, without building them.
 template <typename scalar_t>
@@ -122,10 +133,10 @@ inline bool mamba_delta_transposed(const MambaWeights<float>& w, const float* dt
 }
 #endif
 
-// delta [W] of channels e0 .. e0 + ne: softplus(dt_w[e] . dt + dt_bias[e]), with the step's softplus
+// dt_w[e] . dt + dt_bias[e] of channels e0 .. e0 + ne (ne <= W; lanes past ne: unspecified)
 template <typename scalar_t>
-inline void mamba_delta_chunk(const MambaWeights<scalar_t>& w, const scalar_t* dt, int64_t e0, int64_t ne,
-                              scalar_t* delta) {
+inline Vectorized<scalar_t> mamba_delta_pre(const MambaWeights<scalar_t>& w, const scalar_t* dt, int64_t e0,
+                                            int64_t ne) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t W = Vec::size();
   Vec pre;
@@ -163,25 +174,63 @@ inline void mamba_delta_chunk(const MambaWeights<scalar_t>& w, const scalar_t* d
     }
     pre = Vec::loadu(sums);
   }
-  hybridssm::store(mamba_softplus(pre), delta, W);
+  return pre;
 }
 
-// One channel's state update (NV vectors of state, NV > 0: Bv, Cv preloaded); returns the vector
-// whose lanes sum to Cn . h_new.
-template <typename scalar_t, int NV>
-inline Vectorized<scalar_t> mamba_channel(const scalar_t* Ae, scalar_t* h, const Vectorized<scalar_t>* Bv,
-                                          const Vectorized<scalar_t>* Cv, scalar_t dl, scalar_t u) {
+// Chunks of W channels whose softplus runs in lockstep in the delta pass (mamba_delta_row).
+inline constexpr int kDeltaLockstepChunks = 4;
+
+// delta [E rounded up to W] of one row: softplus(dt_w[e] . dt + dt_bias[e]) with the step's
+// softplus, kDeltaLockstepChunks chunks of channels at a time (their softplus chains overlap).
+template <typename scalar_t>
+inline void mamba_delta_row(const MambaWeights<scalar_t>& w, const scalar_t* dt, scalar_t* delta) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t W = Vec::size();
-  const Vec dlv(dl), du(dl * u);
-  Vec acc(0);
-  for (int j = 0; j < NV; ++j) {
-    const Vec a = scan_decay_exp(dlv * Vec::loadu(Ae + j * W));
-    const Vec hn = at::vec::fmadd(a, Vec::loadu(h + j * W), du * Bv[j]);
-    hn.store(h + j * W);
-    acc = at::vec::fmadd(hn, Cv[j], acc);
+  constexpr int K = kDeltaLockstepChunks;
+  int64_t e0 = 0;
+  for (; e0 + K * W <= w.E; e0 += K * W) {
+    Vec pre[K];
+    for (int k = 0; k < K; ++k) pre[k] = mamba_delta_pre(w, dt, e0 + k * W, W);
+    mamba_softplus_n(pre);
+    for (int k = 0; k < K; ++k) pre[k].store(delta + e0 + k * W);
   }
-  return acc;
+  for (; e0 < w.E; e0 += W) {
+    Vec pre[1] = {mamba_delta_pre(w, dt, e0, std::min(W, w.E - e0))};
+    mamba_softplus_n(pre);
+    pre[0].store(delta + e0);
+  }
+}
+
+// Channels in lockstep (mamba_channels): CH channels of NV vectors, CH * NV = kLockstepVectors where
+// the width allows (a divisor of the SIMD width's channels), so that the decays of 4 vectors overlap.
+inline constexpr int kLockstepVectors = 4;
+template <int NV, int W>
+inline constexpr int kLockstepChannels = NV < kLockstepVectors && W % (kLockstepVectors / NV) == 0
+                                             ? kLockstepVectors / NV : 1;
+
+// CH consecutive channels' state update (NV > 0 vectors of state each, N = NV W: Bv, Cv preloaded;
+// dl, u: the channels' delta and input), the decays of all CH NV vectors computed in lockstep;
+// acc[c] <- the vector whose lanes sum to Cn . h_new of channel c.
+template <typename scalar_t, int NV, int CH>
+inline void mamba_channels(const scalar_t* Ae, scalar_t* h, const Vectorized<scalar_t>* Bv,
+                           const Vectorized<scalar_t>* Cv, const scalar_t* dl, const scalar_t* u,
+                           Vectorized<scalar_t>* acc) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t W = Vec::size(), N = NV * W;
+  Vec a[CH * NV];
+  for (int c = 0; c < CH; ++c) {
+    for (int j = 0; j < NV; ++j) a[c * NV + j] = Vec(dl[c]) * Vec::loadu(Ae + c * N + j * W);
+  }
+  scan_decay_exp_n(a);
+  for (int c = 0; c < CH; ++c) {
+    const Vec du(dl[c] * u[c]);
+    acc[c] = Vec(0);
+    for (int j = 0; j < NV; ++j) {
+      const Vec hn = at::vec::fmadd(a[c * NV + j], Vec::loadu(h + c * N + j * W), du * Bv[j]);
+      hn.store(h + c * N + j * W);
+      acc[c] = at::vec::fmadd(hn, Cv[j], acc[c]);
+    }
+  }
 }
 
 // The same for any N (partial vectors at the end of the row; their lanes past N hold zeros).
@@ -212,20 +261,32 @@ inline void mamba_state_chunk(const MambaRow<scalar_t>& row, const MambaWeights<
   constexpr int64_t W = Vec::size();
   const int64_t N = w.N;
   const int64_t count = kPartial ? ne : W;
+  const char* hb = reinterpret_cast<const char*>(row.h + e0 * N);
+  for (int64_t b = 0; b < count * N * int64_t(sizeof(scalar_t)); b += 64) {
+    __builtin_prefetch(hb + kStatePrefetchBytes + b, 1);
+  }
+  if (row.warm != nullptr) {
+    for (int64_t l = 0; l < count; ++l) __builtin_prefetch(row.warm + (e0 + l) * 64, 0, 2);
+  }
   Vec acc[W];
-  for (int64_t l = 0; l < W; ++l) {
-    if (kPartial && l >= count) {
-      acc[l] = Vec(0);
-      continue;
+  if constexpr (NV > 0 && !kPartial) {
+    constexpr int CH = kLockstepChannels<NV, W>;
+    for (int64_t l = 0; l < W; l += CH) {
+      mamba_channels<scalar_t, NV, CH>(w.A + (e0 + l) * N, row.h + (e0 + l) * N, Bv, Cv, delta + l, row.u + e0 + l,
+                                       acc + l);
     }
-    const int64_t e = e0 + l;
-    scalar_t* h = row.h + e * N;
-    for (int64_t b = 0; b < N * int64_t(sizeof(scalar_t)); b += 64) {
-      __builtin_prefetch(reinterpret_cast<const char*>(h) + kStatePrefetchBytes + b, 1);
+  } else {
+    for (int64_t l = 0; l < W; ++l) {
+      if (l >= count) {
+        acc[l] = Vec(0);
+      } else if constexpr (NV > 0) {
+        mamba_channels<scalar_t, NV, 1>(w.A + (e0 + l) * N, row.h + (e0 + l) * N, Bv, Cv, delta + l,
+                                        row.u + e0 + l, acc + l);
+      } else {
+        acc[l] = mamba_channel_any<scalar_t>(w.A + (e0 + l) * N, row.h + (e0 + l) * N, Bn, Cn, delta[l],
+                                             row.u[e0 + l], N);
+      }
     }
-    if (row.warm != nullptr) __builtin_prefetch(row.warm + e * 64, 0, 2);
-    acc[l] = NV > 0 ? mamba_channel<scalar_t, NV>(w.A + e * N, h, Bv, Cv, delta[l], row.u[e])
-                    : mamba_channel_any<scalar_t>(w.A + e * N, h, Bn, Cn, delta[l], row.u[e], N);
   }
   hsum_lanes(acc).store(sums);
 }
@@ -249,7 +310,7 @@ void mamba_update_row(const MambaRow<scalar_t>& row, const MambaWeights<scalar_t
   const int64_t E = w.E, tail = E % W, full = E - tail;
   scalar_t* delta = scratch;
   scalar_t* sums = scratch + mamba_row_scratch<scalar_t>(E) / 2;
-  for (int64_t e0 = 0; e0 < E; e0 += W) mamba_delta_chunk(w, row.dbc, e0, std::min(W, E - e0), delta + e0);
+  mamba_delta_row(w, row.dbc, delta);
   const scalar_t* Bn = row.dbc + w.R;
   const scalar_t* Cn = Bn + w.N;
   Vec Bv[NV > 0 ? NV : 1], Cv[NV > 0 ? NV : 1];
