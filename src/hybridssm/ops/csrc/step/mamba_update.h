@@ -1,12 +1,23 @@
 // The Mamba-1 step's per-row work after the x projection (mamba.h): the dt projection (K = R, a
 // handful of FMAs per channel), softplus, the state update and the gated output, in three passes
-// over each row's channels (mamba_update_row says why) and no thin GEMM.
+// over each row's channels (mamba_update_row says why). From kDeltaGemmRows rows the dt projection
+// of a thread's rows is one product (gemm_rows.h's gemm_nn on dt_w transposed) ahead of the rows.
 //
 //   delta = softplus(dt_w dt + dt_bias);  h = exp(delta A) h + delta u Bn;  y = (Cn . h + D u) silu(z)
 //
 // At many streams the state ([B, E, N], 2 MB a layer at B = 64) streams from beyond the L2: the loop
 // prefetches the state a few channels ahead, and the state width is a template argument for the usual
 // N (8, 16, 24, 32) so that Bn, Cn and each channel's accumulator live in registers.
+//
+// Measured (AVX2, E = 512, N = 16, one thread, the update alone against the previous version, ratios
+// of medians on a loaded machine): the decays of 4 vectors in lockstep take the state pass to 0.85-0.9
+// of its time, 8 vectors are slower (spills) and 2 no better than 4; the softplus of 4 chunks in
+// lockstep and the dt projection as one product per thread take the delta pass to ~0.75. Tried and
+// not kept: the decays of a chunk into an L1 buffer ahead of its update (no faster), and the state or
+// A pinned in L1 (no faster: with the state in L3 the pass is compute-bound, ~13 cycles a vector of
+// state against ~7 for the exp alone). With the caches flushed between calls, as other processes'
+// traffic does, the pass is memory-bound (~11 us a row, the prefetch waiting) and the compute gains
+// vanish; prefetching 4 or 16 KB ahead instead of 1 KB was within the noise there.
 
 #pragma once
 
@@ -14,6 +25,8 @@
 #include "decay_exp.h"
 #include "softplus.h"
 #include "state_width.h"
+
+#include <memory>
 
 namespace hybridssm::step {
 
@@ -44,6 +57,7 @@ struct MambaRow {
   const scalar_t* z;    // [E] the gate (second half of the in_proj row)
   const scalar_t* u;    // [E] the conv's output
   const scalar_t* dbc;  // [R + 2N] dt, Bn, Cn (after the inner norms, if any)
+  const scalar_t* pre;  // [E] dt_w dt + dt_bias of the row (mamba_update_rows' product), or null
   scalar_t* h;          // [E, N] the state, updated in place
   scalar_t* y;          // [E] out
   const char* warm;     // bytes to bring into the L2 while this row computes (E lines), or null
@@ -58,23 +72,22 @@ struct MambaWeights {
   int64_t E, R, N;
   const void* next_w = nullptr;  // the weight the next GEMM reads (out_proj's), warmed into the L2
   int64_t next_w_bytes = 0;
-  const scalar_t* dt_panels = nullptr;  // dt_w in panels of W channels (mamba_delta_panels), or null
+  const scalar_t* dt_wt = nullptr;  // dt_w transposed [R, E] (mamba_dt_transposed), or null
 };
 
-// dt_w [E, R] in panels of W channels, [ceil(E / W)][R][W] (zeros past E): with them a vector of
-// channels' delta is R FMAs of broadcast dt values over consecutive memory, where per channel it is
-// a dot product of R and a horizontal sum (at many streams that took a third of the update's time).
-// Built per call from kDeltaPanelRows rows: at one row the copy costs what it saves.
-inline constexpr int64_t kDeltaPanelRows = 4;
+// dt_w [E, R] transposed to [R, E]: the weight of the dt projection as an input-major product
+// (gemm_nn) over a thread's rows, 12 FMAs per two weight loads. Per row it was R FMAs per vector of
+// channels with a loop and a reduction around them, half of the delta pass; built per call (a
+// weight may change between calls) from kDeltaGemmRows rows: at one row the copy costs what it saves.
+inline constexpr int64_t kDeltaGemmRows = 4;
 
 template <typename scalar_t>
-std::vector<scalar_t> mamba_delta_panels(const scalar_t* dt_w, int64_t E, int64_t R) {
-  constexpr int64_t W = Vectorized<scalar_t>::size();
-  std::vector<scalar_t> panels((E + W - 1) / W * R * W, scalar_t(0));
+std::vector<scalar_t> mamba_dt_transposed(const scalar_t* dt_w, int64_t E, int64_t R) {
+  std::vector<scalar_t> wt(R * E);
   for (int64_t e = 0; e < E; ++e) {
-    for (int64_t r = 0; r < R; ++r) panels[(e / W * R + r) * W + e % W] = dt_w[e * R + r];
+    for (int64_t r = 0; r < R; ++r) wt[r * E + e] = dt_w[e * R + r];
   }
-  return panels;
+  return wt;
 }
 
 // How far ahead (bytes) the state is prefetched: a few dozen channels of compute hide a miss.
@@ -107,97 +120,66 @@ inline void transpose8x8_ps(__m256* t) {
 }
 #endif
 
-// The sums of mamba_delta_pre's panels path, from dt_w's rows transposed in registers where that
-// is cheap (AVX2 floats, whole chunks, R a multiple of 8; false elsewhere): the same values into the
-// same FMAs, so bit for bit the panels' result, without building them.
-template <typename scalar_t>
-inline bool mamba_delta_transposed(const MambaWeights<scalar_t>&, const scalar_t*, int64_t, int64_t,
-                                   Vectorized<scalar_t>&) {
-  return false;
-}
-
-#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
-inline bool mamba_delta_transposed(const MambaWeights<float>& w, const float* dt, int64_t e0, int64_t ne,
-                                   Vectorized<float>& pre) {
-  if (ne != 8 || w.R % 8 != 0) return false;
-  using Vec = Vectorized<float>;
-  Vec a[4] = {Vec::loadu(w.dt_bias + e0), Vec(0), Vec(0), Vec(0)};
-  for (int64_t r0 = 0; r0 < w.R; r0 += 8) {
-    __m256 t[8];
-    for (int l = 0; l < 8; ++l) t[l] = _mm256_loadu_ps(w.dt_w + (e0 + l) * w.R + r0);
-    transpose8x8_ps(t);
-    for (int j = 0; j < 8; ++j) a[j % 4] = at::vec::fmadd(Vec(dt[r0 + j]), Vec(t[j]), a[j % 4]);
-  }
-  pre = (a[0] + a[1]) + (a[2] + a[3]);
-  return true;
-}
-#endif
-
-// dt_w[e] . dt + dt_bias[e] of channels e0 .. e0 + ne (ne <= W; lanes past ne: unspecified)
+// dt_w[e] . dt + dt_bias[e] of channels e0 .. e0 + ne (ne <= W; lanes past ne: unspecified), for a
+// row without the product: the bias, then one FMA per r in order, as gemm_nn accumulates, so that a
+// row's values do not depend on the batch it steps in. With AVX2 floats (whole chunks, R a multiple
+// of 8) dt_w's rows are transposed in registers, 8 by 8; elsewhere lane 0 of a vector per channel.
 template <typename scalar_t>
 inline Vectorized<scalar_t> mamba_delta_pre(const MambaWeights<scalar_t>& w, const scalar_t* dt, int64_t e0,
                                             int64_t ne) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t W = Vec::size();
-  Vec pre;
-  if (w.dt_panels != nullptr) {
-    // four accumulators over the R broadcast dt values: four FMA chains instead of one
-    const scalar_t* p = w.dt_panels + e0 * w.R;  // e0 is a multiple of W
-    Vec a0 = hybridssm::load(w.dt_bias + e0, ne), a1(0), a2(0), a3(0);
-    int64_t r = 0;
-    for (; r + 4 <= w.R; r += 4) {
-      a0 = at::vec::fmadd(Vec(dt[r]), Vec::loadu(p + r * W), a0);
-      a1 = at::vec::fmadd(Vec(dt[r + 1]), Vec::loadu(p + (r + 1) * W), a1);
-      a2 = at::vec::fmadd(Vec(dt[r + 2]), Vec::loadu(p + (r + 2) * W), a2);
-      a3 = at::vec::fmadd(Vec(dt[r + 3]), Vec::loadu(p + (r + 3) * W), a3);
-    }
-    for (; r < w.R; ++r) a0 = at::vec::fmadd(Vec(dt[r]), Vec::loadu(p + r * W), a0);
-    pre = (a0 + a1) + (a2 + a3);
-  } else if (mamba_delta_transposed(w, dt, e0, ne, pre)) {
-  } else {
-    // the same sums in the same order, one channel at a time (lane 0 of the vectors): bit for bit
-    // the panels' result, so that a row's values do not depend on the batch it steps in
-    alignas(64) scalar_t sums[W] = {}, lane[W];
-    for (int64_t l = 0; l < ne; ++l) {
-      const scalar_t* we = w.dt_w + (e0 + l) * w.R;
-      Vec a0(w.dt_bias[e0 + l]), a1(0), a2(0), a3(0);
-      int64_t r = 0;
-      for (; r + 4 <= w.R; r += 4) {
-        a0 = at::vec::fmadd(Vec(dt[r]), Vec(we[r]), a0);
-        a1 = at::vec::fmadd(Vec(dt[r + 1]), Vec(we[r + 1]), a1);
-        a2 = at::vec::fmadd(Vec(dt[r + 2]), Vec(we[r + 2]), a2);
-        a3 = at::vec::fmadd(Vec(dt[r + 3]), Vec(we[r + 3]), a3);
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (ne == 8 && w.R % 8 == 0) {
+      Vec a = Vec::loadu(w.dt_bias + e0);
+      for (int64_t r0 = 0; r0 < w.R; r0 += 8) {
+        __m256 t[8];
+        for (int l = 0; l < 8; ++l) t[l] = _mm256_loadu_ps(w.dt_w + (e0 + l) * w.R + r0);
+        transpose8x8_ps(t);
+        for (int j = 0; j < 8; ++j) a = at::vec::fmadd(Vec(dt[r0 + j]), Vec(t[j]), a);
       }
-      for (; r < w.R; ++r) a0 = at::vec::fmadd(Vec(dt[r]), Vec(we[r]), a0);
-      ((a0 + a1) + (a2 + a3)).store(lane);
-      sums[l] = lane[0];
+      return a;
     }
-    pre = Vec::loadu(sums);
   }
-  return pre;
+#endif
+  alignas(64) scalar_t sums[W] = {}, lane[W];
+  for (int64_t l = 0; l < ne; ++l) {
+    const scalar_t* we = w.dt_w + (e0 + l) * w.R;
+    Vec a(w.dt_bias[e0 + l]);
+    for (int64_t r = 0; r < w.R; ++r) a = at::vec::fmadd(Vec(dt[r]), Vec(we[r]), a);
+    a.store(lane);
+    sums[l] = lane[0];
+  }
+  return Vec::loadu(sums);
 }
 
 // Chunks of W channels whose softplus runs in lockstep in the delta pass (mamba_delta_row).
 inline constexpr int kDeltaLockstepChunks = 4;
 
 // delta [E rounded up to W] of one row: softplus(dt_w[e] . dt + dt_bias[e]) with the step's
-// softplus, kDeltaLockstepChunks chunks of channels at a time (their softplus chains overlap).
+// softplus, kDeltaLockstepChunks chunks of channels at a time (their softplus chains overlap); the
+// projection from row.pre where the rows' product gave it.
 template <typename scalar_t>
-inline void mamba_delta_row(const MambaWeights<scalar_t>& w, const scalar_t* dt, scalar_t* delta) {
+inline void mamba_delta_row(const MambaRow<scalar_t>& row, const MambaWeights<scalar_t>& w, scalar_t* delta) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t W = Vec::size();
   constexpr int K = kDeltaLockstepChunks;
+  auto pre = [&](int64_t e0) {
+    const int64_t ne = std::min(W, w.E - e0);
+    return row.pre != nullptr ? hybridssm::load(row.pre + e0, ne) : mamba_delta_pre(w, row.dbc, e0, ne);
+  };
   int64_t e0 = 0;
   for (; e0 + K * W <= w.E; e0 += K * W) {
-    Vec pre[K];
-    for (int k = 0; k < K; ++k) pre[k] = mamba_delta_pre(w, dt, e0 + k * W, W);
-    mamba_softplus_n(pre);
-    for (int k = 0; k < K; ++k) pre[k].store(delta + e0 + k * W);
+    Vec v[K];
+    for (int k = 0; k < K; ++k) v[k] = pre(e0 + k * W);
+    mamba_softplus_n(v);
+    for (int k = 0; k < K; ++k) v[k].store(delta + e0 + k * W);
   }
   for (; e0 < w.E; e0 += W) {
-    Vec pre[1] = {mamba_delta_pre(w, dt, e0, std::min(W, w.E - e0))};
-    mamba_softplus_n(pre);
-    pre[0].store(delta + e0);
+    Vec v[1] = {pre(e0)};
+    mamba_softplus_n(v);
+    v[0].store(delta + e0);
   }
 }
 
@@ -301,8 +283,8 @@ inline int64_t mamba_row_scratch(int64_t E) {
 // One row in three passes over its channels: delta, the state update, the gated output. Each pass's
 // chunks are independent of one another, so that the out-of-order core overlaps them; in one pass
 // per chunk, each chunk's delta (a dot product, a softplus: a long dependent chain) waited on the
-// previous chunk's state update and held up the next (with the panels, three passes take 0.7 of the
-// one pass's time a row at B = 64, 0.85 at B = 1).
+// previous chunk's state update and held up the next (measured with an earlier per-row dt
+// projection: three passes took 0.7 of the one pass's time a row at B = 64, 0.85 at B = 1).
 template <typename scalar_t, int NV>
 void mamba_update_row(const MambaRow<scalar_t>& row, const MambaWeights<scalar_t>& w, scalar_t* scratch) {
   using Vec = Vectorized<scalar_t>;
@@ -310,7 +292,7 @@ void mamba_update_row(const MambaRow<scalar_t>& row, const MambaWeights<scalar_t
   const int64_t E = w.E, tail = E % W, full = E - tail;
   scalar_t* delta = scratch;
   scalar_t* sums = scratch + mamba_row_scratch<scalar_t>(E) / 2;
-  mamba_delta_row(w, row.dbc, delta);
+  mamba_delta_row(row, w, delta);
   const scalar_t* Bn = row.dbc + w.R;
   const scalar_t* Cn = Bn + w.N;
   Vec Bv[NV > 0 ? NV : 1], Cv[NV > 0 ? NV : 1];
@@ -340,10 +322,17 @@ void mamba_update_rows(const scalar_t* xz, const scalar_t* u, const scalar_t* db
   const int64_t warm_rows = Bsz >= 16 && w.next_w != nullptr ? std::min(Bsz, (lines + E - 1) / E) : 0;
   at::parallel_for(0, Bsz, 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> scratch(mamba_row_scratch<scalar_t>(E));
+    // [rows, E] dt_w dt + dt_bias, every value written by the product (no zero fill: 128 KB at B = 64)
+    std::unique_ptr<scalar_t[]> pre(w.dt_wt != nullptr ? new scalar_t[(end - begin) * E] : nullptr);
+    if (pre != nullptr) {
+      gemm_rows_detail::gemm_nn<scalar_t>(dbc + begin * (R + 2 * N), R + 2 * N, w.dt_wt, E, w.dt_bias, pre.get(), E,
+                                          end - begin, E, R);
+    }
     for (int64_t b = begin; b < end; ++b) {
       const int64_t k = b - (Bsz - warm_rows);
       const char* warm = k >= 0 ? static_cast<const char*>(w.next_w) + k * E * 64 : nullptr;
-      const MambaRow<scalar_t> row{xz + b * 2 * E + E, u + b * E, dbc + b * (R + 2 * N), ssm_state + b * E * N,
+      const MambaRow<scalar_t> row{xz + b * 2 * E + E, u + b * E, dbc + b * (R + 2 * N),
+                                   pre != nullptr ? pre.get() + (b - begin) * E : nullptr, ssm_state + b * E * N,
                                    y + b * E, warm};
       row_fn(row, w, scratch.data());
     }
