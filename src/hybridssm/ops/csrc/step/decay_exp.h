@@ -28,26 +28,48 @@
 
 namespace hybridssm::step {
 
+// exp(x) for x <= 0 (see the header) of K vectors in place, each step applied to all K before the
+// next: the K dependency chains (~50 cycles each) then overlap in program order, where one vector at
+// a time left the out-of-order core to find the next chain past a scheduler full of waiting ops.
+// The same operations on each vector as K = 1, so the same values.
+template <int K>
+inline void decay_exp_f32_n(at::vec::Vectorized<float> (&x)[K]) {
+  using Vec = at::vec::Vectorized<float>;
+  const Vec magic(12582912.f);  // 1.5 2^23: adding it rounds to an integer (|x log2(e)| < 2^22)
+  Vec s[K], k[K], r[K], q[K];
+  for (int i = 0; i < K; ++i) s[i] = at::vec::fmadd(x[i], Vec(1.44269504088896341f), magic);
+  for (int i = 0; i < K; ++i) k[i] = s[i] - magic;
+  for (int i = 0; i < K; ++i) r[i] = at::vec::fmadd(k[i], Vec(-0.693145751953125f), x[i]);
+  for (int i = 0; i < K; ++i) r[i] = at::vec::fmadd(k[i], Vec(-1.428606765330187e-06f), r[i]);
+  for (int i = 0; i < K; ++i) q[i] = at::vec::fmadd(Vec(1.384360716e-3f), r[i], Vec(8.374195546e-3f));
+  for (int i = 0; i < K; ++i) q[i] = at::vec::fmadd(q[i], r[i], Vec(4.166800529e-2f));
+  for (int i = 0; i < K; ++i) q[i] = at::vec::fmadd(q[i], r[i], Vec(1.666643023e-1f));
+  for (int i = 0; i < K; ++i) q[i] = at::vec::fmadd(q[i], r[i], Vec(4.999999404e-1f));
+  for (int i = 0; i < K; ++i) q[i] = at::vec::fmadd(q[i], r[i], Vec(1.f));
+  for (int i = 0; i < K; ++i) q[i] = at::vec::fmadd(q[i], r[i], Vec(1.f));  // p
+  // s's low 9 mantissa bits hold k mod 2^9; shifted into the exponent field they add k to p's exponent;
+  // below -125 ln2 the result is 0 (NaN stays NaN: the mask keeps unordered lanes)
+  const Vec lowest(-86.6433906f);  // -125 ln2
+  for (int i = 0; i < K; ++i) {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+    // two ops for the flush where the blend below takes three (a compare, a sign test, an and-not)
+    const __m256i k_exp = _mm256_slli_epi32(_mm256_castps_si256(s[i]), 23);
+    const __m256 scaled = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(q[i]), k_exp));
+    x[i] = _mm256_and_ps(scaled, _mm256_cmp_ps(x[i], lowest, _CMP_NLT_UQ));
+#else
+    using IVec = at::vec::Vectorized<int32_t>;
+    const IVec k_exp = at::vec::cast<int32_t>(s[i]) << IVec(23);
+    const Vec scaled = at::vec::cast<float>(at::vec::cast<int32_t>(q[i]) + k_exp);
+    x[i] = Vec::blendv(scaled, Vec(0.f), x[i] < lowest);
+#endif
+  }
+}
+
 // exp(x) for x <= 0 (see the header): the Mamba step's fp32 decay
 inline at::vec::Vectorized<float> decay_exp_f32(const at::vec::Vectorized<float>& x) {
-  using Vec = at::vec::Vectorized<float>;
-  using IVec = at::vec::Vectorized<int32_t>;
-  const Vec magic(12582912.f);  // 1.5 2^23: adding it rounds to an integer (|x log2(e)| < 2^22)
-  const Vec s = at::vec::fmadd(x, Vec(1.44269504088896341f), magic);
-  const Vec k = s - magic;
-  Vec r = at::vec::fmadd(k, Vec(-0.693145751953125f), x);
-  r = at::vec::fmadd(k, Vec(-1.428606765330187e-06f), r);
-  Vec q(1.384360716e-3f);
-  q = at::vec::fmadd(q, r, Vec(8.374195546e-3f));
-  q = at::vec::fmadd(q, r, Vec(4.166800529e-2f));
-  q = at::vec::fmadd(q, r, Vec(1.666643023e-1f));
-  q = at::vec::fmadd(q, r, Vec(4.999999404e-1f));
-  q = at::vec::fmadd(q, r, Vec(1.f));
-  const Vec p = at::vec::fmadd(q, r, Vec(1.f));
-  // s's low 9 mantissa bits hold k mod 2^9; shifted into the exponent field they add k to p's exponent
-  const IVec k_exp = at::vec::cast<int32_t>(s) << IVec(23);
-  const Vec scaled = at::vec::cast<float>(at::vec::cast<int32_t>(p) + k_exp);
-  return Vec::blendv(scaled, Vec(0.f), x < Vec(-86.6433906f));  // -125 ln2
+  at::vec::Vectorized<float> v[1] = {x};
+  decay_exp_f32_n(v);
+  return v[0];
 }
 
 }  // namespace hybridssm::step

@@ -128,11 +128,11 @@ inline at::Tensor mamba_update(const at::Tensor& xz, const at::Tensor& u, const 
   auto y = at::empty({Bsz, E}, xz.options());
   const auto out_w = as_(m.w[8], dt);
   AT_DISPATCH_FLOATING_TYPES(dt, "mamba_update", [&] {
-    const auto panels = Bsz >= kDeltaPanelRows ? mamba_delta_panels(dt_w.data_ptr<scalar_t>(), E, d.R)
-                                               : std::vector<scalar_t>();
+    const auto dt_wt = Bsz >= kDeltaGemmRows ? mamba_dt_transposed(dt_w.data_ptr<scalar_t>(), E, d.R)
+                                             : std::vector<scalar_t>();
     const MambaWeights<scalar_t> w{dt_w.data_ptr<scalar_t>(), dt_bias.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(),
                                    Dv.data_ptr<scalar_t>(), E, d.R, d.N, out_w.data_ptr(), out_w.nbytes(),
-                                   panels.empty() ? nullptr : panels.data()};
+                                   dt_wt.empty() ? nullptr : dt_wt.data()};
     mamba_update_rows<scalar_t>(xz.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), dbc.data_ptr<scalar_t>(),
                                 ssm.data_ptr<scalar_t>(), w, y.data_ptr<scalar_t>(), Bsz);
   });

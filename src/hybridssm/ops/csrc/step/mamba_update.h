@@ -1,12 +1,23 @@
 // The Mamba-1 step's per-row work after the x projection (mamba.h): the dt projection (K = R, a
 // handful of FMAs per channel), softplus, the state update and the gated output, in three passes
-// over each row's channels (mamba_update_row says why) and no thin GEMM.
+// over each row's channels (mamba_update_row says why). From kDeltaGemmRows rows the dt projection
+// of a thread's rows is one product (gemm_rows.h's gemm_nn on dt_w transposed) ahead of the rows.
 //
 //   delta = softplus(dt_w dt + dt_bias);  h = exp(delta A) h + delta u Bn;  y = (Cn . h + D u) silu(z)
 //
 // At many streams the state ([B, E, N], 2 MB a layer at B = 64) streams from beyond the L2: the loop
 // prefetches the state a few channels ahead, and the state width is a template argument for the usual
 // N (8, 16, 24, 32) so that Bn, Cn and each channel's accumulator live in registers.
+//
+// Measured (AVX2, E = 512, N = 16, one thread, the update alone against the previous version, ratios
+// of medians on a loaded machine): the decays of 4 vectors in lockstep take the state pass to 0.85-0.9
+// of its time, 8 vectors are slower (spills) and 2 no better than 4; the softplus of 4 chunks in
+// lockstep and the dt projection as one product per thread take the delta pass to ~0.75. Tried and
+// not kept: the decays of a chunk into an L1 buffer ahead of its update (no faster), and the state or
+// A pinned in L1 (no faster: with the state in L3 the pass is compute-bound, ~13 cycles a vector of
+// state against ~7 for the exp alone). With the caches flushed between calls, as other processes'
+// traffic does, the pass is memory-bound (~11 us a row, the prefetch waiting) and the compute gains
+// vanish; prefetching 4 or 16 KB ahead instead of 1 KB was within the noise there.
 
 #pragma once
 
@@ -15,12 +26,22 @@
 #include "softplus.h"
 #include "state_width.h"
 
+#include <memory>
+
 namespace hybridssm::step {
 
 // The decay exp(delta A): fp32 with decay_exp.h's exp (within 1.5 ULP of the exact exp of the fp32
 // product, where exp_u20 was 4.7), fp64 with the forward's exp
 inline at::vec::Vectorized<float> scan_decay_exp(const at::vec::Vectorized<float>& x) { return decay_exp_f32(x); }
 inline at::vec::Vectorized<double> scan_decay_exp(const at::vec::Vectorized<double>& x) { return x.exp(); }
+
+// The same of K vectors in place (fp32: in lockstep, decay_exp_f32_n says why)
+template <int K>
+inline void scan_decay_exp_n(at::vec::Vectorized<float> (&x)[K]) { decay_exp_f32_n(x); }
+template <int K>
+inline void scan_decay_exp_n(at::vec::Vectorized<double> (&x)[K]) {
+  for (int i = 0; i < K; ++i) x[i] = x[i].exp();
+}
 
 // A = -exp(A_log) over n values, with the vectorised exp of the forward's torch.exp
 template <typename scalar_t>
@@ -36,6 +57,7 @@ struct MambaRow {
   const scalar_t* z;    // [E] the gate (second half of the in_proj row)
   const scalar_t* u;    // [E] the conv's output
   const scalar_t* dbc;  // [R + 2N] dt, Bn, Cn (after the inner norms, if any)
+  const scalar_t* pre;  // [E] dt_w dt + dt_bias of the row (mamba_update_rows' product), or null
   scalar_t* h;          // [E, N] the state, updated in place
   scalar_t* y;          // [E] out
   const char* warm;     // bytes to bring into the L2 while this row computes (E lines), or null
@@ -50,23 +72,22 @@ struct MambaWeights {
   int64_t E, R, N;
   const void* next_w = nullptr;  // the weight the next GEMM reads (out_proj's), warmed into the L2
   int64_t next_w_bytes = 0;
-  const scalar_t* dt_panels = nullptr;  // dt_w in panels of W channels (mamba_delta_panels), or null
+  const scalar_t* dt_wt = nullptr;  // dt_w transposed [R, E] (mamba_dt_transposed), or null
 };
 
-// dt_w [E, R] in panels of W channels, [ceil(E / W)][R][W] (zeros past E): with them a vector of
-// channels' delta is R FMAs of broadcast dt values over consecutive memory, where per channel it is
-// a dot product of R and a horizontal sum (at many streams that took a third of the update's time).
-// Built per call from kDeltaPanelRows rows: at one row the copy costs what it saves.
-inline constexpr int64_t kDeltaPanelRows = 4;
+// dt_w [E, R] transposed to [R, E]: the weight of the dt projection as an input-major product
+// (gemm_nn) over a thread's rows, 12 FMAs per two weight loads. Per row it was R FMAs per vector of
+// channels with a loop and a reduction around them, half of the delta pass; built per call (a
+// weight may change between calls) from kDeltaGemmRows rows: at one row the copy costs what it saves.
+inline constexpr int64_t kDeltaGemmRows = 4;
 
 template <typename scalar_t>
-std::vector<scalar_t> mamba_delta_panels(const scalar_t* dt_w, int64_t E, int64_t R) {
-  constexpr int64_t W = Vectorized<scalar_t>::size();
-  std::vector<scalar_t> panels((E + W - 1) / W * R * W, scalar_t(0));
+std::vector<scalar_t> mamba_dt_transposed(const scalar_t* dt_w, int64_t E, int64_t R) {
+  std::vector<scalar_t> wt(R * E);
   for (int64_t e = 0; e < E; ++e) {
-    for (int64_t r = 0; r < R; ++r) panels[(e / W * R + r) * W + e % W] = dt_w[e * R + r];
+    for (int64_t r = 0; r < R; ++r) wt[r * E + e] = dt_w[e * R + r];
   }
-  return panels;
+  return wt;
 }
 
 // How far ahead (bytes) the state is prefetched: a few dozen channels of compute hide a miss.
@@ -74,9 +95,12 @@ constexpr int64_t kStatePrefetchBytes = 1024;
 
 // softplus of delta in registers: fp32 without library calls (softplus.h, within 3 ULP of torch's),
 // double as torch's log1p(exp(x)) with threshold 20
-inline Vectorized<float> mamba_softplus(const Vectorized<float>& x) { return softplus_f32(x); }
-inline Vectorized<double> mamba_softplus(const Vectorized<double>& x) {
-  return Vectorized<double>::blendv(x.exp().log1p(), x, x > Vectorized<double>(20));
+// (of K vectors in place; fp32 in lockstep, softplus_f32_n)
+template <int K>
+inline void mamba_softplus_n(Vectorized<float> (&x)[K]) { softplus_f32_n(x); }
+template <int K>
+inline void mamba_softplus_n(Vectorized<double> (&x)[K]) {
+  for (int i = 0; i < K; ++i) x[i] = Vectorized<double>::blendv(x[i].exp().log1p(), x[i], x[i] > Vectorized<double>(20));
 }
 
 #if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
@@ -96,92 +120,99 @@ inline void transpose8x8_ps(__m256* t) {
 }
 #endif
 
-// The sums of mamba_delta_chunk's panels path, from dt_w's rows transposed in registers where that
-// is cheap (AVX2 floats, whole chunks, R a multiple of 8; false elsewhere): the same values into the
-// same FMAs, so bit for bit the panels' result, without building them.
+// dt_w[e] . dt + dt_bias[e] of channels e0 .. e0 + ne (ne <= W; lanes past ne: unspecified), for a
+// row without the product: the bias, then one FMA per r in order, as gemm_nn accumulates, so that a
+// row's values do not depend on the batch it steps in. With AVX2 floats (whole chunks, R a multiple
+// of 8) dt_w's rows are transposed in registers, 8 by 8; elsewhere lane 0 of a vector per channel.
 template <typename scalar_t>
-inline bool mamba_delta_transposed(const MambaWeights<scalar_t>&, const scalar_t*, int64_t, int64_t,
-                                   Vectorized<scalar_t>&) {
-  return false;
-}
-
+inline Vectorized<scalar_t> mamba_delta_pre(const MambaWeights<scalar_t>& w, const scalar_t* dt, int64_t e0,
+                                            int64_t ne) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t W = Vec::size();
 #if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
-inline bool mamba_delta_transposed(const MambaWeights<float>& w, const float* dt, int64_t e0, int64_t ne,
-                                   Vectorized<float>& pre) {
-  if (ne != 8 || w.R % 8 != 0) return false;
-  using Vec = Vectorized<float>;
-  Vec a[4] = {Vec::loadu(w.dt_bias + e0), Vec(0), Vec(0), Vec(0)};
-  for (int64_t r0 = 0; r0 < w.R; r0 += 8) {
-    __m256 t[8];
-    for (int l = 0; l < 8; ++l) t[l] = _mm256_loadu_ps(w.dt_w + (e0 + l) * w.R + r0);
-    transpose8x8_ps(t);
-    for (int j = 0; j < 8; ++j) a[j % 4] = at::vec::fmadd(Vec(dt[r0 + j]), Vec(t[j]), a[j % 4]);
-  }
-  pre = (a[0] + a[1]) + (a[2] + a[3]);
-  return true;
-}
-#endif
-
-// delta [W] of channels e0 .. e0 + ne: softplus(dt_w[e] . dt + dt_bias[e]), with the step's softplus
-template <typename scalar_t>
-inline void mamba_delta_chunk(const MambaWeights<scalar_t>& w, const scalar_t* dt, int64_t e0, int64_t ne,
-                              scalar_t* delta) {
-  using Vec = Vectorized<scalar_t>;
-  constexpr int64_t W = Vec::size();
-  Vec pre;
-  if (w.dt_panels != nullptr) {
-    // four accumulators over the R broadcast dt values: four FMA chains instead of one
-    const scalar_t* p = w.dt_panels + e0 * w.R;  // e0 is a multiple of W
-    Vec a0 = hybridssm::load(w.dt_bias + e0, ne), a1(0), a2(0), a3(0);
-    int64_t r = 0;
-    for (; r + 4 <= w.R; r += 4) {
-      a0 = at::vec::fmadd(Vec(dt[r]), Vec::loadu(p + r * W), a0);
-      a1 = at::vec::fmadd(Vec(dt[r + 1]), Vec::loadu(p + (r + 1) * W), a1);
-      a2 = at::vec::fmadd(Vec(dt[r + 2]), Vec::loadu(p + (r + 2) * W), a2);
-      a3 = at::vec::fmadd(Vec(dt[r + 3]), Vec::loadu(p + (r + 3) * W), a3);
-    }
-    for (; r < w.R; ++r) a0 = at::vec::fmadd(Vec(dt[r]), Vec::loadu(p + r * W), a0);
-    pre = (a0 + a1) + (a2 + a3);
-  } else if (mamba_delta_transposed(w, dt, e0, ne, pre)) {
-  } else {
-    // the same sums in the same order, one channel at a time (lane 0 of the vectors): bit for bit
-    // the panels' result, so that a row's values do not depend on the batch it steps in
-    alignas(64) scalar_t sums[W] = {}, lane[W];
-    for (int64_t l = 0; l < ne; ++l) {
-      const scalar_t* we = w.dt_w + (e0 + l) * w.R;
-      Vec a0(w.dt_bias[e0 + l]), a1(0), a2(0), a3(0);
-      int64_t r = 0;
-      for (; r + 4 <= w.R; r += 4) {
-        a0 = at::vec::fmadd(Vec(dt[r]), Vec(we[r]), a0);
-        a1 = at::vec::fmadd(Vec(dt[r + 1]), Vec(we[r + 1]), a1);
-        a2 = at::vec::fmadd(Vec(dt[r + 2]), Vec(we[r + 2]), a2);
-        a3 = at::vec::fmadd(Vec(dt[r + 3]), Vec(we[r + 3]), a3);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (ne == 8 && w.R % 8 == 0) {
+      Vec a = Vec::loadu(w.dt_bias + e0);
+      for (int64_t r0 = 0; r0 < w.R; r0 += 8) {
+        __m256 t[8];
+        for (int l = 0; l < 8; ++l) t[l] = _mm256_loadu_ps(w.dt_w + (e0 + l) * w.R + r0);
+        transpose8x8_ps(t);
+        for (int j = 0; j < 8; ++j) a = at::vec::fmadd(Vec(dt[r0 + j]), Vec(t[j]), a);
       }
-      for (; r < w.R; ++r) a0 = at::vec::fmadd(Vec(dt[r]), Vec(we[r]), a0);
-      ((a0 + a1) + (a2 + a3)).store(lane);
-      sums[l] = lane[0];
+      return a;
     }
-    pre = Vec::loadu(sums);
   }
-  hybridssm::store(mamba_softplus(pre), delta, W);
+#endif
+  alignas(64) scalar_t sums[W] = {}, lane[W];
+  for (int64_t l = 0; l < ne; ++l) {
+    const scalar_t* we = w.dt_w + (e0 + l) * w.R;
+    Vec a(w.dt_bias[e0 + l]);
+    for (int64_t r = 0; r < w.R; ++r) a = at::vec::fmadd(Vec(dt[r]), Vec(we[r]), a);
+    a.store(lane);
+    sums[l] = lane[0];
+  }
+  return Vec::loadu(sums);
 }
 
-// One channel's state update (NV vectors of state, NV > 0: Bv, Cv preloaded); returns the vector
-// whose lanes sum to Cn . h_new.
-template <typename scalar_t, int NV>
-inline Vectorized<scalar_t> mamba_channel(const scalar_t* Ae, scalar_t* h, const Vectorized<scalar_t>* Bv,
-                                          const Vectorized<scalar_t>* Cv, scalar_t dl, scalar_t u) {
+// Chunks of W channels whose softplus runs in lockstep in the delta pass (mamba_delta_row).
+inline constexpr int kDeltaLockstepChunks = 4;
+
+// delta [E rounded up to W] of one row: softplus(dt_w[e] . dt + dt_bias[e]) with the step's
+// softplus, kDeltaLockstepChunks chunks of channels at a time (their softplus chains overlap); the
+// projection from row.pre where the rows' product gave it.
+template <typename scalar_t>
+inline void mamba_delta_row(const MambaRow<scalar_t>& row, const MambaWeights<scalar_t>& w, scalar_t* delta) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t W = Vec::size();
-  const Vec dlv(dl), du(dl * u);
-  Vec acc(0);
-  for (int j = 0; j < NV; ++j) {
-    const Vec a = scan_decay_exp(dlv * Vec::loadu(Ae + j * W));
-    const Vec hn = at::vec::fmadd(a, Vec::loadu(h + j * W), du * Bv[j]);
-    hn.store(h + j * W);
-    acc = at::vec::fmadd(hn, Cv[j], acc);
+  constexpr int K = kDeltaLockstepChunks;
+  auto pre = [&](int64_t e0) {
+    const int64_t ne = std::min(W, w.E - e0);
+    return row.pre != nullptr ? hybridssm::load(row.pre + e0, ne) : mamba_delta_pre(w, row.dbc, e0, ne);
+  };
+  int64_t e0 = 0;
+  for (; e0 + K * W <= w.E; e0 += K * W) {
+    Vec v[K];
+    for (int k = 0; k < K; ++k) v[k] = pre(e0 + k * W);
+    mamba_softplus_n(v);
+    for (int k = 0; k < K; ++k) v[k].store(delta + e0 + k * W);
   }
-  return acc;
+  for (; e0 < w.E; e0 += W) {
+    Vec v[1] = {pre(e0)};
+    mamba_softplus_n(v);
+    v[0].store(delta + e0);
+  }
+}
+
+// Channels in lockstep (mamba_channels): CH channels of NV vectors, CH * NV = kLockstepVectors where
+// the width allows (a divisor of the SIMD width's channels), so that the decays of 4 vectors overlap.
+inline constexpr int kLockstepVectors = 4;
+template <int NV, int W>
+inline constexpr int kLockstepChannels = NV < kLockstepVectors && W % (kLockstepVectors / NV) == 0
+                                             ? kLockstepVectors / NV : 1;
+
+// CH consecutive channels' state update (NV > 0 vectors of state each, N = NV W: Bv, Cv preloaded;
+// dl, u: the channels' delta and input), the decays of all CH NV vectors computed in lockstep;
+// acc[c] <- the vector whose lanes sum to Cn . h_new of channel c.
+template <typename scalar_t, int NV, int CH>
+inline void mamba_channels(const scalar_t* Ae, scalar_t* h, const Vectorized<scalar_t>* Bv,
+                           const Vectorized<scalar_t>* Cv, const scalar_t* dl, const scalar_t* u,
+                           Vectorized<scalar_t>* acc) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t W = Vec::size(), N = NV * W;
+  Vec a[CH * NV];
+  for (int c = 0; c < CH; ++c) {
+    for (int j = 0; j < NV; ++j) a[c * NV + j] = Vec(dl[c]) * Vec::loadu(Ae + c * N + j * W);
+  }
+  scan_decay_exp_n(a);
+  for (int c = 0; c < CH; ++c) {
+    const Vec du(dl[c] * u[c]);
+    acc[c] = Vec(0);
+    for (int j = 0; j < NV; ++j) {
+      const Vec hn = at::vec::fmadd(a[c * NV + j], Vec::loadu(h + c * N + j * W), du * Bv[j]);
+      hn.store(h + c * N + j * W);
+      acc[c] = at::vec::fmadd(hn, Cv[j], acc[c]);
+    }
+  }
 }
 
 // The same for any N (partial vectors at the end of the row; their lanes past N hold zeros).
@@ -212,20 +243,32 @@ inline void mamba_state_chunk(const MambaRow<scalar_t>& row, const MambaWeights<
   constexpr int64_t W = Vec::size();
   const int64_t N = w.N;
   const int64_t count = kPartial ? ne : W;
+  const char* hb = reinterpret_cast<const char*>(row.h + e0 * N);
+  for (int64_t b = 0; b < count * N * int64_t(sizeof(scalar_t)); b += 64) {
+    __builtin_prefetch(hb + kStatePrefetchBytes + b, 1);
+  }
+  if (row.warm != nullptr) {
+    for (int64_t l = 0; l < count; ++l) __builtin_prefetch(row.warm + (e0 + l) * 64, 0, 2);
+  }
   Vec acc[W];
-  for (int64_t l = 0; l < W; ++l) {
-    if (kPartial && l >= count) {
-      acc[l] = Vec(0);
-      continue;
+  if constexpr (NV > 0 && !kPartial) {
+    constexpr int CH = kLockstepChannels<NV, W>;
+    for (int64_t l = 0; l < W; l += CH) {
+      mamba_channels<scalar_t, NV, CH>(w.A + (e0 + l) * N, row.h + (e0 + l) * N, Bv, Cv, delta + l, row.u + e0 + l,
+                                       acc + l);
     }
-    const int64_t e = e0 + l;
-    scalar_t* h = row.h + e * N;
-    for (int64_t b = 0; b < N * int64_t(sizeof(scalar_t)); b += 64) {
-      __builtin_prefetch(reinterpret_cast<const char*>(h) + kStatePrefetchBytes + b, 1);
+  } else {
+    for (int64_t l = 0; l < W; ++l) {
+      if (l >= count) {
+        acc[l] = Vec(0);
+      } else if constexpr (NV > 0) {
+        mamba_channels<scalar_t, NV, 1>(w.A + (e0 + l) * N, row.h + (e0 + l) * N, Bv, Cv, delta + l,
+                                        row.u + e0 + l, acc + l);
+      } else {
+        acc[l] = mamba_channel_any<scalar_t>(w.A + (e0 + l) * N, row.h + (e0 + l) * N, Bn, Cn, delta[l],
+                                             row.u[e0 + l], N);
+      }
     }
-    if (row.warm != nullptr) __builtin_prefetch(row.warm + e * 64, 0, 2);
-    acc[l] = NV > 0 ? mamba_channel<scalar_t, NV>(w.A + e * N, h, Bv, Cv, delta[l], row.u[e])
-                    : mamba_channel_any<scalar_t>(w.A + e * N, h, Bn, Cn, delta[l], row.u[e], N);
   }
   hsum_lanes(acc).store(sums);
 }
@@ -240,8 +283,8 @@ inline int64_t mamba_row_scratch(int64_t E) {
 // One row in three passes over its channels: delta, the state update, the gated output. Each pass's
 // chunks are independent of one another, so that the out-of-order core overlaps them; in one pass
 // per chunk, each chunk's delta (a dot product, a softplus: a long dependent chain) waited on the
-// previous chunk's state update and held up the next (with the panels, three passes take 0.7 of the
-// one pass's time a row at B = 64, 0.85 at B = 1).
+// previous chunk's state update and held up the next (measured with an earlier per-row dt
+// projection: three passes took 0.7 of the one pass's time a row at B = 64, 0.85 at B = 1).
 template <typename scalar_t, int NV>
 void mamba_update_row(const MambaRow<scalar_t>& row, const MambaWeights<scalar_t>& w, scalar_t* scratch) {
   using Vec = Vectorized<scalar_t>;
@@ -249,7 +292,7 @@ void mamba_update_row(const MambaRow<scalar_t>& row, const MambaWeights<scalar_t
   const int64_t E = w.E, tail = E % W, full = E - tail;
   scalar_t* delta = scratch;
   scalar_t* sums = scratch + mamba_row_scratch<scalar_t>(E) / 2;
-  for (int64_t e0 = 0; e0 < E; e0 += W) mamba_delta_chunk(w, row.dbc, e0, std::min(W, E - e0), delta + e0);
+  mamba_delta_row(row, w, delta);
   const scalar_t* Bn = row.dbc + w.R;
   const scalar_t* Cn = Bn + w.N;
   Vec Bv[NV > 0 ? NV : 1], Cv[NV > 0 ? NV : 1];
@@ -279,10 +322,17 @@ void mamba_update_rows(const scalar_t* xz, const scalar_t* u, const scalar_t* db
   const int64_t warm_rows = Bsz >= 16 && w.next_w != nullptr ? std::min(Bsz, (lines + E - 1) / E) : 0;
   at::parallel_for(0, Bsz, 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> scratch(mamba_row_scratch<scalar_t>(E));
+    // [rows, E] dt_w dt + dt_bias, every value written by the product (no zero fill: 128 KB at B = 64)
+    std::unique_ptr<scalar_t[]> pre(w.dt_wt != nullptr ? new scalar_t[(end - begin) * E] : nullptr);
+    if (pre != nullptr) {
+      gemm_rows_detail::gemm_nn<scalar_t>(dbc + begin * (R + 2 * N), R + 2 * N, w.dt_wt, E, w.dt_bias, pre.get(), E,
+                                          end - begin, E, R);
+    }
     for (int64_t b = begin; b < end; ++b) {
       const int64_t k = b - (Bsz - warm_rows);
       const char* warm = k >= 0 ? static_cast<const char*>(w.next_w) + k * E * 64 : nullptr;
-      const MambaRow<scalar_t> row{xz + b * 2 * E + E, u + b * E, dbc + b * (R + 2 * N), ssm_state + b * E * N,
+      const MambaRow<scalar_t> row{xz + b * 2 * E + E, u + b * E, dbc + b * (R + 2 * N),
+                                   pre != nullptr ? pre.get() + (b - begin) * E : nullptr, ssm_state + b * E * N,
                                    y + b * E, warm};
       row_fn(row, w, scratch.data());
     }

@@ -27,47 +27,64 @@
 
 namespace hybridssm::step {
 
-inline at::vec::Vectorized<float> softplus_f32(const at::vec::Vectorized<float>& x) {
+// softplus of K vectors in place, each step applied to all K before the next (a chain of ~60
+// dependent ops per vector: in lockstep K chains overlap in program order, decay_exp.h's
+// decay_exp_f32_n says why that matters); the same operations on each vector as K = 1.
+template <int K>
+inline void softplus_f32_n(at::vec::Vectorized<float> (&x)[K]) {
   using Vec = at::vec::Vectorized<float>;
   using IVec = at::vec::Vectorized<int32_t>;
   const Vec zero(0.f), one(1.f);
   const Vec ln2_hi(0.693145751953125f), ln2_lo(1.428606765330187e-06f);  // ln2_hi: 16 significant bits
   // t = exp(y), y = -|x| in [-104, 0] (below -104 exp(y) rounds to 0 in fp32)
-  const Vec y = at::vec::maximum(x.abs().neg(), Vec(-104.f));
-  const Vec k = at::vec::fmadd(y, Vec(1.4426950408889634f), Vec(0.5f)).floor();
-  Vec r = at::vec::fmadd(k, ln2_hi.neg(), y);
-  r = at::vec::fmadd(k, ln2_lo.neg(), r);
-  Vec p(1.f / 5040.f);
-  p = at::vec::fmadd(p, r, Vec(1.f / 720.f));
-  p = at::vec::fmadd(p, r, Vec(1.f / 120.f));
-  p = at::vec::fmadd(p, r, Vec(1.f / 24.f));
-  p = at::vec::fmadd(p, r, Vec(1.f / 6.f));
-  p = at::vec::fmadd(p, r, Vec(0.5f));
-  p = at::vec::fmadd(p, r, one);
-  p = at::vec::fmadd(p, r, one);
+  Vec y[K], k[K], r[K], p[K];
+  for (int i = 0; i < K; ++i) y[i] = at::vec::maximum(x[i].abs().neg(), Vec(-104.f));
+  for (int i = 0; i < K; ++i) k[i] = at::vec::fmadd(y[i], Vec(1.4426950408889634f), Vec(0.5f)).floor();
+  for (int i = 0; i < K; ++i) r[i] = at::vec::fmadd(k[i], ln2_hi.neg(), y[i]);
+  for (int i = 0; i < K; ++i) r[i] = at::vec::fmadd(k[i], ln2_lo.neg(), r[i]);
+  for (int i = 0; i < K; ++i) p[i] = at::vec::fmadd(Vec(1.f / 5040.f), r[i], Vec(1.f / 720.f));
+  for (int i = 0; i < K; ++i) p[i] = at::vec::fmadd(p[i], r[i], Vec(1.f / 120.f));
+  for (int i = 0; i < K; ++i) p[i] = at::vec::fmadd(p[i], r[i], Vec(1.f / 24.f));
+  for (int i = 0; i < K; ++i) p[i] = at::vec::fmadd(p[i], r[i], Vec(1.f / 6.f));
+  for (int i = 0; i < K; ++i) p[i] = at::vec::fmadd(p[i], r[i], Vec(0.5f));
+  for (int i = 0; i < K; ++i) p[i] = at::vec::fmadd(p[i], r[i], one);
+  for (int i = 0; i < K; ++i) p[i] = at::vec::fmadd(p[i], r[i], one);
   // 2^k = 2^k1 2^k2 with k1 = floor(k / 2): both factors are normal floats for k >= -151
-  const IVec ki = at::vec::convert_to_int_of_same_size(k);
-  const IVec k1 = ki >> IVec(1), k2 = ki - k1;
-  const IVec bias(127), mant(23);
-  const Vec t = p * at::vec::cast<float>((k1 + bias) << mant) * at::vec::cast<float>((k2 + bias) << mant);
+  Vec t[K];
+  for (int i = 0; i < K; ++i) {
+    const IVec ki = at::vec::convert_to_int_of_same_size(k[i]);
+    const IVec k1 = ki >> IVec(1), k2 = ki - k1;
+    const IVec bias(127), mant(23);
+    t[i] = p[i] * at::vec::cast<float>((k1 + bias) << mant) * at::vec::cast<float>((k2 + bias) << mant);
+  }
   // log1p(t), t in [0, 1]
-  const Vec w = one + t;
-  const Vec c = t - (w - one);
-  const Vec big = w > Vec(1.41421356f);
-  const Vec j = Vec::blendv(zero, one, big);
-  const Vec m = Vec::blendv(w, w * Vec(0.5f), big);
-  const Vec f = m - one;
-  const Vec s = f / (Vec(2.f) + f);
-  const Vec z = s * s;
-  Vec R = at::vec::fmadd(z, Vec(2.f / 9.f), Vec(2.f / 7.f));
-  R = at::vec::fmadd(z, R, Vec(2.f / 5.f));
-  R = at::vec::fmadd(z, R, Vec(2.f / 3.f));
-  R = z * R;
-  const Vec hfsq = Vec(0.5f) * f * f;
-  const Vec log1pf = f - (hfsq - s * (hfsq + R));
-  const Vec log1pt = at::vec::fmadd(j, ln2_hi, at::vec::fmadd(j, ln2_lo, c / w) + log1pf);
-  const Vec out = at::vec::maximum(x, zero) + log1pt;
-  return Vec::blendv(out, x, (x > Vec(20.f)) | (x != x));
+  Vec w[K], cw[K], j[K], f[K], s[K], z[K], R[K], h[K];
+  for (int i = 0; i < K; ++i) w[i] = one + t[i];
+  for (int i = 0; i < K; ++i) cw[i] = (t[i] - (w[i] - one)) / w[i];  // the rounding error of w, over w
+  for (int i = 0; i < K; ++i) {
+    const Vec big = w[i] > Vec(1.41421356f);
+    j[i] = Vec::blendv(zero, one, big);
+    f[i] = Vec::blendv(w[i], w[i] * Vec(0.5f), big) - one;
+  }
+  for (int i = 0; i < K; ++i) s[i] = f[i] / (Vec(2.f) + f[i]);
+  for (int i = 0; i < K; ++i) z[i] = s[i] * s[i];
+  for (int i = 0; i < K; ++i) R[i] = at::vec::fmadd(z[i], Vec(2.f / 9.f), Vec(2.f / 7.f));
+  for (int i = 0; i < K; ++i) R[i] = at::vec::fmadd(z[i], R[i], Vec(2.f / 5.f));
+  for (int i = 0; i < K; ++i) R[i] = at::vec::fmadd(z[i], R[i], Vec(2.f / 3.f));
+  for (int i = 0; i < K; ++i) R[i] = z[i] * R[i];
+  for (int i = 0; i < K; ++i) h[i] = Vec(0.5f) * f[i] * f[i];  // f^2 / 2
+  for (int i = 0; i < K; ++i) {
+    const Vec log1pf = f[i] - (h[i] - s[i] * (h[i] + R[i]));
+    const Vec log1pt = at::vec::fmadd(j[i], ln2_hi, at::vec::fmadd(j[i], ln2_lo, cw[i]) + log1pf);
+    const Vec out = at::vec::maximum(x[i], zero) + log1pt;
+    x[i] = Vec::blendv(out, x[i], (x[i] > Vec(20.f)) | (x[i] != x[i]));
+  }
+}
+
+inline at::vec::Vectorized<float> softplus_f32(const at::vec::Vectorized<float>& x) {
+  at::vec::Vectorized<float> v[1] = {x};
+  softplus_f32_n(v);
+  return v[0];
 }
 
 }  // namespace hybridssm::step
