@@ -11,6 +11,7 @@ imported, so every subfolder imports them.
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -41,6 +42,16 @@ torch.set_num_threads(int(os.environ.get("HYBRIDSSM_TEST_THREADS", "1")))
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left():
+    """A process a test started from tests/forked.py's server and left running (it failed before it
+    waited) is killed after the test, not left to run on beside the rest of the suite."""
+    yield
+    forked = sys.modules.get("forked")
+    if forked is not None:
+        forked.end_leftovers()
 
 
 def pytest_collection_modifyitems(config, items):

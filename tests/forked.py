@@ -22,14 +22,20 @@ from pathlib import Path
 _CTX = mp.get_context("forkserver")
 _CTX.set_forkserver_preload(["torch", "torch.utils.cpp_extension", "torch._dynamo"])
 _COUNT = itertools.count()
+_STARTED: list[Run] = []  # every run started since the last end_leftovers()
 
 
 def _run(target: str, module: bool, args: list[str], env: dict[str, str], out: str, err: str) -> None:
     """In the forked child: stdout and stderr to the files (at the descriptors, so that C code and
     subprocesses write there too), the run's environment, then the script as ``__main__``."""
     import runpy
+    import signal
     import sys
 
+    # Ctrl-C as in a process started from a terminal: Python's handler. A launcher that ignores SIGINT
+    # (a non-interactive shell's background job) passes "ignore" on to every process it starts, this
+    # server included, and a SIGINT test would then wait for a process that never stops.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for fd, path in ((1, out), (2, err)):
         log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(log, fd)
@@ -55,6 +61,7 @@ class Run:
                                                      str(self._err)))
         self._proc.start()
         self.pid = self._proc.pid
+        _STARTED.append(self)
 
     def stdout(self) -> str:
         return self._out.read_text() if self._out.exists() else ""
@@ -105,3 +112,15 @@ def start(script: Path, *args: str, env: dict[str, str]) -> Run:
 def start_module(name: str, *args: str, env: dict[str, str], logs: Path) -> Run:
     """``python -m name *args`` in a fresh process forked from the torch-importing server."""
     return Run(name, True, args, env, Path(logs))
+
+
+def end_leftovers() -> list[str]:
+    """Kill every run started since the last call that is still running (a test that failed before
+    it waited for its run, e.g. a training of 100,000 steps that never got its SIGINT) and wait for
+    them; returns their names. tests/conftest.py calls it after each test that imported this module."""
+    left = [run for run in _STARTED if run.running()]
+    for run in left:
+        run.kill()
+        run.wait(30)
+    _STARTED.clear()
+    return [run._out.stem for run in left]

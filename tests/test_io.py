@@ -136,10 +136,16 @@ def test_ctrl_c_during_a_torch_save_waits_for_the_file_then_interrupts(tmp_path)
         with open(tmp, "wb") as fh:
             torch.save(payload, Interrupting(fh))
 
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    with pytest.raises(KeyboardInterrupt):
-        io.atomic_write(target, write)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    # Python's own handler, as in a process started from a terminal (one started by a launcher that
+    # ignores SIGINT, such as a non-interactive shell's background job, inherits "ignore"; there
+    # atomic_write leaves the signal alone)
+    launcher = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            io.atomic_write(target, write)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        signal.signal(signal.SIGINT, launcher)
     got = torch.load(target, weights_only=True)
     assert got.keys() == payload.keys() and all(torch.equal(got[k], payload[k]) for k in payload)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
