@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> str:
         "attention cache bytes) / read rate. Window: re-running the 60-frame window, model(x), median. "
         "Streams: step(x, state, reset=done, inplace=True) with a random 1/60 of rows reset per step; "
         "(of GEMM) = matmul FLOPs per frame x frames/s / the 512^3 GEMM rate measured between the "
-        "streams' steps (one GEMM call per turn, median, like the steps)"
+        "streams' steps (each turn one call to bring its operands back, then one timed: hot; median)"
         + (": " + ", ".join(f"B={b} {rows[0][f'gemm_gflops_{b}']:.1f}" for b in batches) + " GFLOP/s."
            if batches and rows else "."),
         "",

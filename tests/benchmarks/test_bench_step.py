@@ -146,13 +146,22 @@ def test_gemm_ceiling_is_timed_between_the_streams_steps(monkeypatch):
     which the machine's load can move by a third within minutes)."""
     real = steps_module.time_interleaved
     seen = []
+    clock = iter(range(10**6))  # perf_counter as 0, 1, 2, ...: each timed call lasts one "second"
 
     def timed(fns, settings, device):
-        times = real(fns, settings, device)
-        if steps_module._GEMM in fns:  # the streams' loop: the GEMM call among the models' steps
-            seen.append(sorted(k for k in fns if k is not steps_module._GEMM))
-            times[steps_module._GEMM] = 2 * 64**3 / (len(seen) * 1e9)  # 1, then 2 GFLOP/s
-        return times
+        if steps_module._GEMM not in fns:
+            return real(fns, settings, device)
+        # the streams' loop: the GEMM among the models' steps; the GEMM's timed calls take 1 s, then
+        # (second batch) 1/2 s against a fake clock: 2 * 64^3 FLOPs at 2 * 64^3 / 1e9, then twice that
+        seen.append(sorted(k for k in fns if k is not steps_module._GEMM))
+        calls = []
+        with monkeypatch.context() as m:
+            m.setattr(steps_module.time, "perf_counter", lambda: next(clock) / len(seen))
+            m.setattr(steps_module.torch, "mm", lambda *a, **k: calls.append(1))
+            for _ in range(3):
+                fns[steps_module._GEMM]()
+        assert len(calls) == 6  # each turn: one untimed call (operands back in cache), one timed
+        return real({k: f for k, f in fns.items() if k is not steps_module._GEMM}, settings, device)
 
     monkeypatch.setattr(steps_module, "time_interleaved", timed)
     plan = StepBench(steps=2, rounds=1, warmup=1, window=False, batches=(2, 3), settings=QUICK.settings,
@@ -161,9 +170,9 @@ def test_gemm_ceiling_is_timed_between_the_streams_steps(monkeypatch):
                                                                        "exp_gelems": 1.0}, plan)
     assert seen == [["a", "b"], ["a", "b"]]  # one loop per batch, both models in it
     for r in rows:
-        assert (r["gemm_gflops_2"], r["gemm_gflops_3"]) == pytest.approx((1.0, 2.0))
-        assert r["gemm_3"] == pytest.approx(r["flops_3"] * r["fps_3"] / 2e9)
-        assert r["ideal_gemm_s_2"] == pytest.approx(r["flops_2"] / 1e9)
+        assert (r["gemm_gflops_2"], r["gemm_gflops_3"]) == pytest.approx((2 * 64**3 / 1e9, 4 * 64**3 / 1e9))
+        assert r["gemm_3"] == pytest.approx(r["flops_3"] * r["fps_3"] / (4 * 64**3))
+        assert r["ideal_gemm_s_2"] == pytest.approx(r["flops_2"] / (2 * 64**3))
 
 
 def test_stream_flops_are_the_step_products():
@@ -203,7 +212,7 @@ def test_quick_run_writes_table_and_json(script, tmp_path):
     assert out.read_text().strip() == text.strip()
     assert "threads 1" in text and "single-thread read" in text and "exp rate in cache" in text
     rate = json.loads(raw.read_text())["rows"][0]["gemm_gflops_2"]  # the fractions' denominator
-    assert rate > 0 and f"(one GEMM call per turn, median, like the steps): B=2 {rate:.1f} GFLOP/s." in text
+    assert rate > 0 and f"then one timed: hot; median): B=2 {rate:.1f} GFLOP/s." in text
     assert "| model | of machine B=2 | own-shape GEMM B=2 GFLOP/s (of it) |" in text
     record = json.loads(raw.read_text())
     assert [r["model"] for r in record["rows"]] == ["mamba", "hybrid[gru]"]
