@@ -90,6 +90,18 @@ inline at::Tensor as_(const at::Tensor& t, at::ScalarType dt) {
 
 inline bool present(const at::Tensor& t) { return t.defined() && t.numel() > 0; }
 
+// w [rows, cols] (row-major) transposed into a new buffer [cols, rows]: a weight read input-major by
+// a product over many rows (conv taps, Mamba's dt projection). Built per call, never kept: a weight
+// may change between calls.
+template <typename scalar_t>
+std::vector<scalar_t> transposed(const scalar_t* w, int64_t rows, int64_t cols) {
+  std::vector<scalar_t> wt(rows * cols);
+  for (int64_t j = 0; j < cols; ++j) {
+    for (int64_t i = 0; i < rows; ++i) wt[j * rows + i] = w[i * cols + j];
+  }
+  return wt;
+}
+
 inline std::optional<at::Tensor> opt(const at::Tensor& t, at::ScalarType dt) {
   return present(t) ? std::optional<at::Tensor>(as_(t, dt)) : std::nullopt;
 }

@@ -17,11 +17,7 @@ namespace hybridssm::step {
 // the transposition costs about what the vector path saves: callers take it from kConvTapsRows rows.
 template <typename scalar_t>
 std::vector<scalar_t> conv_taps(const scalar_t* w, int64_t C, int64_t K) {
-  std::vector<scalar_t> wt(K * C);
-  for (int64_t j = 0; j < K; ++j) {
-    for (int64_t c = 0; c < C; ++c) wt[j * C + c] = w[c * K + j];
-  }
-  return wt;
+  return transposed(w, C, K);
 }
 
 inline constexpr int64_t kConvTapsRows = 4;

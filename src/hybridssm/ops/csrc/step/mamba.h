@@ -128,7 +128,7 @@ inline at::Tensor mamba_update(const at::Tensor& xz, const at::Tensor& u, const 
   auto y = at::empty({Bsz, E}, xz.options());
   const auto out_w = as_(m.w[8], dt);
   AT_DISPATCH_FLOATING_TYPES(dt, "mamba_update", [&] {
-    const auto dt_wt = Bsz >= kDeltaGemmRows ? mamba_dt_transposed(dt_w.data_ptr<scalar_t>(), E, d.R)
+    const auto dt_wt = Bsz >= kDeltaGemmRows ? transposed(dt_w.data_ptr<scalar_t>(), E, d.R)
                                              : std::vector<scalar_t>();
     const MambaWeights<scalar_t> w{dt_w.data_ptr<scalar_t>(), dt_bias.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(),
                                    Dv.data_ptr<scalar_t>(), E, d.R, d.N, out_w.data_ptr(), out_w.nbytes(),

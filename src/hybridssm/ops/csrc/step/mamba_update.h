@@ -72,7 +72,7 @@ struct MambaWeights {
   int64_t E, R, N;
   const void* next_w = nullptr;  // the weight the next GEMM reads (out_proj's), warmed into the L2
   int64_t next_w_bytes = 0;
-  const scalar_t* dt_wt = nullptr;  // dt_w transposed [R, E] (mamba_dt_transposed), or null
+  const scalar_t* dt_wt = nullptr;  // dt_w transposed [R, E] (common.h's transposed), or null
 };
 
 // dt_w [E, R] transposed to [R, E]: the weight of the dt projection as an input-major product
@@ -80,15 +80,6 @@ struct MambaWeights {
 // channels with a loop and a reduction around them, half of the delta pass; built per call (a
 // weight may change between calls) from kDeltaGemmRows rows: at one row the copy costs what it saves.
 inline constexpr int64_t kDeltaGemmRows = 4;
-
-template <typename scalar_t>
-std::vector<scalar_t> mamba_dt_transposed(const scalar_t* dt_w, int64_t E, int64_t R) {
-  std::vector<scalar_t> wt(R * E);
-  for (int64_t e = 0; e < E; ++e) {
-    for (int64_t r = 0; r < R; ++r) wt[r * E + e] = dt_w[e * R + r];
-  }
-  return wt;
-}
 
 // How far ahead (bytes) the state is prefetched: a few dozen channels of compute hide a miss.
 constexpr int64_t kStatePrefetchBytes = 1024;
