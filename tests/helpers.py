@@ -89,3 +89,14 @@ def stream(model, x: torch.Tensor, state=None, inplace: bool = False):
         y, state = model.step(x[:, t], state, inplace=inplace)
         outs.append(y)
     return torch.stack(outs, 1), state
+
+
+def assert_stream_equals_forward(model, x: torch.Tensor, msg: str = "") -> None:
+    """``model`` stepped through ``x`` frame by frame, functional and in place, gives its forward's
+    outputs and final state."""
+    with torch.no_grad():
+        want, want_state = model(x, return_sequence=True, return_state=True)
+        for inplace in (True, False):
+            got, state = stream(model, x, inplace=inplace)
+            assert_close(got, want, msg=f"{msg} inplace={inplace}")
+            assert_tree_close(state, want_state, msg=f"{msg} inplace={inplace} state")

@@ -10,7 +10,7 @@ from torch import nn
 
 import hybridssm as hs
 from conformance_cases import tiny_cases
-from helpers import assert_close, assert_tree_close, block_by_block, stream
+from helpers import assert_close, assert_stream_equals_forward, assert_tree_close, block_by_block, stream
 from hybridssm.ops import use_kernels
 from hybridssm.state import ModelState
 from hybridssm.streaming import plan as plan_mod
@@ -30,13 +30,7 @@ def _model(dtype=torch.float32, seed=0, **kw):
 
 
 def _assert_stream_equals_forward(model, B=2, T=9, msg=""):
-    x = torch.randn(B, T, E_IN, dtype=model.input_proj.weight.dtype)
-    with torch.no_grad():
-        want, want_state = model(x, return_sequence=True, return_state=True)
-        for inplace in (True, False):
-            got, state = stream(model, x, inplace=inplace)
-            assert_close(got, want, msg=f"{msg} inplace={inplace}")
-            assert_tree_close(state, want_state, msg=f"{msg} inplace={inplace} state")
+    assert_stream_equals_forward(model, torch.randn(B, T, E_IN, dtype=model.input_proj.weight.dtype), msg)
 
 
 @pytest.fixture

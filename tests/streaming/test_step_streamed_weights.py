@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 import hybridssm as hs
-from helpers import assert_close, assert_tree_close, stream
+from helpers import assert_stream_equals_forward
 from hybridssm.streaming import plan as plan_mod
 
 
@@ -18,11 +18,5 @@ def test_step_of_a_model_beyond_the_cache_equals_forward():
     model = hs.build("transformer", embed_dim=256, hidden_size=256, dropout=0.0).eval()
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     assert nbytes > 8 << 20, nbytes
-    x = torch.randn(1, 6, 256)
-    with torch.no_grad():
-        want, want_state = model(x, return_sequence=True, return_state=True)
-        for inplace in (True, False):
-            got, state = stream(model, x, inplace=inplace)
-            assert_close(got, want, msg=f"inplace={inplace}")
-            assert_tree_close(state, want_state, msg=f"inplace={inplace} state")
+    assert_stream_equals_forward(model, torch.randn(1, 6, 256))
     assert plan_mod.plan_status(model) == "fused"
