@@ -50,12 +50,12 @@ def _run(target: str, module: bool, args: list[str], env: dict[str, str], out: s
 
 
 class Run:
-    """A started script: ``pid``, ``stdout()``/``stderr()`` so far, ``wait``, ``kill``, ``returncode``
-    (negative: the signal that ended it), ``communicate`` (wait, then both outputs)."""
+    """A started script: ``name``, ``pid``, ``stdout()``/``stderr()`` so far, ``wait``, ``kill``,
+    ``returncode`` (negative: the signal that ended it), ``communicate`` (wait, then both outputs)."""
 
     def __init__(self, target: str, module: bool, args: tuple[str, ...], env: dict[str, str],
                  logs: Path) -> None:
-        name = f"{Path(target).stem}.{next(_COUNT)}"
+        self.name = name = f"{Path(target).stem}.{next(_COUNT)}"  # its log files' stem
         self._out, self._err = logs / f"{name}.out", logs / f"{name}.err"
         self._proc = _CTX.Process(target=_run, args=(target, module, list(args), dict(env), str(self._out),
                                                      str(self._err)))
@@ -79,7 +79,7 @@ class Run:
     def wait(self, timeout: float | None = None) -> int:
         self._proc.join(timeout)
         if self._proc.exitcode is None:
-            raise TimeoutError(f"{self._out.stem} still running after {timeout} s")
+            raise TimeoutError(f"{self.name} still running after {timeout} s")
         return self._proc.exitcode
 
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
@@ -123,4 +123,4 @@ def end_leftovers() -> list[str]:
         run.kill()
         run.wait(30)
     _STARTED.clear()
-    return [run._out.stem for run in left]
+    return [run.name for run in left]

@@ -27,6 +27,6 @@ def test_runs_left_running_are_ended(tmp_path):
     finished.wait(60)
     left = forked.start(script, env=dict(os.environ))
     assert left.running()
-    assert forked.end_leftovers() == [left._out.stem]
+    assert forked.end_leftovers() == [left.name]
     assert not left.running() and left.returncode < 0  # killed
     assert forked.end_leftovers() == []
