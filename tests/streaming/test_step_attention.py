@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import hybridssm as hs
-from helpers import assert_close, assert_tree_close
+from helpers import assert_bitwise, assert_close, assert_tree_close
 from hybridssm.mixers.attention import AttentionMixer, AttentionState
 from hybridssm.ops.step import MixerStep, mixer_step
 
@@ -227,3 +227,33 @@ def test_wide_heads_every_value_strip(Dh):
     strips there."""
     _stream(_mixer(2 * Dh, 2, Dh, prefix=P, mem=M, rope=True), 2, 9, 6)
     _stream(_mixer(2 * Dh, 2, Dh, window=W, mem=M, dtype=torch.float64), 1, 3, 6)
+
+
+@pytest.mark.parametrize("Dh,kv_heads,dtype", [(64, None, torch.float32), (10, 1, torch.float32),
+                                               (40, 2, torch.float64)])
+def test_a_row_does_not_depend_on_its_neighbours(Dh, kv_heads, dtype):
+    """A thread's (row, kv head) tasks run as a pipeline: each turn scores one task's keys while it sums
+    the previous task's values (one value strip: 64 and 10 fp32; 40 fp64 is two strips and reads them
+    one after the other). A row's output and cache are the same bits whatever its neighbours attend:
+    the rows around row 2 change their positions (so spans, and which turn pairs with which) and their
+    cached values, row 2 keeps its own."""
+    B, row = 5, 2
+    m = _mixer(4 * Dh, 4, Dh, mem=M, rope=True, qk_norm=True, kv_heads=kv_heads, dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, 4 * Dh, generator=g).to(dtype)
+    spec, outs, caches = m.step_spec(), [], []
+    for trial in range(3):
+        st = m.init_state(B, max_len=40)
+        st.k.normal_(generator=g)
+        st.v.normal_(generator=g)
+        st.pos.copy_(torch.randint(0, 40, (B,), generator=g))
+        st.pos[row] = 29
+        torch.manual_seed(1)  # row 2's cache: the same values each trial
+        st.k[row].normal_()
+        st.v[row].normal_()
+        outs.append(mixer_step(spec, x, list(st), st.pos.clone())[row])
+        caches.append((st.k[row], st.v[row]))
+    for out, (k, v) in zip(outs[1:], caches[1:]):
+        assert_bitwise(out, outs[0], "row 2's output depends on the other rows")
+        assert_bitwise(k, caches[0][0], "row 2's keys depend on the other rows")
+        assert_bitwise(v, caches[0][1], "row 2's values depend on the other rows")

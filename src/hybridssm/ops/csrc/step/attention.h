@@ -28,6 +28,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <mutex>
 #include <tuple>
 
@@ -121,106 +122,158 @@ void scaled_softmax_inplace(scalar_t* s, int64_t n, scalar_t scale) {
   }
 }
 
-// out[0..8) = the horizontal sums of acc[0..8): on AVX2 floats a transposing add tree (three rounds of
-// hadd), else one sum per vector.
+// out[0..4) = the horizontal sums of acc[0..4): on AVX2 floats a transposing add tree (two rounds of
+// hadd, then the two 128-bit halves), else one sum per vector. Each sum is ((x0 + x1) + (x2 + x3)) +
+// ((x4 + x5) + (x6 + x7)), the tree the eight-row form of this reduction used: a score has the same
+// bits as before the key pass went four rows at a time.
 template <typename scalar_t>
-inline void hsum8(const Vectorized<scalar_t>* acc, scalar_t* out) {
-  for (int j = 0; j < 8; ++j) out[j] = hybridssm::hsum(acc[j]);
+inline void hsum4(const Vectorized<scalar_t>* acc, scalar_t* out) {
+  for (int j = 0; j < 4; ++j) out[j] = hybridssm::hsum(acc[j]);
 }
 
 #if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
 template <>
-inline void hsum8<float>(const Vectorized<float>* acc, float* out) {
+inline void hsum4<float>(const Vectorized<float>* acc, float* out) {
   const __m256 t0 = _mm256_hadd_ps(acc[0], acc[1]), t1 = _mm256_hadd_ps(acc[2], acc[3]);
-  const __m256 t2 = _mm256_hadd_ps(acc[4], acc[5]), t3 = _mm256_hadd_ps(acc[6], acc[7]);
-  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // lanes: 4 half-sums each
-  const __m256 lo = _mm256_permute2f128_ps(u0, u1, 0x20), hi = _mm256_permute2f128_ps(u0, u1, 0x31);
-  _mm256_storeu_ps(out, _mm256_add_ps(lo, hi));
+  const __m256 u = _mm256_hadd_ps(t0, t1);  // lanes 0-3: each row's low half-sum, 4-7: its high one
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
 }
 #endif
 
-// the cache passes ask for the slots kAheadRows ahead of the one they read (prefetch_bytes)
-constexpr int64_t kAheadRows = 16;
-
-// s[r] = q . K[r] for the n rows of K (D values each, contiguous), eight rows per pass so that each load
-// of q serves eight products and the eight sums reduce together; rows kAheadRows ahead are prefetched.
+// s[0..4) = q . k[j * D, (j + 1) * D) for four rows: each load of q serves four products. Four rows,
+// not eight: beside a value strip's 8 accumulators (keys_and_values) the 16 AVX2 registers hold 4
+// more, and 8 would spill.
 template <typename scalar_t>
-void key_scores(const scalar_t* K, const scalar_t* q, int64_t n, int64_t D, scalar_t* s) {
+inline void key_rows4(const scalar_t* k, const scalar_t* q, int64_t D, scalar_t* s) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t W = Vec::size();
-  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
-  int64_t r = 0;
-  for (; r + 8 <= n; r += 8) {
-    if (r + kAheadRows < n) {
-      prefetch_bytes(K + (r + kAheadRows) * D, std::min<int64_t>(8, n - r - kAheadRows) * row_bytes);
-    }
-    Vec acc[8];
-    for (int j = 0; j < 8; ++j) acc[j] = Vec(0);
-    const scalar_t* k = K + r * D;
-    int64_t i = 0;
-    for (; i + W <= D; i += W) {
-      const Vec qv = Vec::loadu(q + i);
-      for (int j = 0; j < 8; ++j) acc[j] = at::vec::fmadd(Vec::loadu(k + j * D + i), qv, acc[j]);
-    }
-    if (i < D) {
-      const Vec qv = Vec::loadu(q + i, D - i);
-      for (int j = 0; j < 8; ++j) acc[j] = at::vec::fmadd(Vec::loadu(k + j * D + i, D - i), qv, acc[j]);
-    }
-    hsum8(acc, s + r);
+  Vec acc[4];
+  for (int j = 0; j < 4; ++j) acc[j] = Vec(0);
+  int64_t i = 0;
+  for (; i + W <= D; i += W) {
+    const Vec qv = Vec::loadu(q + i);
+    for (int j = 0; j < 4; ++j) acc[j] = at::vec::fmadd(Vec::loadu(k + j * D + i), qv, acc[j]);
   }
-  for (; r < n; ++r) {
-    s[r] = dot(K + r * D, q, D);
+  if (i < D) {
+    const Vec qv = Vec::loadu(q + i, D - i);
+    for (int j = 0; j < 4; ++j) acc[j] = at::vec::fmadd(Vec::loadu(k + j * D + i, D - i), qv, acc[j]);
   }
+  hsum4(acc, s);
 }
 
-// One strip of NV vectors of weighted_sum's output (the last holds `tail` values): its accumulators
+// s[r] = q . K[r] for rows [r0, r1) of K (D values each, contiguous): rows below the last multiple of 8
+// of the n rows four at a time (key_rows4), the rest one by one (dot), as the pass always split them.
+template <typename scalar_t>
+inline void key_range(const scalar_t* K, const scalar_t* q, int64_t n, int64_t r0, int64_t r1, int64_t D,
+                      scalar_t* s) {
+  const int64_t blocked = n / 8 * 8;
+  int64_t r = r0;
+  for (; r + 4 <= std::min(r1, blocked); r += 4) key_rows4(K + r * D, q, D, s + r);
+  for (; r < r1; ++r) s[r] = dot(K + r * D, q, D);
+}
+
+// s[r] = q . K[r] for the n rows of K.
+template <typename scalar_t>
+void key_scores(const scalar_t* K, const scalar_t* q, int64_t n, int64_t D, scalar_t* s) {
+  key_range(K, q, n, 0, n, D, s);
+}
+
+// Another task's key pass riding along a value strip (keys_and_values): s[r] = q . K[r] for its n rows.
+template <typename scalar_t>
+struct KeyStream {
+  const scalar_t* K;
+  const scalar_t* q;
+  int64_t n;
+  int64_t D;
+  scalar_t* s;
+};
+
+// One strip of NV vectors of a weighted sum's output (the last holds `tail` values): its accumulators
 // are NV named registers over the n rows. NV is a compile-time width for every strip, the narrow last
 // one included: an array indexed by a run-time count lives on the stack, and each row's FMAs then go
-// through memory (a store-to-load chain per row).
+// through memory (a store-to-load chain per row). With `keys`, that key pass runs in the same loop,
+// four key rows beside four value rows per turn (while both have them), then its rest.
 template <typename scalar_t, int NV>
 inline void weighted_strip(const scalar_t* p, const scalar_t* V, int64_t n, int64_t stride, scalar_t* out,
-                           int64_t tail, bool accumulate, int64_t ahead_bytes) {
+                           int64_t tail, bool accumulate, const KeyStream<scalar_t>* keys = nullptr) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t W = Vec::size();
   auto cnt = [&](int j) { return j + 1 == NV ? tail : W; };
   Vec acc[NV];
   for (int j = 0; j < NV; ++j) acc[j] = accumulate ? hybridssm::load(out + j * W, cnt(j)) : Vec(0);
-  for (int64_t r = 0; r < n; ++r) {
-    if (ahead_bytes > 0 && r + kAheadRows < n) prefetch_bytes(V + (r + kAheadRows) * stride, ahead_bytes);
+  auto add = [&](int64_t r) {
     const Vec pr(p[r]);
     const scalar_t* v = V + r * stride;
     for (int j = 0; j < NV; ++j) acc[j] = at::vec::fmadd(pr, hybridssm::load(v + j * W, cnt(j)), acc[j]);
+  };
+  // rows [0, both) of the keys go four at a time (key_range's blocked part, a multiple of 4)
+  const int64_t both = keys != nullptr ? std::min(keys->n / 8 * 8, n / 4 * 4) : 0;
+  int64_t r = 0;
+  for (; r < both; r += 4) {
+    key_rows4(keys->K + r * keys->D, keys->q, keys->D, keys->s + r);
+    for (int i = 0; i < 4; ++i) add(r + i);
   }
+  for (; r < n; ++r) add(r);
   for (int j = 0; j < NV; ++j) hybridssm::store(acc[j], out + j * W, cnt(j));
+  if (keys != nullptr) key_range(keys->K, keys->q, keys->n, both, keys->n, keys->D, keys->s);
 }
 
+// Calls f(std::integral_constant<int, nv>) for a strip of nv = 1..8 vectors.
+template <typename F>
+inline void with_strip_width(int nv, F&& f) {
+  switch (nv) {
+    case 8: f(std::integral_constant<int, 8>()); break;
+    case 7: f(std::integral_constant<int, 7>()); break;
+    case 6: f(std::integral_constant<int, 6>()); break;
+    case 5: f(std::integral_constant<int, 5>()); break;
+    case 4: f(std::integral_constant<int, 4>()); break;
+    case 3: f(std::integral_constant<int, 3>()); break;
+    case 2: f(std::integral_constant<int, 2>()); break;
+    default: f(std::integral_constant<int, 1>()); break;
+  }
+}
+
+// the widest value strip (vectors) kept in registers
+constexpr int kStrip = 8;
+// cache lines asked for at the head of each stream a turn will read next (keys_and_values' pipeline)
+constexpr int64_t kHeadLines = 16;
+
 // out[0..D) (+)= sum_r p[r] * V[r * stride + 0..D): strips of up to kStrip vectors of the output stay in
-// registers while the rows of V stream through once. With `ahead`, the first strip's pass prefetches
-// whole rows kAheadRows ahead (the cache's values; memory values stay in cache).
+// registers while the rows of V stream through once per strip.
 template <typename scalar_t>
 void weighted_sum(const scalar_t* p, const scalar_t* V, int64_t n, int64_t stride, int64_t D, scalar_t* out,
-                  bool accumulate, bool ahead = false) {
+                  bool accumulate) {
   constexpr int64_t W = Vectorized<scalar_t>::size();
-  constexpr int kStrip = 8;
-  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
   for (int64_t c0 = 0; c0 < D; c0 += kStrip * W) {
     const int64_t width = std::min<int64_t>(D - c0, kStrip * W);
     const int nv = static_cast<int>((width + W - 1) / W);
-    const int64_t tail = width - (nv - 1) * W;
-    const int64_t pf = ahead && c0 == 0 ? row_bytes : 0;
-    const scalar_t* v = V + c0;
-    scalar_t* o = out + c0;
-    switch (nv) {
-      case 8: weighted_strip<scalar_t, 8>(p, v, n, stride, o, tail, accumulate, pf); break;
-      case 7: weighted_strip<scalar_t, 7>(p, v, n, stride, o, tail, accumulate, pf); break;
-      case 6: weighted_strip<scalar_t, 6>(p, v, n, stride, o, tail, accumulate, pf); break;
-      case 5: weighted_strip<scalar_t, 5>(p, v, n, stride, o, tail, accumulate, pf); break;
-      case 4: weighted_strip<scalar_t, 4>(p, v, n, stride, o, tail, accumulate, pf); break;
-      case 3: weighted_strip<scalar_t, 3>(p, v, n, stride, o, tail, accumulate, pf); break;
-      case 2: weighted_strip<scalar_t, 2>(p, v, n, stride, o, tail, accumulate, pf); break;
-      default: weighted_strip<scalar_t, 1>(p, v, n, stride, o, tail, accumulate, pf); break;
-    }
+    with_strip_width(nv, [&](auto NV) {
+      weighted_strip<scalar_t, decltype(NV)::value>(p, V + c0, n, stride, out + c0, width - (nv - 1) * W,
+                                                    accumulate);
+    });
   }
+}
+
+// Whether a head of D values is one value strip: then keys_and_values reads two tasks' streams at once.
+template <typename scalar_t>
+constexpr bool one_strip(int64_t D) {
+  return D <= kStrip * Vectorized<scalar_t>::size();
+}
+
+// One task's key scores (s[r] = q . K[r], r < nk) and another's weighted values (out = sum_r p[r] V[r],
+// r < nv, D <= one strip): the same arithmetic as key_scores and weighted_sum, in one loop. The step is
+// bound by reading the caches, and one core reads two streams faster than one after the other: each
+// stream's hardware prefetch runs while the other's rows are computed.
+template <typename scalar_t>
+void keys_and_values(const scalar_t* K, const scalar_t* q, int64_t nk, scalar_t* s, const scalar_t* p,
+                     const scalar_t* V, int64_t nv, int64_t D, scalar_t* out) {
+  constexpr int64_t W = Vectorized<scalar_t>::size();
+  const int nvec = static_cast<int>((D + W - 1) / W);
+  const KeyStream<scalar_t> keys{K, q, nk, D, s};
+  with_strip_width(nvec, [&](auto NV) {
+    weighted_strip<scalar_t, decltype(NV)::value>(p, V, nv, D, out, D - (nvec - 1) * W, /*accumulate=*/false,
+                                                  &keys);
+  });
 }
 
 template <typename scalar_t>
@@ -256,32 +309,45 @@ void attention_rows(const MixerSpec& m, at::Tensor& qkv, at::Tensor& ck, at::Ten
   const scalar_t* freq = rope ? inv_freq.data_ptr<scalar_t>() : nullptr;
   scalar_t* out_p = out.data_ptr<scalar_t>();
   const auto scale = static_cast<scalar_t>(m.f[kScale]);
-  // the head of the next stream, before the hardware prefetcher can find it
-  const int64_t ahead = std::min<int64_t>(N, kAheadRows) * D * static_cast<int64_t>(sizeof(scalar_t));
+  const bool paired = one_strip<scalar_t>(D);
+  const int64_t head_bytes = std::min<int64_t>(kHeadLines * 64, N * D * static_cast<int64_t>(sizeof(scalar_t)));
 
   // One task per (row, kv head): its new key and value into the cache, then for each of its query
-  // heads the scores against memory + visible slots, softmax, weighted values. A pass over the keys
-  // then one over the values, each read from memory once: the group's other query heads find them
-  // in cache. The step is bound by reading the visible cache; while one stream is read, the start of
-  // the next (this task's values, the next task's keys) is prefetched.
+  // heads the scores against memory + visible slots, softmax, weighted values. The keys are read from
+  // memory once, then the values once: the group's other query heads find them in cache. The step is
+  // bound by reading the visible cache, and a core reads two streams faster than one: so a thread's
+  // tasks are a pipeline, each turn reading one task's keys together with the previous task's values
+  // (keys_and_values; a head wider than a value strip reads them one after the other). Each turn asks
+  // for the heads of the next turn's two streams, and for the next task's slots (written first thing
+  // in the next turn: a store into a line not in cache waits for the line).
   int64_t widest = 0;
   for (int64_t b = 0; b < B; ++b) widest = std::max(widest, std::min(pos_p[b] + 1, N));
   const int64_t grain = std::max<int64_t>(1, 32768 / (group * (M + widest) * D));  // split only big work
+  const int64_t scores = group * (M + widest);
   at::parallel_for(0, B * Hkv, grain, [&](int64_t begin, int64_t end) {
-    // the group's scores; RoPE's cos and sin at the last row prepared
-    std::vector<scalar_t> buf(group * (M + widest) + 2 * half);
-    scalar_t* cos_p = buf.data() + group * (M + widest);
+    // the scores of the group of the task in its key pass and of the one in its value pass; RoPE's
+    // cos and sin at the last row prepared
+    std::vector<scalar_t> buf(2 * scores + 2 * half);
+    scalar_t* cos_p = buf.data() + 2 * scores;
     scalar_t* sin_p = cos_p + half;
     int64_t rope_row = -1;
-    for (int64_t bg = begin; bg < end; ++bg) {
+    struct Task {
+      int64_t b, g, n;
+      scalar_t* q;  // the group's query heads
+      const scalar_t* keys;
+      const scalar_t* vals;
+      scalar_t* s;  // the group's scores, then weights: head hh's at hh * (M + n)
+      scalar_t* o;  // the group's outputs: head hh's at hh * D
+    };
+    auto slot_of = [&](int64_t p) { return window == 0 || p < P ? p : P + (p - P) % window; };
+    // 1. the new token: q/k norms, rotation at the row's position, key and value into the slot
+    auto start = [&](int64_t bg, scalar_t* s) {
       const int64_t b = bg / Hkv, g = bg % Hkv, p = pos_p[b];
-      scalar_t* q = qkv_p + b * row + g * group * D;  // the group's query heads
+      scalar_t* q = qkv_p + b * row + g * group * D;
       scalar_t* k = qkv_p + b * row + (H + g) * D;
       const scalar_t* v = qkv_p + b * row + (H + Hkv + g) * D;
       scalar_t* keys = ck_p + bg * N * D;
       scalar_t* vals = cv_p + bg * N * D;
-      prefetch_bytes(vals, ahead);
-      // 1. the new token: q/k norms, rotation at the row's position, key and value into the slot
       for (int64_t hh = 0; qn_wp != nullptr && hh < group; ++hh) {
         layer_norm_inplace(q + hh * D, D, qn_wp, qn_bp, m.f[kQNormEps]);
       }
@@ -300,26 +366,58 @@ void attention_rows(const MixerSpec& m, at::Tensor& qkv, at::Tensor& ck, at::Ten
         for (int64_t hh = 0; hh < group; ++hh) rope_inplace(q + hh * D, cos_p, sin_p, half);
         rope_inplace(k, cos_p, sin_p, half);
       }
-      const int64_t slot = window == 0 || p < P ? p : P + (p - P) % window;
+      const int64_t slot = slot_of(p);
       std::copy(k, k + D, keys + slot * D);
       std::copy(v, v + D, vals + slot * D);
-
-      // 2. scores against memory keys (stride Hkv D between them) and the visible slots [0, n)
-      const int64_t n = std::min(p + 1, N);
+      return Task{b, g, std::min(p + 1, N), q, keys, vals, s, out_p + b * H * D + g * group * D};
+    };
+    // 2. scores against memory keys (stride Hkv D between them) and the visible slots [0, n), then
+    // softmax; head 0's slots are scored in its turn's pass
+    auto finish_keys = [&](const Task& t) {
       for (int64_t hh = 0; hh < group; ++hh) {
-        scalar_t* s = buf.data() + hh * (M + n);
-        for (int64_t j = 0; j < M; ++j) s[j] = dot(q + hh * D, mk_p + (j * Hkv + g) * D, D);
-        key_scores(keys, q + hh * D, n, D, s + M);
-        scaled_softmax_inplace(s, M + n, scale);
+        scalar_t* s = t.s + hh * (M + t.n);
+        for (int64_t j = 0; j < M; ++j) s[j] = dot(t.q + hh * D, mk_p + (j * Hkv + t.g) * D, D);
+        if (hh > 0) key_scores(t.keys, t.q + hh * D, t.n, D, s + M);
+        scaled_softmax_inplace(s, M + t.n, scale);
       }
-      if (bg + 1 < end) prefetch_bytes(keys + N * D, ahead);  // the next task's keys
-      // 3. the weighted values
+    };
+    // 3. the weighted values and memory values; head 0's slot values are summed in its turn's pass
+    auto finish_values = [&](const Task& t) {
       for (int64_t hh = 0; hh < group; ++hh) {
-        const scalar_t* s = buf.data() + hh * (M + n);
-        scalar_t* o = out_p + b * H * D + (g * group + hh) * D;
-        weighted_sum(s + M, vals, n, D, D, o, /*accumulate=*/false, /*ahead=*/hh == 0);
-        if (M > 0) weighted_sum(s, mv_p + g * D, M, Hkv * D, D, o, /*accumulate=*/true);
+        const scalar_t* s = t.s + hh * (M + t.n);
+        scalar_t* o = t.o + hh * D;
+        if (hh > 0) weighted_sum(s + M, t.vals, t.n, D, D, o, /*accumulate=*/false);
+        if (M > 0) weighted_sum(s, mv_p + t.g * D, M, Hkv * D, D, o, /*accumulate=*/true);
       }
+    };
+    auto head0_values = [&](const Task& t) {
+      weighted_sum(t.s + M, t.vals, t.n, D, D, t.o, /*accumulate=*/false);
+    };
+    Task prev{};
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const Task t = start(bg, buf.data() + ((bg - begin) % 2) * scores);
+      if (bg + 1 < end) {
+        prefetch_bytes(t.keys + N * D, head_bytes);
+        const int64_t next = slot_of(pos_p[(bg + 1) / Hkv]) * D;
+        prefetch_span(t.keys + N * D + next, D);
+        prefetch_span(t.vals + N * D + next, D);
+      }
+      prefetch_bytes(t.vals, head_bytes);
+      if (bg == begin) {
+        key_scores(t.keys, t.q, t.n, D, t.s + M);
+      } else if (paired) {
+        keys_and_values(t.keys, t.q, t.n, t.s + M, prev.s + M, prev.vals, prev.n, D, prev.o);
+      } else {
+        key_scores(t.keys, t.q, t.n, D, t.s + M);
+        head0_values(prev);
+      }
+      finish_keys(t);
+      if (bg > begin) finish_values(prev);
+      prev = t;
+    }
+    if (end > begin) {
+      head0_values(prev);
+      finish_values(prev);
     }
   });
   for (int64_t b = 0; b < B; ++b) pos_p[b] += 1;
