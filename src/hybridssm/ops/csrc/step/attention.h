@@ -20,12 +20,27 @@
 // Ints: H, Hkv, Dh, window (0 = full cache), num_prefix, rope (0/1).
 // Floats: softmax scale, rope base, q norm eps, k norm eps.
 // States: k, v [B, Hkv, N, Dh] (N = P + S; S = W with a window), pos [B] int64 (advanced by one).
+//
+// Speed (B = 64, 4 heads of 64, spans 60-85, 1 thread, benchmarks/bench_attention_step.py: the rate at
+// which the pass reads the keys and values it attends, over the 128 MiB sum's rate in the same process;
+// 2 shared cores, load 2-3.7, so each figure is a range over alternating runs):
+//   one task at a time (keys, then values), every row prefetched 16 rows ahead     53-63%
+//   the pipeline (a task's keys in the loop of the previous task's values)          67-70%
+//   + the next turn's heads (32 lines) asked for after the pass, vector softmax max  66-84%
+// Tried and not kept (a C++ model of the pass, /tmp-only, same access pattern): per-row prefetches
+// (16, 32 or 64 rows ahead, any locality) are no faster than none and cost ~40% of the pass's rate
+// on data in cache (a prefetch per line); a shadow stream prefetching the whole next task while this
+// one is read (no faster: software prefetch alone sustains fewer misses than the hardware's streams);
+// eight key rows beside the value strip (spills: slower than one stream); 16, 32 or 64 head lines
+// (within noise). What is left: the softmax, the new token's norms, rotation and slot write run
+// between passes, with only the heads in flight.
 
 #pragma once
 
 #include "common.h"
 #include "prefetch.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -103,11 +118,17 @@ void rope_inplace(scalar_t* x, const scalar_t* cos, const scalar_t* sin, int64_t
 template <typename scalar_t>
 void scaled_softmax_inplace(scalar_t* s, int64_t n, scalar_t scale) {
   using Vec = Vectorized<scalar_t>;
-  scalar_t mx = -std::numeric_limits<scalar_t>::infinity();
-  for (int64_t i = 0; i < n; ++i) {
-    s[i] *= scale;
-    mx = std::max(mx, s[i]);
+  const Vec lowest(-std::numeric_limits<scalar_t>::infinity());
+  Vec top = lowest;
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const int64_t cnt = std::min<int64_t>(Vec::size(), n - i);
+    const Vec x = hybridssm::load(s + i, cnt) * Vec(scale);
+    hybridssm::store(x, s + i, cnt);
+    top = at::vec::maximum(top, Vec::set(lowest, x, cnt));
   }
+  alignas(64) scalar_t lanes[Vec::size()];
+  top.store(lanes);
+  const scalar_t mx = *std::max_element(lanes, lanes + Vec::size());
   Vec acc(0);
   for (int64_t i = 0; i < n; i += Vec::size()) {
     const int64_t cnt = std::min<int64_t>(Vec::size(), n - i);
@@ -236,7 +257,7 @@ inline void with_strip_width(int nv, F&& f) {
 // the widest value strip (vectors) kept in registers
 constexpr int kStrip = 8;
 // cache lines asked for at the head of each stream a turn will read next (keys_and_values' pipeline)
-constexpr int64_t kHeadLines = 16;
+constexpr int64_t kHeadLines = 32;
 
 // out[0..D) (+)= sum_r p[r] * V[r * stride + 0..D): strips of up to kStrip vectors of the output stay in
 // registers while the rows of V stream through once per strip.
@@ -394,15 +415,9 @@ void attention_rows(const MixerSpec& m, at::Tensor& qkv, at::Tensor& ck, at::Ten
       weighted_sum(t.s + M, t.vals, t.n, D, D, t.o, /*accumulate=*/false);
     };
     Task prev{};
+    prefetch_bytes(ck_p + begin * N * D, head_bytes);
     for (int64_t bg = begin; bg < end; ++bg) {
       const Task t = start(bg, buf.data() + ((bg - begin) % 2) * scores);
-      if (bg + 1 < end) {
-        prefetch_bytes(t.keys + N * D, head_bytes);
-        const int64_t next = slot_of(pos_p[(bg + 1) / Hkv]) * D;
-        prefetch_span(t.keys + N * D + next, D);
-        prefetch_span(t.vals + N * D + next, D);
-      }
-      prefetch_bytes(t.vals, head_bytes);
       if (bg == begin) {
         key_scores(t.keys, t.q, t.n, D, t.s + M);
       } else if (paired) {
@@ -411,6 +426,14 @@ void attention_rows(const MixerSpec& m, at::Tensor& qkv, at::Tensor& ck, at::Ten
         key_scores(t.keys, t.q, t.n, D, t.s + M);
         head0_values(prev);
       }
+      // the next turn's streams, while this turn's softmax and the next task's start compute
+      if (bg + 1 < end) {
+        prefetch_bytes(t.keys + N * D, head_bytes);
+        const int64_t next = slot_of(pos_p[(bg + 1) / Hkv]) * D;
+        prefetch_span(t.keys + N * D + next, D);
+        prefetch_span(t.vals + N * D + next, D);
+      }
+      prefetch_bytes(t.vals, head_bytes);
       finish_keys(t);
       if (bg > begin) finish_values(prev);
       prev = t;
