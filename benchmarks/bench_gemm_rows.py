@@ -6,8 +6,9 @@ cycling through copies that together exceed the caches, as a step walks its laye
     PYTHONPATH=src python benchmarks/bench_gemm_rows.py [--quick] [--batches 16,64,256]
         [--shapes 256x256,256x1024,...] [--calls 200] [--cold-mb 64] [--threads 1]
 
-Each call is timed alone and the median over the calls is kept, so that a call preempted by other
-load does not count; ours and MKL's calls alternate. GFLOP/s = 2 B I O / seconds per call; "ratio" is
+Each call is timed alone, in the thread's CPU time (time spent preempted by other processes does not
+count; what they do to the shared caches still does), and the median over the calls is kept; ours
+and MKL's calls alternate. GFLOP/s = 2 B I O / seconds per call; "ratio" is
 ours over MKL's rate. The 512^3 GEMM rate of the same run (:func:`hybridssm.bench.machine_rates`)
 sets them against the machine. The default shapes (I x O) are the projections of
 ``bench_models.py``'s step table.
@@ -41,16 +42,16 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 
 
 def median_seconds(fns, calls: int) -> list[float]:
-    """Per function, the median seconds of ``calls`` calls, each timed alone, the functions
-    alternating call by call (each gets the same load)."""
+    """Per function, the median CPU seconds (this thread's) of ``calls`` calls, each timed alone,
+    the functions alternating call by call (each gets the same load)."""
     times = [[] for _ in fns]
     for fn in fns:
         fn(0)  # warm-up (and the build, for ours)
     for c in range(calls):
         for k, fn in enumerate(fns):
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             fn(c)
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(time.thread_time() - t0)
     return [statistics.median(t) for t in times]
 
 

@@ -19,6 +19,15 @@ def test_row_prints_rates_and_ours_over_mkl(bench):
     assert cells == ["256x1024", "64", "60.0", "40.0", "1.50x", "30.0", "40.0", "0.75x"]
 
 
+def test_calls_are_timed_in_cpu_time_not_wall_time(bench):
+    # a call that waits (as one preempted by another process does) counts only what it computed
+    import time
+
+    waits, spins = bench.median_seconds([lambda c: time.sleep(0.02), lambda c: sum(range(20000))], 3)
+    assert waits < 0.005  # the wall clock gives >= 0.02
+    assert spins > 0
+
+
 def test_parse_shapes_reads_ixo_and_names_a_bad_item(bench):
     assert bench.parse_shapes("256x1024, 512x48") == [(256, 1024), (512, 48)]
     with pytest.raises(SystemExit, match=r"--shapes: '256x0' is not IxO"):

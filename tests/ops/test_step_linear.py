@@ -57,6 +57,22 @@ def test_linear_strided_rows_and_weights(B, dtype):
     assert_close(y, F.linear(x, W, b), CLS[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(256, 256), (250, 131), (1030, 9), (37, 7)], ids=lambda s: f"I{s[0]}xO{s[1]}")
+def test_linear_row_values_do_not_depend_on_the_other_rows(shape, dtype):
+    """From 5 to 256 rows (gemm_rows.h's route) a row's outputs are bit for bit the same whatever the
+    number of rows and its place among them (a remainder block, another pass over W: I = 1030 takes
+    several): a restart appends rows to a step's product (prefill.h's linear_joint) and the step's own
+    rows must keep the values of the step without them."""
+    I, O = shape
+    x, W, b = _case(256, I, O, dtype, True, seed=I + O)
+    full = _linear(x, W, b)
+    for B in (5, 6, 7, 8, 13, 17, 64, 65, 100, 129, 200, 255):
+        for r in (0, 256 - B, (256 - B) // 3):
+            got = _linear(x[r:r + B], W, b)
+            assert torch.equal(got, full[r:r + B]), f"B={B} from row {r}"
+
+
 def test_linear_every_output_written():
     """Outputs start as uninitialised memory: a NaN in the input row 7 reaches row 7 only, and no
     output is left unwritten (a wrong remainder block would leave rows or columns stale)."""

@@ -15,6 +15,24 @@
 // B = 256 (where without the passes it ran 0.85-0.95x). Against the previous version (per-output
 // horizontal sums, 3 rows on every ISA) 1.05-1.2x hot. Thin inputs (I < 32: a few FMAs per
 // reduction) stay with MKL: 0.6-0.8x of it hot at I = 16.
+//
+// Alone and hot, this loop runs at the FMA peak's 85-97% at B = 64 (a C++ harness timing the kernel
+// without the Python call, load ~1: 78-89 GFLOP/s of the 92 that 12 independent 8-wide FMA chains
+// reach); bench_gemm_rows.py's 55-66 are the same kernel under load plus the call. Tried and not
+// kept (session 9, AVX2, 1 thread):
+// - The broadcast form: x packed per call into 16-row transposed panels (64-byte aligned,
+//   thread-local, each packed just before its first tile), 16 rows x 6 rows of W per tile (12
+//   accumulators, 2 panel loads and 6 broadcasts of W per input, no horizontal sums, one 8 x 8
+//   transpose per 8 rows out), the next 6 rows of W prefetched. The harness gave it 1.05-1.3x at
+//   B = 16, 1.0-1.15x at B = 64 and 256 hot and cold, 0.85-0.93x at O <= 96 (the packing, O(B I),
+//   against O(B I O) FMAs) and 0.6-0.75x at B = 5, 9, 17 (16-row panels: padding rows). Inside the
+//   fused step it lost: the same model's step on both kernels in one process, rounds alternating,
+//   thread CPU time (load 2-4): mamba 0.89-0.95x, transformer 0.93-0.97x, hybrid[delta_net] 0.93x at
+//   B = 64; per product 8-20% below this kernel (48-59 against 56-65 GFLOP/s), at every shape,
+//   with L1, L2 or non-temporal prefetch hints and one or two blocks of prefetch distance. A row's
+//   values must not depend on the number of rows (prefill.h's linear_joint), so neither form can
+//   be chosen by B.
+// - Prefetching two columns of W ahead instead of one: 0.99-1.01x of the step (within noise).
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
