@@ -96,10 +96,11 @@ at::Tensor softplus_f32(const at::Tensor& x) {
   return y;
 }
 
-// The steps' fp32 SiLU (step/silu.h) over a float tensor as the kernels compute it (4 vectors in
-// lockstep, the tail one at a time), for the tests that hold it to torch's silu bit for bit.
-at::Tensor silu_f32(const at::Tensor& x) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "silu_f32: x must be float32, got ", x.scalar_type());
+// f (a function of K vectors in place) over a float tensor as the step kernels apply it (4 vectors in
+// lockstep, the tail one at a time)
+template <typename F>
+at::Tensor map_f32(const char* name, const at::Tensor& x, const F& f) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, name, ": x must be float32, got ", x.scalar_type());
   const auto xc = x.contiguous();
   auto y = at::empty_like(xc);
   using Vec = at::vec::Vectorized<float>;
@@ -110,14 +111,30 @@ at::Tensor silu_f32(const at::Tensor& x) {
   for (; i + 4 * W <= xc.numel(); i += 4 * W) {
     Vec v[4];
     for (int k = 0; k < 4; ++k) v[k] = Vec::loadu(in + i + k * W);
-    hybridssm::step::silu_f32_n(v);
+    f(v);
     for (int k = 0; k < 4; ++k) v[k].store(out + i + k * W);
   }
   for (; i < xc.numel(); i += W) {
     const int64_t cnt = std::min<int64_t>(W, xc.numel() - i);
-    hybridssm::store(hybridssm::step::silu_fast(hybridssm::load(in + i, cnt)), out + i, cnt);
+    Vec v[1] = {hybridssm::load(in + i, cnt)};
+    f(v);
+    hybridssm::store(v[0], out + i, cnt);
   }
   return y;
+}
+
+// The steps' fp32 SiLU (step/silu.h) and exp (step/aten_exp.h), for the tests that hold them to
+// torch's bit for bit.
+at::Tensor silu_f32(const at::Tensor& x) {
+  return map_f32("silu_f32", x, [](auto& v) { hybridssm::step::silu_f32_n(v); });
+}
+at::Tensor exp_f32(const at::Tensor& x, bool library) {
+  if (library) {  // the reference: Vectorized<float>::exp itself
+    return map_f32("exp_f32", x, [](auto& v) {
+      for (auto& e : v) e = e.exp();
+    });
+  }
+  return map_f32("exp_f32", x, [](auto& v) { hybridssm::step::aten_exp_f32_n(v); });
 }
 
 // The Mamba step's fp32 decay exp(delta A) as its update computes it (step/decay_exp.h's exp of the
@@ -160,6 +177,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mixer_kinds", &mixer_kinds, "the mixer kinds that have a fused step");
   m.def("softplus_f32", &softplus_f32, "the Mamba step's fp32 softplus (tests of its error bound)");
   m.def("silu_f32", &silu_f32, "the steps' fp32 SiLU (tests: bit for bit torch's)");
+  m.def("exp_f32", &exp_f32, "the steps' fp32 exp, or (library) ATen's vectorised exp it reproduces bit for bit",
+        pybind11::arg("x"), pybind11::arg("library") = false);
   m.def("mamba_decay_f32", &mamba_decay_f32, "the Mamba step's fp32 decay exp(delta A) (tests of its error bound)",
         pybind11::arg("delta"), pybind11::arg("A"));
   using hybridssm::step::Plan;

@@ -24,6 +24,7 @@
 
 #pragma once
 
+#include "aten_exp.h"
 #include "common.h"
 #include "decay_exp.h"
 #include "silu.h"
@@ -47,12 +48,25 @@ inline void scan_decay_exp_n(at::vec::Vectorized<double> (&x)[K]) {
   for (int i = 0; i < K; ++i) x[i] = x[i].exp();
 }
 
-// A = -exp(A_log) over n values, with the vectorised exp of the forward's torch.exp
+// A = -exp(A_log) over n values, with ATen's vectorised exp (fp32: written out, aten_exp.h, 4
+// vectors in lockstep: a library call per vector of A was one per vector of a row's state each step)
 template <typename scalar_t>
 void mamba_decay_rates(const scalar_t* A_log, scalar_t* A, int64_t n) {
-  vec_chunks<scalar_t>(n, [&](int64_t i, int64_t cnt) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t W = Vec::size();
+  int64_t i = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (; i + 4 * W <= n; i += 4 * W) {
+      Vec v[4];
+      for (int k = 0; k < 4; ++k) v[k] = Vec::loadu(A_log + i + k * W);
+      aten_exp_f32_n(v);
+      for (int k = 0; k < 4; ++k) v[k].neg().store(A + i + k * W);
+    }
+  }
+  for (; i < n; i += W) {
+    const int64_t cnt = std::min(W, n - i);
     hybridssm::store(hybridssm::load(A_log + i, cnt).exp().neg(), A + i, cnt);
-  });
+  }
 }
 
 // One row's inputs and outputs (pointers at the row), and the weights shared by every row.

@@ -1,24 +1,14 @@
-// SiLU of the steps' fp32 vectors without a library call, bit for bit ATen's.
-//
-// ATen's vectorised silu is x / (1 + exp(-x)) with Vectorized<float>::exp, which on AVX2 is an
-// out-of-line call to Sleef's expf (1-ULP, Sleef_expf8_u10): at many streams ~4% of a Mamba step
-// went to that call, from the conv's SiLU and the gate's. Here the same exp is written out in the
-// caller (the same operations in the same order, so the same bits):
-//
-//   q = rint(d log2(e)) (one multiply, then the round-to-nearest-even convert),
-//   s = d - q ln2 in two FMAs (ln2 split in two), u = 1 + (s + s^2 p(s)) with p of degree 5 in
-//   Horner FMAs, u 2^q as two factors 2^(q >> 1) 2^(q - (q >> 1)) (each a normal float),
-//   0 below d = -104, +inf above 100;
-//
-// then 1 + exp(-x) and the division, as ATen. K vectors run in lockstep (decay_exp.h's
-// decay_exp_f32_n says why). Other instruction sets and dtypes call common.h's silu, which is
-// ATen's formula with ATen's exp: the same values there too.
+// SiLU of the steps' fp32 vectors without a library call, bit for bit ATen's: x / (1 + exp(-x)),
+// ATen's formula, with aten_exp.h's exp (Vectorized<float>::exp written out) and the same
+// division. K vectors run in lockstep. Other dtypes call common.h's silu (ATen's formula with
+// ATen's exp): the same values there too.
 //
 // Tested bit for bit against torch.nn.functional.silu over every float exponent, +-0, denormals,
-// +-inf and NaN (tests/ops/test_step_silu.py), on the capability the extension is built for.
+// +-inf and NaN (tests/ops/test_step_silu_exp.py), on the capability the extension is built for.
 
 #pragma once
 
+#include "aten_exp.h"
 #include "common.h"
 
 namespace hybridssm::step {
@@ -26,43 +16,10 @@ namespace hybridssm::step {
 // silu of K vectors in place, each step applied to all K before the next.
 template <int K>
 inline void silu_f32_n(Vectorized<float> (&x)[K]) {
-#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
-  // Sleef's expf (u10) of d = -x, step by step
-  __m256 d[K], s[K], u[K];
-  __m256i q[K];
-  const __m256 sign = _mm256_set1_ps(-0.f);
-  for (int i = 0; i < K; ++i) d[i] = _mm256_xor_ps(x[i], sign);
-  for (int i = 0; i < K; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(d[i], _mm256_set1_ps(1.442695040888963407359924681001892137f)));
-  for (int i = 0; i < K; ++i) {
-    const __m256 qf = _mm256_cvtepi32_ps(q[i]);
-    s[i] = _mm256_fmadd_ps(qf, _mm256_set1_ps(-0.693145751953125f), d[i]);
-    s[i] = _mm256_fmadd_ps(qf, _mm256_set1_ps(-1.428606765330187045e-06f), s[i]);
-  }
-  for (int i = 0; i < K; ++i) u[i] = _mm256_fmadd_ps(_mm256_set1_ps(0.000198527617612853646278381f), s[i], _mm256_set1_ps(0.00139304355252534151077271f));
-  for (int i = 0; i < K; ++i) u[i] = _mm256_fmadd_ps(u[i], s[i], _mm256_set1_ps(0.00833336077630519866943359f));
-  for (int i = 0; i < K; ++i) u[i] = _mm256_fmadd_ps(u[i], s[i], _mm256_set1_ps(0.0416664853692054748535156f));
-  for (int i = 0; i < K; ++i) u[i] = _mm256_fmadd_ps(u[i], s[i], _mm256_set1_ps(0.166666671633720397949219f));
-  for (int i = 0; i < K; ++i) u[i] = _mm256_fmadd_ps(u[i], s[i], _mm256_set1_ps(0.5f));
-  for (int i = 0; i < K; ++i) {
-    u[i] = _mm256_add_ps(_mm256_set1_ps(1.f), _mm256_fmadd_ps(_mm256_mul_ps(s[i], s[i]), u[i], s[i]));
-  }
-  const __m256i bias = _mm256_set1_epi32(0x7f);
-  for (int i = 0; i < K; ++i) {
-    const __m256i q1 = _mm256_srai_epi32(q[i], 1), q2 = _mm256_sub_epi32(q[i], q1);
-    const __m256 f1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(q1, bias), 23));
-    const __m256 f2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(q2, bias), 23));
-    u[i] = _mm256_mul_ps(_mm256_mul_ps(u[i], f1), f2);
-  }
-  for (int i = 0; i < K; ++i) {
-    u[i] = _mm256_andnot_ps(_mm256_cmp_ps(d[i], _mm256_set1_ps(-104.f), _CMP_LT_OQ), u[i]);
-    u[i] = _mm256_blendv_ps(u[i], _mm256_set1_ps(__builtin_inff()),
-                            _mm256_cmp_ps(_mm256_set1_ps(100.f), d[i], _CMP_LT_OQ));
-  }
-  // ATen: x / (1 + exp(-x))
-  for (int i = 0; i < K; ++i) x[i] = _mm256_div_ps(x[i], _mm256_add_ps(_mm256_set1_ps(1.f), u[i]));
-#else
-  for (int i = 0; i < K; ++i) x[i] = silu(x[i]);
-#endif
+  Vectorized<float> e[K];
+  for (int i = 0; i < K; ++i) e[i] = x[i].neg();
+  aten_exp_f32_n(e);
+  for (int i = 0; i < K; ++i) x[i] = x[i] / (Vectorized<float>(1) + e[i]);
 }
 
 // silu of one vector (any dtype: non-float vectors take common.h's silu, ATen's formula)
