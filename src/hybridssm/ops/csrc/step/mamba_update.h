@@ -17,10 +17,19 @@
 // A pinned in L1 (no faster: with the state in L3 the pass is compute-bound, ~13 cycles a vector of
 // state against ~7 for the exp alone). With the caches flushed between calls, as other processes'
 // traffic does, the pass is memory-bound (~11 us a row, the prefetch waiting) and the compute gains
-// vanish; prefetching 4 or 16 KB ahead instead of 1 KB was within the noise there. The gate's SiLU
-// (and the conv's, conv_silu.h) is silu.h's, ATen's bit for bit without the out-of-line Sleef call,
-// 4 vectors in lockstep: the mamba step at B = 64 0.975x (median of 21 paired blocks in one process,
-// load ~1.7; the call was ~3.5% of the step's samples).
+// vanish; prefetching 4 or 16 KB ahead instead of 1 KB was within the noise there.
+//
+// Later (mamba at B = 64, the step in one process alternating variants in blocks of steps, medians of
+// paired ratios, load 1.7-3.5): the gate's SiLU (and the conv's, conv_silu.h) is silu.h's, ATen's bit
+// for bit without the out-of-line Sleef call, 4 vectors in lockstep, and A = -exp(A_log) the same
+// exp (aten_exp.h): the step 0.975-0.987x (the calls were ~3.5% of its samples), batch 1 1.07-1.09x
+// faster. The update was ~20% of the step's samples and 12% of those at the state prefetch, but
+// without it the step took 1.07x, and 2 or 4 KB ahead was no better than 1 KB; rows cycling over 4
+// state rows (L2-hot) took the step to 0.945x of the real one: memory is ~1/6 of the update, the rest
+// compute, ~15 cycles a vector of state in a standalone loop with the row hot in L1, where its 13
+// FMA-pipe ops a vector would take 6.5: the decays' ~50-cycle dependency chains fill the scheduler.
+// Tried and not kept: Estrin's scheme for the decay's polynomial (a 5-cycle shorter chain, the same
+// FMA count; 1.04x), 8 vectors in lockstep again (~1.2x standalone).
 
 #pragma once
 
