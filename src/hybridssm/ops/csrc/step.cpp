@@ -96,6 +96,47 @@ at::Tensor softplus_f32(const at::Tensor& x) {
   return y;
 }
 
+// f (a function of K vectors in place) over a float tensor as the step kernels apply it (4 vectors in
+// lockstep, the tail one at a time)
+template <typename F>
+at::Tensor map_f32(const char* name, const at::Tensor& x, const F& f) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, name, ": x must be float32, got ", x.scalar_type());
+  const auto xc = x.contiguous();
+  auto y = at::empty_like(xc);
+  using Vec = at::vec::Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  const float* in = xc.data_ptr<float>();
+  float* out = y.data_ptr<float>();
+  int64_t i = 0;
+  for (; i + 4 * W <= xc.numel(); i += 4 * W) {
+    Vec v[4];
+    for (int k = 0; k < 4; ++k) v[k] = Vec::loadu(in + i + k * W);
+    f(v);
+    for (int k = 0; k < 4; ++k) v[k].store(out + i + k * W);
+  }
+  for (; i < xc.numel(); i += W) {
+    const int64_t cnt = std::min<int64_t>(W, xc.numel() - i);
+    Vec v[1] = {hybridssm::load(in + i, cnt)};
+    f(v);
+    hybridssm::store(v[0], out + i, cnt);
+  }
+  return y;
+}
+
+// The steps' fp32 SiLU (step/silu.h) and exp (step/aten_exp.h), for the tests that hold them to
+// torch's bit for bit.
+at::Tensor silu_f32(const at::Tensor& x) {
+  return map_f32("silu_f32", x, [](auto& v) { hybridssm::step::silu_f32_n(v); });
+}
+at::Tensor exp_f32(const at::Tensor& x, bool library) {
+  if (library) {  // the reference: Vectorized<float>::exp itself
+    return map_f32("exp_f32", x, [](auto& v) {
+      for (auto& e : v) e = e.exp();
+    });
+  }
+  return map_f32("exp_f32", x, [](auto& v) { hybridssm::step::aten_exp_f32_n(v); });
+}
+
 // The Mamba step's fp32 decay exp(delta A) as its update computes it (step/decay_exp.h's exp of the
 // fp32 product), elementwise over float tensors of one shape, for the tests of its error bound.
 at::Tensor mamba_decay_f32(const at::Tensor& delta, const at::Tensor& A) {
@@ -135,6 +176,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("mixer_kinds", &mixer_kinds, "the mixer kinds that have a fused step");
   m.def("softplus_f32", &softplus_f32, "the Mamba step's fp32 softplus (tests of its error bound)");
+  m.def("silu_f32", &silu_f32, "the steps' fp32 SiLU (tests: bit for bit torch's)");
+  m.def("exp_f32", &exp_f32, "the steps' fp32 exp, or (library) ATen's vectorised exp it reproduces bit for bit",
+        pybind11::arg("x"), pybind11::arg("library") = false);
   m.def("mamba_decay_f32", &mamba_decay_f32, "the Mamba step's fp32 decay exp(delta A) (tests of its error bound)",
         pybind11::arg("delta"), pybind11::arg("A"));
   using hybridssm::step::Plan;

@@ -18,11 +18,25 @@
 // state against ~7 for the exp alone). With the caches flushed between calls, as other processes'
 // traffic does, the pass is memory-bound (~11 us a row, the prefetch waiting) and the compute gains
 // vanish; prefetching 4 or 16 KB ahead instead of 1 KB was within the noise there.
+//
+// Later (mamba at B = 64, the step in one process alternating variants in blocks of steps, medians of
+// paired ratios, load 1.7-3.5): the gate's SiLU (and the conv's, conv_silu.h) is silu.h's, ATen's bit
+// for bit without the out-of-line Sleef call, 4 vectors in lockstep, and A = -exp(A_log) the same
+// exp (aten_exp.h): the step 0.975-0.987x (the calls were ~3.5% of its samples), batch 1 1.07-1.09x
+// faster. The update was ~20% of the step's samples and 12% of those at the state prefetch, but
+// without it the step took 1.07x, and 2 or 4 KB ahead was no better than 1 KB; rows cycling over 4
+// state rows (L2-hot) took the step to 0.945x of the real one: memory is ~1/6 of the update, the rest
+// compute, ~15 cycles a vector of state in a standalone loop with the row hot in L1, where its 13
+// FMA-pipe ops a vector would take 6.5: the decays' ~50-cycle dependency chains fill the scheduler.
+// Tried and not kept: Estrin's scheme for the decay's polynomial (a 5-cycle shorter chain, the same
+// FMA count; 1.04x), 8 vectors in lockstep again (~1.2x standalone).
 
 #pragma once
 
+#include "aten_exp.h"
 #include "common.h"
 #include "decay_exp.h"
+#include "silu.h"
 #include "softplus.h"
 #include "state_width.h"
 
@@ -43,12 +57,25 @@ inline void scan_decay_exp_n(at::vec::Vectorized<double> (&x)[K]) {
   for (int i = 0; i < K; ++i) x[i] = x[i].exp();
 }
 
-// A = -exp(A_log) over n values, with the vectorised exp of the forward's torch.exp
+// A = -exp(A_log) over n values, with ATen's vectorised exp (fp32: written out, aten_exp.h, 4
+// vectors in lockstep: a library call per vector of A was one per vector of a row's state each step)
 template <typename scalar_t>
 void mamba_decay_rates(const scalar_t* A_log, scalar_t* A, int64_t n) {
-  vec_chunks<scalar_t>(n, [&](int64_t i, int64_t cnt) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t W = Vec::size();
+  int64_t i = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (; i + 4 * W <= n; i += 4 * W) {
+      Vec v[4];
+      for (int k = 0; k < 4; ++k) v[k] = Vec::loadu(A_log + i + k * W);
+      aten_exp_f32_n(v);
+      for (int k = 0; k < 4; ++k) v[k].neg().store(A + i + k * W);
+    }
+  }
+  for (; i < n; i += W) {
+    const int64_t cnt = std::min(W, n - i);
     hybridssm::store(hybridssm::load(A_log + i, cnt).exp().neg(), A + i, cnt);
-  });
+  }
 }
 
 // One row's inputs and outputs (pointers at the row), and the weights shared by every row.
@@ -271,6 +298,34 @@ inline int64_t mamba_row_scratch(int64_t E) {
   return 2 * ((E + W - 1) / W * W);
 }
 
+// Chunks of W channels whose gate SiLU runs in lockstep in the output pass (mamba_gate_row).
+inline constexpr int kGateLockstepChunks = 4;
+
+// y = (sums + D u) silu(z) of one row, kGateLockstepChunks chunks of channels at a time.
+template <typename scalar_t>
+inline void mamba_gate_row(const MambaRow<scalar_t>& row, const MambaWeights<scalar_t>& w, const scalar_t* sums) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t W = Vec::size();
+  constexpr int K = kGateLockstepChunks;
+  auto gated = [&](int64_t e0, int64_t cnt, const Vec& g) {
+    const Vec du = hybridssm::load(w.D + e0, cnt) * hybridssm::load(row.u + e0, cnt);
+    hybridssm::store((hybridssm::load(sums + e0, cnt) + du) * g, row.y + e0, cnt);
+  };
+  int64_t e0 = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (; e0 + K * W <= w.E; e0 += K * W) {
+      Vec g[K];
+      for (int k = 0; k < K; ++k) g[k] = Vec::loadu(row.z + e0 + k * W);
+      silu_f32_n(g);
+      for (int k = 0; k < K; ++k) gated(e0 + k * W, W, g[k]);
+    }
+  }
+  for (; e0 < w.E; e0 += W) {
+    const int64_t cnt = std::min(W, w.E - e0);
+    gated(e0, cnt, silu_fast(hybridssm::load(row.z + e0, cnt)));
+  }
+}
+
 // One row in three passes over its channels: delta, the state update, the gated output. Each pass's
 // chunks are independent of one another, so that the out-of-order core overlaps them; in one pass
 // per chunk, each chunk's delta (a dot product, a softplus: a long dependent chain) waited on the
@@ -292,11 +347,7 @@ void mamba_update_row(const MambaRow<scalar_t>& row, const MambaWeights<scalar_t
     mamba_state_chunk<scalar_t, NV, false>(row, w, Bn, Cn, Bv, Cv, e0, W, delta + e0, sums + e0);
   }
   if (tail > 0) mamba_state_chunk<scalar_t, NV, true>(row, w, Bn, Cn, Bv, Cv, full, tail, delta + full, sums + full);
-  vec_chunks<scalar_t>(E, [&](int64_t e0, int64_t cnt) {
-    const Vec du = hybridssm::load(w.D + e0, cnt) * hybridssm::load(row.u + e0, cnt);
-    const Vec out = (hybridssm::load(sums + e0, cnt) + du) * silu(hybridssm::load(row.z + e0, cnt));
-    hybridssm::store(out, row.y + e0, cnt);
-  });
+  mamba_gate_row(row, w, sums);
 }
 
 // Every row of the batch: xz [B, 2E] (z its second half), u [B, E], dbc [B, R + 2N], states [B, E, N],
