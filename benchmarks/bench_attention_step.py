@@ -30,7 +30,8 @@ HEAD = ["B", "span", "layers", "MB/sweep", "ms/sweep", "cache GB/s", "read GB/s"
 def parse_span(text: str) -> tuple[int, int]:
     """``"60,85"`` -> ``(60, 85)``: the attended span of the rows runs from the first to the last."""
     parts = text.split(",")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or not 1 <= int(parts[0]) <= int(parts[1]):
+    if (len(parts) != 2 or not all(p.strip().isdigit() for p in parts)
+            or not 1 <= int(parts[0]) <= int(parts[1])):
         raise SystemExit(f"--span: {text!r} is not LO,HI with 1 <= LO <= HI (e.g. 60,85)")
     return int(parts[0]), int(parts[1])
 
@@ -107,7 +108,8 @@ def measure(args) -> dict[str, float]:
 def row(args, r: dict[str, float]) -> list[str]:
     """One table row: the sweep's size and time, its cache rate, the read rate and their ratio."""
     lo, hi = args.span
-    return [str(args.batch), f"{lo}-{hi}", str(args.layers), f"{r['bytes'] / 1e6:.1f}", f"{r['sweep_s'] * 1e3:.3f}",
+    return [str(args.batch), f"{lo}-{hi}", str(args.layers), f"{r['bytes'] / 1e6:.1f}",
+            f"{r['sweep_s'] * 1e3:.3f}",
             f"{r['cache_gbs']:.2f}", f"{r['read_gbs']:.2f}", f"{r['cache_gbs'] / r['read_gbs']:.0%}"]
 
 

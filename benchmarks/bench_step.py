@@ -21,13 +21,15 @@ The models and options are ``bench_models.py``'s step table (the seeds' defaults
 
 A second table sets the streams against the machine (:mod:`hybridssm.bench.steps`): "of machine",
 the ideal time (matmul FLOPs / GEMM rate + transcendental elements / exp rate in cache + the bytes of
-the recurrent states read and written and of the attended attention cache read, over the read rate)
+the recurrent states read and written and of the attended attention cache read, over the read rate;
+the three rates timed between the streams' steps, as the GEMM's)
 over the measured time; the own-shape GEMM rate (the step's matrix products timed alone at their own
 M = B) and the fraction of it; and the ideal time per frame at B = 64 split into those three parts.
 
 ``--json`` writes the rates and, per row and batch B: ``fps_B``, ``gemm_B`` (of GEMM), ``machine_B``
 (of machine), ``own_gflops_B`` and ``own_B`` (of it), the work per frame ``flops_B``, ``trans_B``
-(exp-equivalent elements), ``bytes_B``, and the ideal seconds per frame ``ideal_gemm_s_B``,
+(exp-equivalent elements), ``bytes_B``, the rates timed between the steps ``gemm_gflops_B``,
+``exp_gelems_B``, ``read_gbs_B``, and the ideal seconds per frame ``ideal_gemm_s_B``,
 ``ideal_exp_s_B``, ``ideal_mem_s_B``.
 
 With ``--against SRC`` only the batch-1 step is measured, in subprocesses alternating between this
@@ -181,7 +183,11 @@ def main(argv: list[str] | None = None) -> str:
             "bytes moved (recurrent states read and written once, attended attention cache read once; "
             "weights, amortised over the batch, left out) / read rate (the memory's: states that fit in "
             "L3 can move faster); counted on the PyTorch forms of a "
-            "step without resets. Own-shape GEMM: the step's matrix products timed alone, hot, at their "
+            "step without resets; the three rates timed in the same turns between the streams' steps"
+            + (" (exp G elem/s, read GB/s: " + ", ".join(
+                f"B={b} {rows[0][f'exp_gelems_{b}']:.2f}, {rows[0][f'read_gbs_{b}']:.1f}" for b in batches)
+               + ")" if rows else "")
+            + ". Own-shape GEMM: the step's matrix products timed alone, hot, at their "
             "own M = B (the rate this model's products reach here), and the step's fraction of it.",
             "", bench.format_ceiling_table(rows, batches)])
     text += f"\n\nTotal {time.time() - t0:.0f} s."

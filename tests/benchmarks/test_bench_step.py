@@ -13,6 +13,7 @@ import torch
 import hybridssm as hs
 from helpers import benchmark_script
 from hybridssm.bench import (
+    EXP_ELEMENTS,
     WINDOW,
     BenchSettings,
     StepBench,
@@ -100,7 +101,11 @@ def test_bench_steps_rows_and_ratios():
             assert gemm > 0 and all(other[f"gemm_gflops_{b}"] * 1e9 == gemm for other in rows)
             assert r[f"gemm_{b}"] == pytest.approx(r[f"flops_{b}"] * r[f"fps_{b}"] / gemm)
             assert r[f"trans_{b}"] > 0 and r[f"bytes_{b}"] > 0 and r[f"own_gflops_{b}"] > 0
-            parts = r[f"flops_{b}"] / gemm, r[f"trans_{b}"] / 3e9, r[f"bytes_{b}"] / 7e9
+            # the exp and read rates too: timed between the streams' steps, the same for every row
+            exp, read = r[f"exp_gelems_{b}"] * 1e9, r[f"read_gbs_{b}"] * 1e9
+            assert exp > 0 and read > 0
+            assert all((o[f"exp_gelems_{b}"] * 1e9, o[f"read_gbs_{b}"] * 1e9) == (exp, read) for o in rows)
+            parts = r[f"flops_{b}"] / gemm, r[f"trans_{b}"] / exp, r[f"bytes_{b}"] / read
             assert [r[f"ideal_{k}_s_{b}"] for k in ("gemm", "exp", "mem")] == pytest.approx(parts)
             assert r[f"machine_{b}"] == pytest.approx(sum(parts) * r[f"fps_{b}"])
             own = r[f"flops_{b}"] * r[f"fps_{b}"] / (r[f"own_gflops_{b}"] * 1e9)
@@ -128,51 +133,67 @@ def test_bench_steps_rows_and_ratios():
 
 
 def test_stream_ceilings_follow_the_rates_and_the_products_rate(monkeypatch):
-    """With the own-shape GEMM rate and the machine's rates given, every fraction is the row's
-    measured frames/s times its counted work over them."""
+    """With the own-shape GEMM rate given and the machine's rates timed between the steps, every
+    fraction is the row's measured frames/s times its counted work over them."""
     monkeypatch.setattr(steps_module, "products_rate", lambda products, seconds, device, cache: 5.0)
     rates = {"read_gbs": 2.0, "gemm_gflops": 4.0, "exp_gelems": 0.5}
     plan = StepBench(steps=2, rounds=1, warmup=1, window=False, batches=(4,), settings=QUICK.settings)
     (r,) = bench_steps({"mamba": _model("mamba")}, rates, plan)
     fps = r["fps_4"]
     assert r["own_gflops_4"] == 5.0 and r["own_4"] == pytest.approx(r["flops_4"] * fps / 5e9)
-    ideal = r["flops_4"] / (r["gemm_gflops_4"] * 1e9) + r["trans_4"] / 0.5e9 + r["bytes_4"] / 2e9
+    ideal = (r["flops_4"] / (r["gemm_gflops_4"] * 1e9) + r["trans_4"] / (r["exp_gelems_4"] * 1e9)
+             + r["bytes_4"] / (r["read_gbs_4"] * 1e9))
     assert r["machine_4"] == pytest.approx(ideal * fps) and r["machine_4"] > r["gemm_4"]
 
 
-def test_gemm_ceiling_is_timed_between_the_streams_steps(monkeypatch):
-    """The GEMM rate of a batch's fractions is the ``gemm_size``^3 product timed in the same
-    interleaved loop as the models' steps at that batch (not the rate measured once before the rows,
-    which the machine's load can move by a third within minutes)."""
+def test_machine_rates_are_timed_between_the_streams_steps(monkeypatch):
+    """The GEMM, exp and read rates of a batch's fractions are timed in the same interleaved loop as
+    the models' steps at that batch (not the rates measured once before the rows, which the
+    machine's load can move by a third within minutes): each turn the ``gemm_size``^3 product and
+    the exp one untimed call then one timed, the read one timed call."""
     real = steps_module.time_interleaved
     seen = []
     clock = iter(range(10**6))  # perf_counter as 0, 1, 2, ...: each timed call lasts one "second"
 
     def timed(fns, settings, device):
-        if steps_module._GEMM not in fns:
+        if steps_module._MACHINE not in fns:
             return real(fns, settings, device)
-        # the streams' loop: the GEMM among the models' steps; the GEMM's timed calls take 1 s, then
-        # (second batch) 1/2 s against a fake clock: 2 * 64^3 FLOPs at 2 * 64^3 / 1e9, then twice that
-        seen.append(sorted(k for k in fns if k is not steps_module._GEMM))
-        calls = []
+        # the streams' loop: the machine's turn among the models' steps; its timed calls take 1 s,
+        # then (second batch) 1/2 s against a fake clock
+        seen.append(sorted(k for k in fns if k is not steps_module._MACHINE))
+        calls = {"mm": 0, "exp": 0}
+
+        def count(name):
+            def fn(*args, **kwargs):
+                calls[name] += 1
+            return fn
+
         with monkeypatch.context() as m:
             m.setattr(steps_module.time, "perf_counter", lambda: next(clock) / len(seen))
-            m.setattr(steps_module.torch, "mm", lambda *a, **k: calls.append(1))
+            m.setattr(steps_module.torch, "mm", count("mm"))
+            m.setattr(steps_module.torch, "exp", count("exp"))
             for _ in range(3):
-                fns[steps_module._GEMM]()
-        assert len(calls) == 6  # each turn: one untimed call (operands back in cache), one timed
-        return real({k: f for k, f in fns.items() if k is not steps_module._GEMM}, settings, device)
+                fns[steps_module._MACHINE]()
+        assert calls == {"mm": 6, "exp": 6}  # each turn: one untimed call (operands back in cache), one timed
+        return real({k: f for k, f in fns.items() if k is not steps_module._MACHINE}, settings, device)
 
     monkeypatch.setattr(steps_module, "time_interleaved", timed)
     plan = StepBench(steps=2, rounds=1, warmup=1, window=False, batches=(2, 3), settings=QUICK.settings,
                      gemm_seconds=0.001, gemm_size=64)
-    rows = bench_steps({"a": _model("mamba"), "b": _model("mamba2")}, {"read_gbs": 1.0, "gemm_gflops": 99.0,
-                                                                       "exp_gelems": 1.0}, plan)
+    rows = bench_steps({"a": _model("mamba"), "b": _model("mamba2")}, {"read_gbs": 99.0, "gemm_gflops": 99.0,
+                                                                       "exp_gelems": 99.0}, plan)
     assert seen == [["a", "b"], ["a", "b"]]  # one loop per batch, both models in it
+    threads = torch.get_num_threads()  # exp is timed on one thread and counts for each (exp_rate's rule)
+    read = steps_module.READ_MIB * 2**20
     for r in rows:
         assert (r["gemm_gflops_2"], r["gemm_gflops_3"]) == pytest.approx((2 * 64**3 / 1e9, 4 * 64**3 / 1e9))
+        assert (r["exp_gelems_2"], r["exp_gelems_3"]) == pytest.approx(
+            (threads * EXP_ELEMENTS / 1e9, 2 * threads * EXP_ELEMENTS / 1e9))
+        assert (r["read_gbs_2"], r["read_gbs_3"]) == pytest.approx((read / 1e9, 2 * read / 1e9))
         assert r["gemm_3"] == pytest.approx(r["flops_3"] * r["fps_3"] / (4 * 64**3))
         assert r["ideal_gemm_s_2"] == pytest.approx(r["flops_2"] / (2 * 64**3))
+        assert r["ideal_exp_s_3"] == pytest.approx(r["trans_3"] / (2 * threads * EXP_ELEMENTS))
+        assert r["ideal_mem_s_3"] == pytest.approx(r["bytes_3"] / (2 * read))
 
 
 def test_stream_flops_are_the_step_products():

@@ -58,7 +58,8 @@ def test_linear_strided_rows_and_weights(B, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", [(256, 256), (250, 131), (1030, 9), (37, 7)], ids=lambda s: f"I{s[0]}xO{s[1]}")
+@pytest.mark.parametrize("shape", [(256, 256), (250, 131), (1030, 9), (37, 7)],
+                         ids=lambda s: f"I{s[0]}xO{s[1]}")
 def test_linear_row_values_do_not_depend_on_the_other_rows(shape, dtype):
     """From 5 to 256 rows (gemm_rows.h's route) a row's outputs are bit for bit the same whatever the
     number of rows and its place among them (a remainder block, another pass over W: I = 1030 takes

@@ -40,8 +40,8 @@ def _assert_bitwise(x: torch.Tensor, name: str) -> None:
     same = (_bits(ours) == _bits(ref)) | (ours.isnan() & ref.isnan())
     if not same.all():
         bad = (~same).nonzero()[0].item()
-        raise AssertionError(f"{name}({x[bad].item()!r}): {ours[bad].item()!r} against torch's {ref[bad].item()!r}"
-                             f" ({(~same).sum().item()} values differ)")
+        raise AssertionError(f"{name}({x[bad].item()!r}): {ours[bad].item()!r} against torch's "
+                             f"{ref[bad].item()!r} ({(~same).sum().item()} values differ)")
 
 
 each_function = pytest.mark.parametrize("name", sorted(FUNCTIONS))

@@ -242,7 +242,7 @@ def test_a_row_does_not_depend_on_its_neighbours(Dh, kv_heads, dtype):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, 4 * Dh, generator=g).to(dtype)
     spec, outs, caches = m.step_spec(), [], []
-    for trial in range(3):
+    for _ in range(3):
         st = m.init_state(B, max_len=40)
         st.k.normal_(generator=g)
         st.v.normal_(generator=g)

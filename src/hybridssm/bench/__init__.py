@@ -26,6 +26,7 @@ from __future__ import annotations
 from .compare import SHAPES, BaselineTransformer, baseline_for, bench_model, build_row, format_table
 from .machine import (
     EXP_ELEMENTS,
+    READ_MIB,
     ceiling_fraction,
     cpu_name,
     exp_rate,
@@ -66,6 +67,7 @@ from .work import TRANSCENDENTALS, Product, Work, count_work
 
 __all__ = [
     "EXP_ELEMENTS",
+    "READ_MIB",
     "MISSING",
     "SHAPES",
     "STREAM_BATCHES",

@@ -19,13 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["EXP_ELEMENTS", "best_seconds", "ceiling_fraction", "counting_flops", "cpu_name", "exp_rate",
-           "hot_rate", "machine_line", "machine_rates", "matmul_flops", "param_bytes", "products_rate",
-           "read_rate", "sync", "top_ops"]
+__all__ = ["EXP_ELEMENTS", "READ_MIB", "best_seconds", "ceiling_fraction", "counting_flops", "cpu_name",
+           "exp_rate", "hot_rate", "machine_line", "machine_rates", "matmul_flops", "param_bytes",
+           "products_rate", "read_rate", "sync", "top_ops"]
 
-# The exp rate's buffer: 64K fp32 elements, 256 KiB in and 256 KiB out, inside a core's L2 (1 MiB
+# The exp rate's buffer: 64K fp32 elements, 256 KiB in and 256 KiB out, inside a core's L2 (512 KiB
 # here; 2 MiB on recent Xeons): the rate of the exps a kernel computes on data in cache.
 EXP_ELEMENTS = 1 << 16
+READ_MIB = 128  # the read rate's buffer (MiB): larger than the caches
 
 
 def sync(device: torch.device) -> None:
@@ -34,7 +35,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def read_rate(seconds: float = 0.5, mib: int = 128) -> float:
+def read_rate(seconds: float = 0.5, mib: int = READ_MIB) -> float:
     """Single-thread memory read rate (GB/s): ``sum`` of an fp32 buffer larger than the caches, on
     one torch thread (the rate a batch-1 step that reads each weight once can reach)."""
     threads = torch.get_num_threads()

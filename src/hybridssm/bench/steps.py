@@ -13,7 +13,9 @@ against the ceilings the rates measured in the run imply:
   (:func:`stream_bytes`). Weights are left out: read once per step, they are amortised over the batch
   (B = 64 streams of a 6 MB model: 0.1 MB per frame). The read rate is the memory's (a 128 MiB
   buffer): states that fit in the L3 together (Mamba's 2 layers at B = 64: 5 MB) can move faster,
-  so there the memory part is an upper bound and the fraction can pass 100%;
+  so there the memory part is an upper bound and the fraction can pass 100%. The three rates are
+  timed in the same turns between the streams' steps as the GEMM's (a rate measured once, in a slow
+  minute, made the fraction pass 100% on its own);
 * of own-shape GEMM: the step's matrix products, each timed alone and hot at its own shape (M = B),
   give the GEMM rate this model's products reach here (thin products such as K = 16 dt projections
   run far below the 512^3 rate); the fraction is their time over the step's. The attention's
@@ -37,7 +39,7 @@ from torch import Tensor, nn
 
 from hybridssm.ops._kernels import use_kernels
 
-from .machine import param_bytes, products_rate, sync
+from .machine import EXP_ELEMENTS, READ_MIB, param_bytes, products_rate, sync
 from .tables import MISSING, cell, markdown_table, percent
 from .timing import BenchSettings, time_interleaved, time_rounds
 from .work import count_work
@@ -47,7 +49,7 @@ __all__ = ["STREAM_BATCHES", "WINDOW", "StepBench", "attended_cache_bytes", "ben
 
 WINDOW = 60  # the seeds' real-time window (frames)
 STREAM_BATCHES = (16, 64, 256)
-_GEMM = object()  # the GEMM ceiling's entry among the streams' timed functions (no label can equal it)
+_MACHINE = object()  # the machine's rates' entry among the streams' timed functions (no label can equal it)
 
 
 def _state_nodes(state: Any) -> tuple[list[Any], list[Tensor]]:
@@ -84,6 +86,51 @@ def stream_bytes(state: Any) -> int:
     attention cache the step attends read once (:func:`attended_cache_bytes`)."""
     recurrent = sum(t.numel() * t.element_size() for t in _state_nodes(state)[1])
     return 2 * recurrent + attended_cache_bytes(state)
+
+
+class _MachineTurns:
+    """The machine's rates timed between the streams' steps, one turn per round of steps: the
+    ``size``^3 fp32 GEMM and ``exp`` of :data:`EXP_ELEMENTS` values (each one untimed call that
+    brings its operands back into the caches, then one timed: hot), and on CPU a ``sum`` over
+    :data:`READ_MIB` MiB (larger than the caches: one timed call). ``exp`` and the read run on one
+    thread, as :func:`~hybridssm.bench.exp_rate` and :func:`~hybridssm.bench.read_rate` time them (exp
+    times the threads). :meth:`rates` gives the medians in the units of ``machine_rates``."""
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self.device = device
+        self.a, self.c = torch.randn(size, size, device=device), torch.empty(size, size, device=device)
+        self.v = torch.randn(EXP_ELEMENTS, device=device)
+        self.e = torch.empty_like(self.v)
+        self.buf = torch.ones(READ_MIB * 2**20 // 4) if device.type == "cpu" else None
+        self.threads = torch.get_num_threads()
+        self.times: dict[str, list[float]] = {"gemm": [], "exp": [], "read": []}
+
+    def _timed(self, key: str, fn: Any, warm: bool = True) -> None:
+        if warm:
+            fn()
+            sync(self.device)
+        t0 = time.perf_counter()
+        fn()
+        sync(self.device)
+        self.times[key].append(time.perf_counter() - t0)
+
+    def __call__(self) -> None:
+        self._timed("gemm", lambda: torch.mm(self.a, self.a, out=self.c))
+        torch.set_num_threads(1)
+        try:
+            self._timed("exp", lambda: torch.exp(self.v, out=self.e))
+            if self.buf is not None:
+                self._timed("read", self.buf.sum, warm=False)
+        finally:
+            torch.set_num_threads(self.threads)
+
+    def rates(self) -> dict[str, float]:
+        n = self.a.shape[0]
+        out = {"gemm_gflops": 2 * n**3 / statistics.median(self.times["gemm"]) / 1e9,
+               "exp_gelems": self.threads * self.v.numel() / statistics.median(self.times["exp"]) / 1e9}
+        if self.times["read"]:
+            out["read_gbs"] = self.buf.numel() * 4 / statistics.median(self.times["read"]) / 1e9
+        return out
 
 
 def _restore(state: Any, saved: Any) -> None:
@@ -143,13 +190,14 @@ def _latencies(models: Mapping[str, nn.Module], plan: StepBench) -> dict[str, di
 
 
 def _streams(models: Mapping[str, nn.Module], batch: int, plan: StepBench,
-             products: dict[Any, tuple[float, float]]) -> tuple[dict[str, dict[str, float | None]], float]:
+             products: dict[Any, tuple[float, float]]) -> tuple[dict[str, dict[str, float | None]],
+                                                               dict[str, float]]:
     """Frames/s of ``step(x, state, reset=done, inplace=True)`` at ``batch`` streams, a random
     1/``WINDOW`` of rows ending their episode each step; per frame, the matmul FLOPs, transcendental
     elements and bytes moved (the mean of before and after the timed steps); and the GEMM rate of
-    the step's own products (``products``: the shapes timed so far in this run). Also the GEMM
-    ceiling's rate (GFLOP/s): ``plan.gemm_size``^3 products timed between the models' steps, each
-    turn one untimed call then one timed (hot: the steps evict its operands), median."""
+    the step's own products (``products``: the shapes timed so far in this run). Also the machine's
+    rates timed between the models' steps (:class:`_MachineTurns`: the ``plan.gemm_size``^3 GEMM,
+    exp and, on CPU, the read rate; medians)."""
     s = plan.settings
     cap = WINDOW + s.warmup + s.max_iters + 1  # the most steps a row can take here
     fns, states, out = {}, {}, {}
@@ -165,28 +213,13 @@ def _streams(models: Mapping[str, nn.Module], batch: int, plan: StepBench,
         out[label] = {"flops_per_frame": work.flops / batch, "trans_per_frame": work.transcendentals / batch,
                       "bytes_per_frame": stream_bytes(state) / batch, "products": work.products}
     device = next(iter(models.values())).final_norm.weight.device
-    n = plan.gemm_size
-    a, c = torch.randn(n, n, device=device), torch.empty(n, n, device=device)
-    hot: list[float] = []
-
-    def gemm() -> None:
-        # the ceiling is the GEMM's hot rate: a call right after a model's step finds its operands
-        # evicted and read 10-25% slower here, so one call brings them back and the next is timed
-        torch.mm(a, a, out=c)
-        sync(device)
-        t0 = time.perf_counter()
-        torch.mm(a, a, out=c)
-        sync(device)
-        hot.append(time.perf_counter() - t0)
-
-    fns[_GEMM] = gemm
+    turns = fns[_MACHINE] = _MachineTurns(plan.gemm_size, device)
     times = time_interleaved(fns, s, device)
-    gemm_gflops = 2 * n**3 / statistics.median(hot) / 1e9
     for label, st in out.items():
         st["fps"] = batch / times[label]
         st["bytes_per_frame"] = (st["bytes_per_frame"] + stream_bytes(states[label]) / batch) / 2
         st["own_gflops"] = products_rate(st.pop("products"), plan.gemm_seconds, device, products)
-    return out, gemm_gflops
+    return out, turns.rates()
 
 
 @torch.inference_mode()
@@ -197,11 +230,12 @@ def bench_steps(models: Mapping[str, nn.Module], rates: Mapping[str, float],
     ``WINDOW``-frame window, and frames/s of many streams with their fraction of the GEMM ceiling
     (matmul FLOPs per frame x frames/s over ``gemm_gflops_B``, the GEMM rate measured between the
     streams' steps at that batch), of the machine's (the ideal time over the measured one; its parts
-    ``ideal_gemm_s_B``, ``ideal_exp_s_B``, ``ideal_mem_s_B`` per frame, from ``gemm_gflops_B`` and
-    ``rates``' ``exp`` and read rates) and of the own-shape GEMM rate (``own_gflops_B``; see the
-    module docstring). ``rates["gemm_gflops"]`` (measured once, before) is not used: the header of a
-    table states it beside the interleaved ones. Every ratio is computed from the measured values in
-    the row."""
+    ``ideal_gemm_s_B``, ``ideal_exp_s_B``, ``ideal_mem_s_B`` per frame, from ``gemm_gflops_B``,
+    ``exp_gelems_B`` and ``read_gbs_B``, the rates timed between the streams' steps) and of the
+    own-shape GEMM rate (``own_gflops_B``; see the module docstring). ``rates`` (measured once,
+    before) gives the batch-1 bar's read rate (and the streams' read rate where none is timed, off
+    CPU); the header of a table states its rates beside the interleaved ones. Every ratio is computed
+    from the measured values in the row."""
     plan = plan or StepBench()
     lat = _latencies(models, plan)
     windows: dict[str, float] = {}
@@ -211,9 +245,9 @@ def bench_steps(models: Mapping[str, nn.Module], rates: Mapping[str, float],
         windows = time_interleaved({k: (lambda m=m, x=xs[k]: m(x)) for k, m in models.items()},
                                    plan.settings, next(iter(xs.values())).device)
     products: dict[Any, tuple[float, float]] = {}  # a shape shared by models or batches is timed once
-    streams, gemm = {}, {}
+    streams, machine = {}, {}
     for b in plan.batches:
-        streams[b], gemm[b] = _streams(models, b, plan, products)
+        streams[b], machine[b] = _streams(models, b, plan, products)
     rows = []
     for label, model in models.items():
         weights = param_bytes(model)
@@ -229,13 +263,16 @@ def bench_steps(models: Mapping[str, nn.Module], rates: Mapping[str, float],
             st = streams[b][label]
             row[f"fps_{b}"] = st["fps"]
             row[f"flops_{b}"] = st["flops_per_frame"]
-            row[f"gemm_gflops_{b}"] = gemm[b]
-            row[f"gemm_{b}"] = st["flops_per_frame"] * st["fps"] / (gemm[b] * 1e9)
+            rate = {**rates, **machine[b]}  # timed between the steps; the up-front read rate off CPU
+            gemm = rate["gemm_gflops"]
+            row[f"gemm_gflops_{b}"] = gemm
+            row[f"exp_gelems_{b}"], row[f"read_gbs_{b}"] = rate["exp_gelems"], rate["read_gbs"]
+            row[f"gemm_{b}"] = st["flops_per_frame"] * st["fps"] / (gemm * 1e9)
             row[f"trans_{b}"] = st["trans_per_frame"]
             row[f"bytes_{b}"] = st["bytes_per_frame"]
-            parts = {"gemm": st["flops_per_frame"] / (gemm[b] * 1e9),
-                     "exp": st["trans_per_frame"] / (rates["exp_gelems"] * 1e9),
-                     "mem": st["bytes_per_frame"] / (rates["read_gbs"] * 1e9)}
+            parts = {"gemm": st["flops_per_frame"] / (gemm * 1e9),
+                     "exp": st["trans_per_frame"] / (rate["exp_gelems"] * 1e9),
+                     "mem": st["bytes_per_frame"] / (rate["read_gbs"] * 1e9)}
             row.update({f"ideal_{k}_s_{b}": v for k, v in parts.items()})
             row[f"machine_{b}"] = sum(parts.values()) * st["fps"]
             row[f"own_gflops_{b}"] = st["own_gflops"]
