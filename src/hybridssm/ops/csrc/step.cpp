@@ -80,22 +80,6 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& W, const at::Tensor& bi
                                        hybridssm::step::present(bias) ? hybridssm::step::as_(bias, dt) : bias);
 }
 
-// The Mamba step's fp32 softplus of delta (step/softplus.h) over a float tensor, for the tests of its
-// error bound against torch's.
-at::Tensor softplus_f32(const at::Tensor& x) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "softplus_f32: x must be float32, got ", x.scalar_type());
-  const auto xc = x.contiguous();
-  auto y = at::empty_like(xc);
-  using Vec = at::vec::Vectorized<float>;
-  const float* in = xc.data_ptr<float>();
-  float* out = y.data_ptr<float>();
-  for (int64_t i = 0; i < xc.numel(); i += Vec::size()) {
-    const int64_t cnt = std::min<int64_t>(Vec::size(), xc.numel() - i);
-    hybridssm::store(hybridssm::step::softplus_f32(hybridssm::load(in + i, cnt)), out + i, cnt);
-  }
-  return y;
-}
-
 // f (a function of K vectors in place) over a float tensor as the step kernels apply it (4 vectors in
 // lockstep, the tail one at a time)
 template <typename F>
@@ -121,6 +105,14 @@ at::Tensor map_f32(const char* name, const at::Tensor& x, const F& f) {
     hybridssm::store(v[0], out + i, cnt);
   }
   return y;
+}
+
+// The Mamba step's fp32 softplus of delta (step/softplus.h) over a float tensor, for the tests of its
+// error bound against torch's.
+at::Tensor softplus_f32(const at::Tensor& x) {
+  return map_f32("softplus_f32", x, [](auto& v) {
+    for (auto& e : v) e = hybridssm::step::softplus_f32(e);
+  });
 }
 
 // The steps' fp32 SiLU (step/silu.h) and exp (step/aten_exp.h), for the tests that hold them to
