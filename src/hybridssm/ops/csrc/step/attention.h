@@ -256,6 +256,8 @@ inline void with_strip_width(int nv, F&& f) {
 
 // the widest value strip (vectors) kept in registers
 constexpr int kStrip = 8;
+// the fewest rows (B) that run the (row, kv head) tasks as a pipeline (attention_rows)
+constexpr int64_t kPipelineMinRows = 4;
 // cache lines asked for at the head of each stream a turn will read next (keys_and_values' pipeline)
 constexpr int64_t kHeadLines = 32;
 
@@ -330,7 +332,10 @@ void attention_rows(const MixerSpec& m, at::Tensor& qkv, at::Tensor& ck, at::Ten
   const scalar_t* freq = rope ? inv_freq.data_ptr<scalar_t>() : nullptr;
   scalar_t* out_p = out.data_ptr<scalar_t>();
   const auto scale = static_cast<scalar_t>(m.f[kScale]);
-  const bool paired = one_strip<scalar_t>(D);
+  // The pipeline pays where the cache pass waits on memory (many streams); at a few rows (B <= 4, as
+  // the step's GEMV route) the passes run one after the other: paired, transformer's batch-1 step
+  // took 1.35x (bench_step.py --against, the same tree with and without the pipeline, 5 runs each).
+  const bool paired = one_strip<scalar_t>(D) && B > kPipelineMinRows;
   const int64_t head_bytes = std::min<int64_t>(kHeadLines * 64, N * D * static_cast<int64_t>(sizeof(scalar_t)));
 
   // One task per (row, kv head): its new key and value into the cache, then for each of its query
