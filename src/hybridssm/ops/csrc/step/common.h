@@ -29,6 +29,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include "../vec_helpers.h"
+#include "aten_exp.h"
 #include "gemm_rows.h"
 
 #include <algorithm>
@@ -328,10 +329,17 @@ inline at::Tensor linear_small(const at::Tensor& x, const at::Tensor& W, const a
 }
 
 // The formulas of torch's CPU kernels (x / (1 + exp(-x)); softplus threshold 20), vectorised the
-// same way, so that a step reproduces the full forward's values.
+// same way, so that a step reproduces the full forward's values. fp32's exp is aten_exp.h's (ATen's
+// vectorised exp written out: the same bits without the out-of-line call); silu.h runs K in lockstep.
 template <typename scalar_t>
 inline Vectorized<scalar_t> silu(const Vectorized<scalar_t>& x) {
-  return x / (Vectorized<scalar_t>(1) + x.neg().exp());
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    Vectorized<float> e[1] = {x.neg()};
+    aten_exp_f32_n(e);
+    return x / (Vectorized<float>(1) + e[0]);
+  } else {
+    return x / (Vectorized<scalar_t>(1) + x.neg().exp());
+  }
 }
 
 template <typename scalar_t>

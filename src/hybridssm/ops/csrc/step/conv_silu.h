@@ -10,7 +10,6 @@
 #pragma once
 
 #include "common.h"
-#include "silu.h"
 
 namespace hybridssm::step {
 
@@ -89,7 +88,7 @@ inline void conv4_silu(const float* u, float* st, const float* wt, int64_t ldw, 
     acc = _mm256_fmadd_ps(_mm256_loadu_ps(wt + ldw + c), tap[1], acc);
     acc = _mm256_fmadd_ps(_mm256_loadu_ps(wt + 2 * ldw + c), tap[2], acc);
     acc = _mm256_fmadd_ps(_mm256_loadu_ps(wt + 3 * ldw + c), x, acc);
-    silu_fast(Vectorized<float>(acc)).store(out + c);
+    silu(Vectorized<float>(acc)).store(out + c);
     // the new windows: taps 1, 2 and u, back in the interleaved layout
     const __m256 next[3] = {tap[1], tap[2], x};
     __m256 back[3];

@@ -322,7 +322,7 @@ inline void mamba_gate_row(const MambaRow<scalar_t>& row, const MambaWeights<sca
   }
   for (; e0 < w.E; e0 += W) {
     const int64_t cnt = std::min(W, w.E - e0);
-    gated(e0, cnt, silu_fast(hybridssm::load(row.z + e0, cnt)));
+    gated(e0, cnt, silu(hybridssm::load(row.z + e0, cnt)));
   }
 }
 

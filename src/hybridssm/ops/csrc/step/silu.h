@@ -1,7 +1,7 @@
 // SiLU of the steps' fp32 vectors without a library call, bit for bit ATen's: x / (1 + exp(-x)),
 // ATen's formula, with aten_exp.h's exp (Vectorized<float>::exp written out) and the same
-// division. K vectors run in lockstep. Other dtypes call common.h's silu (ATen's formula with
-// ATen's exp): the same values there too.
+// division. K vectors run in lockstep; one vector at a time (any dtype) is common.h's silu, the
+// same values.
 //
 // Tested bit for bit against torch.nn.functional.silu over every float exponent, +-0, denormals,
 // +-inf and NaN (tests/ops/test_step_silu_exp.py), on the capability the extension is built for.
@@ -20,18 +20,6 @@ inline void silu_f32_n(Vectorized<float> (&x)[K]) {
   for (int i = 0; i < K; ++i) e[i] = x[i].neg();
   aten_exp_f32_n(e);
   for (int i = 0; i < K; ++i) x[i] = x[i] / (Vectorized<float>(1) + e[i]);
-}
-
-// silu of one vector (any dtype: non-float vectors take common.h's silu, ATen's formula)
-template <typename scalar_t>
-inline Vectorized<scalar_t> silu_fast(const Vectorized<scalar_t>& x) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    Vectorized<float> v[1] = {x};
-    silu_f32_n(v);
-    return v[0];
-  } else {
-    return silu(x);
-  }
 }
 
 }  // namespace hybridssm::step
