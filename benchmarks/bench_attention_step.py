@@ -79,6 +79,7 @@ def median_times(fns, calls: int) -> list[float]:
 
 def measure(args) -> dict[str, float]:
     """The sweep's attended bytes and seconds (projections subtracted) and the read rate, in GB/s."""
+    from hybridssm.bench import READ_MIB
     from hybridssm.ops.step import mixer_step, step_extension
 
     ext = step_extension()
@@ -99,7 +100,7 @@ def measure(args) -> dict[str, float]:
             ext.linear(x, m.qkv_proj.weight, m.qkv_proj.bias)
             ext.linear(mid, m.o_proj.weight, none if m.o_proj.bias is None else m.o_proj.bias)
 
-    buf = torch.ones(128 * 2**20 // 4)
+    buf = torch.ones(READ_MIB * 2**20 // 4)  # read_rate's buffer
     t_sweep, t_proj, t_read = median_times([sweep, projections, buf.sum], args.calls)
     return {"bytes": nbytes, "sweep_s": t_sweep - t_proj, "proj_s": t_proj,
             "cache_gbs": nbytes / (t_sweep - t_proj) / 1e9, "read_gbs": buf.numel() * 4 / t_read / 1e9}
