@@ -12,9 +12,10 @@ The models and options are ``bench_models.py``'s step table (the seeds' defaults
 * step ms: ``model.step(x_t, state, inplace=True)`` at batch 1, from a state that has seen 60
   frames; the models interleaved in ``--rounds`` rounds of ``--steps / --rounds`` steps, medians.
 * bar ms: parameter bytes + the attention cache bytes actually attended, over the single-thread
-  memory read rate measured in the same run; step / bar.
-* window ms: re-running the 60-frame window, ``model(x)`` (the seeds' alternative to a state);
-  window / step.
+  memory read rate timed in the same rounds (one read before each model's share); step / bar.
+* window ms: re-running the 60-frame window, ``model(x)`` (the seeds' alternative to a state), its
+  calls spread over the same rounds (after each model's steps); window / step. The three timings of
+  a row are thus taken in the same minutes: this machine's memory and GEMM rates move apart.
 * frames/s at B = 16, 64, 256 streams (a random 1/60 of rows reset each step, as episodes end),
   with its fraction of the GEMM ceiling (matmul FLOPs per frame x frames/s / the 512^3 GEMM rate
   measured between the streams' steps at that B, as they are timed: the header gives each).
@@ -165,7 +166,9 @@ def main(argv: list[str] | None = None) -> str:
            "measurements.", ""] if args.quick else []),
         f"Step: batch 1, inplace, under inference_mode, median of {args.steps} steps ({args.rounds} "
         "interleaved rounds) from a state that has seen 60 frames. Bar: (parameter bytes + attended "
-        "attention cache bytes) / read rate. Window: re-running the 60-frame window, model(x), median. "
+        "attention cache bytes) / the read rate timed in the same rounds"
+        + (f" ({rows[0]['read_gbs_1']:.1f} GB/s)" if rows else "")
+        + ". Window: re-running the 60-frame window, model(x), median, its calls in the same rounds. "
         "Streams: step(x, state, reset=done, inplace=True) with a random 1/60 of rows reset per step; "
         "(of GEMM) = matmul FLOPs per frame x frames/s / the 512^3 GEMM rate measured between the "
         "streams' steps (each turn one call to bring its operands back, then one timed: hot; median)"

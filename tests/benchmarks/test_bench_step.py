@@ -5,6 +5,7 @@ measured values in its row (never the speed)."""
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -90,9 +91,11 @@ def test_bench_steps_rows_and_ratios():
     rates = {"read_gbs": 7.0, "gemm_gflops": 11.0, "exp_gelems": 3.0}  # any values: the ratios follow them
     rows = bench_steps(models, rates, QUICK)
     assert [r["model"] for r in rows] == list(models)
+    one = rows[0]["read_gbs_1"] * 1e9  # timed in the batch-1 rounds (on CPU), the same for every row
+    assert one > 0 and one != 7e9 and all(r["read_gbs_1"] * 1e9 == one for r in rows)
     for r, model in zip(rows, models.values()):
         assert r["weights_mb"] == param_bytes(model) / 1e6
-        assert r["bar_ms"] == pytest.approx((r["weights_mb"] + r["cache_mb"]) * 1e6 / 7e9 * 1e3)
+        assert r["bar_ms"] == pytest.approx((r["weights_mb"] + r["cache_mb"]) * 1e6 / one * 1e3)
         assert r["step_bar"] == pytest.approx(r["step_ms"] / r["bar_ms"])
         assert r["window_step"] == pytest.approx(r["window_ms"] / r["step_ms"])
         for b in QUICK.batches:
@@ -130,6 +133,50 @@ def test_bench_steps_rows_and_ratios():
                           f"| {r['own_gflops_3']:.1f} ({percent(r['own_3'])}) "
                           f"| {r['own_gflops_5']:.1f} ({percent(r['own_5'])}) "
                           f"| {sum(parts):.2f} = {parts[0]:.2f} + {parts[1]:.2f} + {parts[2]:.2f} |")
+
+
+def test_batch_one_step_window_and_read_share_the_rounds(monkeypatch):
+    """The batch-1 step, the window it is compared with and the read rate of its bar are timed in
+    the same rounds (each round, each model in turn: one read, its share of the steps, its share of
+    the window calls), so that a ratio never divides timings taken minutes apart; the window's
+    calls total ``max_iters``; the bar divides by the read rate those rounds timed."""
+    events: list[tuple[str, str]] = []
+    models = {"a": _model("mamba"), "b": _model("mamba2")}
+    for label, m in models.items():
+        step, forward = m.step, m.forward
+
+        def recorded_step(*args, _label=label, _step=step, **kwargs):
+            events.append((_label, "step"))
+            return _step(*args, **kwargs)
+
+        def recorded_forward(x, *args, _label=label, _forward=forward, **kwargs):
+            if not kwargs.get("return_state"):  # the prefill that builds the state is not timed
+                events.append((_label, "window"))
+            return _forward(x, *args, **kwargs)
+
+        monkeypatch.setattr(m, "step", recorded_step)
+        monkeypatch.setattr(m, "forward", recorded_forward)
+    real_read = steps_module._MachineTurns.read
+    reads = []
+
+    def recorded_read(self):
+        events.append(("-", "read"))
+        real_read(self)
+        reads.append(self.times["read"][-1])
+
+    monkeypatch.setattr(steps_module._MachineTurns, "read", recorded_read)
+    plan = StepBench(steps=4, rounds=2, warmup=1, batches=(),
+                     settings=BenchSettings(warmup=1, max_time=100.0, max_iters=4))
+    rows = bench_steps(models, {"read_gbs": 1.0, "gemm_gflops": 1.0, "exp_gelems": 1.0}, plan)
+    warm = [("a", "step"), ("a", "window"), ("b", "step"), ("b", "window")]
+    one_round = [e for k in models
+                 for e in [("-", "read"), (k, "step"), (k, "step"), (k, "window"), (k, "window")]]
+    assert events == warm + one_round + one_round
+    read = steps_module.READ_MIB * 2**20 / statistics.median(reads)
+    for r in rows:
+        assert r["read_gbs_1"] * 1e9 == pytest.approx(read)
+        assert r["bar_ms"] == pytest.approx((r["weights_mb"] + r["cache_mb"]) * 1e6 / read * 1e3)
+        assert r["window_step"] == pytest.approx(r["window_ms"] / r["step_ms"])
 
 
 def test_stream_ceilings_follow_the_rates_and_the_products_rate(monkeypatch):

@@ -1,6 +1,7 @@
 """Streaming steps (``benchmarks/bench_step.py``): batch-1 step latency against the machine's bar
-(DESIGN §5: reading each weight once), against re-running the window, and many streams at once
-against the ceilings the rates measured in the run imply:
+(DESIGN §5: reading each weight once, at the read rate timed in the same rounds as the steps),
+against re-running the window (timed in those rounds too), and many streams at once against the
+ceilings the rates measured in the run imply:
 
 * of GEMM: the step's matmul FLOPs over the 512^3 GEMM rate, measured interleaved with the streams
   (between the models' steps, each turn one call that brings the operands back into the caches and
@@ -41,7 +42,7 @@ from hybridssm.ops._kernels import use_kernels
 
 from .machine import EXP_ELEMENTS, READ_MIB, param_bytes, products_rate, sync
 from .tables import MISSING, cell, markdown_table, percent
-from .timing import BenchSettings, time_interleaved, time_rounds
+from .timing import BenchSettings, time_interleaved
 from .work import count_work
 
 __all__ = ["STREAM_BATCHES", "WINDOW", "StepBench", "attended_cache_bytes", "bench_steps",
@@ -119,17 +120,30 @@ class _MachineTurns:
         torch.set_num_threads(1)
         try:
             self._timed("exp", lambda: torch.exp(self.v, out=self.e))
-            if self.buf is not None:
-                self._timed("read", self.buf.sum, warm=False)
+        finally:
+            torch.set_num_threads(self.threads)
+        self.read()
+
+    def read(self) -> None:
+        """The read turn alone (on CPU; nothing elsewhere): the batch-1 steps' bar is a read."""
+        if self.buf is None:
+            return
+        torch.set_num_threads(1)
+        try:
+            self._timed("read", self.buf.sum, warm=False)
         finally:
             torch.set_num_threads(self.threads)
 
     def rates(self) -> dict[str, float]:
-        n = self.a.shape[0]
-        out = {"gemm_gflops": 2 * n**3 / statistics.median(self.times["gemm"]) / 1e9,
-               "exp_gelems": self.threads * self.v.numel() / statistics.median(self.times["exp"]) / 1e9}
-        if self.times["read"]:
-            out["read_gbs"] = self.buf.numel() * 4 / statistics.median(self.times["read"]) / 1e9
+        """The medians of the turns taken (a rate whose turn never ran is left out)."""
+        t = {k: statistics.median(v) for k, v in self.times.items() if v}
+        out = {}
+        if "gemm" in t:
+            out["gemm_gflops"] = 2 * self.a.shape[0] ** 3 / t["gemm"] / 1e9
+        if "exp" in t:
+            out["exp_gelems"] = self.threads * self.v.numel() / t["exp"] / 1e9
+        if "read" in t:
+            out["read_gbs"] = self.buf.numel() * 4 / t["read"] / 1e9
         return out
 
 
@@ -149,8 +163,10 @@ def _prefilled(model: nn.Module, batch: int, max_len: int | None) -> Any:
 class StepBench:
     """What :func:`bench_steps` measures. ``steps`` batch-1 steps per model, in ``rounds``
     interleaved rounds (each round restarts from the prefilled state, so that full attention's
-    span stays near ``WINDOW``); the window and stream timings follow ``settings`` (2 warm-ups,
-    then until ``max_time`` s or ``max_iters``, medians, models interleaved); ``gemm_seconds`` per
+    span stays near ``WINDOW``), the window's calls spread over the same rounds (``settings``:
+    its warm-ups, then up to ``max_iters`` calls or ``max_time`` s in all); the stream timings
+    follow ``settings`` (warm-ups, then until ``max_time`` s or ``max_iters``, medians, models
+    interleaved); ``gemm_seconds`` per
     distinct matrix product of the streams' steps, timed alone for the own-shape GEMM rate (a shape
     that several models or batches share is timed once); ``gemm_size`` the square fp32 GEMM timed
     between the streams' steps for the GEMM ceiling (512: the rate :func:`machine_rates` reports)."""
@@ -165,28 +181,67 @@ class StepBench:
     gemm_size: int = 512
 
 
-def _latencies(models: Mapping[str, nn.Module], plan: StepBench) -> dict[str, dict[str, float]]:
-    """Median seconds of ``step(x_t, state, inplace=True)`` at batch 1 and the mean attended cache
-    bytes over the timed positions, models interleaved round by round."""
-    fns, states, cache = {}, {}, {}
+def _batch_one(models: Mapping[str, nn.Module], plan: StepBench) -> tuple[dict[str, dict[str, float]],
+                                                                        dict[str, float]]:
+    """Per model: the median seconds of ``step(x_t, state, inplace=True)`` at batch 1 (``step_s``),
+    of re-running the ``WINDOW``-frame window (``window_s``, where ``plan.window``) and the mean
+    attended cache bytes over the timed positions; and the read rate (``read_gbs``, on CPU). All
+    three are timed in the same rounds: in each, each model in turn restarts from its prefilled
+    state, one read of :data:`READ_MIB` MiB is timed, then its share of the steps, then its share of
+    the window calls. The step's bar (a read) and its window (GEMM-bound) are then measured in the
+    same minutes as the step they are compared with: this machine's memory and GEMM rates each move
+    by up to 2x between minutes, and not together."""
+    s = plan.settings
+    device = next(iter(models.values())).final_norm.weight.device
+    rounds = max(1, plan.rounds)
+    per_round = max(1, plan.steps // rounds)
+    window_calls = -(-s.max_iters // rounds) if plan.window else 0  # ceil: max_iters in all
+    window_time = s.max_time / rounds  # a round's share of the window's time budget
+    runs = {}
     for label, model in models.items():
         state = _prefilled(model, 1, None)  # the default capacity: what a user streams with
         p = next(model.parameters())
         x = torch.randn(1, model.config.embed_dim, device=p.device, dtype=p.dtype)
-        fns[label] = lambda m=model, x=x, s=state: m.step(x, s, inplace=True)
-        states[label], cache[label] = (state, state.clone()), []
+        xs = torch.randn(1, WINDOW, model.config.embed_dim, device=p.device, dtype=p.dtype)
+        runs[label] = (lambda m=model, x=x, st=state: m.step(x, st, inplace=True),
+                       lambda m=model, x=xs: m(x), state, state.clone())
+    turns = _MachineTurns(plan.gemm_size, device)
+    times = {k: {"step": [], "window": []} for k in models}
+    cache: dict[str, list[int]] = {k: [] for k in models}
 
-    def start(label: str) -> None:
-        _restore(*states[label])
-        cache[label].append(attended_cache_bytes(states[label][0]))
+    def timed(fn: Any, into: list[float]) -> float:
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        into.append(time.perf_counter() - t0)
+        return into[-1]
 
-    def end(label: str) -> None:
-        cache[label].append(attended_cache_bytes(states[label][0]))
-
-    device = next(iter(models.values())).final_norm.weight.device
-    steps = time_rounds(fns, plan.steps, rounds=plan.rounds, warmup=plan.warmup, device=device,
-                        before_round=start, after_round=end)
-    return {k: {"step_s": steps[k], "cache_bytes": statistics.mean(cache[k])} for k in models}
+    for step, window, _, _ in runs.values():
+        for _ in range(plan.warmup):
+            step()
+        for _ in range(s.warmup if plan.window else 0):
+            window()
+    sync(device)
+    for _ in range(rounds):
+        for label, (step, window, state, saved) in runs.items():
+            _restore(state, saved)
+            cache[label].append(attended_cache_bytes(state))
+            turns.read()
+            for _ in range(per_round):
+                timed(step, times[label]["step"])
+            cache[label].append(attended_cache_bytes(state))
+            spent = 0.0
+            for _ in range(window_calls):
+                spent += timed(window, times[label]["window"])
+                if spent >= window_time:
+                    break
+    out = {}
+    for label in models:
+        t = times[label]
+        out[label] = {"step_s": statistics.median(t["step"]), "cache_bytes": statistics.mean(cache[label])}
+        if t["window"]:
+            out[label]["window_s"] = statistics.median(t["window"])
+    return out, turns.rates()
 
 
 def _streams(models: Mapping[str, nn.Module], batch: int, plan: StepBench,
@@ -226,24 +281,19 @@ def _streams(models: Mapping[str, nn.Module], batch: int, plan: StepBench,
 def bench_steps(models: Mapping[str, nn.Module], rates: Mapping[str, float],
                 plan: StepBench | None = None) -> list[dict[str, Any]]:
     """One row per model (``label -> model``, in eval mode): batch-1 step ms beside its bar
-    (parameter bytes + attended cache bytes over ``rates["read_gbs"]``), re-running the
-    ``WINDOW``-frame window, and frames/s of many streams with their fraction of the GEMM ceiling
-    (matmul FLOPs per frame x frames/s over ``gemm_gflops_B``, the GEMM rate measured between the
-    streams' steps at that batch), of the machine's (the ideal time over the measured one; its parts
-    ``ideal_gemm_s_B``, ``ideal_exp_s_B``, ``ideal_mem_s_B`` per frame, from ``gemm_gflops_B``,
-    ``exp_gelems_B`` and ``read_gbs_B``, the rates timed between the streams' steps) and of the
-    own-shape GEMM rate (``own_gflops_B``; see the module docstring). ``rates`` (measured once,
-    before) gives the batch-1 bar's read rate (and the streams' read rate where none is timed, off
-    CPU); the header of a table states its rates beside the interleaved ones. Every ratio is computed
-    from the measured values in the row."""
+    (parameter bytes + attended cache bytes over the read rate ``read_gbs_1``) and re-running the
+    ``WINDOW``-frame window, the three timed in the same rounds (:func:`_batch_one`); and frames/s
+    of many streams with their fraction of the GEMM ceiling (matmul FLOPs per frame x frames/s over
+    ``gemm_gflops_B``, the GEMM rate measured between the streams' steps at that batch), of the
+    machine's (the ideal time over the measured one; its parts ``ideal_gemm_s_B``,
+    ``ideal_exp_s_B``, ``ideal_mem_s_B`` per frame, from ``gemm_gflops_B``, ``exp_gelems_B`` and
+    ``read_gbs_B``, the rates timed between the streams' steps) and of the own-shape GEMM rate
+    (``own_gflops_B``; see the module docstring). ``rates`` (measured once, before) gives the read
+    rates where none is timed (off CPU); the header of a table states its rates beside the
+    interleaved ones. Every ratio is computed from the measured values in the row."""
     plan = plan or StepBench()
-    lat = _latencies(models, plan)
-    windows: dict[str, float] = {}
-    if plan.window:
-        xs = {k: torch.randn(1, WINDOW, m.config.embed_dim, device=m.final_norm.weight.device)
-              for k, m in models.items()}
-        windows = time_interleaved({k: (lambda m=m, x=xs[k]: m(x)) for k, m in models.items()},
-                                   plan.settings, next(iter(xs.values())).device)
+    lat, one = _batch_one(models, plan)
+    read_one = one.get("read_gbs", rates["read_gbs"])  # timed in the batch-1 rounds (on CPU)
     products: dict[Any, tuple[float, float]] = {}  # a shape shared by models or batches is timed once
     streams, machine = {}, {}
     for b in plan.batches:
@@ -251,13 +301,13 @@ def bench_steps(models: Mapping[str, nn.Module], rates: Mapping[str, float],
     rows = []
     for label, model in models.items():
         weights = param_bytes(model)
-        bar = (weights + lat[label]["cache_bytes"]) / (rates["read_gbs"] * 1e9)
+        bar = (weights + lat[label]["cache_bytes"]) / (read_one * 1e9)
         row: dict[str, Any] = {
             "model": label, "weights_mb": weights / 1e6, "cache_mb": lat[label]["cache_bytes"] / 1e6,
-            "bar_ms": bar * 1e3, "step_ms": lat[label]["step_s"] * 1e3,
+            "read_gbs_1": read_one, "bar_ms": bar * 1e3, "step_ms": lat[label]["step_s"] * 1e3,
         }
         row["step_bar"] = row["step_ms"] / row["bar_ms"]
-        row["window_ms"] = windows[label] * 1e3 if label in windows else None
+        row["window_ms"] = lat[label]["window_s"] * 1e3 if "window_s" in lat[label] else None
         row["window_step"] = None if row["window_ms"] is None else row["window_ms"] / row["step_ms"]
         for b in plan.batches:
             st = streams[b][label]
