@@ -99,10 +99,11 @@ def test_linear_names_a_misfit():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"I{s[0]}xO{s[1]}")
 def test_linear_streamed_weights_give_the_same_values(shape, dtype):
-    """Inside a plan whose weights come from memory the batch-1 GEMV reads 4 rows of W at a time
-    instead of 8 (common.h's weights_streamed): each output is still its row's dot product alone, so
-    the values are bit for bit those of the cached-weights path, at every batch (the 4-row block's
-    remainders included: O = 1, 3, 5, 7, 9, 131)."""
+    """Inside a plan whose weights come from memory the batch-1 GEMV reads one row from each of 4
+    far-apart parts of W at a time instead of 8 neighbouring rows (common.h's weights_streamed,
+    gemv_streams): each output is still its row's dot product alone, so the values are bit for bit
+    those of the cached-weights path, at every batch (the rows left over by the 4 parts included:
+    O = 1, 3, 5, 7, 9, 131)."""
     I, O = shape
     for B in (1, 2, 4, 5, 64):
         x, W, b = _case(B, I, O, dtype, True, seed=B + O)
