@@ -12,7 +12,8 @@ The models and options are ``bench_models.py``'s step table (the seeds' defaults
 * step ms: ``model.step(x_t, state, inplace=True)`` at batch 1, from a state that has seen 60
   frames; the models interleaved in ``--rounds`` rounds of ``--steps / --rounds`` steps, medians.
 * bar ms: parameter bytes + the attention cache bytes actually attended, over the single-thread
-  memory read rate timed in the same rounds (one read before each model's share); step / bar.
+  memory read rate timed in the same rounds (before each model's share: a ``sum`` of 128 MiB, one
+  stream, and the steps' own GEMV over the same bytes, four streams; the faster); step / bar.
 * window ms: re-running the 60-frame window, ``model(x)`` (the seeds' alternative to a state), its
   calls spread over the same rounds (after each model's steps); window / step. The three timings of
   a row are thus taken in the same minutes: this machine's memory and GEMM rates move apart.
@@ -166,8 +167,11 @@ def main(argv: list[str] | None = None) -> str:
            "measurements.", ""] if args.quick else []),
         f"Step: batch 1, inplace, under inference_mode, median of {args.steps} steps ({args.rounds} "
         "interleaved rounds) from a state that has seen 60 frames. Bar: (parameter bytes + attended "
-        "attention cache bytes) / the read rate timed in the same rounds"
-        + (f" ({rows[0]['read_gbs_1']:.1f} GB/s)" if rows else "")
+        "attention cache bytes) / the single-thread read rate timed in the same rounds"
+        + (f" ({rows[0]['read_gbs_1']:.1f} GB/s: the faster of sum over 128 MiB, "
+           f"{rows[0]['sum_read_gbs_1']:.1f}, and the step's four-stream GEMV over it, "
+           f"{rows[0]['gemv_read_gbs_1']:.1f})" if rows and "gemv_read_gbs_1" in rows[0] else
+           f" ({rows[0]['read_gbs_1']:.1f} GB/s)" if rows else "")
         + ". Window: re-running the 60-frame window, model(x), median, its calls in the same rounds. "
         "Streams: step(x, state, reset=done, inplace=True) with a random 1/60 of rows reset per step; "
         "(of GEMM) = matmul FLOPs per frame x frames/s / the 512^3 GEMM rate measured between the "

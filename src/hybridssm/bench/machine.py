@@ -17,11 +17,11 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = ["EXP_ELEMENTS", "READ_MIB", "best_seconds", "ceiling_fraction", "counting_flops", "cpu_name",
-           "exp_rate", "hot_rate", "machine_line", "machine_rates", "matmul_flops", "param_bytes",
-           "products_rate", "read_rate", "sync", "top_ops"]
+           "exp_rate", "gemv_reader", "hot_rate", "machine_line", "machine_rates", "matmul_flops",
+           "param_bytes", "products_rate", "read_rate", "sync", "top_ops"]
 
 # The exp rate's buffer: 64K fp32 elements, 256 KiB in and 256 KiB out, inside a core's L2 (512 KiB
 # here; 2 MiB on recent Xeons): the rate of the exps a kernel computes on data in cache.
@@ -50,6 +50,22 @@ def read_rate(seconds: float = 0.5, mib: int = READ_MIB) -> float:
         return buf.numel() * 4 * n / (time.perf_counter() - t0) / 1e9
     finally:
         torch.set_num_threads(threads)
+
+
+def gemv_reader(buf: Tensor) -> Callable[[], Any] | None:
+    """A read of the fp32 CPU buffer ``buf`` (a multiple of 1,024 values) through the batch-1 steps'
+    GEMV of weights read from memory (``csrc/step/common.h`` ``gemv_streams``: four far-apart
+    sequential streams), as a ``[numel / 1024, 1024]`` matrix times a vector of ones; None where the
+    step's kernels are not built (or ``buf`` does not fit). One thread reads faster this way than
+    ``sum``'s one stream: the single-thread read rate a step can reach is the faster of the two."""
+    from hybridssm.ops.step import fused_step_available, step_extension
+
+    fits = buf.device.type == "cpu" and buf.dtype == torch.float32 and buf.numel() % 1024 == 0
+    if not fits or not fused_step_available():
+        return None
+    ext = step_extension()
+    W, x, empty = buf.view(-1, 1024), torch.ones(1, 1024), torch.empty(0)
+    return lambda: ext.linear(x, W, empty, True)
 
 
 def hot_rate(fn: Callable[[], Any], work: float, seconds: float, device: torch.device | str = "cpu") -> float:

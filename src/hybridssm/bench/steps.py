@@ -13,8 +13,9 @@ ceilings the rates measured in the run imply:
   recurrent state read and written once, the attended attention cache read once
   (:func:`stream_bytes`). Weights are left out: read once per step, they are amortised over the batch
   (B = 64 streams of a 6 MB model: 0.1 MB per frame). The read rate is the memory's (a 128 MiB
-  buffer): states that fit in the L3 together (Mamba's 2 layers at B = 64: 5 MB) can move faster,
-  so there the memory part is an upper bound and the fraction can pass 100%. The three rates are
+  buffer, the faster of ``sum``'s one stream and the steps' own four-stream GEMV over it): states
+  that fit in the L3 together (Mamba's 2 layers at B = 64: 5 MB) can move faster, so there the
+  memory part is an upper bound and the fraction can pass 100%. The three rates are
   timed in the same turns between the streams' steps as the GEMM's (a rate measured once, in a slow
   minute, made the fraction pass 100% on its own);
 * of own-shape GEMM: the step's matrix products, each timed alone and hot at its own shape (M = B),
@@ -40,7 +41,7 @@ from torch import Tensor, nn
 
 from hybridssm.ops._kernels import use_kernels
 
-from .machine import EXP_ELEMENTS, READ_MIB, param_bytes, products_rate, sync
+from .machine import EXP_ELEMENTS, READ_MIB, gemv_reader, param_bytes, products_rate, sync
 from .tables import MISSING, cell, markdown_table, percent
 from .timing import BenchSettings, time_interleaved
 from .work import count_work
@@ -92,8 +93,9 @@ def stream_bytes(state: Any) -> int:
 class _MachineTurns:
     """The machine's rates timed between the streams' steps, one turn per round of steps: the
     ``size``^3 fp32 GEMM and ``exp`` of :data:`EXP_ELEMENTS` values (each one untimed call that
-    brings its operands back into the caches, then one timed: hot), and on CPU a ``sum`` over
-    :data:`READ_MIB` MiB (larger than the caches: one timed call). ``exp`` and the read run on one
+    brings its operands back into the caches, then one timed: hot), and on CPU two reads of
+    :data:`READ_MIB` MiB (larger than the caches: one timed call each; :meth:`read`), whose faster
+    is the read rate. ``exp`` and the read run on one
     thread, as :func:`~hybridssm.bench.exp_rate` and :func:`~hybridssm.bench.read_rate` time them (exp
     times the threads). :meth:`rates` gives the medians in the units of ``machine_rates``."""
 
@@ -103,8 +105,9 @@ class _MachineTurns:
         self.v = torch.randn(EXP_ELEMENTS, device=device)
         self.e = torch.empty_like(self.v)
         self.buf = torch.ones(READ_MIB * 2**20 // 4) if device.type == "cpu" else None
+        self.gemv = None if self.buf is None else gemv_reader(self.buf)
         self.threads = torch.get_num_threads()
-        self.times: dict[str, list[float]] = {"gemm": [], "exp": [], "read": []}
+        self.times: dict[str, list[float]] = {"gemm": [], "exp": [], "read": [], "gemv_read": []}
 
     def _timed(self, key: str, fn: Any, warm: bool = True) -> None:
         if warm:
@@ -125,12 +128,16 @@ class _MachineTurns:
         self.read()
 
     def read(self) -> None:
-        """The read turn alone (on CPU; nothing elsewhere): the batch-1 steps' bar is a read."""
+        """The read turn alone (on CPU; nothing elsewhere): the buffer's ``sum`` (one stream) and,
+        where the step's kernels are built, the steps' own GEMV over it (:func:`gemv_reader`: four
+        streams), each one timed call on one thread. The batch-1 steps' bar is a read."""
         if self.buf is None:
             return
         torch.set_num_threads(1)
         try:
             self._timed("read", self.buf.sum, warm=False)
+            if self.gemv is not None:
+                self._timed("gemv_read", self.gemv, warm=False)
         finally:
             torch.set_num_threads(self.threads)
 
@@ -143,7 +150,12 @@ class _MachineTurns:
         if "exp" in t:
             out["exp_gelems"] = self.threads * self.v.numel() / t["exp"] / 1e9
         if "read" in t:
-            out["read_gbs"] = self.buf.numel() * 4 / t["read"] / 1e9
+            # the faster of the two reads: the single-thread read rate a step can reach here
+            out["sum_read_gbs"] = self.buf.numel() * 4 / t["read"] / 1e9
+            out["read_gbs"] = out["sum_read_gbs"]
+            if "gemv_read" in t:
+                out["gemv_read_gbs"] = self.buf.numel() * 4 / t["gemv_read"] / 1e9
+                out["read_gbs"] = max(out["read_gbs"], out["gemv_read_gbs"])
         return out
 
 
@@ -294,6 +306,7 @@ def bench_steps(models: Mapping[str, nn.Module], rates: Mapping[str, float],
     plan = plan or StepBench()
     lat, one = _batch_one(models, plan)
     read_one = one.get("read_gbs", rates["read_gbs"])  # timed in the batch-1 rounds (on CPU)
+    reads = {f"{k}_1": one[k] for k in ("sum_read_gbs", "gemv_read_gbs") if k in one}
     products: dict[Any, tuple[float, float]] = {}  # a shape shared by models or batches is timed once
     streams, machine = {}, {}
     for b in plan.batches:
@@ -304,7 +317,7 @@ def bench_steps(models: Mapping[str, nn.Module], rates: Mapping[str, float],
         bar = (weights + lat[label]["cache_bytes"]) / (read_one * 1e9)
         row: dict[str, Any] = {
             "model": label, "weights_mb": weights / 1e6, "cache_mb": lat[label]["cache_bytes"] / 1e6,
-            "read_gbs_1": read_one, "bar_ms": bar * 1e3, "step_ms": lat[label]["step_s"] * 1e3,
+            "read_gbs_1": read_one, **reads, "bar_ms": bar * 1e3, "step_ms": lat[label]["step_s"] * 1e3,
         }
         row["step_bar"] = row["step_ms"] / row["bar_ms"]
         row["window_ms"] = lat[label]["window_s"] * 1e3 if "window_s" in lat[label] else None
