@@ -101,11 +101,11 @@ def test_linear_names_a_misfit():
 def test_linear_streamed_weights_give_the_same_values(shape, dtype):
     """Inside a plan whose weights come from memory the batch-1 GEMV reads one row from each of 4
     far-apart parts of W at a time instead of 8 neighbouring rows (common.h's weights_streamed,
-    gemv_streams): each output is still its row's dot product alone, so the values are bit for bit
-    those of the cached-weights path, at every batch (the rows left over by the 4 parts included:
-    O = 1, 3, 5, 7, 9, 131)."""
+    gemv_streams; 2-4 input rows gemv_streams_multi): each output is still its row's dot product
+    alone, so the values are bit for bit those of the cached-weights path, at every batch (the rows
+    left over by the parts included: O = 1, 3, 5, 7, 9, 131)."""
     I, O = shape
-    for B in (1, 2, 4, 5, 64):
+    for B in (1, 2, 3, 4, 5, 64):
         x, W, b = _case(B, I, O, dtype, True, seed=B + O)
         got = step_extension().linear(x, W, b, streamed=True)
         assert torch.equal(got, _linear(x, W, b)), f"B={B} I={I} O={O}"
