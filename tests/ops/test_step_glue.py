@@ -214,19 +214,24 @@ def _hybrid(**kw):
     return model
 
 
-def test_step_never_writes_the_callers_input():
-    """Without an input projection the blocks' residual stream starts from a copy of x."""
+@pytest.mark.parametrize("layout", ["rows", "frame", "strided"])
+def test_step_never_writes_the_callers_input(layout):
+    """Without an input projection the blocks' residual stream starts from a copy of x ([B, E],
+    [B, 1, E], or rows with a stride)."""
     model = _hybrid()
     assert isinstance(model.input_proj, torch.nn.Identity)
-    x = torch.randn(2, 16)
-    before = x.clone()
-    state = model.init_state(2)
+    base = torch.randn(2, 32)
+    x = {"rows": base[:, :16], "frame": base[:, None, :16], "strided": base[:, ::2]}[layout]
+    before = base.clone()
+    state, ref_state = model.init_state(2), model.init_state(2)
     with torch.inference_mode():
         y1, state = model.step(x, state, inplace=True)
         y1_copy = y1.clone()
         y2, state = model.step(x, state, inplace=True)
-    assert torch.equal(x, before), "the step wrote into its input"
+        ref, ref_state = model.step(x.reshape(2, 16).clone(), ref_state, inplace=True)
+    assert torch.equal(base, before), "the step wrote into its input"
     assert torch.equal(y1, y1_copy), "the next step wrote into the previous step's output"
+    assert torch.equal(y1.reshape(ref.shape), ref), "the layout of x changed the values"
     assert not torch.equal(y1, y2)
 
 
