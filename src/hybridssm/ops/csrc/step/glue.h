@@ -21,6 +21,23 @@
 // Buffers: the pre-norm's output (the mixers' input) lives in a per-thread scratch tensor reused
 // while the shape holds (scratch_rows): two threads stepping one plan, or two plans, never share one.
 // The residual stream is updated in place (the plan owns it: never the caller's input).
+//
+// Measured (batch 1, one thread, this machine shared with other jobs, load 2-3): ATen ops per step
+// (/work/briefs/s10/opcount.py) ss_transformer 235 -> 81, hymba 177 -> 57, transformer 101 -> 29,
+// hybrid[griffin_lru] 156 -> 46, hybrid[rwkv] 136 -> 94, hybrid 108 -> 38 (what is left: the mixers'
+// and the linear layers' allocations). perf shares of the step loop: libtorch 9.7 -> 4.2%, libc 4.3
+// -> 1.7% (ss_transformer), 14.6 -> 6.5% and 5.3 -> 2.1% (transformer), 13.2 -> 5.4% and 5.0 -> 2.4%
+// (hymba), the weight read (gemv_rows) 66 -> 73%, 59 -> 69%, 59 -> 69% of the step. bench_step.py
+// --against the tree before (4 runs of 3 alternating repeats; the median of the runs' A / B):
+// ss_transformer 1.23x, hymba 1.79x, transformer 1.46x, hybrid 1.28x, hybrid[griffin_lru] 1.25x,
+// hybrid[rwkv] 1.28x faster (single runs 0.67-3.2x: the machine's rates swing). At B = 64 (3
+// alternating pairs) no change beyond the noise. Per fusion: the GELU was the dearest single op
+// (at::gelu took oneDNN, which built a primitive per call: ~10 us on 1,024 values; here ~1 us);
+// each other replaced op saved its dispatch and allocation (~1-2 us cold), the gate fusion 5 ops and
+// 4 allocations, each norm 2 ops and 1 allocation, each residual add 1 and 1. Not done: the residual
+// add fused with the next block's norm (one more pass over a row already in L1: nothing to gain at
+// d = 256), the FFN's and the gate's products into scratch (they go through linear_small, which
+// allocates its output: 2-3 allocations a block).
 
 #pragma once
 
