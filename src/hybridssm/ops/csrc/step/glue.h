@@ -23,9 +23,9 @@
 // The residual stream is updated in place (the plan owns it: never the caller's input).
 //
 // Measured (batch 1, one thread, this machine shared with other jobs, load 2-3): ATen ops per step
-// (/work/briefs/s10/opcount.py) ss_transformer 235 -> 81, hymba 177 -> 57, transformer 101 -> 29,
-// hybrid[griffin_lru] 156 -> 46, hybrid[rwkv] 136 -> 94, hybrid 108 -> 38 (what is left: the mixers'
-// and the linear layers' allocations). perf shares of the step loop: libtorch 9.7 -> 4.2%, libc 4.3
+// (torch.profiler) ss_transformer 235 -> 78, hymba 177 -> 54, transformer 101 -> 26,
+// hybrid[griffin_lru] 156 -> 43, hybrid[rwkv] 136 -> 91, hybrid 108 -> 35, the same at B = 64 (what
+// is left: the mixers' ops and the linear layers' allocations). perf shares of the step loop: libtorch 9.7 -> 4.2%, libc 4.3
 // -> 1.7% (ss_transformer), 14.6 -> 6.5% and 5.3 -> 2.1% (transformer), 13.2 -> 5.4% and 5.0 -> 2.4%
 // (hymba), the weight read (gemv_rows) 66 -> 73%, 59 -> 69%, 59 -> 69% of the step. bench_step.py
 // --against the tree before (4 runs of 3 alternating repeats; the median of the runs' A / B):
