@@ -150,6 +150,64 @@ at::Tensor mamba_decay_f32(const at::Tensor& delta, const at::Tensor& A) {
   return y;
 }
 
+// plan.h's glue (step/glue.h) over float or double CPU tensors, for the tests that hold each loop to
+// the ATen ops it replaces. glue_norm: Norm kind (0 identity, 1 LayerNorm, 2 RMSNorm; an empty weight or
+// bias is none) of x [rows, d] into a new tensor.
+at::Tensor glue_norm(const at::Tensor& x, int64_t kind, const at::Tensor& w, const at::Tensor& b, double eps) {
+  TORCH_CHECK(x.dim() == 2, "glue_norm: x must be [rows, d], got ", x.sizes());
+  TORCH_CHECK(kind >= 0 && kind <= 2, "glue_norm: kind must be 0 (identity), 1 (LayerNorm) or 2 (RMSNorm), got ", kind);
+  TORCH_CHECK(kind != 2 || hybridssm::step::present(w), "glue_norm: an RMSNorm needs its weight");
+  const hybridssm::step::Norm norm{kind, w, b, eps};
+  return kind == 0 ? x.clone() : norm(x);
+}
+
+// h + y and the norm of the sum (add_norm_rows: a null norm when kind is 0): returns (h + y, norm(h + y)).
+std::tuple<at::Tensor, at::Tensor> glue_add_norm(const at::Tensor& h, const at::Tensor& y, int64_t kind,
+                                                 const at::Tensor& w, const at::Tensor& b, double eps) {
+  TORCH_CHECK(h.dim() == 2 && y.sizes() == h.sizes() && y.scalar_type() == h.scalar_type(),
+              "glue_add_norm: h and y must be [rows, d] of one dtype, got ", h.sizes(), " and ", y.sizes());
+  auto sum = h.clone(at::MemoryFormat::Contiguous);
+  const auto yc = y.contiguous();
+  auto out = at::zeros_like(sum);
+  const hybridssm::step::Norm norm{kind, w, b, eps};
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "glue_add_norm", [&] {
+    hybridssm::step::add_norm_rows(sum.data_ptr<scalar_t>(), yc.data_ptr<scalar_t>(), kind == 0 ? nullptr : &norm,
+                                   out.data_ptr<scalar_t>(), sum.size(0), sum.size(1));
+  });
+  return {sum, out};
+}
+
+// The parallel blocks' fusion (fuse_into): sigmoid(gate) * s + (1 - sigmoid(gate)) * a, or (gate empty)
+// (a + s) * 0.5, into a new tensor.
+at::Tensor glue_fuse(const at::Tensor& s, const at::Tensor& a, const at::Tensor& gate) {
+  const bool gated = hybridssm::step::present(gate);
+  TORCH_CHECK(a.sizes() == s.sizes() && (!gated || gate.sizes() == s.sizes()) && a.scalar_type() == s.scalar_type() &&
+                  (!gated || gate.scalar_type() == s.scalar_type()),
+              "glue_fuse: s, a (and gate) must have one shape and dtype, got ", s.sizes(), ", ", a.sizes());
+  auto out = s.clone(at::MemoryFormat::Contiguous);
+  const auto ac = a.contiguous();
+  const auto gc = gated ? gate.contiguous() : gate;
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "glue_fuse", [&] {
+    hybridssm::step::fuse_into(out.data_ptr<scalar_t>(), ac.data_ptr<scalar_t>(),
+                               gated ? gc.data_ptr<scalar_t>() : nullptr, out.numel());
+  });
+  return out;
+}
+
+// The FFN's activation (ffn_activation): kind 0 gelu(up), 1 silu(gate) * up, 2 gelu_tanh(gate) * up, new.
+at::Tensor glue_ffn_activation(int64_t kind, const at::Tensor& up, const at::Tensor& gate) {
+  TORCH_CHECK(kind >= 0 && kind <= 2, "glue_ffn_activation: kind must be 0 (gelu), 1 (swiglu) or 2 (geglu), got ", kind);
+  TORCH_CHECK(kind == 0 || (gate.sizes() == up.sizes() && gate.scalar_type() == up.scalar_type()),
+              "glue_ffn_activation: the gate must have up's shape and dtype ", up.sizes());
+  auto out = up.clone(at::MemoryFormat::Contiguous);
+  const auto gc = kind == 0 ? gate : gate.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(up.scalar_type(), "glue_ffn_activation", [&] {
+    hybridssm::step::ffn_activation(kind, out.data_ptr<scalar_t>(), kind == 0 ? nullptr : gc.data_ptr<scalar_t>(),
+                                    out.numel());
+  });
+  return out;
+}
+
 std::vector<std::string> mixer_kinds() {
   std::vector<std::string> out;
   for (const auto& kv : hybridssm::step::mixer_registry()) out.push_back(kv.first);
@@ -173,6 +231,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"), pybind11::arg("library") = false);
   m.def("mamba_decay_f32", &mamba_decay_f32, "the Mamba step's fp32 decay exp(delta A) (tests of its error bound)",
         pybind11::arg("delta"), pybind11::arg("A"));
+  m.def("glue_norm", &glue_norm, "plan.h's norm of x [rows, d] (tests of glue.h)", pybind11::arg("x"),
+        pybind11::arg("kind"), pybind11::arg("w"), pybind11::arg("b"), pybind11::arg("eps"));
+  m.def("glue_add_norm", &glue_add_norm, "the residual add and the norm of the sum (tests of glue.h)",
+        pybind11::arg("h"), pybind11::arg("y"), pybind11::arg("kind"), pybind11::arg("w"), pybind11::arg("b"),
+        pybind11::arg("eps"));
+  m.def("glue_fuse", &glue_fuse, "the parallel blocks' gate or mean fusion (tests of glue.h)", pybind11::arg("s"),
+        pybind11::arg("a"), pybind11::arg("gate"));
+  m.def("glue_ffn_activation", &glue_ffn_activation, "the FFN's activation in place (tests of glue.h)",
+        pybind11::arg("kind"), pybind11::arg("up"), pybind11::arg("gate"));
   using hybridssm::step::Plan;
   pybind11::class_<Plan>(m, "Plan", "a model's whole step in one call (see step/plan.h)")
       .def(pybind11::init<>())

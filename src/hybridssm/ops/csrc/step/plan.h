@@ -10,8 +10,10 @@
 //
 // fuse: gate  g = sigmoid(gate(h)),  g * s + (1 - g) * a      (s, a RMS-normalised first when asked)
 //       mean  (a + s) / 2                                      (likewise)
-// Norms are LayerNorm (at::layer_norm, the forward's own call), RMSNorm or the identity (a mixer that
-// owns its norms). The ATen calls are those of the eager forward, so the values are the forward's.
+// Norms are LayerNorm, RMSNorm or the identity (a mixer that owns its norms). The work between the
+// mixers and the linear layers (norms, residual adds, the fusion, the FFN's activation) is glue.h's
+// loops, the arithmetic of the ATen ops of the eager forward (glue.h says where it differs); the
+// residual stream [rows, d] is one tensor per run, updated in place by every block.
 //
 // run may also restart rows of the batch from the state after a few tokens (Hymba's meta tokens at a
 // reset), the tokens riding along with the step's rows (prefill.h's restart entries); prefill runs
@@ -20,52 +22,16 @@
 #pragma once
 
 #include "common.h"
+#include "glue.h"
 #include "prefill.h"
 
+#include <cstring>
 #include <string>
 #include <vector>
 
 namespace hybridssm::step {
 
-enum NormKind : int64_t { kIdentity = 0, kLayerNorm = 1, kRMSNorm = 2 };
 enum FusionKind : int64_t { kNoFusion = 0, kGate = 1, kMean = 2 };
-// the FFN's form (layers.FFN): down(gelu(up x)), down(silu(gate x) * up x), down(gelu_tanh(gate x) * up x)
-enum FFNKind : int64_t { kGeluFFN = 0, kSwiGLU = 1, kGeGLU = 2 };
-
-struct Norm {
-  int64_t kind = kIdentity;
-  at::Tensor w, b;
-  double eps = 0;
-
-  at::Tensor operator()(const at::Tensor& x) const {
-    const auto dt = x.scalar_type();
-    if (kind == kLayerNorm) return at::layer_norm(x, {x.size(-1)}, opt(w, dt), opt(b, dt), eps);
-    if (kind == kIdentity) return x;
-    // RMSNorm: x * rsqrt(mean(x^2) + eps) * w, per row
-    const auto xc = x.contiguous();
-    const auto wc = as_(w, dt);
-    auto out = at::empty_like(xc);
-    const int64_t B = xc.size(0), d = xc.size(1);
-    TORCH_CHECK(wc.numel() == d, "step plan: RMSNorm weight of ", wc.numel(), " for width ", d);
-    AT_DISPATCH_FLOATING_TYPES(dt, "step_rmsnorm", [&] {
-      using Vec = Vectorized<scalar_t>;
-      for (int64_t r = 0; r < B; ++r) {
-        const scalar_t* v = xc.data_ptr<scalar_t>() + r * d;
-        scalar_t* o = out.data_ptr<scalar_t>() + r * d;
-        Vec sq(0);
-        for (int64_t i = 0; i < d; i += Vec::size()) {
-          const int64_t cnt = std::min<int64_t>(Vec::size(), d - i);
-          const Vec a = hybridssm::load(v + i, cnt);
-          sq = at::vec::fmadd(a, a, sq);
-        }
-        const scalar_t s = scalar_t(1) / std::sqrt(hybridssm::hsum(sq) / scalar_t(d) + static_cast<scalar_t>(eps));
-        const scalar_t* wp = wc.data_ptr<scalar_t>();
-        for (int64_t i = 0; i < d; ++i) o[i] = v[i] * s * wp[i];
-      }
-    });
-    return out;
-  }
-};
 
 // A linear layer x @ W^T (+ b): linear_small in a step; in a prefill of up to 4 rows a frame,
 // prefill.h's linear_rows (the same values, each weight read once for every frame).
@@ -188,9 +154,12 @@ class Plan {
     if (tokens) check_restart(*tokens, *done, x.size(0));
     const StreamedWeights streamed(weight_bytes_ > kStreamedWeightBytes);  // common.h's gemv_rows
     const auto dt = x.scalar_type();
+    // the residual stream, which the blocks update in place: never the caller's x
     at::Tensor h = present(in_w_) ? linear_small(x, as_(in_w_, dt), present(in_b_) ? as_(in_b_, dt) : in_b_)
-                                  : x.contiguous();
-    return final_norm_(tokens ? restarting_blocks(h, states, pos, *tokens, *done) : blocks(h, states, pos));
+                                  : rows_copy(x);
+    h = tokens ? restarting_blocks(h, states, pos, *tokens, *done) : blocks(h, states, pos);
+    final_norm_in_place(h);
+    return h;
   }
 
   // Tokens that enter at the blocks (no input projection, no final norm), such as Hymba's meta tokens:
@@ -212,7 +181,7 @@ class Plan {
     at::Tensor h = h_seq.transpose(0, 1).clone(at::MemoryFormat::Contiguous).view({T * B, d});
     if (by_frame) {
       std::vector<at::Tensor> ys;
-      for (int64_t t = 0; t < T; ++t) ys.push_back(blocks(h.narrow(0, t * B, B).contiguous(), states, pos));
+      for (int64_t t = 0; t < T; ++t) ys.push_back(blocks(h.narrow(0, t * B, B), states, pos));
       return at::stack(ys, 1);
     }
     const auto pos0 = pos.clone();
@@ -228,7 +197,7 @@ class Plan {
         }
         return at::cat(ys, 0);
       };
-      h = block_with(blk, h, st, mixer_frames, lin);
+      block_with(blk, h, st, mixer_frames, lin);
       st += blk.n_states;
     }
     pos.copy_(pos0 + T);
@@ -273,7 +242,7 @@ class Plan {
     at::Tensor rows = at::cat({h, tokens}, 0);  // [B + T, d]: the step's rows, then the tokens
     at::Tensor* st = states.data();
     for (const auto& blk : blocks_) {
-      rows = block_with(
+      block_with(
           blk, rows, st,
           [&](const Mixer& mx, at::Tensor* s, const at::Tensor& hn) {
             return mx.restart(hn, B, mx.spec, s, flag, pos);
@@ -281,46 +250,101 @@ class Plan {
           lin);
       st += blk.n_states;
     }
-    pos.add_(1);
+    advance(pos);
     return rows.narrow(0, 0, B);
   }
 
-  // every block on h [B, d] (contiguous); advances pos by one
+  // every block on h [B, d] (contiguous, the residual stream: updated in place and returned);
+  // advances pos by one
   at::Tensor blocks(at::Tensor h, std::vector<at::Tensor>& states, at::Tensor& pos) const {
     at::Tensor* st = states.data();
     for (const auto& blk : blocks_) {
-      h = block(blk, h, st, pos);
+      block_with(blk, h, st, [&](const Mixer& mx, at::Tensor* s, const at::Tensor& hn) {
+        return mx.fn(hn, mx.spec, s, pos);
+      });
       st += blk.n_states;
     }
-    pos.add_(1);
+    advance(pos);
     return h;
   }
 
-  // one block on h [B, d] (contiguous), its states from st on
-  static at::Tensor block(const Block& blk, const at::Tensor& h, at::Tensor* st, const at::Tensor& pos) {
-    return block_with(blk, h, st, [&](const Mixer& mx, at::Tensor* s, const at::Tensor& hn) {
-      return mx.fn(hn, mx.spec, s, pos);
+  // x [B, d] copied into a new contiguous tensor: one allocation and a memcpy per row where x's rows
+  // are contiguous (a clone is three ATen ops)
+  static at::Tensor rows_copy(const at::Tensor& x) {
+    if (x.stride(1) != 1) return x.clone(at::MemoryFormat::Contiguous);
+    auto h = at::empty({x.size(0), x.size(1)}, x.options());
+    const int64_t row = x.size(1) * static_cast<int64_t>(x.element_size());
+    const auto* in = static_cast<const char*>(x.data_ptr());
+    auto* out = static_cast<char*>(h.data_ptr());
+    for (int64_t r = 0; r < x.size(0); ++r) std::memcpy(out + r * row, in + r * x.stride(0) * x.element_size(), row);
+    return h;
+  }
+
+  // pos += 1 (a loop: an ATen add_ costs more than the B values)
+  static void advance(at::Tensor& pos) {
+    int64_t* p = pos.data_ptr<int64_t>();
+    const int64_t stride = pos.stride(0);
+    for (int64_t r = 0; r < pos.size(0); ++r) p[r * stride] += 1;
+  }
+
+  // the final norm of the run's output h [B, d] (contiguous rows), in place
+  void final_norm_in_place(at::Tensor& h) const {
+    if (final_norm_.identity()) return;
+    AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "step_final_norm", [&] {
+      final_norm_.rows(h.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), h.size(0), h.size(1));
     });
   }
 
-  // one block on the rows h [N, d] (contiguous), its mixers run by mixer(mx, its states, normed rows),
-  // its linear layers by lin (a LinearFn, or prefill.h's linear_joint for a restart)
+  // One block on the rows h [N, d] (contiguous): h is the residual stream, updated in place to the
+  // block's output. Its mixers run by mixer(mx, its states, normed rows), its linear layers by lin (a
+  // LinearFn, or prefill.h's linear_joint for a restart). The pre-norm's output goes to this thread's
+  // scratch (glue.h), dead once the mixers and the gate have read it; each residual add runs with
+  // the norm that reads its sum (glue.h's add_norm_rows).
   template <typename MixerCall, typename Lin = LinearFn>
-  static at::Tensor block_with(const Block& blk, const at::Tensor& h, at::Tensor* st, const MixerCall& mixer,
-                               const Lin& lin = linear_small) {
-    const at::Tensor hn = blk.pre_norm ? blk.norm(h).contiguous() : h;
+  static void block_with(const Block& blk, at::Tensor& h, at::Tensor* st, const MixerCall& mixer,
+                         const Lin& lin = linear_small) {
+    const int64_t N = h.size(0), d = h.size(1);
+    const auto dt = h.scalar_type();
+    TORCH_CHECK(h.is_contiguous(), "step plan: the blocks' rows must be contiguous, got strides ", h.strides());
+    const bool pre = blk.pre_norm;
+    at::Tensor hn = h;
+    if (pre && !blk.norm.identity()) {
+      hn = scratch_rows(N, d, dt);
+      AT_DISPATCH_FLOATING_TYPES(dt, "step_norm", [&] {
+        blk.norm.rows(h.data_ptr<scalar_t>(), hn.data_ptr<scalar_t>(), N, d);
+      });
+    }
     at::Tensor y;
     if (blk.fusion == kNoFusion) {
-      y = mixer(blk.mixers[0], st, hn);
+      y = mixer(blk.mixers[0], st, hn).contiguous();
     } else {
       const auto& ms = blk.mixers[0];
-      const auto ys = mixer(ms, st, hn);
-      const auto ya = mixer(blk.mixers[1], st + ms.n_states, hn);
+      auto ys = mixer(ms, st, hn);
+      auto ya = mixer(blk.mixers[1], st + ms.n_states, hn);
       y = fuse(blk, hn, ys, ya, lin);
     }
-    at::Tensor out = blk.pre_norm ? h + y : blk.norm(h + y);
-    if (!blk.has_ffn) return out;
-    return blk.pre_norm ? out + ffn(blk, blk.ffn_norm(out), lin) : blk.ffn_norm(out + ffn(blk, out, lin));
+    check_rows("mixer output", y, N, d);
+    // pre-norm: h += y, and the FFN's norm of it into the scratch; post-norm: h = norm(h + y)
+    const bool ffn_normed = blk.has_ffn && pre && !blk.ffn_norm.identity();
+    at::Tensor xf = ffn_normed ? scratch_rows(N, d, dt) : h;
+    const Norm* after = pre ? (ffn_normed ? &blk.ffn_norm : nullptr) : (blk.norm.identity() ? nullptr : &blk.norm);
+    AT_DISPATCH_FLOATING_TYPES(dt, "step_residual", [&] {
+      add_norm_rows(h.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), after,
+                    pre ? xf.data_ptr<scalar_t>() : h.data_ptr<scalar_t>(), N, d);
+    });
+    if (!blk.has_ffn) return;
+    // pre-norm: h += ffn(norm_f(h)); post-norm: h = norm_f(h + ffn(h))
+    const at::Tensor f = ffn(blk, xf, lin);
+    check_rows("FFN output", f, N, d);
+    const Norm* last = pre || blk.ffn_norm.identity() ? nullptr : &blk.ffn_norm;
+    AT_DISPATCH_FLOATING_TYPES(dt, "step_residual", [&] {
+      add_norm_rows(h.data_ptr<scalar_t>(), f.data_ptr<scalar_t>(), last, h.data_ptr<scalar_t>(), N, d);
+    });
+  }
+
+  static void check_rows(const char* what, const at::Tensor& t, int64_t N, int64_t d) {
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == N && t.size(1) == d && t.is_contiguous(), "step plan: ", what,
+                " must be contiguous [", N, ", ", d, "], got ", t.sizes());
   }
 
   static int64_t bytes_of(const at::Tensor& t) { return present(t) ? static_cast<int64_t>(t.nbytes()) : 0; }
@@ -331,29 +355,46 @@ class Plan {
     return Norm{kind, w, b, eps};
   }
 
+  // The parallel block's fusion of the mixers' outputs ys and ya (fresh tensors, [N, d]), written
+  // into ys: gate  sigmoid(gate(hn)) * s + (1 - sigmoid(gate(hn))) * a,  mean  (a + s) * 0.5, with s
+  // and a RMS-normalised first (in place) where the block asks.
   template <typename Lin>
-  static at::Tensor fuse(const Block& blk, const at::Tensor& h, const at::Tensor& ys, const at::Tensor& ya,
-                         const Lin& lin) {
-    const auto s = blk.ssm_norm(ys), a = blk.attn_norm(ya);
-    if (blk.fusion == kMean) return (a + s) * 0.5;
-    const auto dt = h.scalar_type();
-    const auto g = at::sigmoid(lin(h, as_(blk.gate_w, dt), present(blk.gate_b) ? as_(blk.gate_b, dt) : at::Tensor()));
-    return g * s + (1.0 - g) * a;
+  static at::Tensor fuse(const Block& blk, const at::Tensor& hn, at::Tensor ys, at::Tensor ya, const Lin& lin) {
+    const int64_t N = hn.size(0);
+    ys = ys.contiguous(), ya = ya.contiguous();
+    TORCH_CHECK(ys.sizes() == ya.sizes() && ys.dim() == 2 && ys.size(0) == N, "step plan: the fused mixers' outputs ",
+                ys.sizes(), " and ", ya.sizes(), " differ");
+    const auto dt = hn.scalar_type();
+    at::Tensor g;
+    if (blk.fusion == kGate) {
+      g = lin(hn, as_(blk.gate_w, dt), present(blk.gate_b) ? as_(blk.gate_b, dt) : at::Tensor()).contiguous();
+      check_rows("fusion gate", g, N, ys.size(1));
+    }
+    AT_DISPATCH_FLOATING_TYPES(dt, "step_fuse", [&] {
+      scalar_t *s = ys.data_ptr<scalar_t>(), *a = ya.data_ptr<scalar_t>();
+      blk.ssm_norm.rows(s, s, N, ys.size(1));
+      blk.attn_norm.rows(a, a, N, ys.size(1));
+      fuse_into(s, a, g.defined() ? g.data_ptr<scalar_t>() : nullptr, ys.numel());
+    });
+    return ys;
   }
 
+  // down(act(up x)) with the activation in place in up's output (glue.h's ffn_activation)
   template <typename Lin>
   static at::Tensor ffn(const Block& blk, const at::Tensor& x, const Lin& lin) {
     const auto dt = x.scalar_type();
     auto bias = [dt](const at::Tensor& b) { return present(b) ? as_(b, dt) : at::Tensor(); };
-    const auto up = lin(x, as_(blk.up_w, dt), bias(blk.up_b));
-    at::Tensor h;
-    if (blk.ffn_kind == kGeluFFN) {
-      h = at::gelu(up);
-    } else {  // the same ATen ops, in the same order, as layers.FFN
-      const auto gate = lin(x, as_(blk.gate_w_ffn, dt), bias(blk.gate_b_ffn));
-      h = (blk.ffn_kind == kSwiGLU ? at::silu(gate) : at::gelu(gate, "tanh")) * up;
+    at::Tensor up = lin(x, as_(blk.up_w, dt), bias(blk.up_b)).contiguous();
+    at::Tensor gate;
+    if (blk.ffn_kind != kGeluFFN) {
+      gate = lin(x, as_(blk.gate_w_ffn, dt), bias(blk.gate_b_ffn)).contiguous();
+      TORCH_CHECK(gate.sizes() == up.sizes(), "step plan: FFN gate ", gate.sizes(), " and up ", up.sizes(), " differ");
     }
-    return lin(h, as_(blk.down_w, dt), bias(blk.down_b));
+    AT_DISPATCH_FLOATING_TYPES(dt, "step_ffn_activation", [&] {
+      ffn_activation(blk.ffn_kind, up.data_ptr<scalar_t>(), gate.defined() ? gate.data_ptr<scalar_t>() : nullptr,
+                     up.numel());
+    });
+    return lin(up, as_(blk.down_w, dt), bias(blk.down_b));
   }
 
   at::Tensor in_w_, in_b_;
