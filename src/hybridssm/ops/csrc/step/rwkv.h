@@ -180,13 +180,12 @@ inline at::Tensor rwkv_step(const at::Tensor& x, const MixerSpec& m, at::Tensor*
     scalar_t *shift_t = p(states[0]), *shift_c = p(states[2]);
     Scratch scratch;
     // x_w, x_k, x_v, x_r, x_g [5, B, D]; xx = shift - h and xxx (the LoRA's input), reused by the
-    // channel-mix's x_k and x_r; h; one LoRA mix; the decay; the LoRA activations [B, 5R], [B, Rd];
+    // channel-mix's x_k and x_r; h; the decay; the LoRA activations [B, 5R], [B, Rd];
     // r, k, v, g, the WKV output o, the time-mix's increment a [B, D]; the channel-mix's kk [B, F], rr
     scalar_t* xs = scratch.take<scalar_t>(5 * B * D);
     scalar_t* xx = scratch.take<scalar_t>(B * D);
     scalar_t* xxx = scratch.take<scalar_t>(B * D);
     scalar_t* h0 = scratch.take<scalar_t>(B * D);
-    scalar_t* mix0 = scratch.take<scalar_t>(B * D);
     scalar_t* e0 = scratch.take<scalar_t>(B * D);
     scalar_t* lora0 = scratch.take<scalar_t>(B * 5 * R);
     scalar_t* dlo0 = scratch.take<scalar_t>(B * Rd);
@@ -216,15 +215,25 @@ inline at::Tensor rwkv_step(const at::Tensor& x, const MixerSpec& m, at::Tensor*
     const auto opts = x.options();
     input_major_rows(xxx, D, p(mix_down), lora0, B, D, 5 * R, opts);  // [B, 5R]
     tanh_inplace(lora0, B * 5 * R);
-    for (int64_t f = 0; f < 5; ++f) {  // x_f = h + xx (mu_f + lora_f @ mix_up[f])
-      input_major_rows(lora0 + f * R, 5 * R, p(mix_up) + f * R * D, mix0, B, R, D, opts);
-      const scalar_t* mu_f = p(mu[1 + f]);
-      scalar_t* of = xs + f * B * D;
+    // x_f = h + xx (mu_f + lora_f @ mix_up[f]), the LoRA products first written into x_f: at a few
+    // rows the five factors in one pass through mix_up (vecmat_blocks: one read-ahead stream), the
+    // same values as a product per factor
+    if (B <= 4) {
       for (int64_t b = 0; b < B; ++b) {
-        const scalar_t *hb = h0 + b * D, *xxb = xx + b * D, *mb = mix0 + b * D;
-        scalar_t* ob = of + b * D;
+        vecmat_blocks<scalar_t>(lora0 + b * 5 * R, p(mix_up), nullptr, xs + b * D, B * D, 5, R, D);
+      }
+    } else {
+      for (int64_t f = 0; f < 5; ++f) {
+        input_major_rows(lora0 + f * R, 5 * R, p(mix_up) + f * R * D, xs + f * B * D, B, R, D, opts);
+      }
+    }
+    for (int64_t f = 0; f < 5; ++f) {
+      const scalar_t* mu_f = p(mu[1 + f]);
+      for (int64_t b = 0; b < B; ++b) {
+        const scalar_t *hb = h0 + b * D, *xxb = xx + b * D;
+        scalar_t* ob = xs + (f * B + b) * D;
         vec_chunks<scalar_t>(D, [&](int64_t i, int64_t cnt) {
-          const Vec mix = load(mu_f + i, cnt) + load(mb + i, cnt);
+          const Vec mix = load(mu_f + i, cnt) + load(ob + i, cnt);
           store(load(hb + i, cnt) + load(xxb + i, cnt) * mix, ob + i, cnt);
         });
       }
