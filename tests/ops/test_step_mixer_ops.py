@@ -7,10 +7,12 @@ gates (a batch-1 route of their own) against the many-row route, bit for bit."""
 from __future__ import annotations
 
 import collections
+import threading
 
 import pytest
 import torch
 
+import hybridssm as hs
 from helpers import assert_close
 from hybridssm.mixers.attention import AttentionMixer
 from hybridssm.mixers.delta_net import DeltaNetMixer
@@ -21,6 +23,7 @@ from hybridssm.mixers.mamba2 import Mamba2Mixer
 from hybridssm.mixers.rglru import RGLRUMixer
 from hybridssm.mixers.rwkv import RWKVMixer
 from hybridssm.ops.step import step_extension
+from hybridssm.streaming import plan_status
 
 D = 64
 MIXERS = {  # one configuration of each kind, at the models' shapes scaled down
@@ -94,3 +97,31 @@ def test_block_diagonal_rows_alone_equal_many_rows(G, bw, dtype):
     assert_close(many, ref, "fp32" if dtype == torch.float32 else "fp64")
     for B in (1, 2, 4):  # the few-row route (vecmat over the blocks)
         assert torch.equal(ext.block_diagonal(u[:B], w, bias), many[:B]), f"B={B}"
+
+
+def test_two_threads_stepping_two_models_keep_their_own_buffers():
+    # the scratch arena is the thread's own: two models stepped at once from two threads (the plan's
+    # run releases the GIL) give the values each gives stepped alone
+    torch.manual_seed(0)
+    models = [hs.build("hybrid", embed_dim=32, hidden_size=32, num_layers=3, backbone=bb, dropout=0.0).eval()
+              for bb in ("rwkv", "griffin_lru")]
+    assert [plan_status(m) for m in models] == ["fused", "fused"]
+    xs = torch.randn(40, 1, 32)
+
+    def run(model, out):
+        with torch.inference_mode():
+            state = model.init_state(1)
+            out.extend(model.step(x, state, inplace=True)[0].clone() for x in xs)
+
+    alone = [[], []]
+    for m, out in zip(models, alone):
+        run(m, out)
+    together = [[], []]
+    threads = [threading.Thread(target=run, args=(m, out)) for m, out in zip(models, together)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(alone, together):
+        assert len(a) == len(b) == len(xs)
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
