@@ -4,6 +4,8 @@
 
 #include "step/common.h"
 
+#include <cstring>
+
 // one include per mixer kind (each file registers its kernels)
 #include "step/attention.h"
 #include "step/delta_rule.h"
@@ -208,6 +210,57 @@ at::Tensor glue_ffn_activation(int64_t kind, const at::Tensor& up, const at::Ten
   return out;
 }
 
+// Griffin's block-diagonal gate product (step/rglru.h's block_diagonal) of u [B, G bw] with
+// w [G, bw, bw] and bias [G, bw], by the route the step takes at this B, for the tests that hold the
+// batch-1 route to the many-row one bit for bit.
+at::Tensor block_diagonal(const at::Tensor& u, const at::Tensor& w, const at::Tensor& bias) {
+  TORCH_CHECK(w.dim() == 3 && w.size(1) == w.size(2) && u.dim() == 2 && u.size(1) == w.size(0) * w.size(1) &&
+                  bias.numel() == u.size(1),
+              "block_diagonal: u [B, G bw], w [G, bw, bw] and bias [G, bw] do not fit: ", u.sizes(), ", ", w.sizes(),
+              ", ", bias.sizes());
+  const auto dt = u.scalar_type();
+  const auto uc = u.contiguous(), wc = hybridssm::step::as_(w, dt), bc = hybridssm::step::as_(bias, dt);
+  auto y = at::empty_like(uc);
+  AT_DISPATCH_FLOATING_TYPES(dt, "block_diagonal", [&] {
+    hybridssm::step::block_diagonal<scalar_t>(uc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(), bc.data_ptr<scalar_t>(),
+                                              y.data_ptr<scalar_t>(), uc.size(0), w.size(0), w.size(1));
+  });
+  return y;
+}
+
+// The step kernels' scratch memory (step/scratch.h): one frame takes a buffer of each size (bytes),
+// fills buffer k with the byte k % 251 + 1, then checks every buffer still holds its bytes (none
+// overlaps another, none moved when the arena grew); an inner frame takes `inner` bytes on top and
+// ends before the check. Returns the buffers' addresses, then the address of a buffer taken after the
+// inner frame ended (its memory handed back: the same address as the inner one's), then the inner one's.
+std::vector<int64_t> scratch_takes(const std::vector<int64_t>& sizes, int64_t inner) {
+  using hybridssm::step::Scratch;
+  Scratch frame;
+  std::vector<int64_t> out;
+  std::vector<unsigned char*> bufs;
+  for (size_t k = 0; k < sizes.size(); ++k) {
+    auto* p = frame.take<unsigned char>(sizes[k]);
+    std::memset(p, static_cast<int>(k % 251 + 1), static_cast<size_t>(sizes[k]));
+    bufs.push_back(p);
+    out.push_back(reinterpret_cast<int64_t>(p));
+  }
+  int64_t inner_addr = 0;
+  {
+    Scratch nested;
+    auto* p = nested.take<unsigned char>(inner);
+    std::memset(p, 0, static_cast<size_t>(inner));
+    inner_addr = reinterpret_cast<int64_t>(p);
+  }
+  for (size_t k = 0; k < sizes.size(); ++k) {
+    for (int64_t i = 0; i < sizes[k]; ++i) {
+      TORCH_CHECK(bufs[k][i] == k % 251 + 1, "scratch_takes: buffer ", k, " was overwritten at byte ", i);
+    }
+  }
+  out.push_back(reinterpret_cast<int64_t>(frame.take<unsigned char>(inner)));
+  out.push_back(inner_addr);
+  return out;
+}
+
 std::vector<std::string> mixer_kinds() {
   std::vector<std::string> out;
   for (const auto& kv : hybridssm::step::mixer_registry()) out.push_back(kv.first);
@@ -224,6 +277,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "the steps' projection x @ W^T (+ bias), as the kernels compute it",
         pybind11::arg("x"), pybind11::arg("W"), pybind11::arg("bias"), pybind11::arg("streamed") = false,
         pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("block_diagonal", &block_diagonal, "Griffin's block-diagonal gate product as the step computes it (tests)",
+        pybind11::arg("u"), pybind11::arg("w"), pybind11::arg("bias"));
+  m.def("scratch_takes", &scratch_takes, "the step kernels' scratch memory: buffers of the given sizes (tests)",
+        pybind11::arg("sizes"), pybind11::arg("inner"));
   m.def("mixer_kinds", &mixer_kinds, "the mixer kinds that have a fused step");
   m.def("softplus_f32", &softplus_f32, "the Mamba step's fp32 softplus (tests of its error bound)");
   m.def("silu_f32", &silu_f32, "the steps' fp32 SiLU (tests: bit for bit torch's)");

@@ -39,6 +39,7 @@
 
 #include "common.h"
 #include "prefetch.h"
+#include "scratch.h"
 
 #include <algorithm>
 #include <cmath>
@@ -299,13 +300,16 @@ void keys_and_values(const scalar_t* K, const scalar_t* q, int64_t nk, scalar_t*
   });
 }
 
+// The attention of B rows: qkv [B, (H + 2 Hkv) Dh] (contiguous; q and k normed and rotated in
+// place) into out [B, H Dh], each row's key and value written into the caches and its position
+// advanced.
 template <typename scalar_t>
-void attention_rows(const MixerSpec& m, at::Tensor& qkv, at::Tensor& ck, at::Tensor& cv, at::Tensor& pos,
-                    at::Tensor& out) {
-  const int64_t B = qkv.size(0), H = m.i[kHeads], Hkv = m.i[kKvHeads], D = m.i[kHeadDim];
+void attention_rows(const MixerSpec& m, scalar_t* qkv_p, int64_t B, at::Tensor& ck, at::Tensor& cv, at::Tensor& pos,
+                    scalar_t* out_p) {
+  const int64_t H = m.i[kHeads], Hkv = m.i[kKvHeads], D = m.i[kHeadDim];
   const int64_t N = ck.size(2), window = m.i[kWindow], P = m.i[kPrefix], half = D / 2;
   const int64_t group = H / Hkv, row = (H + 2 * Hkv) * D;
-  const auto dt = qkv.scalar_type();
+  const auto dt = ck.scalar_type();
   const auto qn_w = opt(m.w[kQNormW], dt), qn_b = opt(m.w[kQNormB], dt);
   const auto kn_w = opt(m.w[kKNormW], dt), kn_b = opt(m.w[kKNormB], dt);
   const auto mem_k = opt(m.w[kMemK], dt), mem_v = opt(m.w[kMemV], dt);
@@ -313,7 +317,6 @@ void attention_rows(const MixerSpec& m, at::Tensor& qkv, at::Tensor& ck, at::Ten
   const bool rope = m.i[kRope] != 0 && half > 0;
   const at::Tensor inv_freq = rope ? rope_inv_freq(D, m.f[kRopeBase], dt) : at::Tensor();
 
-  scalar_t* qkv_p = qkv.data_ptr<scalar_t>();
   scalar_t* ck_p = ck.data_ptr<scalar_t>();
   scalar_t* cv_p = cv.data_ptr<scalar_t>();
   int64_t* pos_p = pos.data_ptr<int64_t>();
@@ -330,7 +333,6 @@ void attention_rows(const MixerSpec& m, at::Tensor& qkv, at::Tensor& ck, at::Ten
   const scalar_t* mk_p = mem_k ? mem_k->data_ptr<scalar_t>() : nullptr;
   const scalar_t* mv_p = mem_v ? mem_v->data_ptr<scalar_t>() : nullptr;
   const scalar_t* freq = rope ? inv_freq.data_ptr<scalar_t>() : nullptr;
-  scalar_t* out_p = out.data_ptr<scalar_t>();
   const auto scale = static_cast<scalar_t>(m.f[kScale]);
   // The pipeline pays where the cache pass waits on memory (many streams); at a few rows (B <= 4, as
   // the step's GEMV route) the passes run one after the other: paired, transformer's batch-1 step
@@ -353,8 +355,9 @@ void attention_rows(const MixerSpec& m, at::Tensor& qkv, at::Tensor& ck, at::Ten
   at::parallel_for(0, B * Hkv, grain, [&](int64_t begin, int64_t end) {
     // the scores of the group of the task in its key pass and of the one in its value pass; RoPE's
     // cos and sin at the last row prepared
-    std::vector<scalar_t> buf(2 * scores + 2 * half);
-    scalar_t* cos_p = buf.data() + 2 * scores;
+    Scratch scratch;  // this thread's
+    scalar_t* buf = scratch.take<scalar_t>(2 * scores + 2 * half);
+    scalar_t* cos_p = buf + 2 * scores;
     scalar_t* sin_p = cos_p + half;
     int64_t rope_row = -1;
     struct Task {
@@ -422,7 +425,7 @@ void attention_rows(const MixerSpec& m, at::Tensor& qkv, at::Tensor& ck, at::Ten
     Task prev{};
     prefetch_bytes(ck_p + begin * N * D, head_bytes);
     for (int64_t bg = begin; bg < end; ++bg) {
-      const Task t = start(bg, buf.data() + ((bg - begin) % 2) * scores);
+      const Task t = start(bg, buf + ((bg - begin) % 2) * scores);
       if (bg == begin) {
         key_scores(t.keys, t.q, t.n, D, t.s + M);
       } else if (paired) {
@@ -449,6 +452,16 @@ void attention_rows(const MixerSpec& m, at::Tensor& qkv, at::Tensor& ck, at::Ten
     }
   });
   for (int64_t b = 0; b < B; ++b) pos_p[b] += 1;
+}
+
+// attention_rows over tensors: qkv [B, (H + 2 Hkv) Dh] and out [B, H Dh], rows contiguous (prefill.h's
+// frames and restarts).
+template <typename scalar_t>
+void attention_rows(const MixerSpec& m, at::Tensor& qkv, at::Tensor& ck, at::Tensor& cv, at::Tensor& pos,
+                    at::Tensor& out) {
+  TORCH_CHECK(qkv.is_contiguous() && out.is_contiguous() && qkv.size(0) == out.size(0),
+              "attention step: qkv ", qkv.sizes(), " and out ", out.sizes(), " must be contiguous rows");
+  attention_rows<scalar_t>(m, qkv.data_ptr<scalar_t>(), qkv.size(0), ck, cv, pos, out.data_ptr<scalar_t>());
 }
 
 // Checks the options, the weights and the states of a batch of B rows in dtype dt.
@@ -499,17 +512,27 @@ inline void check_step(const MixerSpec& m, at::Tensor* states, int64_t B, at::Sc
 inline at::Tensor attention_mixer_step(const at::Tensor& x, const MixerSpec& m, at::Tensor* states,
                                        const at::Tensor& /*pos: the state's own pos is the position*/) {
   const auto dt = x.scalar_type();
+  check_compute_dtype("attention", x);
   check_step(m, states, x.size(0), dt);
   const int64_t B = x.size(0), H = m.i[kHeads], D = m.i[kHeadDim];
   at::Tensor& ck = states[0];
   at::Tensor& cv = states[1];
   at::Tensor& pos = states[2];
+  const int64_t Hkv = m.i[kKvHeads], d = x.size(1);
   const auto Wqkv = as_(m.w[kQkvW], dt), Wo = as_(m.w[kOW], dt);
-  auto qkv = linear_small(x, Wqkv, opt(m.w[kQkvB], dt).value_or(at::Tensor()));  // [B, (H + 2 Hkv) Dh]
-  auto out = at::empty({B, H * D}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(dt, "attention_step",
-                             [&] { attention_rows<scalar_t>(m, qkv, ck, cv, pos, out); });
-  return linear_small(out, Wo, opt(m.w[kOB], dt).value_or(at::Tensor()));
+  const auto bqkv = present(m.w[kQkvB]) ? as_(m.w[kQkvB], dt) : at::Tensor();
+  const auto bo = present(m.w[kOB]) ? as_(m.w[kOB], dt) : at::Tensor();
+  // the output is the one tensor: qkv and the heads' outputs live in scratch memory (scratch.h)
+  auto y = at::empty({B, Wo.size(0)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(dt, "attention_step", [&] {
+    Scratch scratch;
+    scalar_t* qkv = scratch.take<scalar_t>(B * (H + 2 * Hkv) * D);  // [B, (H + 2 Hkv) Dh]
+    scalar_t* out = scratch.take<scalar_t>(B * H * D);
+    linear_into(x.data_ptr<scalar_t>(), d, B, d, Wqkv, bqkv, qkv);
+    attention_rows<scalar_t>(m, qkv, B, ck, cv, pos, out);
+    linear_into(out, H * D, B, H * D, Wo, bo, y.data_ptr<scalar_t>());
+  });
+  return y;
 }
 
 }  // namespace attention_step

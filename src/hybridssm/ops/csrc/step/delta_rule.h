@@ -15,6 +15,7 @@
 #include "common.h"
 #include "conv_silu.h"
 #include "prefetch.h"
+#include "scratch.h"
 
 namespace hybridssm::step {
 
@@ -141,25 +142,28 @@ at::Tensor delta_rule_step(const at::Tensor& x, const MixerSpec& m, at::Tensor* 
   check_state(kind, "S", states[3], {B, H, K, Vh}, dt);
   const double qk_eps = m.f[0], o_eps = m.f[1], scale = m.f[2];
 
-  const auto proj = linear_small(x, Win, at::Tensor());  // [B, P]
-  auto o = at::empty({B, HV}, x.options());  // normed (and gated) output, the o_proj's input
+  // the output is the one tensor; the projection, the conv outputs and the normed (and gated) heads,
+  // the o_proj's input, live in scratch memory (scratch.h)
+  auto y = at::empty({B, Wo.size(0)}, x.options());
   AT_DISPATCH_FLOATING_TYPES(dt, "delta_rule_step", [&] {
     using Vec = Vectorized<scalar_t>;
     using hybridssm::load;
     using hybridssm::store;
-    std::vector<scalar_t> qkv(C);
+    Scratch scratch;
+    scalar_t* proj0 = scratch.take<scalar_t>(B * P);  // [B, P]
+    scalar_t* o0 = scratch.take<scalar_t>(B * HV);
+    scalar_t* qkv_p = scratch.take<scalar_t>(C);
+    linear_into(x.data_ptr<scalar_t>(), d, B, d, Win, at::Tensor(), proj0);
     // raw pointers taken once (data_ptr checks the tensor on every call)
     const scalar_t* w = cw.data_ptr<scalar_t>();
     const bool taps = B >= kConvTapsRows && conv_vector_path<scalar_t>(c);
     const std::vector<scalar_t> wt = taps ? conv_taps(w, C, c) : std::vector<scalar_t>();
-    const scalar_t* proj0 = proj.data_ptr<scalar_t>();
     const scalar_t* wn0 = wn.data_ptr<scalar_t>();
     const scalar_t* A_log0 = kGated ? A_log.data_ptr<scalar_t>() : nullptr;
     const scalar_t* dt_bias0 = kGated ? dt_bias.data_ptr<scalar_t>() : nullptr;
     scalar_t* const conv0[3] = {states[0].data_ptr<scalar_t>(), states[1].data_ptr<scalar_t>(),
                                 states[2].data_ptr<scalar_t>()};
     scalar_t* S0 = states[3].data_ptr<scalar_t>();
-    scalar_t* o0 = o.data_ptr<scalar_t>();
     for (int64_t b = 0; b < B; ++b) {
       const scalar_t* pb = proj0 + b * P;
       // the three convs, each over its own state, with SiLU
@@ -167,12 +171,12 @@ at::Tensor delta_rule_step(const at::Tensor& x, const MixerSpec& m, at::Tensor* 
       for (int f = 0; f < 3; ++f) {
         scalar_t* st = conv0[f] + b * widths[f] * (c - 1);
         conv_silu_step(pb + offs[f], st, wt.empty() ? nullptr : wt.data() + offs[f], C, w + offs[f] * c,
-                       qkv.data() + offs[f], widths[f], c);
+                       qkv_p + offs[f], widths[f], c);
       }
       scalar_t* ob = o0 + b * HV;
       for (int64_t h = 0; h < H; ++h) {
-        scalar_t *q = qkv.data() + h * K, *k = qkv.data() + HK + h * K;
-        const scalar_t* v = qkv.data() + 2 * HK + h * Vh;
+        scalar_t *q = qkv_p + h * K, *k = qkv_p + HK + h * K;
+        const scalar_t* v = qkv_p + 2 * HK + h * Vh;
         for (scalar_t* t : {q, k}) {  // x / sqrt(|x|^2 + eps)
           const Vec inv(scalar_t(1) / std::sqrt(dot(t, t, K) + scalar_t(qk_eps)));
           vec_chunks<scalar_t>(K, [&](int64_t i, int64_t cnt) { store(load(t + i, cnt) * inv, t + i, cnt); });
@@ -204,8 +208,9 @@ at::Tensor delta_rule_step(const at::Tensor& x, const MixerSpec& m, at::Tensor* 
         });
       }
     }
+    linear_into(o0, HV, B, HV, Wo, at::Tensor(), y.data_ptr<scalar_t>());
   });
-  return linear_small(o, Wo, at::Tensor());
+  return y;
 }
 
 HYBRIDSSM_MIXER_STEP(delta_net, delta_rule_step<false>, 4);

@@ -11,12 +11,15 @@
 
 #pragma once
 
+#include "common.h"
+#include "scratch.h"
 
 namespace hybridssm::step {
 
 inline at::Tensor gated_ssm_mixer_step(const at::Tensor& x, const MixerSpec& m, at::Tensor* states,
                                        const at::Tensor& /*pos*/) {
   TORCH_CHECK(m.w.size() == 12 && m.f.size() == 1, "gated_ssm step: expected 12 weights and 1 float");
+  check_compute_dtype("gated_ssm", x);
   const auto dt = x.scalar_type();
   const int64_t Bsz = x.size(0), E = m.w[2].size(0), N = m.w[4].size(0) / 2, R = m.w[6].size(0);
   at::Tensor& conv = states[0];
@@ -31,37 +34,46 @@ inline at::Tensor gated_ssm_mixer_step(const at::Tensor& x, const MixerSpec& m, 
               "gated_ssm step: states ", conv.sizes(), ", ", ctx.sizes(), " do not fit the weights");
   auto w = [&](int i) { return as_(m.w[i], dt); };
   auto b = [&](int i) { return present(m.w[i]) ? as_(m.w[i], dt) : at::Tensor(); };
-  const auto xz = linear_small(x, w(0), b(1));  // [B, 2E]
-  auto pooled = at::empty({Bsz, E}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(dt, "gated_ssm_pool", [&] {
-    // the forward's mean pool: a depthwise conv whose K taps are all 1/K
-    const std::vector<scalar_t> taps(E * K, scalar_t(1) / scalar_t(K));
-    for (int64_t r = 0; r < Bsz; ++r) {
-      depthwise_conv_step<scalar_t>(xz.data_ptr<scalar_t>() + r * 2 * E, conv.data_ptr<scalar_t>() + r * E * (K - 1),
-                                    taps.data(), nullptr, pooled.data_ptr<scalar_t>() + r * E, E, K);
-    }
-  });
-  auto u = linear_small(pooled, w(2), b(3));  // [B, E]
-  AT_DISPATCH_FLOATING_TYPES(dt, "gated_ssm_silu", [&] { silu_inplace(u.data_ptr<scalar_t>(), Bsz * E); });
-  const auto dtv = linear_small(linear_small(u, w(6), b(7)), w(8), b(9));  // [B, E]
-  const auto bcv = linear_small(u, w(4), b(5));  // [B, 2N]
-  auto y = at::empty({Bsz, E}, x.options());
+  const int64_t d = x.size(1);
+  // the output is the one tensor; every intermediate lives in scratch memory (scratch.h)
+  auto out = at::empty({Bsz, m.w[10].size(0)}, x.options());
   AT_DISPATCH_FLOATING_TYPES(dt, "gated_ssm_step", [&] {
     using Vec = Vectorized<scalar_t>;
     using hybridssm::load;
     using hybridssm::store;
-    const Vec alpha(static_cast<scalar_t>(m.f[0])), one_minus(static_cast<scalar_t>(1.0 - m.f[0]));
+    Scratch scratch;
+    scalar_t* xz = scratch.take<scalar_t>(Bsz * 2 * E);   // in_proj: xb, z
+    scalar_t* pooled = scratch.take<scalar_t>(Bsz * E);   // the mean pool, then (g + (1 - gate) ctx) silu(z)
+    scalar_t* u = scratch.take<scalar_t>(Bsz * E);
+    scalar_t* low = scratch.take<scalar_t>(Bsz * R);      // dt_down(u)
+    scalar_t* dtv = scratch.take<scalar_t>(Bsz * E);      // dt_up(dt_down(u))
+    scalar_t* bcv = scratch.take<scalar_t>(Bsz * 2 * N);  // Bt, Ct
+    scalar_t* taps = scratch.take<scalar_t>(E * K);
+    linear_into(x.data_ptr<scalar_t>(), d, Bsz, d, w(0), b(1), xz);
+    // the forward's mean pool: a depthwise conv whose K taps are all 1/K
+    std::fill(taps, taps + E * K, scalar_t(1) / scalar_t(K));
+    scalar_t* conv0 = conv.data_ptr<scalar_t>();
     for (int64_t r = 0; r < Bsz; ++r) {
-      const scalar_t* ur = u.data_ptr<scalar_t>() + r * E;
-      const scalar_t* dr = dtv.data_ptr<scalar_t>() + r * E;
-      const scalar_t* bc = bcv.data_ptr<scalar_t>() + r * 2 * N;
-      const scalar_t* z = xz.data_ptr<scalar_t>() + r * 2 * E + E;
-      scalar_t* c = ctx.data_ptr<scalar_t>() + r * E;
-      scalar_t* yr = y.data_ptr<scalar_t>() + r * E;
+      depthwise_conv_step<scalar_t>(xz + r * 2 * E, conv0 + r * E * (K - 1), taps, nullptr, pooled + r * E, E, K);
+    }
+    linear_into(pooled, E, Bsz, E, w(2), b(3), u);
+    silu_inplace(u, Bsz * E);
+    linear_into(u, E, Bsz, E, w(6), b(7), low);
+    linear_into(low, R, Bsz, R, w(8), b(9), dtv);
+    linear_into(u, E, Bsz, E, w(4), b(5), bcv);
+    const Vec alpha(static_cast<scalar_t>(m.f[0])), one_minus(static_cast<scalar_t>(1.0 - m.f[0]));
+    scalar_t* ctx0 = ctx.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < Bsz; ++r) {
+      const scalar_t* ur = u + r * E;
+      const scalar_t* dr = dtv + r * E;
+      const scalar_t* bc = bcv + r * 2 * N;
+      const scalar_t* z = xz + r * 2 * E + E;
+      scalar_t* c = ctx0 + r * E;
+      scalar_t* yr = pooled + r * E;
       // gate = sigmoid(mean softplus(dt)): only the sum of the softplus is needed, not the values
       Vec dsum(0);
       vec_chunks<scalar_t>(E, [&](int64_t e, int64_t cnt) {
-        const Vec d = load(dr + e, cnt), sp = Vec::blendv(d.exp().log1p(), d, d > Vec(20));
+        const Vec dd = load(dr + e, cnt), sp = Vec::blendv(dd.exp().log1p(), dd, dd > Vec(20));
         dsum = dsum + (cnt == Vec::size() ? sp : Vec::set(Vec(0), sp, cnt));
       });
       const scalar_t gate = scalar_t(1) / (scalar_t(1) + std::exp(-(hybridssm::hsum(dsum) / scalar_t(E))));
@@ -74,8 +86,9 @@ inline at::Tensor gated_ssm_mixer_step(const at::Tensor& x, const MixerSpec& m, 
         store((g + keep * cn) * silu(load(z + e, cnt)), yr + e, cnt);
       });
     }
+    linear_into(pooled, E, Bsz, E, w(10), b(11), out.data_ptr<scalar_t>());
   });
-  return linear_small(y, w(10), b(11));
+  return out;
 }
 
 HYBRIDSSM_MIXER_STEP(gated_ssm, gated_ssm_mixer_step, 2);

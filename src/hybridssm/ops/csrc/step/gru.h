@@ -7,6 +7,8 @@
 // States (GRUState): h [B, H]. Returns the new h (a copy: the state is updated in place too).
 #pragma once
 
+#include "common.h"
+#include "scratch.h"
 
 namespace hybridssm::step {
 
@@ -25,17 +27,23 @@ inline at::Tensor gru_step(const at::Tensor& x, const MixerSpec& m, at::Tensor* 
   const auto b_hh = weight(kind, m, 3, "bias_hh", {3 * H}, dt);
   check_state(kind, "h", states[0], {B, H}, dt);
 
-  const auto gi = linear_small(x, w_ih, b_ih);  // [B, 3H]
-  const auto gh = linear_small(states[0], w_hh, b_hh);
+  // the output is the one tensor; the gates' pre-activations live in scratch memory (scratch.h)
   auto y = at::empty({B, H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(dt, "gru_step", [&] {
     using Vec = Vectorized<scalar_t>;
     using hybridssm::load;
     using hybridssm::store;
+    Scratch scratch;
+    scalar_t* gi = scratch.take<scalar_t>(B * 3 * H);  // W_ih x + b_ih
+    scalar_t* gh = scratch.take<scalar_t>(B * 3 * H);  // W_hh h + b_hh
+    scalar_t* h0 = states[0].data_ptr<scalar_t>();
+    scalar_t* y0 = y.data_ptr<scalar_t>();
+    linear_into(x.data_ptr<scalar_t>(), D, B, D, w_ih, b_ih, gi);
+    linear_into(h0, H, B, H, w_hh, b_hh, gh);
     for (int64_t b = 0; b < B; ++b) {
-      const scalar_t *i = gi.data_ptr<scalar_t>() + b * 3 * H, *g = gh.data_ptr<scalar_t>() + b * 3 * H;
-      scalar_t* h = states[0].data_ptr<scalar_t>() + b * H;
-      scalar_t* yb = y.data_ptr<scalar_t>() + b * H;
+      const scalar_t *i = gi + b * 3 * H, *g = gh + b * 3 * H;
+      scalar_t* h = h0 + b * H;
+      scalar_t* yb = y0 + b * H;
       vec_chunks<scalar_t>(H, [&](int64_t o, int64_t cnt) {
         const Vec r = sigmoid(load(i + o, cnt) + load(g + o, cnt));
         const Vec z = sigmoid(load(i + H + o, cnt) + load(g + H + o, cnt));

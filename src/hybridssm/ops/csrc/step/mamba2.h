@@ -15,6 +15,7 @@
 
 #include "common.h"
 #include "prefetch.h"
+#include "scratch.h"
 #include "state_width.h"
 
 #include <limits>
@@ -94,14 +95,15 @@ void mamba2_rows(const scalar_t* proj, scalar_t* conv_state, scalar_t* ssm_state
   const auto head =
       with_state_vectors<scalar_t>(N, [](auto nb) { return &mamba2_head<scalar_t, decltype(nb)::value>; });
   at::parallel_for(0, Bsz, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> xbc(C);
+    Scratch scratch;  // this thread's
+    scalar_t* xbc = scratch.take<scalar_t>(C);
     for (int64_t b = begin; b < end; ++b) {
       const scalar_t* z = proj + b * row;
       const scalar_t* xin = z + E;
       const scalar_t* dtr = xin + C;
-      depthwise_conv_step(xin, conv_state + b * C * (K - 1), conv_w, conv_b, xbc.data(), C, K);
-      silu_inplace(xbc.data(), C);
-      const scalar_t* xs = xbc.data();
+      depthwise_conv_step(xin, conv_state + b * C * (K - 1), conv_w, conv_b, xbc, C, K);
+      silu_inplace(xbc, C);
+      const scalar_t* xs = xbc;
       scalar_t* y = out + b * E;
       for (int64_t h = 0; h < H; ++h) {
         scalar_t dt = dtr[h] + dt_bias[h];
@@ -141,6 +143,7 @@ inline at::Tensor mamba2_mixer_step(const at::Tensor& x, const MixerSpec& m, at:
   TORCH_CHECK(m.w.size() == 10 && m.i.size() == 5 && m.f.size() == 3,
               "mamba2 step: expected 10 weights, 5 ints, 3 floats, got ", m.w.size(), ", ", m.i.size(), " and ",
               m.f.size());
+  check_compute_dtype("mamba2", x);
   const auto dt = x.scalar_type();
   const int64_t H = m.i[0], P = m.i[1], G = m.i[2], N = m.i[3];
   const int64_t E = H * P, C = E + 2 * G * N, Bsz = x.size(0), K = m.w[1].size(-1), d = x.size(1);
@@ -160,11 +163,12 @@ inline at::Tensor mamba2_mixer_step(const at::Tensor& x, const MixerSpec& m, at:
                   ssm.size(3) == N,
               "mamba2 step: states ", conv.sizes(), ", ", ssm.sizes(), " do not fit the weights");
   const auto bias = [dt](const at::Tensor& b) { return present(b) ? as_(b, dt) : at::Tensor(); };
-  const auto proj = linear_small(x, as_(m.w[0], dt), bias(m.w[8]));
   const auto conv_w = as_(m.w[1], dt), dt_bias = as_(m.w[3], dt), A_log = as_(m.w[4], dt);
   const auto Dv = as_(m.w[5], dt), norm_w = as_(m.w[6], dt);
   const auto conv_b = opt(m.w[2], dt);
-  auto y = at::empty({Bsz, E}, x.options());
+  const auto W_out = as_(m.w[7], dt);
+  // the output is the one tensor; the projection and the gated heads live in scratch memory (scratch.h)
+  auto out = at::empty({Bsz, W_out.size(0)}, x.options());
   AT_DISPATCH_FLOATING_TYPES(dt, "mamba2_mixer_step", [&] {
     Mamba2Options<scalar_t> options;
     options.D_per_channel = Dv.numel() == E && E != H;
@@ -172,13 +176,17 @@ inline at::Tensor mamba2_mixer_step(const at::Tensor& x, const MixerSpec& m, at:
     options.clamp_dt = m.f[1] != 0.0 || m.f[2] != std::numeric_limits<double>::infinity();
     options.dt_lo = static_cast<scalar_t>(m.f[1]);
     options.dt_hi = static_cast<scalar_t>(m.f[2]);
-    mamba2_rows<scalar_t>(proj.data_ptr<scalar_t>(), conv.data_ptr<scalar_t>(), ssm.data_ptr<scalar_t>(),
-                          conv_w.data_ptr<scalar_t>(), conv_b ? conv_b->data_ptr<scalar_t>() : nullptr,
-                          dt_bias.data_ptr<scalar_t>(), A_log.data_ptr<scalar_t>(), Dv.data_ptr<scalar_t>(),
-                          norm_w.data_ptr<scalar_t>(), static_cast<scalar_t>(m.f[0]), options,
-                          y.data_ptr<scalar_t>(), Bsz, H, P, G, N, K);
+    Scratch scratch;
+    scalar_t* proj = scratch.take<scalar_t>(Bsz * (E + C + H));  // z, xBC, dt
+    scalar_t* y = scratch.take<scalar_t>(Bsz * E);
+    linear_into(x.data_ptr<scalar_t>(), d, Bsz, d, as_(m.w[0], dt), bias(m.w[8]), proj);
+    mamba2_rows<scalar_t>(proj, conv.data_ptr<scalar_t>(), ssm.data_ptr<scalar_t>(), conv_w.data_ptr<scalar_t>(),
+                          conv_b ? conv_b->data_ptr<scalar_t>() : nullptr, dt_bias.data_ptr<scalar_t>(),
+                          A_log.data_ptr<scalar_t>(), Dv.data_ptr<scalar_t>(), norm_w.data_ptr<scalar_t>(),
+                          static_cast<scalar_t>(m.f[0]), options, y, Bsz, H, P, G, N, K);
+    linear_into(y, E, Bsz, E, W_out, bias(m.w[9]), out.data_ptr<scalar_t>());
   });
-  return linear_small(y, as_(m.w[7], dt), bias(m.w[9]));
+  return out;
 }
 
 HYBRIDSSM_MIXER_STEP(mamba2, mamba2_mixer_step, 2);

@@ -19,6 +19,8 @@
 // States (RWKVState): shift_time [B, D], wkv [B, H, K, K], shift_channel [B, D].
 #pragma once
 
+#include "common.h"
+#include "scratch.h"
 
 namespace hybridssm::step {
 
@@ -133,8 +135,8 @@ inline at::Tensor rwkv_step(const at::Tensor& x, const MixerSpec& m, at::Tensor*
   TORCH_CHECK(H * K == D, "hybridssm step (rwkv): bonus [", H, ", ", K, "] does not cover width ", D);
   const auto ln1_w = weight(kind, m, 0, "ln_time.weight", {D}, dt);
   const auto ln1_b = opt(m.w[1], dt);
-  std::vector<at::Tensor> mu;  // mu_x, mu_w, mu_k, mu_v, mu_r, mu_g
-  for (size_t f = 0; f < 6; ++f) mu.push_back(weight(kind, m, 2 + f, "time-mix mu", {D}, dt));
+  at::Tensor mu[6];  // mu_x, mu_w, mu_k, mu_v, mu_r, mu_g
+  for (size_t f = 0; f < 6; ++f) mu[f] = weight(kind, m, 2 + f, "time-mix mu", {D}, dt);
   const auto mix_down = weight(kind, m, 8, "mix_down", {D, 5 * R}, dt);
   const auto mix_up = weight(kind, m, 9, "mix_up", {5, R, D}, dt);
   const auto decay = weight(kind, m, 10, "decay", {D}, dt);
@@ -164,30 +166,45 @@ inline at::Tensor rwkv_step(const at::Tensor& x, const MixerSpec& m, at::Tensor*
   check_state(kind, "shift_channel", states[2], {B, D}, dt);
   const double eps1 = m.f[0], eps_x = m.f[1], eps2 = m.f[2], max_exp = m.f[3];
 
-  // x_w, x_k, x_v, x_r, x_g in one buffer [5, B, D]; each slice is contiguous
-  auto xs = at::empty({5, B, D}, x.options());
-  auto xx = at::empty({B, D}, x.options());
-  auto xxx = at::empty({B, D}, x.options());
-  at::Tensor y;
+  // the output is the one tensor; every intermediate lives in scratch memory (scratch.h)
+  auto y = at::empty({B, D}, x.options());
   AT_DISPATCH_FLOATING_TYPES(dt, "rwkv_step", [&] {
     using Vec = Vectorized<scalar_t>;
     using hybridssm::load;
     using hybridssm::store;
     // data_ptr checks the tensor on every call: the loops below index raw pointers taken once
-    auto row = [&](const at::Tensor& t, int64_t b) { return t.data_ptr<scalar_t>() + b * t.size(-1); };
     auto p = [](const at::Tensor& t) { return t.data_ptr<scalar_t>(); };
     const scalar_t *mu_x = p(mu[0]), *decay_p = p(decay), *bonus_p = p(bonus), *lnx_wp = p(lnx_w);
     const scalar_t *lnx_bp = p(lnx_b), *cmu_kp = p(cmu_k), *cmu_rp = p(cmu_r);
-    // scratch that never leaves the kernel: h [B, D], one LoRA mix [B, D], the decay [B, D], the
-    // LoRA activations [B, 5R] and [B, Rd]
-    std::vector<scalar_t> scratch(B * (3 * D + 5 * R + Rd));
-    scalar_t *h0 = scratch.data(), *mix0 = h0 + B * D, *e0 = mix0 + B * D, *lora0 = e0 + B * D;
-    scalar_t* dlo0 = lora0 + B * 5 * R;
+    const scalar_t* x0 = p(x);
+    scalar_t *shift_t = p(states[0]), *shift_c = p(states[2]);
+    Scratch scratch;
+    // x_w, x_k, x_v, x_r, x_g [5, B, D]; xx = shift - h and xxx (the LoRA's input), reused by the
+    // channel-mix's x_k and x_r; h; the decay; the LoRA activations [B, 5R], [B, Rd];
+    // r, k, v, g, the WKV output o, the time-mix's increment a [B, D]; the channel-mix's kk [B, F], rr
+    scalar_t* xs = scratch.take<scalar_t>(5 * B * D);
+    scalar_t* xx = scratch.take<scalar_t>(B * D);
+    scalar_t* xxx = scratch.take<scalar_t>(B * D);
+    scalar_t* h0 = scratch.take<scalar_t>(B * D);
+    scalar_t* e0 = scratch.take<scalar_t>(B * D);
+    scalar_t* lora0 = scratch.take<scalar_t>(B * 5 * R);
+    scalar_t* dlo0 = scratch.take<scalar_t>(B * Rd);
+    scalar_t* r0 = scratch.take<scalar_t>(B * D);
+    scalar_t* k0 = scratch.take<scalar_t>(B * D);
+    scalar_t* v0 = scratch.take<scalar_t>(B * D);
+    scalar_t* g0 = scratch.take<scalar_t>(B * D);
+    scalar_t* o0 = scratch.take<scalar_t>(B * D);
+    scalar_t* a0 = scratch.take<scalar_t>(B * D);
+    scalar_t* kk0 = scratch.take<scalar_t>(B * Fn);
+    scalar_t* rr0 = scratch.take<scalar_t>(B * D);
+    scalar_t* acc = scratch.take<scalar_t>(K);
+    scalar_t* t = scratch.take<scalar_t>(D);
+    scalar_t* c = scratch.take<scalar_t>(D);
 
     // token shift: h = LN_1(x), xx = shift - h, the LoRA's input h + xx mu_x; the shift takes h
     for (int64_t b = 0; b < B; ++b) {
-      scalar_t *hb = h0 + b * D, *xxb = row(xx, b), *sb = row(states[0], b), *ib = row(xxx, b);
-      layer_norm_row(row(x, b), p(ln1_w), ptr_or_null<scalar_t>(ln1_b), hb, D, eps1);
+      scalar_t *hb = h0 + b * D, *xxb = xx + b * D, *sb = shift_t + b * D, *ib = xxx + b * D;
+      layer_norm_row(x0 + b * D, p(ln1_w), ptr_or_null<scalar_t>(ln1_b), hb, D, eps1);
       vec_chunks<scalar_t>(D, [&](int64_t i, int64_t cnt) {
         const Vec hv = load(hb + i, cnt), d = load(sb + i, cnt) - hv;
         store(d, xxb + i, cnt);
@@ -196,37 +213,45 @@ inline at::Tensor rwkv_step(const at::Tensor& x, const MixerSpec& m, at::Tensor*
       });
     }
     const auto opts = x.options();
-    input_major_rows(p(xxx), D, p(mix_down), lora0, B, D, 5 * R, opts);  // [B, 5R]
+    input_major_rows(xxx, D, p(mix_down), lora0, B, D, 5 * R, opts);  // [B, 5R]
     tanh_inplace(lora0, B * 5 * R);
-    for (int64_t f = 0; f < 5; ++f) {  // x_f = h + xx (mu_f + lora_f @ mix_up[f])
-      input_major_rows(lora0 + f * R, 5 * R, p(mix_up) + f * R * D, mix0, B, R, D, opts);
-      const scalar_t *xx0 = p(xx), *m0 = mix0, *mu_f = p(mu[1 + f]);
-      scalar_t* o0 = p(xs) + f * B * D;
+    // x_f = h + xx (mu_f + lora_f @ mix_up[f]), the LoRA products first written into x_f: at a few
+    // rows the five factors in one pass through mix_up (vecmat_blocks: one read-ahead stream), the
+    // same values as a product per factor
+    if (B <= 4) {
       for (int64_t b = 0; b < B; ++b) {
-        const scalar_t *hb = h0 + b * D, *xxb = xx0 + b * D, *mb = m0 + b * D;
-        scalar_t* ob = o0 + b * D;
+        vecmat_blocks<scalar_t>(lora0 + b * 5 * R, p(mix_up), nullptr, xs + b * D, B * D, 5, R, D);
+      }
+    } else {
+      for (int64_t f = 0; f < 5; ++f) {
+        input_major_rows(lora0 + f * R, 5 * R, p(mix_up) + f * R * D, xs + f * B * D, B, R, D, opts);
+      }
+    }
+    for (int64_t f = 0; f < 5; ++f) {
+      const scalar_t* mu_f = p(mu[1 + f]);
+      for (int64_t b = 0; b < B; ++b) {
+        const scalar_t *hb = h0 + b * D, *xxb = xx + b * D;
+        scalar_t* ob = xs + (f * B + b) * D;
         vec_chunks<scalar_t>(D, [&](int64_t i, int64_t cnt) {
-          const Vec mix = load(mu_f + i, cnt) + load(mb + i, cnt);
+          const Vec mix = load(mu_f + i, cnt) + load(ob + i, cnt);
           store(load(hb + i, cnt) + load(xxb + i, cnt) * mix, ob + i, cnt);
         });
       }
     }
     const at::Tensor none;
-    const auto r = linear_small(xs.select(0, 3), Wr, none);
-    const auto k = linear_small(xs.select(0, 1), Wk, none);
-    const auto v = linear_small(xs.select(0, 2), Wv, none);
-    auto g = linear_small(xs.select(0, 4), Wg, none);
-    silu_inplace(p(g), B * D);
-    input_major_rows(p(xs), D, p(decay_down), dlo0, B, D, Rd, opts);  // [B, Rd]
+    auto xf = [&](int64_t f) { return xs + f * B * D; };  // x_w, x_k, x_v, x_r, x_g
+    linear_into(xf(3), D, B, D, Wr, none, r0);
+    linear_into(xf(1), D, B, D, Wk, none, k0);
+    linear_into(xf(2), D, B, D, Wv, none, v0);
+    linear_into(xf(4), D, B, D, Wg, none, g0);
+    silu_inplace(g0, B * D);
+    input_major_rows(xf(0), D, p(decay_down), dlo0, B, D, Rd, opts);  // [B, Rd]
     tanh_inplace(dlo0, B * Rd);
     input_major_rows(dlo0, Rd, p(decay_up), e0, B, Rd, D, opts);  // [B, D], becomes exp(-exp(d))
 
     // WKV, per row and head, one pass over the state: o = r^T S + (r . (u * k)) v, then S <- e S + k v^T;
     // then the group norm with its affine, times the gate (into o)
-    auto o = at::empty({B, D}, x.options());
-    std::vector<scalar_t> acc(K);
-    const scalar_t *r0 = p(r), *k0 = p(k), *v0 = p(v), *g0 = p(g);
-    scalar_t *o0 = p(o), *S0 = p(states[1]);
+    scalar_t* S0 = p(states[1]);
     for (int64_t b = 0; b < B; ++b) {
       scalar_t* eb = e0 + b * D;
       vec_chunks<scalar_t>(D, [&](int64_t i, int64_t cnt) {
@@ -240,43 +265,40 @@ inline at::Tensor rwkv_step(const at::Tensor& x, const MixerSpec& m, at::Tensor*
         scalar_t* S = S0 + (b * H + hh) * K * K;
         scalar_t ruk = 0;
         for (int64_t j = 0; j < K; ++j) ruk += rh[j] * uh[j] * kh[j];
-        wkv_head(S, K, rh, kh, eh, vh, ruk, acc.data());
+        wkv_head(S, K, rh, kh, eh, vh, ruk, acc);
         scalar_t* ob = o0 + b * D + off;
-        layer_norm_row(acc.data(), lnx_wp + off, lnx_bp + off, ob, K, eps_x);
+        layer_norm_row(acc, lnx_wp + off, lnx_bp + off, ob, K, eps_x);
         const scalar_t* gb = g0 + b * D + off;
         vec_chunks<scalar_t>(K, [&](int64_t i, int64_t cnt) {
           store(load(ob + i, cnt) * load(gb + i, cnt), ob + i, cnt);
         });
       }
     }
-    const auto a = linear_small(o, Wo, none);  // the time-mix's increment
+    linear_into(o0, D, B, D, Wo, none, a0);  // the time-mix's increment
 
     // channel-mix on c_in = LN_2(x + a), with its own token shift (xk, xr reuse xx and xxx)
-    std::vector<scalar_t> t(D), c(D);
     for (int64_t b = 0; b < B; ++b) {
-      const scalar_t *xb = row(x, b), *ab = row(a, b);
+      const scalar_t *xb = x0 + b * D, *ab = a0 + b * D;
       vec_chunks<scalar_t>(D, [&](int64_t i, int64_t cnt) {
-        store(load(xb + i, cnt) + load(ab + i, cnt), t.data() + i, cnt);
+        store(load(xb + i, cnt) + load(ab + i, cnt), t + i, cnt);
       });
-      layer_norm_row(t.data(), p(ln2_w), ptr_or_null<scalar_t>(ln2_b), c.data(), D, eps2);
-      scalar_t *sb = row(states[2], b), *kb = row(xx, b), *rb = row(xxx, b);
+      layer_norm_row(t, p(ln2_w), ptr_or_null<scalar_t>(ln2_b), c, D, eps2);
+      scalar_t *sb = shift_c + b * D, *kb = xx + b * D, *rb = xxx + b * D;
       vec_chunks<scalar_t>(D, [&](int64_t i, int64_t cnt) {
-        const Vec cv = load(c.data() + i, cnt), d = load(sb + i, cnt) - cv;
+        const Vec cv = load(c + i, cnt), d = load(sb + i, cnt) - cv;
         store(cv + d * load(cmu_kp + i, cnt), kb + i, cnt);
         store(cv + d * load(cmu_rp + i, cnt), rb + i, cnt);
         store(cv, sb + i, cnt);
       });
     }
-    auto kk = linear_small(xx, Ck, none);  // [B, F]
-    scalar_t* kk0 = p(kk);
+    linear_into(xx, D, B, D, Ck, none, kk0);  // [B, F]
     vec_chunks<scalar_t>(B * Fn, [&](int64_t i, int64_t cnt) {
       const Vec z = at::vec::maximum(load(kk0 + i, cnt), Vec(0));
       store(z * z, kk0 + i, cnt);
     });
-    const auto rr = linear_small(xxx, Cr, none);
-    y = linear_small(kk, Cv, none);  // becomes a + sigmoid(rr) * (C_v kk)
-    const scalar_t *a0 = p(a), *rr0 = p(rr);
+    linear_into(xxx, D, B, D, Cr, none, rr0);
     scalar_t* y0 = p(y);
+    linear_into(kk0, Fn, B, Fn, Cv, none, y0);  // becomes a + sigmoid(rr) * (C_v kk)
     vec_chunks<scalar_t>(B * D, [&](int64_t i, int64_t cnt) {
       store(load(a0 + i, cnt) + sigmoid(load(rr0 + i, cnt)) * load(y0 + i, cnt), y0 + i, cnt);
     });
