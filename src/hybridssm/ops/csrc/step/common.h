@@ -182,8 +182,8 @@ class StreamedWeights {
 // the tail, the horizontal sum and the bias), so the values do not depend on kRows.
 //
 // kRows: 8 for weights that stay in cache; weights read from memory go to gemv_streams below
-// (linear_small picks by weights_streamed()). Measured before gemv_streams, on this machine (2 cores shared with other jobs, load 2.5-5), the
-// batch-1 step with the two switched at run time step by step in one process, median of the paired
+// (linear_into picks by weights_streamed()). Measured before gemv_streams, on this machine (2 cores
+// shared with other jobs, load 2.5-5), the batch-1 step with the two switched at run time step by step in one process, median of the paired
 // ratios over 300-400 steps: 4 rows took 0.90-0.95x of 8 rows' step on the models whose weights
 // come from memory (transformer 12.6 MB 0.91x twice, hybrid / hybrid[gru] / hybrid[delta_net]
 // 0.90x, hymba 0.95-0.96x, hybrid[griffin_lru] 0.95x, hybrid[gated_ssm] 0.95x, hybrid[rwkv] 0.95x
