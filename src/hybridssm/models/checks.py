@@ -15,8 +15,9 @@ from hybridssm.state import ModelState
 __all__ = ["ModelChecks"]
 
 
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
+# torch's own function (not a wrapper around it): torch.compile folds it to True by identity, and in
+# eager mode every call level costs, at batch 1, a few cache misses (the step streams its weights)
+_compiling = torch.compiler.is_compiling
 
 
 def _autocast_on(device_type: str) -> bool:
