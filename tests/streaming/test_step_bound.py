@@ -45,7 +45,7 @@ class _Counted:
 
 
 def _bind(model, B=2, steps=2, max_len=None):
-    """A state stepped ``steps`` frames in place (bound after the first), and its counted bound run."""
+    """A state stepped ``steps`` frames in place (bound at the second), and its counted bound run."""
     state = model.init_state(B, max_len=max_len)
     with torch.no_grad():
         for _ in range(steps):
@@ -69,14 +69,27 @@ def test_a_stream_takes_the_bound_call_and_equals_the_forward():
     with torch.no_grad():
         want = model(x, return_sequence=True)
         state = model.init_state(2)
-        ys = [model.step(x[:, 0], state, inplace=True)[0]]
+        ys = [model.step(x[:, t], state, inplace=True)[0] for t in range(2)]
         model.__dict__[BOUND_KEY].run = counted = _Counted(model.__dict__[BOUND_KEY].run)
-        for t in range(1, 8):
+        for t in range(2, 8):
             y, out = model.step(x[:, t], state, inplace=True)
             assert out is state
             ys.append(y)
-    assert counted.ran == 7
+    assert counted.ran == 6
     assert_close(torch.stack(ys, 1), want)
+
+
+def test_states_stepped_in_turn_are_not_bound():
+    # one model serving several states of batch 1: binding at every step would cost more than it saves
+    model = _model()
+    states = [model.init_state(1) for _ in range(3)]
+    with torch.no_grad():
+        for _ in range(3):
+            for state in states:
+                model.step(torch.randn(1, E), state, inplace=True)
+        assert model.__dict__.get(BOUND_KEY) is None
+        model.step(torch.randn(1, E), states[-1], inplace=True)  # the last state again: bound
+    assert model.__dict__[BOUND_KEY].state is states[-1]
 
 
 # -- parameters written between two steps of a bound state -----------------------------------------
@@ -236,7 +249,8 @@ def test_another_state_of_the_same_shape_is_stepped_not_the_bound_one():
     state, counted = _bind(model)
     other = model.init_state(2)
     with torch.no_grad():
-        model.step(torch.randn(2, E), other, inplace=True)
+        for _ in range(2):
+            model.step(torch.randn(2, E), other, inplace=True)
     before = state.clone()
     x = torch.randn(2, E)
     want, want_other = _reference_step(model, x, other)
@@ -281,11 +295,12 @@ def test_copies_and_pickles_of_a_bound_model_carry_no_binding():
     model = _model()
     state, counted = _bind(model)
     for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-        assert twin.__dict__.get(BOUND_KEY) is None
+        assert twin.__dict__.get(BOUND_KEY) is None and "_state_ok" not in twin.__dict__
         with torch.no_grad():
             twin.blocks[0].mixer.out_proj.weight.mul_(2.0)  # never seen by the original
             twin_state = state.clone()
-            y_twin, _ = twin.step(torch.ones(2, E), twin_state, inplace=True)
+            for _ in range(2):
+                y_twin, _ = twin.step(torch.ones(2, E), twin_state, inplace=True)
             assert twin.__dict__[BOUND_KEY].state is twin_state
     x = torch.ones(2, E)
     want, _ = _reference_step(model, x, state)

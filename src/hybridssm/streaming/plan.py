@@ -20,7 +20,7 @@ and states in that dtype, without autocast, when no gradient is needed (under ``
 p = 0), when every block and mixer has a fused form whose kernel is in the built extension, and
 the kernel backend is ``auto`` or ``fused`` (:func:`hybridssm.ops.use_kernels`).
 
-A stream's in-place steps of one state take a shorter path: the first binds the state to the plan
+A stream's in-place steps of one state take a shorter path: the second binds the state to the plan
 (:class:`Bound`, ``csrc/step/bound.h``: the state's tensors handed to C++ once), and the next ones
 are a few attribute reads in ``SequenceModel.step`` and one call, which checks in C++ what the
 path above checks in Python (and the capacity of full-attention caches) and declines, writing
@@ -273,27 +273,17 @@ def _add_block(cpp: Any, spec: BlockStep, counts: list[int]) -> list[Tensor]:
 BOUND_KEY = "_bound_step"
 
 
-def _dropped() -> None:
-    return None
-
-
 class Bound:
     """A model's in-place step bound to one stream's state (``csrc/step/bound.h``): ``run(x)`` is the
     fused step of ``state`` in one call, or None where it does not apply. Valid while the model's plan
     is of :attr:`generation`; :meth:`SequenceModel.step` checks that, the state's identity and what
-    else only Python sees. A copy or a pickle of the model carries none (it would run the original's
-    plan on the original's buffers): it binds its own at its first step."""
+    else only Python sees. A copy or a pickle of the model carries none (``ModelChecks.__getstate__``):
+    it binds its own at its first step."""
 
     __slots__ = ("state", "generation", "run")
 
     def __init__(self, state: ModelState, generation: int, run: Callable[[Tensor], Tensor | None]) -> None:
         self.state, self.generation, self.run = state, generation, run
-
-    def __reduce__(self) -> tuple[Callable[[], None], tuple[()]]:
-        return _dropped, ()
-
-    def __deepcopy__(self, memo: dict) -> None:
-        return None
 
 
 def _bind(model: nn.Module, entry: _Entry, state: ModelState) -> None:
@@ -357,15 +347,17 @@ def fused_step(
     restart: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, ModelState] | None:
     """``model``'s step through its plan, or None where none applies (see the module docstring);
-    ``restart`` as in :meth:`StepPlan.run`. An in-place step binds ``state`` (:class:`Bound`): the
-    model's next steps of it take one call."""
+    ``restart`` as in :meth:`StepPlan.run`. A state stepped in place twice in a row is bound
+    (:class:`Bound`): the model's next steps of it take one call. States stepped in turn (one model
+    serving several states) are not: binding each step would cost more than the call saves."""
     entry = _entry(model)
     plan = entry.plan
     if plan is None:
         return None
     embed = model._embed if plan.embeds else None
+    again = inplace and plan._memo is not None and plan._memo[0] is state
     out = plan.run(x, state, inplace=inplace, training=model.training, embed=embed, restart=restart)
-    if out is not None and inplace:
+    if out is not None and again:
         _bind(model, entry, state)
     return out
 
