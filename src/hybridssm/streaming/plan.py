@@ -24,7 +24,9 @@ A stream's in-place steps of one state take a shorter path: the second binds the
 (:class:`Bound`, ``csrc/step/bound.h``: the state's tensors handed to C++ once), and the next ones
 are a few attribute reads in ``SequenceModel.step`` and one call, which checks in C++ what the
 path above checks in Python (and the capacity of full-attention caches) and declines, writing
-nothing, wherever that path must run instead.
+nothing, wherever that path must run instead. Measured at batch 1 (the Python around the C++ run,
+median per step, 1 thread): ss_transformer 76-140 us -> 17-34, hymba 50-110 -> 11-24, transformer
+39-77 -> 7-9, hybrid 29-62 -> 7-9, mamba 16-25 -> 3; the step 1.1-1.3x faster (A/B, both orders).
 """
 
 from __future__ import annotations
