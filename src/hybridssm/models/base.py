@@ -23,7 +23,9 @@ from hybridssm.layers import is_fp32_no_decay, make_norm
 from hybridssm.mixers.base import valid_mask
 from hybridssm.models.checks import ModelChecks, _compiling
 from hybridssm.ops._dtypes import acc_dtype
+from hybridssm.ops._kernels import FORCED_BLOCKS
 from hybridssm.state import ModelState
+from hybridssm.streaming.plan import BOUND_KEY, GENERATION
 
 __all__ = ["SequenceModel"]
 
@@ -140,23 +142,26 @@ class SequenceModel(ModelChecks, nn.Module):
         return ModelState(layers, torch.zeros(batch_size, dtype=torch.long, device=device))
 
     def _compute_dtype(self) -> torch.dtype:
-        # The first non-marked parameter tells the dtype the model computes in (its name is found
-        # once: walking every parameter on each step costs more than a small step itself).
+        return self._dtype_tensor().dtype
+
+    def _dtype_tensor(self) -> Tensor:
+        """The parameter whose dtype the model computes in: the first non-marked one."""
+        # its name is found once: walking every parameter on each step costs more than a small step
         path = self.__dict__.get("_dtype_param")
         if path is None:
             name = next((n for n, p in self.named_parameters() if not is_fp32_no_decay(p)), "")
             path = self.__dict__["_dtype_param"] = tuple(name.split(".")) if name else ()
         if not path:
-            return self._ref_param().dtype
+            return self._ref_param()
         # the parameter is looked up each time (it may be replaced), through the module dicts, which
         # costs a fraction of get_parameter's attribute walk
         mod = self
         try:
             for part in path[:-1]:
                 mod = mod._modules[part]
-            return mod._parameters[path[-1]].dtype
+            return mod._parameters[path[-1]]
         except (KeyError, AttributeError):
-            return self.get_parameter(".".join(path)).dtype
+            return self.get_parameter(".".join(path))
 
     def state_max_len(self, state: ModelState) -> int | None:
         """The attention capacity a state was built with (None when it has no full attention)."""
@@ -319,6 +324,26 @@ class SequenceModel(ModelChecks, nn.Module):
         otherwise ``state`` is left unchanged. Equals ``forward`` on the whole stream.
         """
         compiling = _compiling()
+        if not compiling and inplace and reset is None:
+            # A stream steps the state the previous step bound (hybridssm.streaming.plan.Bound): its
+            # checks passed then; what may have changed since is checked here (the plan's generation,
+            # use_kernels blocks, use_fused_step, train mode) and in the call (the frame, gradient
+            # mode, autocast, the model's dtype, the cache's room), which returns None where the
+            # path below must run (its checks raise the errors). At batch 1 each Python call here
+            # costs cache misses (the step streams the weights through the caches), hence no calls.
+            bound = self.__dict__.get(BOUND_KEY)
+            if (
+                bound is not None
+                and bound.state is state
+                and bound.generation == GENERATION[0]
+                and not FORCED_BLOCKS[0]
+                and type(x_t) is Tensor
+                and self.use_fused_step
+                and not self.training
+            ):
+                y = bound.run(x_t)
+                if y is not None:
+                    return y, state
         if compiling or not self._frame_known(x_t):
             self._check_frame(x_t)
         B = x_t.shape[0]

@@ -11,12 +11,18 @@ import torch
 from torch import Tensor
 
 from hybridssm.state import ModelState
+from hybridssm.streaming.plan import BOUND_KEY
 
 __all__ = ["ModelChecks"]
 
+# what SequenceModel.step memoises in the model's __dict__ (the kinds of frames checked, the state
+# checked last, the state bound to the plan: hybridssm.streaming.plan.Bound)
+_STEP_MEMOS = ("_inputs_ok", "_state_ok", BOUND_KEY)
 
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
+
+# torch's own function (not a wrapper around it): torch.compile folds it to True by identity, and in
+# eager mode every call level costs, at batch 1, a few cache misses (the step streams its weights)
+_compiling = torch.compiler.is_compiling
 
 
 def _autocast_on(device_type: str) -> bool:
@@ -32,8 +38,16 @@ class ModelChecks:
 
     def _clear_step_memos(self) -> None:
         """Forget the checks :meth:`step` memoised (the model's device or dtype may have changed)."""
-        self.__dict__.pop("_inputs_ok", None)
-        self.__dict__.pop("_state_ok", None)
+        for key in _STEP_MEMOS:
+            self.__dict__.pop(key, None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a copy or a pickle carries no step memo: they hold the last stepped state (a pickle would
+        # carry its buffers) and the bound step of the original's plan, which a copy must not run
+        state = super().__getstate__()  # type: ignore[misc]  # nn.Module's
+        for key in _STEP_MEMOS:
+            state.pop(key, None)
+        return state
 
     def _frame_known(self, x: Any) -> bool:
         """Whether a frame of ``x``'s kind (shape, dtype, device) passed :meth:`step`'s input check

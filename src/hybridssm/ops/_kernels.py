@@ -47,6 +47,11 @@ class _Op:
 
 _OPS: dict[str, _Op] = {}
 _LOCAL = threading.local()  # .forced: this thread's stack of use_kernels blocks
+# How many use_kernels blocks are open in all threads together: while none is, every thread's backend
+# is the environment's, which a caller that remembered a choice (the model step's fast path) may keep
+# without reading this thread's stack. A list, read without a call; written under the lock.
+FORCED_BLOCKS = [0]
+_FORCED_LOCK = threading.Lock()
 # Read once at import so that compiled graphs see a constant (set the variable before importing).
 _ENV_BACKEND = os.environ.get("HYBRIDSSM_KERNELS", "auto")
 
@@ -91,10 +96,14 @@ def use_kernels(backend: str) -> Iterator[None]:
     if forced is None:
         forced = _LOCAL.forced = []
     forced.append(_validate_backend(backend, "use_kernels(backend)"))
+    with _FORCED_LOCK:
+        FORCED_BLOCKS[0] += 1
     try:
         yield
     finally:
         forced.pop()
+        with _FORCED_LOCK:
+            FORCED_BLOCKS[0] -= 1
 
 
 def register(

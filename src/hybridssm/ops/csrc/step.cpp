@@ -18,6 +18,8 @@
 
 // the model-level step (blocks, norms, fusions, FFNs around the mixers)
 #include "step/plan.h"
+// the model step bound to one stream's state (SequenceModel.step's fast path)
+#include "step/bound.h"
 
 namespace {
 
@@ -315,4 +317,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("tokens") = pybind11::none(), pybind11::arg("done") = pybind11::none(), pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("prefill", &Plan::prefill, pybind11::arg("h"), pybind11::arg("states"), pybind11::arg("pos"),
            pybind11::arg("by_frame") = false, pybind11::call_guard<pybind11::gil_scoped_release>());
+  hybridssm::step::def_bound_step(m);
 }
