@@ -243,53 +243,65 @@ void gemv_rows(const scalar_t* W, const scalar_t* x, const scalar_t* bias, scala
 // hybrid[rwkv] 1.45x, hybrid[griffin_lru] 1.44x, transformer 1.35x, hybrid[gated_ssm] 1.30x, hybrid
 // 1.17x faster than with gemv_rows<4>: more than the GEMV's own gain alone would give (~1.2x at
 // two thirds of the step), not explained yet (perhaps the one stream's prefetcher starting cold
-// after each of the step's other passes).
+// after each of the step's other passes). Idle (load 1), with the accumulators in registers (see
+// gemv_streams): ss_transformer 1.46x, hybrid[rwkv] 1.36x, hymba 1.26x (weights from memory), and
+// transformer 1.09x, hybrid 1.06x, hybrid[gru] 1.03x (12-13 MB: from the L3 when the machine idles).
 constexpr int kStreams = 4;
 constexpr int64_t kStreamAhead = 1024;
 
 // gemv_streams for NX input rows at once (x row j at x + j * ldx, y row j at y + j * ldy) and S
 // streams: each weight row is loaded once for the NX rows (as gemv_rows_multi), S * NX accumulators
-// in registers. gemv_streams is NX = 1, S = kStreams.
+// in registers (gemv_streams below is the one-row case).
 template <typename scalar_t, int NX, int S>
-void gemv_streams_multi(const scalar_t* W, const scalar_t* x, int64_t ldx, const scalar_t* bias, scalar_t* y,
-                        int64_t ldy, int64_t O, int64_t I) {
+[[gnu::noinline]] void gemv_streams_multi(const scalar_t* W, const scalar_t* x, int64_t ldx, const scalar_t* bias,
+                                          scalar_t* y, int64_t ldy, int64_t O, int64_t I) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t Wd = Vec::size();
-  constexpr int64_t kLine = 64 / sizeof(scalar_t);  // values per cache line
+  constexpr int64_t kAhead = kStreamAhead / static_cast<int64_t>(sizeof(scalar_t));
   const int64_t Q = O / S;
-  auto out = [&](int64_t o, int j, const Vec& acc) {
-    y[j * ldy + o] = hybridssm::hsum(acc) + (bias != nullptr ? bias[o] : scalar_t(0));
-  };
+  const int64_t Iv = I / Wd * Wd;  // the whole vectors of a row
+  // The accumulators stay in registers only when every index is a constant after unrolling: the
+  // loops over s and j are unrolled by the pragma, the result written without taking an address.
   for (int64_t o = 0; o < Q; ++o) {
-    const scalar_t* rows[S];
-    for (int s = 0; s < S; ++s) rows[s] = W + (s * Q + o) * I;
+    const scalar_t* w0 = W + o * I;  // stream s reads row s * Q + o: w0 + s * Q * I
+    const int64_t stride = Q * I;
     Vec acc[S][NX];
-    for (int s = 0; s < S; ++s)
+#pragma GCC unroll 16
+    for (int s = 0; s < S; ++s) {
+#pragma GCC unroll 16
       for (int j = 0; j < NX; ++j) acc[s][j] = Vec(0);
-    int64_t i = 0;
-    for (; i + Wd <= I; i += Wd) {
-      if (i % kLine == 0) {
-        for (int s = 0; s < S; ++s) {
-          __builtin_prefetch(reinterpret_cast<const char*>(rows[s] + i) + kStreamAhead, 0, 3);
-        }
-      }
+    }
+    for (int64_t i = 0; i < Iv; i += Wd) {
       Vec xv[NX];
+#pragma GCC unroll 16
       for (int j = 0; j < NX; ++j) xv[j] = Vec::loadu(x + j * ldx + i);
+#pragma GCC unroll 16
       for (int s = 0; s < S; ++s) {
-        const Vec w = Vec::loadu(rows[s] + i);
+        const scalar_t* p = w0 + s * stride + i;
+        __builtin_prefetch(p + kAhead, 0, 3);  // a hint per vector: cheap beside the load it precedes
+        const Vec w = Vec::loadu(p);
+#pragma GCC unroll 16
         for (int j = 0; j < NX; ++j) acc[s][j] = at::vec::fmadd(w, xv[j], acc[s][j]);
       }
     }
-    if (i < I) {
+    if (Iv < I) {
       Vec xv[NX];
-      for (int j = 0; j < NX; ++j) xv[j] = Vec::loadu(x + j * ldx + i, I - i);
+#pragma GCC unroll 16
+      for (int j = 0; j < NX; ++j) xv[j] = Vec::loadu(x + j * ldx + Iv, I - Iv);
+#pragma GCC unroll 16
       for (int s = 0; s < S; ++s) {
-        const Vec w = Vec::loadu(rows[s] + i, I - i);
+        const Vec w = Vec::loadu(w0 + s * stride + Iv, I - Iv);
+#pragma GCC unroll 16
         for (int j = 0; j < NX; ++j) acc[s][j] = at::vec::fmadd(w, xv[j], acc[s][j]);
       }
     }
-    for (int s = 0; s < S; ++s)
-      for (int j = 0; j < NX; ++j) out(s * Q + o, j, acc[s][j]);
+#pragma GCC unroll 16
+    for (int s = 0; s < S; ++s) {
+      const int64_t row = s * Q + o;
+      const scalar_t b = bias != nullptr ? bias[row] : scalar_t(0);
+#pragma GCC unroll 16
+      for (int j = 0; j < NX; ++j) y[j * ldy + row] = hybridssm::hsum(acc[s][j]) + b;
+    }
   }
   for (int64_t o = S * Q; o < O; ++o) {
     for (int j = 0; j < NX; ++j) {
@@ -298,10 +310,44 @@ void gemv_streams_multi(const scalar_t* W, const scalar_t* x, int64_t ldx, const
   }
 }
 
+// NX = 1 apart: with a [S][1] accumulator array GCC kept the accumulators on the stack (a store and
+// a load in every FMA's chain: the step's GEMV 1.5x slower from the L3); a flat array stays in
+// registers. Both are kept out of line, so that no caller's registers crowd the accumulators out.
 template <typename scalar_t>
-void gemv_streams(const scalar_t* W, const scalar_t* x, const scalar_t* bias, scalar_t* y, int64_t O,
-                  int64_t I) {
-  gemv_streams_multi<scalar_t, 1, kStreams>(W, x, 0, bias, y, 0, O, I);
+[[gnu::noinline]] void gemv_streams(const scalar_t* W, const scalar_t* x, const scalar_t* bias, scalar_t* y,
+                                    int64_t O, int64_t I) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int S = kStreams;
+  constexpr int64_t Wd = Vec::size();
+  constexpr int64_t kAhead = kStreamAhead / static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t Q = O / S, stride = Q * I;
+  const int64_t Iv = I / Wd * Wd;
+  for (int64_t o = 0; o < Q; ++o) {
+    const scalar_t* w0 = W + o * I;
+    Vec acc[S];
+#pragma GCC unroll 16
+    for (int s = 0; s < S; ++s) acc[s] = Vec(0);
+    for (int64_t i = 0; i < Iv; i += Wd) {
+      const Vec xv = Vec::loadu(x + i);
+#pragma GCC unroll 16
+      for (int s = 0; s < S; ++s) {
+        const scalar_t* p = w0 + s * stride + i;
+        __builtin_prefetch(p + kAhead, 0, 3);
+        acc[s] = at::vec::fmadd(Vec::loadu(p), xv, acc[s]);
+      }
+    }
+    if (Iv < I) {
+      const Vec xv = Vec::loadu(x + Iv, I - Iv);
+#pragma GCC unroll 16
+      for (int s = 0; s < S; ++s) acc[s] = at::vec::fmadd(Vec::loadu(w0 + s * stride + Iv, I - Iv), xv, acc[s]);
+    }
+#pragma GCC unroll 16
+    for (int s = 0; s < S; ++s) {
+      const int64_t row = s * Q + o;
+      y[row] = hybridssm::hsum(acc[s]) + (bias != nullptr ? bias[row] : scalar_t(0));
+    }
+  }
+  for (int64_t o = S * Q; o < O; ++o) y[o] = dot(W + o * I, x, I) + (bias != nullptr ? bias[o] : scalar_t(0));
 }
 
 // gemv_rows for NX input rows at once (x row j at x + j * ldx, y row j at y + j * ldy): each
