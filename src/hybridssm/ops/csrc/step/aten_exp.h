@@ -3,8 +3,8 @@
 // On AVX2, Vectorized<float>::exp (the exp inside ATen's silu and sigmoid; torch.exp itself takes
 // MKL's where torch is built with it) is an out-of-line call to Sleef's expf (1-ULP,
 // Sleef_expf8_u10). At many streams the Mamba step spent ~4% of its time in those calls (the
-// conv's and the gate's SiLU, A = -exp(A_log) each step). Here the same exp is written out in the caller, the same operations in the same order, so
-// the same bits:
+// conv's and the gate's SiLU, A = -exp(A_log) each step). Here the same exp is written out in the
+// caller, the same operations in the same order, so the same bits:
 //
 //   q = rint(d log2(e)) (one multiply, then the round-to-nearest-even convert),
 //   s = d - q ln2 in two FMAs (ln2 split in two), u = 1 + (s + s^2 p(s)) with p of degree 5 in

@@ -181,12 +181,12 @@ class StreamedWeights {
 // Each output is its row's dot product alone (one vector accumulator over the input in order, then
 // the tail, the horizontal sum and the bias), so the values do not depend on kRows.
 //
-// kRows: 8 for weights that stay in cache; weights read from memory go to gemv_streams below
-// (linear_into picks by weights_streamed()). Measured before gemv_streams, on this machine (2 cores
-// shared with other jobs, load 2.5-5), the batch-1 step with the two switched at run time step by step in one process, median of the paired
-// ratios over 300-400 steps: 4 rows took 0.90-0.95x of 8 rows' step on the models whose weights
-// come from memory (transformer 12.6 MB 0.91x twice, hybrid / hybrid[gru] / hybrid[delta_net]
-// 0.90x, hymba 0.95-0.96x, hybrid[griffin_lru] 0.95x, hybrid[gated_ssm] 0.95x, hybrid[rwkv] 0.95x
+// kRows: 8 for weights that stay in cache; weights read from memory go to gemv_streams below (linear_into
+// picks by weights_streamed()). Measured before gemv_streams, on this machine (2 cores shared with other
+// jobs, load 2.5-5), the batch-1 step with the two switched at run time step by step in one process, median
+// of the paired ratios over 300-400 steps: 4 rows took 0.90-0.95x of 8 rows' step on the models whose weights
+// come from memory (transformer 12.6 MB 0.91x twice, hybrid / hybrid[gru] / hybrid[delta_net] 0.90x, hymba
+// 0.95-0.96x, hybrid[griffin_lru] 0.95x, hybrid[gated_ssm] 0.95x, hybrid[rwkv] 0.95x
 // and 1.04x, ss_transformer 1.01x twice) but 1.01-1.05x on those whose weights stay in cache
 // (mamba, mamba2, gated_ssm: 3.3-5.5 MB), where 8 chains compute faster. The GEMVs alone over a
 // model's weights in step order (time over a plain 4-accumulator read of the same bytes): 8 rows

@@ -23,11 +23,11 @@
 // The residual stream is updated in place (the plan owns it: never the caller's input).
 //
 // Measured (batch 1, one thread, this machine shared with other jobs, load 2-3): ATen ops per step
-// (torch.profiler) ss_transformer 235 -> 78, hymba 177 -> 54, transformer 101 -> 26,
-// hybrid[griffin_lru] 156 -> 43, hybrid[rwkv] 136 -> 91, hybrid 108 -> 35, the same at B = 64 (what
-// is left: the mixers' ops and the linear layers' allocations). perf shares of the step loop: libtorch 9.7 -> 4.2%, libc 4.3
-// -> 1.7% (ss_transformer), 14.6 -> 6.5% and 5.3 -> 2.1% (transformer), 13.2 -> 5.4% and 5.0 -> 2.4%
-// (hymba), the weight read (gemv_rows) 66 -> 73%, 59 -> 69%, 59 -> 69% of the step. bench_step.py
+// (torch.profiler) ss_transformer 235 -> 78, hymba 177 -> 54, transformer 101 -> 26, hybrid[griffin_lru] 156
+// -> 43, hybrid[rwkv] 136 -> 91, hybrid 108 -> 35, the same at B = 64 (what is left: the mixers' ops and the
+// linear layers' allocations). perf shares of the step loop: libtorch 9.7 -> 4.2%, libc 4.3 -> 1.7%
+// (ss_transformer), 14.6 -> 6.5% and 5.3 -> 2.1% (transformer), 13.2 -> 5.4% and 5.0 -> 2.4% (hymba), the
+// weight read (gemv_rows) 66 -> 73%, 59 -> 69%, 59 -> 69% of the step. bench_step.py
 // --against the tree before (4 runs of 3 alternating repeats; the median of the runs' A / B):
 // ss_transformer 1.23x, hymba 1.79x, transformer 1.46x, hybrid 1.28x, hybrid[griffin_lru] 1.25x,
 // hybrid[rwkv] 1.28x faster (single runs 0.67-3.2x: the machine's rates swing). At B = 64 (3
