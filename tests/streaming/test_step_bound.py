@@ -162,7 +162,8 @@ def test_use_kernels_between_steps_is_seen(monkeypatch):
     state, counted = _bind(model)
     plan_runs = []
     real = plan_mod.StepPlan.run
-    monkeypatch.setattr(plan_mod.StepPlan, "run", lambda self, *a, **k: plan_runs.append(1) or real(self, *a, **k))
+    monkeypatch.setattr(plan_mod.StepPlan, "run",
+                        lambda self, *a, **k: plan_runs.append(1) or real(self, *a, **k))
     x = torch.randn(2, E)
     want, _ = _reference_step(model, x, state)
     with torch.no_grad(), use_kernels("torch"):

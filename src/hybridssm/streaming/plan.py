@@ -297,7 +297,9 @@ def _bind(model: nn.Module, entry: _Entry, state: ModelState) -> None:
     if held is not None and held.state is state and held.generation == entry.generation:
         return
     memo = plan._memo
-    if plan.embeds or type(plan).run is not _PLAN_RUN or memo is None or memo[0] is not state or memo[1] is None:
+    if plan.embeds or type(plan).run is not _PLAN_RUN:
+        return
+    if memo is None or memo[0] is not state or memo[1] is None:
         return
     cap = model.state_max_len(state)
     bound = step_extension().BoundStep(plan._cpp, memo[1], state.pos, model._dtype_tensor(),
