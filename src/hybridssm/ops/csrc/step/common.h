@@ -191,7 +191,7 @@ class StreamedWeights {
 // (mamba, mamba2, gated_ssm: 3.3-5.5 MB), where 8 chains compute faster. The GEMVs alone over a
 // model's weights in step order (time over a plain 4-accumulator read of the same bytes): 8 rows
 // 1.24-1.39x, 4 rows 1.06-1.26x; fewer streams at once keep the hardware prefetcher ahead.
-// Tried and not kept (common.h, this session): 2 rows (1.0-1.2x the read from memory, latency-bound
+// Tried and not kept: 2 rows (1.0-1.2x the read from memory, latency-bound
 // in cache: mamba 1.39x), 3 rows (between 2 and 4), 16 rows (worse), the WeightAhead cursor 4 or
 // 16 KB ahead instead of 8 (no better), a lead-in burst over the first 8 KB (mixed, within noise),
 // prefetching the next block's rows column by column (worse), non-temporal (NTA) and L2-only (T1)

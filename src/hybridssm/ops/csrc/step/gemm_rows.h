@@ -19,7 +19,7 @@
 // Alone and hot, this loop runs at the FMA peak's 85-97% at B = 64 (a C++ harness timing the kernel
 // without the Python call, load ~1: 78-89 GFLOP/s of the 92 that 12 independent 8-wide FMA chains
 // reach); bench_gemm_rows.py's 55-66 are the same kernel under load plus the call. Tried and not
-// kept (session 9, AVX2, 1 thread):
+// kept (AVX2, 1 thread):
 // - The broadcast form: x packed per call into 16-row transposed panels (64-byte aligned,
 //   thread-local, each packed just before its first tile), 16 rows x 6 rows of W per tile (12
 //   accumulators, 2 panel loads and 6 broadcasts of W per input, no horizontal sums, one 8 x 8

@@ -7,15 +7,15 @@
 // itself. Here a buffer is a pointer bump in memory that the thread already owns and touched at its
 // previous step.
 //
-// Measured (the mixers' kernels moved onto it, with their products written into it by linear_into:
-// a batch-1 mixer step went from 3-12 ATen ops to its output's one allocation; opcount.py per model:
-// hybrid[rwkv] 136 -> 56 ops per step, hybrid[griffin_lru] 156 -> 136, transformer 101 -> 93, hymba
-// 177 -> 169, hybrid[gru] / hybrid[delta_net] 96 -> 84, hybrid[gated_ssm] 116 -> 84). The batch-1
-// step against the tree before (bench_step.py --against, 3 alternating runs each, 2 shared cores at
-// load 1.2-2.8, four sessions): hybrid[rwkv] 1.07-1.27x faster, hybrid[griffin_lru] 1.04-1.52x,
-// transformer 1.04-1.72x, hymba 0.98-1.26x, hybrid[gru] 1.04-1.51x, hybrid[delta_net] 1.01-1.90x;
-// the larger gains in the loaded minutes, where each op's cold lines cost most. At B = 64 no slower
-// (prof_template.py, 3 alternating pairs: 1.00-1.29x).
+// Measured (the mixers' kernels moved onto it, with their products written into it by linear_into: a batch-1
+// mixer step went from 3-12 ATen ops to its output's one allocation; a model's batch-1 step, ATen ops as
+// torch.profiler lists them: hybrid[rwkv] 136 -> 56 ops per step, hybrid[griffin_lru] 156 -> 136, transformer
+// 101 -> 93, hymba 177 -> 169, hybrid[gru] / hybrid[delta_net] 96 -> 84, hybrid[gated_ssm] 116 -> 84). The
+// batch-1 step against the tree before (bench_step.py --against, 3 alternating runs each, 2 shared cores at
+// load 1.2-2.8, four runs): hybrid[rwkv] 1.07-1.27x faster, hybrid[griffin_lru] 1.04-1.52x, transformer
+// 1.04-1.72x, hymba 0.98-1.26x, hybrid[gru] 1.04-1.51x, hybrid[delta_net] 1.01-1.90x; the larger gains in the
+// loaded minutes, where each op's cold lines cost most. At B = 64 no slower (64 streams with resets, 3 alternating
+// pairs: 1.00-1.29x).
 //
 //   Scratch s;                              // a frame: everything taken below is handed back at its end
 //   float* h = s.take<float>(B * D);       // 64-byte aligned, uninitialised
