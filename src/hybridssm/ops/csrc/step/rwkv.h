@@ -20,33 +20,10 @@
 #pragma once
 
 #include "common.h"
+#include "glue.h"  // layer_norm_row: ATen's LayerNorm arithmetic, as the forward's
 #include "scratch.h"
 
 namespace hybridssm::step {
-
-// LayerNorm of one row of n values: (x - mean) / sqrt(var + eps) (* w + b where given).
-template <typename scalar_t>
-void layer_norm_row(const scalar_t* x, const scalar_t* w, const scalar_t* b, scalar_t* y, int64_t n,
-                    double eps) {
-  using Vec = Vectorized<scalar_t>;
-  Vec s(0);
-  vec_chunks<scalar_t>(n, [&](int64_t i, int64_t cnt) { s = s + hybridssm::load(x + i, cnt); });
-  const Vec mean(hybridssm::hsum(s) / scalar_t(n));
-  Vec q(0);
-  vec_chunks<scalar_t>(n, [&](int64_t i, int64_t cnt) {
-    // the tail's zero lanes would add mean^2: mask them back to zero
-    const Vec c = hybridssm::load(x + i, cnt) - mean;
-    const Vec c2 = c * c;
-    q = q + (cnt == Vec::size() ? c2 : Vec::set(Vec(0), c2, cnt));
-  });
-  const Vec rstd(scalar_t(1) / std::sqrt(hybridssm::hsum(q) / scalar_t(n) + scalar_t(eps)));
-  vec_chunks<scalar_t>(n, [&](int64_t i, int64_t cnt) {
-    Vec v = (hybridssm::load(x + i, cnt) - mean) * rstd;
-    if (w != nullptr) v = v * hybridssm::load(w + i, cnt);
-    if (b != nullptr) v = v + hybridssm::load(b + i, cnt);
-    hybridssm::store(v, y + i, cnt);
-  });
-}
 
 template <typename scalar_t>
 void tanh_inplace(scalar_t* v, int64_t n) {
@@ -204,7 +181,7 @@ inline at::Tensor rwkv_step(const at::Tensor& x, const MixerSpec& m, at::Tensor*
     // token shift: h = LN_1(x), xx = shift - h, the LoRA's input h + xx mu_x; the shift takes h
     for (int64_t b = 0; b < B; ++b) {
       scalar_t *hb = h0 + b * D, *xxb = xx + b * D, *sb = shift_t + b * D, *ib = xxx + b * D;
-      layer_norm_row(x0 + b * D, p(ln1_w), ptr_or_null<scalar_t>(ln1_b), hb, D, eps1);
+      layer_norm_row(x0 + b * D, hb, D, p(ln1_w), ptr_or_null<scalar_t>(ln1_b), static_cast<scalar_t>(eps1));
       vec_chunks<scalar_t>(D, [&](int64_t i, int64_t cnt) {
         const Vec hv = load(hb + i, cnt), d = load(sb + i, cnt) - hv;
         store(d, xxb + i, cnt);
@@ -267,7 +244,7 @@ inline at::Tensor rwkv_step(const at::Tensor& x, const MixerSpec& m, at::Tensor*
         for (int64_t j = 0; j < K; ++j) ruk += rh[j] * uh[j] * kh[j];
         wkv_head(S, K, rh, kh, eh, vh, ruk, acc);
         scalar_t* ob = o0 + b * D + off;
-        layer_norm_row(acc, lnx_wp + off, lnx_bp + off, ob, K, eps_x);
+        layer_norm_row(acc, ob, K, lnx_wp + off, lnx_bp + off, static_cast<scalar_t>(eps_x));
         const scalar_t* gb = g0 + b * D + off;
         vec_chunks<scalar_t>(K, [&](int64_t i, int64_t cnt) {
           store(load(ob + i, cnt) * load(gb + i, cnt), ob + i, cnt);
@@ -282,7 +259,7 @@ inline at::Tensor rwkv_step(const at::Tensor& x, const MixerSpec& m, at::Tensor*
       vec_chunks<scalar_t>(D, [&](int64_t i, int64_t cnt) {
         store(load(xb + i, cnt) + load(ab + i, cnt), t + i, cnt);
       });
-      layer_norm_row(t, p(ln2_w), ptr_or_null<scalar_t>(ln2_b), c, D, eps2);
+      layer_norm_row(t, c, D, p(ln2_w), ptr_or_null<scalar_t>(ln2_b), static_cast<scalar_t>(eps2));
       scalar_t *sb = shift_c + b * D, *kb = xx + b * D, *rb = xxx + b * D;
       vec_chunks<scalar_t>(D, [&](int64_t i, int64_t cnt) {
         const Vec cv = load(c + i, cnt), d = load(sb + i, cnt) - cv;
