@@ -162,7 +162,12 @@ at::Tensor glue_norm(const at::Tensor& x, int64_t kind, const at::Tensor& w, con
   TORCH_CHECK(kind >= 0 && kind <= 2, "glue_norm: kind must be 0 (identity), 1 (LayerNorm) or 2 (RMSNorm), got ", kind);
   TORCH_CHECK(kind != 2 || hybridssm::step::present(w), "glue_norm: an RMSNorm needs its weight");
   const hybridssm::step::Norm norm{kind, w, b, eps};
-  return kind == 0 ? x.clone() : norm(x);
+  const auto xc = x.contiguous();
+  auto out = at::empty_like(xc);
+  AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "glue_norm", [&] {
+    norm.rows(xc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), xc.size(0), xc.size(1));
+  });
+  return out;
 }
 
 // h + y and the norm of the sum (add_norm_rows: a null norm when kind is 0): returns (h + y, norm(h + y)).

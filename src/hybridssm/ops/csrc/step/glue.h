@@ -142,17 +142,6 @@ struct Norm {
       }
     }
   }
-
-  // The norm of x [rows, d] into a new tensor (the identity: x itself).
-  at::Tensor operator()(const at::Tensor& x) const {
-    if (kind == kIdentity) return x;
-    const auto xc = x.contiguous();
-    auto out = at::empty_like(xc);
-    AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "step_norm", [&] {
-      this->rows(xc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), xc.size(0), xc.size(-1));
-    });
-    return out;
-  }
 };
 
 // ---- per-thread scratch ---------------------------------------------------------------------
